@@ -1,0 +1,151 @@
+"""The interfaces plugins implement: engines, feature stores, trainers, serving targets, publishers.
+
+Plugins hand these classes to aiplane through the hooks in :mod:`aiplane.core.hookspecs`.
+Each class has a ``name`` (what a deployment file writes) and an optional
+pydantic ``Settings`` model; aiplane validates a deployment's settings against it
+before anything runs, so a typo fails at load time with the key named.
+
+Heavy libraries (torch, pyiceberg, ray, kfp, kserve) are imported inside methods,
+never at module import, so listing plugins stays cheap everywhere.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import pyarrow
+
+    from .config import Target
+    from .records import AdapterRecord, BaseModelRecord, EndpointRecord, FactsheetRecord, FeaturesRecord
+    from .workload import Event, Workload, WorkloadResult
+
+__all__ = [
+    "Component",
+    "NoSettings",
+    "Engine",
+    "FeatureStore",
+    "Trainer",
+    "ServingTarget",
+    "FactsheetPublisher",
+    "FEATURE_COLUMNS",
+]
+
+FEATURE_COLUMNS: tuple[str, ...] = ("id", "prompt", "completion", "residency", "split")
+"""The columns every training feature table has; ``split`` is ``train`` or ``eval``."""
+
+
+class NoSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Component:
+    """Base of every pluggable component: a name and validated settings."""
+
+    name: ClassVar[str]
+    Settings: ClassVar[type[BaseModel]] = NoSettings
+    engines: ClassVar[tuple[str, ...] | None] = None
+    """Engines this component's workloads can run on; ``None`` means any."""
+
+    def __init__(self, settings: Mapping[str, Any] | BaseModel | None = None):
+        if isinstance(settings, BaseModel):
+            settings = settings.model_dump()
+        try:
+            self.settings = self.Settings.model_validate(dict(settings or {}))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '(settings)'}: "
+                + ("unknown setting" if e["type"] == "extra_forbidden" else e["msg"])
+                for e in exc.errors()
+            )
+            allowed = ", ".join(self.Settings.model_fields) or "(none)"
+            raise ConfigError(
+                f"Invalid settings for {type(self).__name__} {self.name!r}: {problems}. Allowed settings: {allowed}"
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.settings!r})"
+
+
+class Engine(Component):
+    """Runs workloads somewhere: a subprocess, a Ray cluster, a KFP pipeline."""
+
+    def run(
+        self,
+        workload: "Workload",
+        target: "Target",
+        on_event: Callable[["Event"], None],
+        cancel: threading.Event | None = None,
+    ) -> "WorkloadResult":
+        """Run ``workload`` on ``target`` to completion and return its result.
+
+        Forward every progress event to ``on_event`` as it happens. Stop the
+        workload and raise :class:`~aiplane.core.errors.WorkloadCancelled` when
+        ``cancel`` is set, and also when this call is interrupted (Dagster run
+        termination raises in the calling thread): nothing may keep running.
+        Raise :class:`~aiplane.core.errors.WorkloadError` (or the aiplane error
+        the workload raised) on failure.
+        """
+        raise NotImplementedError
+
+
+class FeatureStore(Component):
+    """Versioned tables of training features."""
+
+    def publish(self, rows: "pyarrow.Table", table: str) -> "FeaturesRecord":
+        """Make ``rows`` the content of ``table`` and return a record pinned to the snapshot.
+
+        If the table already holds exactly these rows, create no new snapshot and
+        return the record of the current one, so nothing downstream re-runs.
+        """
+        raise NotImplementedError
+
+    def read(self, features: "FeaturesRecord") -> "pyarrow.Table":
+        """The rows of ``features``, read at its pinned snapshot, never the latest.
+
+        Raise :class:`~aiplane.core.errors.InputError` when the table or the
+        snapshot is missing or its columns are not :data:`FEATURE_COLUMNS`.
+        """
+        raise NotImplementedError
+
+
+class Trainer(Component):
+    """A training method (``lora`` now; full SFT and distillation are other trainers)."""
+
+    def validate(self, base_model: "BaseModelRecord") -> None:
+        """Check the settings against the model (e.g. LoRA target modules); raise ConfigError. No side effects."""
+
+    def workload(self, base_model: "BaseModelRecord", features: "FeaturesRecord", artifact_root: str) -> "Workload":
+        """The training workload; its result has one output, ``adapter``, an AdapterRecord."""
+        raise NotImplementedError
+
+
+class ServingTarget(Component):
+    """Somewhere a model is served from."""
+
+    def workload(self, adapter: "AdapterRecord", endpoint_name: str, home: str) -> "Workload":
+        """The deploy workload; its result has one output, ``endpoint``, an EndpointRecord.
+
+        Re-deploying an endpoint name replaces its server blue/green: the new one
+        must be ready before the old one stops, and a new one that fails leaves
+        the old one serving.
+        """
+        raise NotImplementedError
+
+    def stop(self, endpoint: "EndpointRecord") -> None:
+        """Stop the server behind ``endpoint``; stopping a stopped endpoint is not an error."""
+        raise NotImplementedError
+
+
+class FactsheetPublisher(Component):
+    """Publishes a factsheet document (see :func:`aiplane.core.factsheet.build_factsheet`)."""
+
+    def workload(self, endpoint: "EndpointRecord", document: Mapping[str, Any]) -> "Workload":
+        """The publish workload; its result has one output, ``factsheet``, a FactsheetRecord."""
+        raise NotImplementedError

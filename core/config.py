@@ -1,0 +1,248 @@
+"""Deployment configuration: ``deployments/<name>.yaml``.
+
+A deployment names the execution targets (engine, region, capabilities), the
+feature store, the trainer, the serving target and the factsheet publisher.
+Secrets are never values here: a setting that holds one is written
+``{env: VAR_NAME}`` or ``{secret: NAME, key: KEY}`` and resolved at use time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+__all__ = [
+    "SecretRef",
+    "Target",
+    "ComponentSpec",
+    "Deployment",
+    "load_deployment",
+    "deployment_path",
+    "DEFAULT_DEPLOYMENT",
+    "config_error",
+]
+
+DEFAULT_DEPLOYMENT = "local"
+_SLUG = r"^[a-z][a-z0-9-]*$"
+# Setting names that must never hold a literal value.
+_SECRET_KEY = re.compile(r"(token|password|passwd|secret|api[_-]?key|credential)", re.IGNORECASE)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SecretRef(_Strict):
+    """A reference to a secret: an environment variable, or a Kubernetes Secret key."""
+
+    env: str | None = None
+    secret: str | None = None
+    key: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "SecretRef":
+        if bool(self.env) == bool(self.secret):
+            raise ValueError("a secret reference names exactly one of 'env' or 'secret' (with 'key')")
+        if self.secret and not self.key:
+            raise ValueError("a Kubernetes secret reference needs 'key'")
+        return self
+
+    def resolve(self) -> str:
+        """The secret's value, read now from the environment (a mounted Secret arrives as env too)."""
+        var = self.env or _k8s_env_name(self.secret or "", self.key or "")
+        try:
+            value = os.environ[var]
+        except KeyError:
+            raise ConfigError(
+                f"Secret {self!r} is not set: export {var}=... (or mount the Secret as that variable)"
+            ) from None
+        if not value:
+            raise ConfigError(f"Secret {self!r} is empty: set {var} to a non-empty value")
+        return value
+
+    def __repr__(self) -> str:
+        if self.env:
+            return f"SecretRef(env={self.env!r})"
+        return f"SecretRef(secret={self.secret!r}, key={self.key!r})"
+
+    __str__ = __repr__
+
+
+def _k8s_env_name(secret: str, key: str) -> str:
+    return re.sub(r"[^A-Z0-9]", "_", f"{secret}_{key}".upper())
+
+
+class Target(_Strict):
+    """Somewhere workloads can run: an engine in a region, with capabilities."""
+
+    name: str = Field(pattern=_SLUG)
+    engine: str
+    region: str
+    gpus: int = Field(default=0, ge=0)
+    gpu_type: str | None = None
+    sla: tuple[Literal["batch", "interactive", "critical"], ...] = ("batch",)
+    settings: dict[str, Any] = Field(default_factory=dict)
+    """Engine settings (a Ray address, a KFP host); secrets by reference only."""
+
+
+class ComponentSpec(_Strict):
+    """Which plugin component to use, with its settings."""
+
+    name: str
+    settings: dict[str, Any] = Field(default_factory=dict)
+    gpus: int = Field(default=0, ge=0)
+    sla: Literal["batch", "interactive", "critical"] = "batch"
+    target: str | None = None
+    """Pin this component's workloads to one target (still checked by placement)."""
+
+
+class BaseModelSpec(_Strict):
+    uri: str = "builtin:tiny-granite"
+    """``builtin:tiny-granite`` (built locally) or a local directory of a Hugging Face model."""
+
+
+class Deployment(_Strict):
+    """One deployment file, validated."""
+
+    name: str = Field(pattern=_SLUG)
+    description: str = ""
+    home: Path
+    """Where local state lives (catalog, artifacts, servers); ``AIPLANE_HOME`` or ``./.aiplane``."""
+    residency: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    """Residency policy: a data tag maps to the regions allowed to process it. Unlisted tags are unrestricted."""
+    targets: tuple[Target, ...] = Field(min_length=1)
+    base_model: BaseModelSpec = Field(default_factory=BaseModelSpec)
+    feature_store: ComponentSpec
+    trainer: ComponentSpec
+    serving: ComponentSpec
+    factsheet: ComponentSpec
+    observers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Settings for observer plugins, keyed by plugin name (e.g. ``openlineage``)."""
+    source: str | None = None
+    """The file this deployment was loaded from."""
+
+    @field_validator("targets")
+    @classmethod
+    def _unique_targets(cls, targets: tuple[Target, ...]) -> tuple[Target, ...]:
+        names = [t.name for t in targets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"target names must be unique; repeated: {', '.join(dupes)}")
+        return targets
+
+    @model_validator(mode="after")
+    def _pins_exist(self) -> "Deployment":
+        names = [t.name for t in self.targets]
+        for key in ("trainer", "serving", "factsheet"):
+            pin = getattr(self, key).target
+            if pin and pin not in names:
+                from .errors import unknown_name
+
+                raise ValueError(f"{key}.target: " + unknown_name("target", pin, names))
+        return self
+
+    def target(self, name: str) -> Target:
+        for t in self.targets:
+            if t.name == name:
+                return t
+        from .errors import unknown_name
+
+        raise ConfigError(unknown_name("target", name, [t.name for t in self.targets]))
+
+    def artifact_root(self) -> Path:
+        return self.home / "artifacts"
+
+
+def deployment_path(name_or_path: str | os.PathLike | None = None) -> Path:
+    """Find a deployment file by name (``deployments/<name>.yaml``) or path.
+
+    The name comes from the argument, else ``AIPLANE_DEPLOYMENT``, else ``local``.
+    Names are looked up in ``AIPLANE_DEPLOYMENTS_DIR``, ``./deployments`` and the
+    checkout this package was installed from.
+    """
+    ref = str(name_or_path or os.environ.get("AIPLANE_DEPLOYMENT") or DEFAULT_DEPLOYMENT)
+    if ref.endswith((".yaml", ".yml")) or os.sep in ref:
+        path = Path(ref)
+        if not path.is_file():
+            raise ConfigError(f"Deployment file {ref!r} does not exist")
+        return path
+    dirs = [Path(d) for d in [os.environ.get("AIPLANE_DEPLOYMENTS_DIR")] if d]
+    dirs += [Path.cwd() / "deployments", Path(__file__).resolve().parents[1] / "deployments"]
+    for d in dirs:
+        candidate = d / f"{ref}.yaml"
+        if candidate.is_file():
+            return candidate
+    known = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.yaml")})
+    from .errors import unknown_name
+
+    raise ConfigError(
+        unknown_name("deployment", ref, known, hint=f"Looked in: {', '.join(str(d) for d in dirs)}.")
+    )
+
+
+def _find_literal_secrets(value: Any, where: str) -> list[str]:
+    found = []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            path = f"{where}.{k}" if where else str(k)
+            if _SECRET_KEY.search(str(k)) and isinstance(v, (str, int, float)) and v != "":
+                found.append(path)
+            else:
+                found += _find_literal_secrets(v, path)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found += _find_literal_secrets(v, f"{where}[{i}]")
+    return found
+
+
+def _substitute_home(value: Any, home: str) -> Any:
+    if isinstance(value, str):
+        return value.replace("{home}", home)
+    if isinstance(value, dict):
+        return {k: _substitute_home(v, home) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute_home(v, home) for v in value]
+    return value
+
+
+def config_error(source: str, exc: ValidationError) -> ConfigError:
+    """A ConfigError naming the file, each bad key and what is allowed there."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling)"
+        lines.append(f"  {loc}: {msg}" + (f" (got {err['input']!r})" if err["type"] == "literal_error" else ""))
+    return ConfigError(f"{source}: invalid deployment:\n" + "\n".join(lines))
+
+
+def load_deployment(name_or_path: str | os.PathLike | None = None, home: str | os.PathLike | None = None) -> Deployment:
+    """Load and validate a deployment. Plugin names are checked later, against what is installed."""
+    path = deployment_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a deployment is a mapping with keys name, targets, feature_store, ...; got {type(raw).__name__}")
+    secrets = _find_literal_secrets(raw, "")
+    if secrets:
+        raise ConfigError(
+            f"{path}: {', '.join(secrets)} hold a literal value; secrets are referenced, never stored: "
+            "write e.g. `api_key: {env: WATSONX_APIKEY}`"
+        )
+    file_home = raw.pop("home", None)
+    home = Path(home or os.environ.get("AIPLANE_HOME") or file_home or Path.cwd() / ".aiplane").resolve()
+    raw = _substitute_home(raw, str(home))
+    try:
+        return Deployment.model_validate({**raw, "home": home, "source": str(path)})
+    except ValidationError as exc:
+        raise config_error(str(path), exc) from None

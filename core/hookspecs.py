@@ -1,0 +1,132 @@
+"""Every hook a plugin can implement. This module is the plugin author's manual.
+
+A plugin is a module (or object) with functions decorated ``@hookimpl``, made
+known to aiplane by an entry point in the ``aiplane`` group::
+
+    [project.entry-points.aiplane]
+    mycloud = "aiplane_mycloud.plugin"
+
+Component hooks return a list of classes (subclasses of the interfaces in
+:mod:`aiplane.core.components`); results from all plugins are collected, and a
+deployment file picks one by its ``name``. Lifecycle hooks observe every
+materialization; their return values are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .components import Engine, FactsheetPublisher, FeatureStore, ServingTarget, Trainer
+    from .config import Deployment
+    from .records import BaseModelRecord, Record
+
+__all__ = ["hookspec", "hookimpl", "PROJECT"]
+
+PROJECT = "aiplane"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+"""Decorate a plugin's hook functions with this."""
+
+
+# ---------------------------------------------------------------- components
+
+
+@hookspec
+def aiplane_engines() -> list[type[Engine]]:
+    """Engines this plugin provides: where workloads run.
+
+    Called whenever aiplane needs the installed engines. Return a list of
+    :class:`~aiplane.core.components.Engine` subclasses; a deployment target's
+    ``engine:`` names one by its ``name``. Results from all plugins are collected.
+
+    Example::
+
+        @hookimpl
+        def aiplane_engines():
+            return [MyCloudEngine]
+    """
+
+
+@hookspec
+def aiplane_feature_stores() -> list[type[FeatureStore]]:
+    """Feature stores this plugin provides (``feature_store.name`` in a deployment).
+
+    Return a list of :class:`~aiplane.core.components.FeatureStore` subclasses.
+    Results from all plugins are collected.
+    """
+
+
+@hookspec
+def aiplane_trainers() -> list[type[Trainer]]:
+    """Training methods this plugin provides (``trainer.name``: ``lora``, ``sft``, ...).
+
+    Return a list of :class:`~aiplane.core.components.Trainer` subclasses.
+    Results from all plugins are collected.
+    """
+
+
+@hookspec
+def aiplane_serving_targets() -> list[type[ServingTarget]]:
+    """Serving targets this plugin provides (``serving.name``).
+
+    Return a list of :class:`~aiplane.core.components.ServingTarget` subclasses.
+    Results from all plugins are collected.
+    """
+
+
+@hookspec
+def aiplane_factsheet_publishers() -> list[type[FactsheetPublisher]]:
+    """Factsheet publishers this plugin provides (``factsheet.name``).
+
+    Return a list of :class:`~aiplane.core.components.FactsheetPublisher` subclasses.
+    Results from all plugins are collected.
+    """
+
+
+@hookspec(firstresult=True)
+def aiplane_resolve_base_model(uri: str, home: str) -> BaseModelRecord | None:
+    """Turn a base-model URI from the deployment into a record.
+
+    ``uri`` is what ``base_model.uri`` says (``builtin:tiny-granite``, a local
+    directory); ``home`` is the deployment's state directory, where a plugin may
+    build or cache a model. Return ``None`` if this plugin does not handle
+    ``uri``. Stops at the first non-None result.
+    """
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+@hookspec
+def aiplane_before_materialize(asset: str, run_id: str, inputs: list[Record], deployment: Deployment) -> None:
+    """Called before an asset is computed.
+
+    ``asset`` is the asset name (``adapter_weights``), ``run_id`` identifies
+    this materialization (the Dagster run id under Dagster), ``inputs`` are the
+    upstream records it reads and ``deployment`` the deployment in use
+    (observers read their settings from ``deployment.observers[<plugin>]``).
+    """
+
+
+@hookspec
+def aiplane_after_materialize(
+    asset: str, run_id: str, inputs: list[Record], output: Record, deployment: Deployment
+) -> None:
+    """Called after an asset was computed; ``output`` is the record it produced.
+
+    Same arguments as :func:`aiplane_before_materialize`, plus ``output``.
+    """
+
+
+@hookspec
+def aiplane_on_materialize_error(
+    asset: str, run_id: str, inputs: list[Record], error: BaseException, deployment: Deployment
+) -> None:
+    """Called when computing an asset raised; ``error`` is the exception.
+
+    Same arguments as :func:`aiplane_before_materialize`, plus ``error``. The
+    error is re-raised after every observer has seen it.
+    """

@@ -1,0 +1,113 @@
+"""Placement: choose the execution target for a workload, and say why.
+
+Data residency is a hard rule: rows tagged with a residency (``eu``) are only
+processed on targets in the regions the deployment's policy allows for that tag.
+GPUs, SLA class, engine availability and a pinned target are checked too. Targets
+are tried in the order the deployment lists them; the first that qualifies wins,
+and the decision records why every other target was rejected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+
+from pydantic import BaseModel, ConfigDict
+
+from .config import Target
+from .errors import PlacementError
+from .records import PlacementDecision
+
+__all__ = ["Requirements", "place", "allowed_regions"]
+
+
+class Requirements(BaseModel):
+    """What a workload needs from a target."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    workload: str
+    residency: tuple[str, ...] = ()
+    gpus: int = 0
+    sla: str = "batch"
+    engines: tuple[str, ...] | None = None
+    """Engines the workload's component supports; ``None`` means any."""
+    target: str | None = None
+    """A target the workload is pinned to; it still has to qualify."""
+
+
+def allowed_regions(residency: Collection[str], policy: Mapping[str, Sequence[str]]) -> set[str] | None:
+    """Regions allowed to process data with these residency tags; ``None`` means any region."""
+    allowed: set[str] | None = None
+    for tag in residency:
+        if tag in policy:
+            regions = set(policy[tag])
+            allowed = regions if allowed is None else allowed & regions
+    return allowed
+
+
+def _rejection(req: Requirements, t: Target, allowed: set[str] | None, installed: Collection[str]) -> str | None:
+    if req.target and t.name != req.target:
+        return f"workload is pinned to target {req.target!r}"
+    if t.engine not in installed:
+        return f"engine {t.engine!r} is not installed (installed: {', '.join(sorted(installed)) or 'none'})"
+    if req.engines is not None and t.engine not in req.engines:
+        return f"engine {t.engine!r} cannot run this workload (supported: {', '.join(req.engines)})"
+    if allowed is not None and t.region not in allowed:
+        tags = ", ".join(sorted(req.residency))
+        return (
+            f"region {t.region!r} is outside the regions allowed for data tagged {tags} "
+            f"({', '.join(sorted(allowed)) or 'none'})"
+        )
+    if t.gpus < req.gpus:
+        return f"has {t.gpus} GPU(s), needs {req.gpus}"
+    if req.sla not in t.sla:
+        return f"serves SLA classes {', '.join(t.sla)}, needs {req.sla!r}"
+    return None
+
+
+def place(
+    req: Requirements,
+    targets: Sequence[Target],
+    residency_policy: Mapping[str, Sequence[str]],
+    installed_engines: Collection[str],
+) -> PlacementDecision:
+    """Choose a target for ``req`` or raise :class:`PlacementError` listing every candidate's rejection.
+
+    Pure: reads nothing and starts nothing, so it runs before any side effect.
+    """
+    allowed = allowed_regions(req.residency, residency_policy)
+    rejected: dict[str, str] = {}
+    chosen: Target | None = None
+    for t in targets:
+        why = _rejection(req, t, allowed, installed_engines)
+        if why is None and chosen is None:
+            chosen = t
+        elif why is None:
+            rejected[t.name] = f"qualifies, but {chosen.name!r} comes first in the deployment"
+        else:
+            rejected[t.name] = why
+    if chosen is None:
+        lines = "\n".join(f"  - {name}: {why}" for name, why in rejected.items())
+        raise PlacementError(
+            f"No target can run {req.workload} (residency {', '.join(req.residency) or 'none'}, "
+            f"{req.gpus} GPU(s), SLA {req.sla}). Candidates:\n{lines}\n"
+            "Add a qualifying target to the deployment or change the workload's requirements."
+        )
+    region_why = (
+        f"region {chosen.region!r} is allowed for data tagged {', '.join(sorted(req.residency))}"
+        if allowed is not None
+        else "no residency restriction applies"
+    )
+    how = f"pinned to {chosen.name!r}" if req.target else "first qualifying target in deployment order"
+    reason = (
+        f"{how}: {region_why}; engine {chosen.engine!r}; "
+        f"{chosen.gpus} GPU(s) for {req.gpus} needed; SLA {req.sla!r} served"
+    )
+    return PlacementDecision(
+        workload=req.workload,
+        target=chosen.name,
+        engine=chosen.engine,
+        region=chosen.region,
+        reason=reason,
+        rejected=rejected,
+    )

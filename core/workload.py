@@ -1,0 +1,223 @@
+"""Workloads: the seam between orchestration and execution.
+
+A :class:`Workload` is a small, JSON-serializable description of work: an
+importable entry point (``"aiplane.plugins.peft.train:run"``), the input records
+it reads, plain parameters and the resources it needs. Trainers, serving targets
+and publishers build workloads; engines run them (in a subprocess, a Ray worker,
+a KFP container) with the same code, by calling :func:`execute`.
+
+The entry point is called as ``fn(ctx: WorkloadContext) -> dict[str, Record]``.
+It reports progress through ``ctx.log`` and ``ctx.metric``; out of process these
+become event lines on stdout that the engine parses with :func:`parse_event`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import errors as _errors
+from .errors import WorkloadCancelled, WorkloadError
+from .records import AnyRecord, Record
+
+__all__ = [
+    "Resources",
+    "Workload",
+    "WorkloadResult",
+    "WorkloadContext",
+    "Event",
+    "execute",
+    "parse_event",
+    "format_event",
+    "EVENT_PREFIX",
+    "read_result",
+]
+
+EVENT_PREFIX = "@@aiplane-event "
+
+
+class Resources(BaseModel):
+    """What a workload needs from the machine it runs on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cpus: float = 1.0
+    memory_gb: float | None = None
+    gpus: int = 0
+    gpu_type: str | None = None
+
+
+class Workload(BaseModel):
+    """A unit of work any engine can run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    entrypoint: str
+    """``"package.module:function"``; the function takes a :class:`WorkloadContext`."""
+    inputs: dict[str, AnyRecord] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+    resources: Resources = Field(default_factory=Resources)
+    run_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+
+class WorkloadResult(BaseModel):
+    """What a workload returns: its output records and final metrics."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    outputs: dict[str, AnyRecord]
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    engine: dict[str, Any] = Field(default_factory=dict)
+    """Engine-specific facts about the run (process id, Ray job id, KFP run URL)."""
+
+
+class Event(BaseModel):
+    """A progress event: a log line or a metric value."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: str  # "log" | "metric"
+    message: str = ""
+    name: str = ""
+    value: float = 0.0
+    step: int | None = None
+
+    def __str__(self) -> str:
+        if self.type == "metric":
+            at = f" (step {self.step})" if self.step is not None else ""
+            return f"{self.name}={self.value:g}{at}"
+        return self.message
+
+
+def format_event(event: Event) -> str:
+    """The single stdout line that carries ``event`` out of a workload process."""
+    return EVENT_PREFIX + event.model_dump_json(exclude_defaults=True)
+
+
+def parse_event(line: str) -> Event:
+    """Turn a line of workload output into an event; plain lines become log events."""
+    line = line.rstrip("\n")
+    if line.startswith(EVENT_PREFIX):
+        try:
+            return Event.model_validate_json(line[len(EVENT_PREFIX) :])
+        except ValueError:
+            pass
+    return Event(type="log", message=line)
+
+
+class WorkloadContext:
+    """What an entry point gets: its inputs and parameters, and ways to report."""
+
+    def __init__(
+        self,
+        workload: Workload,
+        emit: Callable[[Event], None],
+        cancel: threading.Event | None = None,
+    ):
+        self.workload = workload
+        self.inputs: Mapping[str, Record] = workload.inputs
+        self.params: Mapping[str, Any] = workload.params
+        self.run_id = workload.run_id
+        self._emit = emit
+        self._cancel = cancel or threading.Event()
+        self.metrics: dict[str, Any] = {}
+        """Final metrics; the entry point may fill this and they land on the result."""
+
+    def log(self, message: str) -> None:
+        self._emit(Event(type="log", message=message))
+
+    def metric(self, name: str, value: float, step: int | None = None) -> None:
+        self._emit(Event(type="metric", name=name, value=float(value), step=step))
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def check_cancelled(self) -> None:
+        """Long loops call this between steps so in-process cancellation is prompt."""
+        if self._cancel.is_set():
+            raise WorkloadCancelled(f"workload {self.workload.name} ({self.run_id}) was cancelled")
+
+
+def _load_entrypoint(spec: str) -> Callable[[WorkloadContext], Mapping[str, Record]]:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise WorkloadError(f"Entry point {spec!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise WorkloadError(
+            f"Cannot import {module_name!r} for entry point {spec!r}: {exc}. "
+            "Install the plugin (and its extra) where the workload runs."
+        ) from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise WorkloadError(f"Entry point {spec!r}: module {module_name!r} has no {attr!r}") from None
+
+
+def execute(
+    workload: Workload,
+    emit: Callable[[Event], None] = lambda event: None,
+    cancel: threading.Event | None = None,
+) -> WorkloadResult:
+    """Run a workload in this process. Engines call this wherever the workload lands."""
+    fn = _load_entrypoint(workload.entrypoint)
+    ctx = WorkloadContext(workload, emit, cancel)
+    outputs = fn(ctx)
+    if not isinstance(outputs, Mapping) or not all(isinstance(v, Record) for v in outputs.values()):
+        raise WorkloadError(
+            f"Entry point {workload.entrypoint!r} must return a dict of records, got {type(outputs).__name__}"
+        )
+    return WorkloadResult(outputs=dict(outputs), metrics=ctx.metrics)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m aiplane.core.workload SPEC.json RESULT.json``: how engines run a workload out of process."""
+    parser = argparse.ArgumentParser(prog="python -m aiplane.core.workload")
+    parser.add_argument("spec", type=Path, help="workload JSON")
+    parser.add_argument("result", type=Path, help="where to write the result JSON")
+    args = parser.parse_args(argv)
+    workload = Workload.model_validate_json(args.spec.read_text())
+
+    def emit(event: Event) -> None:
+        print(format_event(event), flush=True)
+
+    try:
+        result = execute(workload, emit)
+    except Exception as exc:  # the engine re-raises it from the result file
+        args.result.write_text(json.dumps({"error_type": type(exc).__name__, "error": str(exc)}))
+        emit(Event(type="log", message=f"workload failed: {type(exc).__name__}: {exc}"))
+        return 1
+    args.result.write_text(result.model_dump_json())
+    return 0
+
+
+def read_result(path: Path, workload: Workload) -> WorkloadResult:
+    """Read what :func:`main` wrote; an error there is raised again as the same aiplane error class."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise WorkloadError(
+            f"Workload {workload.name} ({workload.run_id}) ended without a result: {exc}"
+        ) from None
+    if "error" in data:
+        cls = getattr(_errors, data.get("error_type", ""), None)
+        if not (isinstance(cls, type) and issubclass(cls, _errors.AiplaneError)):
+            cls = WorkloadError
+        raise cls(f"Workload {workload.name} ({workload.run_id}) failed: {data['error']}")
+    return WorkloadResult.model_validate(data)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
