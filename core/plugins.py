@@ -153,6 +153,37 @@ class Registry:
     def engine(self, name: str, settings: Any = None) -> Engine:
         return self.create("engine", name, settings)
 
+    def validate(self, deployment) -> None:
+        """Check that every component and engine a deployment names is installed and accepts its settings.
+
+        Raises one :class:`ConfigError` listing every problem, naming the file and key.
+        """
+        from .errors import AiplaneError, ConfigError
+
+        problems = []
+        for kind, key in (
+            ("feature store", "feature_store"),
+            ("trainer", "trainer"),
+            ("serving target", "serving"),
+            ("factsheet publisher", "factsheet"),
+        ):
+            spec = getattr(deployment, key)
+            try:
+                self.create(kind, spec.name, spec.settings)
+            except AiplaneError as exc:
+                problems.append(f"  {key}: {exc}")
+        engines = self.components("engine")
+        for i, target in enumerate(deployment.targets):
+            if target.engine not in engines:
+                problems.append(f"  targets[{i}].engine: " + unknown_name("engine", target.engine, engines))
+            else:
+                try:
+                    engines[target.engine](target.settings)
+                except AiplaneError as exc:
+                    problems.append(f"  targets[{i}].settings: {exc}")
+        if problems:
+            raise ConfigError(f"{deployment.source}: invalid deployment:\n" + "\n".join(problems))
+
     def _broken_hint(self) -> str:
         broken = self.pm.aiplane_state.broken  # type: ignore[attr-defined]
         if not broken:

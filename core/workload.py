@@ -7,16 +7,15 @@ and publishers build workloads; engines run them (in a subprocess, a Ray worker,
 a KFP container) with the same code, by calling :func:`execute`.
 
 The entry point is called as ``fn(ctx: WorkloadContext) -> dict[str, Record]``.
-It reports progress through ``ctx.log`` and ``ctx.metric``; out of process these
-become event lines on stdout that the engine parses with :func:`parse_event`.
+It reports progress through ``ctx.log`` and ``ctx.metric``; out of process
+(``python -m aiplane.core.worker``) these become event lines on stdout that the
+engine parses with :func:`parse_event`.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
-import sys
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -182,27 +181,6 @@ def execute(
     return WorkloadResult(outputs=dict(outputs), metrics=ctx.metrics)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m aiplane.core.workload SPEC.json RESULT.json``: how engines run a workload out of process."""
-    parser = argparse.ArgumentParser(prog="python -m aiplane.core.workload")
-    parser.add_argument("spec", type=Path, help="workload JSON")
-    parser.add_argument("result", type=Path, help="where to write the result JSON")
-    args = parser.parse_args(argv)
-    workload = Workload.model_validate_json(args.spec.read_text())
-
-    def emit(event: Event) -> None:
-        print(format_event(event), flush=True)
-
-    try:
-        result = execute(workload, emit)
-    except Exception as exc:  # the engine re-raises it from the result file
-        args.result.write_text(json.dumps({"error_type": type(exc).__name__, "error": str(exc)}))
-        emit(Event(type="log", message=f"workload failed: {type(exc).__name__}: {exc}"))
-        return 1
-    args.result.write_text(result.model_dump_json())
-    return 0
-
-
 def read_result(path: Path, workload: Workload) -> WorkloadResult:
     """Read what :func:`main` wrote; an error there is raised again as the same aiplane error class."""
     try:
@@ -218,6 +196,3 @@ def read_result(path: Path, workload: Workload) -> WorkloadResult:
         raise cls(f"Workload {workload.name} ({workload.run_id}) failed: {data['error']}")
     return WorkloadResult.model_validate(data)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

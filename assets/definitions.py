@@ -1,0 +1,315 @@
+"""The Dagster code location: five assets from base model to factsheet.
+
+Each asset wraps its work in the aiplane lifecycle hooks, records its lineage
+record, placement decision and key metrics as metadata, and sets its data
+version from the record's digest, so downstream assets re-run only when what
+they read really changed.
+"""
+
+
+import json
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from aiplane.core.components import FEATURE_COLUMNS
+from aiplane.core.plugins import materialization
+from aiplane.core.placement import Requirements
+from aiplane.core.records import (
+    AdapterRecord,
+    BaseModelRecord,
+    EndpointRecord,
+    FactsheetRecord,
+    FeaturesRecord,
+    Record,
+    lineage,
+    record_to_json,
+)
+
+from .resource import AiplaneResource
+from .sources import load_tickets
+
+__all__ = ["defs", "ASSETS", "features_refresh_schedule", "on_upstream_data_change"]
+
+GROUP = "aiplane"
+
+
+def on_upstream_data_change() -> dg.AutomationCondition:
+    """Run when an upstream asset's *data version* changed (or this asset went missing).
+
+    ``eager()`` reacts to every upstream materialization; a features refresh that
+    found no new data still materializes, with the same data version, and must
+    not retrain. Failed blocking checks upstream hold everything back.
+    """
+    return (
+        (
+            dg.AutomationCondition.newly_missing()
+            | dg.AutomationCondition.any_deps_match(dg.AutomationCondition.data_version_changed())
+        ).since_last_handled()
+        & ~dg.AutomationCondition.any_deps_missing()
+        & ~dg.AutomationCondition.any_deps_in_progress()
+        & ~dg.AutomationCondition.in_progress()
+        & dg.AutomationCondition.all_deps_blocking_checks_passed()
+    ).with_label("upstream data version changed")
+
+
+def _metadata(record: Record, **extra: Any) -> dict[str, Any]:
+    chain = [f"{r.kind}: {r.digest}" for r in lineage(record)]
+    meta: dict[str, Any] = {
+        "uri": record.uri,
+        "digest": record.digest,
+        "lineage": dg.MetadataValue.json(chain),
+        "record": dg.MetadataValue.json(record_to_json(record)),
+    }
+    placement = getattr(record, "placement", None)
+    if placement is not None:
+        meta["placement_target"] = placement.target
+        meta["placement_reason"] = placement.reason
+        meta["placement"] = dg.MetadataValue.json(placement.model_dump(mode="json"))
+    meta.update({k: v for k, v in extra.items() if v is not None})
+    return meta
+
+
+def _output(record: Record, **extra: Any) -> dg.Output:
+    return dg.Output(record, data_version=dg.DataVersion(record.digest), metadata=_metadata(record, **extra))
+
+
+@dg.asset(group_name=GROUP, kinds={"huggingface"}, description="The pretrained model adapters start from.")
+def base_model(context: dg.AssetExecutionContext, aiplane: AiplaneResource) -> dg.Output[BaseModelRecord]:
+    d = aiplane.config
+    with materialization(aiplane.registry.pm, "base_model", context.run_id, [], d) as m:
+        record = aiplane.registry.resolve_base_model(d.base_model.uri, str(d.home))
+        m["output"] = record
+    context.log.info(f"base model {record.name} ({record.architecture}, {record.parameters:,} parameters) at {record.uri}")
+    return _output(record, name=record.name, architecture=record.architecture, parameters=record.parameters)
+
+
+class FeaturesConfig(dg.Config):
+    source: str = ""
+    """JSON-lines file of tickets; empty means ``<home>/sources/tickets.jsonl`` (seeded with sample data if absent)."""
+    table: str = "support_ticket_features"
+    eval_fraction: float = 0.1
+
+
+_CHECKS = [
+    dg.AssetCheckSpec("schema", asset="features", blocking=True, description=f"Columns are exactly {', '.join(FEATURE_COLUMNS)}."),
+    dg.AssetCheckSpec("not_empty", asset="features", blocking=True, description="Both train and eval splits have rows."),
+    dg.AssetCheckSpec("residency_tagged", asset="features", blocking=True, description="Every row carries a residency tag."),
+]
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"iceberg"},
+    check_specs=_CHECKS,
+    description="Training features in the feature store, pinned to a snapshot.",
+)
+def features(context: dg.AssetExecutionContext, config: FeaturesConfig, aiplane: AiplaneResource):
+    import pyarrow as pa
+
+    from aiplane.core.sample import to_features
+
+    d = aiplane.config
+    store = aiplane.component("feature store", "feature_store")
+    source = Path(config.source) if config.source else d.home / "sources" / "tickets.jsonl"
+    with materialization(aiplane.registry.pm, "features", context.run_id, [], d) as m:
+        tickets = load_tickets(source, seed_if_missing=not config.source, log=context.log.info)
+        rows = pa.Table.from_pylist(to_features(tickets, config.eval_fraction))
+        before = store.current(config.table) if hasattr(store, "current") else None
+        record: FeaturesRecord = store.publish(rows, config.table)
+        m["output"] = record
+    changed = before is None or before.snapshot_id != record.snapshot_id
+    context.log.info(
+        f"features {record.table}: snapshot {record.snapshot_id} ({record.row_count} rows) "
+        + ("new snapshot" if changed else "unchanged: no new data, no new snapshot")
+    )
+    yield _output(
+        record,
+        table=record.table,
+        snapshot_id=record.snapshot_id,
+        row_count=record.row_count,
+        residency=", ".join(record.residency),
+        new_snapshot=changed,
+        source=str(source),
+    )
+    yield from _feature_checks(store.read(record))
+
+
+def _feature_checks(table) -> list[dg.AssetCheckResult]:
+    columns = list(table.column_names)
+    missing = [c for c in FEATURE_COLUMNS if c not in columns]
+    extra = [c for c in columns if c not in FEATURE_COLUMNS]
+    splits = table.column("split").to_pylist() if "split" in columns else []
+    residency = table.column("residency").to_pylist() if "residency" in columns else []
+    untagged = sum(1 for r in residency if not r)
+    n_train, n_eval = splits.count("train"), splits.count("eval")
+    return [
+        dg.AssetCheckResult(
+            check_name="schema", passed=not missing and not extra, metadata={"missing": missing, "extra": extra}
+        ),
+        dg.AssetCheckResult(
+            check_name="not_empty", passed=n_train > 0 and n_eval > 0, metadata={"train_rows": n_train, "eval_rows": n_eval}
+        ),
+        dg.AssetCheckResult(
+            check_name="residency_tagged",
+            passed=bool(residency) and untagged == 0,
+            metadata={"untagged_rows": untagged, "tags": sorted({r for r in residency if r})},
+        ),
+    ]
+
+
+class TargetConfig(dg.Config):
+    target: str = ""
+    """Pin the workload to this deployment target (placement still checks it); empty: let placement choose."""
+
+
+def _requirements(aiplane: AiplaneResource, workload: str, spec_key: str, kind: str, residency, pin: str) -> Requirements:
+    spec = getattr(aiplane.config, spec_key)
+    cls = aiplane.registry.get(kind, spec.name)
+    return Requirements(
+        workload=workload,
+        residency=tuple(residency),
+        gpus=spec.gpus,
+        sla=spec.sla,
+        engines=cls.engines,
+        target=pin or spec.target,
+    )
+
+
+def _residency(record: Record) -> tuple[str, ...]:
+    """Residency travels with lineage: a model trained on EU rows is EU data too."""
+    tags: set[str] = set()
+    for r in lineage(record):
+        if isinstance(r, FeaturesRecord):
+            tags.update(r.residency)
+    return tuple(sorted(tags))
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"pytorch"},
+    automation_condition=on_upstream_data_change(),
+    description="LoRA adapter weights trained on the features, in the content-addressed store.",
+)
+def adapter_weights(
+    context: dg.AssetExecutionContext,
+    config: TargetConfig,
+    aiplane: AiplaneResource,
+    base_model: BaseModelRecord,
+    features: FeaturesRecord,
+) -> dg.Output[AdapterRecord]:
+    d = aiplane.config
+    inputs = [base_model, features]
+    with materialization(aiplane.registry.pm, "adapter_weights", context.run_id, inputs, d) as m:
+        trainer = aiplane.component("trainer", "trainer")
+        trainer.validate(base_model)
+        decision = aiplane.place(_requirements(aiplane, "train-adapter", "trainer", "trainer", features.residency, config.target))
+        workload = trainer.workload(base_model, features, str(d.artifact_root()))
+        result = aiplane.run(context, workload, decision)
+        record = result.outputs["adapter"].model_copy(update={"placement": decision})
+        m["output"] = record
+    metrics = record.metrics
+    return _output(
+        record,
+        run_id=record.run_id,
+        method=record.method,
+        engine=dg.MetadataValue.json(result.engine),
+        train_loss_first=metrics.get("train_loss_first"),
+        train_loss_last=metrics.get("train_loss_last"),
+        eval_loss=metrics.get("eval_loss"),
+        eval_accuracy=metrics.get("eval_accuracy"),
+        tokens_per_s=metrics.get("tokens_per_s"),
+        steps=metrics.get("steps"),
+    )
+
+
+class EndpointConfig(TargetConfig):
+    name: str = "support-tickets"
+    """Endpoint name; re-materializing replaces this endpoint's server blue/green."""
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"kserve"},
+    automation_condition=on_upstream_data_change(),
+    description="A running model server for the base model plus adapter.",
+)
+def served_endpoint(
+    context: dg.AssetExecutionContext, config: EndpointConfig, aiplane: AiplaneResource, adapter_weights: AdapterRecord
+) -> dg.Output[EndpointRecord]:
+    d = aiplane.config
+    with materialization(aiplane.registry.pm, "served_endpoint", context.run_id, [adapter_weights], d) as m:
+        serving = aiplane.component("serving target", "serving")
+        decision = aiplane.place(
+            _requirements(aiplane, "serve-endpoint", "serving", "serving target", _residency(adapter_weights), config.target)
+        )
+        workload = serving.workload(adapter_weights, config.name, str(d.home))
+        result = aiplane.run(context, workload, decision)
+        record = result.outputs["endpoint"].model_copy(update={"placement": decision})
+        m["output"] = record
+    context.log.info(f"endpoint {record.model_name} serving at {record.url}")
+    return _output(record, url=dg.MetadataValue.url(record.url), model_name=record.model_name)
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"json"},
+    automation_condition=on_upstream_data_change(),
+    description="The factsheet: lineage, training, evaluation and placement of the served model.",
+)
+def factsheet(
+    context: dg.AssetExecutionContext, config: TargetConfig, aiplane: AiplaneResource, served_endpoint: EndpointRecord
+) -> dg.Output[FactsheetRecord]:
+    from aiplane.core.factsheet import build_factsheet
+
+    d = aiplane.config
+    with materialization(aiplane.registry.pm, "factsheet", context.run_id, [served_endpoint], d) as m:
+        publisher = aiplane.component("factsheet publisher", "factsheet")
+        decision = aiplane.place(_requirements(aiplane, "publish-factsheet", "factsheet", "factsheet publisher", (), config.target))
+        document = build_factsheet(
+            served_endpoint,
+            extra={
+                "deployment": d.name,
+                "dagster_run_id": context.run_id,
+                "publish_placement": decision.model_dump(mode="json"),
+            },
+        )
+        result = aiplane.run(context, publisher.workload(served_endpoint, document), decision)
+        record = result.outputs["factsheet"]
+        m["output"] = record
+    context.log.info(f"factsheet at {record.uri} (page {record.page_uri})")
+    return _output(record, path=dg.MetadataValue.path(record.uri), page=dg.MetadataValue.path(record.page_uri))
+
+
+ASSETS = [base_model, features, adapter_weights, served_endpoint, factsheet]
+
+refresh_features_job = dg.define_asset_job("refresh_features", selection=[features])
+features_refresh_schedule = dg.ScheduleDefinition(
+    name="refresh_features_daily",
+    job=refresh_features_job,
+    cron_schedule="0 3 * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+)
+
+
+# Declarative automation needs a running sensor to evaluate the conditions.
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "aiplane_automation",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
+
+
+def build_definitions(resource: AiplaneResource | None = None) -> dg.Definitions:
+    from .resource import default_resource
+
+    return dg.Definitions(
+        assets=ASSETS,
+        schedules=[features_refresh_schedule],
+        sensors=[automation_sensor],
+        resources={"aiplane": resource or default_resource()},
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,80 @@
+"""The one Dagster resource: the deployment and the plugin registry, and how workloads are run."""
+
+
+import os
+from typing import Any
+
+import dagster as dg
+from pydantic import PrivateAttr
+
+from aiplane.core.config import Deployment, load_deployment
+from aiplane.core.placement import Requirements, place
+from aiplane.core.plugins import Registry, get_plugin_manager
+from aiplane.core.records import PlacementDecision
+from aiplane.core.workload import Event, Workload, WorkloadResult
+
+__all__ = ["AiplaneResource"]
+
+
+class AiplaneResource(dg.ConfigurableResource):
+    """Holds the deployment (``deployments/<name>.yaml``) and the loaded plugins.
+
+    ``deployment`` is a name or a path; empty means ``AIPLANE_DEPLOYMENT`` or
+    ``local``. ``home`` overrides where local state lives (``AIPLANE_HOME``).
+    """
+
+    deployment: str = ""
+    home: str = ""
+
+    _deployment: Deployment | None = PrivateAttr(default=None)
+    _registry: Registry | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._load()
+
+    def _load(self) -> None:
+        if self._deployment is None:
+            self._deployment = load_deployment(self.deployment or None, home=self.home or None)
+            self._registry = Registry(get_plugin_manager())
+            self._registry.validate(self._deployment)
+
+    @property
+    def config(self) -> Deployment:
+        self._load()
+        assert self._deployment is not None
+        return self._deployment
+
+    @property
+    def registry(self) -> Registry:
+        self._load()
+        assert self._registry is not None
+        return self._registry
+
+    def component(self, kind: str, spec_name: str) -> Any:
+        spec = getattr(self.config, spec_name)
+        return self.registry.create(kind, spec.name, spec.settings)
+
+    def place(self, requirements: Requirements) -> PlacementDecision:
+        """Placement against this deployment's targets; pure, so it runs before any side effect."""
+        return place(
+            requirements,
+            self.config.targets,
+            self.config.residency,
+            installed_engines=self.registry.components("engine"),
+        )
+
+    def run(self, context: dg.AssetExecutionContext, workload: Workload, decision: PlacementDecision) -> WorkloadResult:
+        """Run ``workload`` on the engine of the chosen target, streaming its events into the run log."""
+        target = self.config.target(decision.target)
+        engine = self.registry.engine(target.engine, target.settings)
+        context.log.info(f"{workload.name} ({workload.run_id}) -> target {target.name} [{engine.name}]: {decision.reason}")
+
+        def on_event(event: Event) -> None:
+            if event.message or event.type == "metric":
+                context.log.info(f"[{workload.name}] {event}")
+
+        return engine.run(workload, target, on_event)
+
+
+def default_resource() -> AiplaneResource:
+    return AiplaneResource(deployment=os.environ.get("AIPLANE_DEPLOYMENT", ""), home=os.environ.get("AIPLANE_HOME", ""))

@@ -1,0 +1,191 @@
+"""Factsheets: a machine-readable account of a served model, made only from records.
+
+:func:`build_factsheet` walks the lineage of an :class:`EndpointRecord` (the
+adapter it serves, the training run and base model behind the adapter, the
+Iceberg snapshot it was trained on) and lays it out as one JSON-ready document.
+Only record fields go in, never settings or handles, so no secret can reach it.
+A publisher (``factsheet.name`` in a deployment) turns the document into files.
+"""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import hashlib
+import importlib.metadata
+import json
+import os
+import subprocess
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .records import AdapterRecord, BaseModelRecord, EndpointRecord, FeaturesRecord, Record, lineage
+
+__all__ = ["build_factsheet", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+"""Bumped when a key of the document changes meaning or disappears."""
+
+_REQUIRED: tuple[tuple[str, type[Record], str], ...] = (
+    ("adapter_weights", AdapterRecord, "the adapter the endpoint serves"),
+    ("base_model", BaseModelRecord, "the base model the adapter was trained from"),
+    ("features", FeaturesRecord, "the feature snapshot the adapter was trained on"),
+)
+
+
+def build_factsheet(
+    endpoint: EndpointRecord,
+    *,
+    who: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The factsheet document of ``endpoint``: JSON-ready, built from its lineage records only.
+
+    Keys: ``base_model``, ``features``, ``training``, ``adapter``, ``endpoint``,
+    ``placement`` (every placement decision on the way, with reasons),
+    ``lineage`` (the chain features -> base model -> training run -> adapter
+    -> endpoint, each ``{kind, uri, digest}``), ``generated_by`` and ``extra``.
+    ``who`` defaults to ``$AIPLANE_USER``, then the login name.
+
+    Raises :class:`InputError` when ``endpoint`` is not an endpoint record, when
+    its lineage lacks the adapter, base model or features record, or when
+    ``extra`` is not JSON-serializable.
+    """
+    if not isinstance(endpoint, EndpointRecord):
+        raise InputError(
+            f"A factsheet describes a served endpoint; got a {type(endpoint).__name__} "
+            f"({getattr(endpoint, 'kind', '?')}). Pass the EndpointRecord of the served_endpoint asset."
+        )
+    chain = list(lineage(endpoint))
+    found: dict[str, Record] = {}
+    for rec in chain:
+        found.setdefault(rec.kind, rec)
+    missing = [f"{kind} ({what})" for kind, _, what in _REQUIRED if kind not in found]
+    if missing:
+        raise InputError(
+            f"Cannot build a factsheet for endpoint {endpoint.model_name!r} ({endpoint.url}): its lineage has no "
+            f"{', no '.join(missing)} record. Deploy the endpoint from an adapter whose sources are the base model "
+            "and the features it was trained on, so the whole chain is recorded."
+        )
+    adapter: AdapterRecord = found["adapter_weights"]  # type: ignore[assignment]
+    base: BaseModelRecord = found["base_model"]  # type: ignore[assignment]
+    features: FeaturesRecord = found["features"]  # type: ignore[assignment]
+    extra_doc = _json_ready(extra or {}, "extra")
+
+    adapter_json = adapter.model_dump(mode="json")
+    config_digest = _sha256_json({"method": adapter.method, "config": adapter_json["config"]})
+    document: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "model": endpoint.model_name,
+        "base_model": {
+            "name": base.name,
+            "uri": base.uri,
+            "digest": base.digest,
+            "architecture": base.architecture,
+            "parameters": base.parameters,
+        },
+        "features": {
+            "table": features.table,
+            "snapshot_id": features.snapshot_id,
+            "row_count": features.row_count,
+            "residency": list(features.residency),
+            "columns": list(features.columns),
+            "uri": features.uri,
+            "digest": features.digest,
+        },
+        "training": {
+            "method": adapter.method,
+            "config": adapter_json["config"],
+            "metrics": adapter_json["metrics"],
+            "run_id": adapter.run_id,
+        },
+        "adapter": {
+            "uri": adapter.uri,
+            "digest": adapter.digest,
+            "sha256": adapter.digest.removeprefix("sha256:") if adapter.digest.startswith("sha256:") else None,
+        },
+        "endpoint": {
+            "url": endpoint.url,
+            "model_name": endpoint.model_name,
+            "protocols": list(endpoint.protocols),
+            "serving": endpoint.serving,
+        },
+        "placement": [
+            {"record": rec.kind, **rec.placement.model_dump(mode="json")}
+            for rec in reversed(chain)
+            if getattr(rec, "placement", None) is not None
+        ],
+        "lineage": [
+            {"kind": "features", "uri": features.uri, "digest": features.digest},
+            {"kind": "base_model", "uri": base.uri, "digest": base.digest},
+            # A training run has no bytes of its own; it is pinned by what it ran (method and config).
+            {"kind": "training_run", "uri": f"run:{adapter.run_id}", "digest": config_digest},
+            {"kind": "adapter_weights", "uri": adapter.uri, "digest": adapter.digest},
+            {"kind": "served_endpoint", "uri": endpoint.url, "digest": endpoint.digest},
+        ],
+        "generated_by": {
+            "who": who or os.environ.get("AIPLANE_USER") or _login_name(),
+            "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "aiplane_version": _aiplane_version(),
+            "code_version": _code_version(),
+        },
+        "extra": extra_doc,
+    }
+    return document
+
+
+def _json_ready(value: Mapping[str, Any], what: str) -> dict[str, Any]:
+    try:
+        return json.loads(json.dumps(dict(value), sort_keys=True))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"Factsheet {what} must be JSON-serializable (strings, numbers, lists, dicts): {exc}") from None
+
+
+def _sha256_json(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _login_name() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers (no USER, uid without passwd entry)
+        return "unknown"
+
+
+def _aiplane_version() -> str:
+    try:
+        return importlib.metadata.version("aiplane")
+    except importlib.metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+@functools.lru_cache(maxsize=1)
+def _code_version() -> str | None:
+    """The commit of the git checkout this package is imported from, or ``None``.
+
+    Only when the package directory is part of the checkout (not an ignored
+    directory inside one, such as a virtual environment under the repository).
+    """
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["git", "-C", str(here), *args], capture_output=True, text=True, timeout=5, check=False
+        )
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        if git("check-ignore", "-q", str(here)).returncode == 0:
+            return None
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = head.stdout.strip()
+    return commit or None

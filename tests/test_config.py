@@ -1,0 +1,113 @@
+import textwrap
+
+import pytest
+
+from aiplane.core.config import SecretRef, load_deployment
+from aiplane.core.errors import ConfigError, PluginError
+from aiplane.core.plugins import Registry
+
+
+def _write(tmp_path, text, name="bad.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+
+def test_local_deployment_is_the_embedded_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("AIPLANE_DEPLOYMENT", raising=False)
+    monkeypatch.setenv("AIPLANE_HOME", str(tmp_path))
+    d = load_deployment()
+    assert d.name == "local"
+    assert d.home == tmp_path
+    assert [t.name for t in d.targets][0] == "local"
+    assert d.feature_store.settings["warehouse"] == f"{tmp_path}/iceberg/warehouse"
+    Registry().validate(d)
+
+
+def test_aiplane_deployment_env_chooses_another(tmp_path, monkeypatch):
+    path = _write(tmp_path, open(load_deployment("local").source).read().replace("name: local", "name: other"), "other.yaml")
+    monkeypatch.setenv("AIPLANE_DEPLOYMENT", str(path))
+    assert load_deployment().name == "other"
+
+
+def test_unknown_deployment_name_suggests_the_closest():
+    with pytest.raises(ConfigError, match="Unknown deployment 'locl'.*Did you mean 'local'"):
+        load_deployment("locl")
+
+
+def test_malformed_yaml_names_the_file(tmp_path):
+    path = _write(tmp_path, "name: x\ntargets: [\n")
+    with pytest.raises(ConfigError, match=f"{path}: not valid YAML"):
+        load_deployment(path)
+
+
+def test_bad_keys_and_values_are_named_with_allowed_values(tmp_path):
+    path = _write(
+        tmp_path,
+        """
+        name: broken
+        targets:
+          - name: t1
+            engine: local
+            region: eu
+            sla: [fast]
+            gpu: 1
+        feature_store: {name: iceberg}
+        trainer: {name: lora}
+        serving: {name: kserve-local}
+        """,
+    )
+    with pytest.raises(ConfigError) as err:
+        load_deployment(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    assert "targets.0.sla.0: Input should be 'batch', 'interactive' or 'critical' (got 'fast')" in msg
+    assert "targets.0.gpu: unknown key" in msg
+    assert "factsheet: Field required" in msg
+
+
+def test_unknown_component_names_suggest_the_closest(tmp_path):
+    text = open(load_deployment("local").source).read()
+    path = _write(tmp_path, text.replace("name: lora", "name: lroa").replace("engine: local", "engine: locl"))
+    with pytest.raises(ConfigError) as err:
+        Registry().validate(load_deployment(path, home=tmp_path))
+    msg = str(err.value)
+    assert "trainer: Unknown trainer 'lroa'" in msg and "Did you mean 'lora'?" in msg
+    assert "targets[0].engine: Unknown engine 'locl'" in msg and "Did you mean 'local'?" in msg
+
+
+def test_unknown_engine_lookup_suggests_the_closest():
+    with pytest.raises(PluginError, match="Unknown engine 'lcoal'; installed engines: .*local.*Did you mean 'local'"):
+        Registry().engine("lcoal")
+
+
+def test_literal_secret_in_config_is_rejected(tmp_path):
+    path = _write(tmp_path, "name: x\ntargets:\n  - {name: t, engine: kfp, region: us, settings: {token: abc123}}\n")
+    with pytest.raises(ConfigError, match=r"targets\[0\].settings.token hold a literal value") as err:
+        load_deployment(path)
+    assert "abc123" not in str(err.value)
+
+
+def test_secret_reference_resolves_at_use_and_never_shows_its_value(monkeypatch):
+    ref = SecretRef(env="AIPLANE_TEST_TOKEN")
+    with pytest.raises(ConfigError, match="export AIPLANE_TEST_TOKEN"):
+        ref.resolve()
+    monkeypatch.setenv("AIPLANE_TEST_TOKEN", "s3cr3t-value")
+    assert ref.resolve() == "s3cr3t-value"
+    assert "s3cr3t" not in repr(ref) and "s3cr3t" not in str(ref)
+    assert repr(SecretRef(secret="kfp-token", key="token")) == "SecretRef(secret='kfp-token', key='token')"
+    with pytest.raises(ValueError):
+        SecretRef(env="A", secret="b", key="c")
+
+
+def test_deployment_repr_holds_no_secret_value(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIPLANE_TEST_TOKEN", "s3cr3t-value")
+    path = _write(
+        tmp_path,
+        open(load_deployment("local").source).read()
+        + "  example:\n    api_key: {env: AIPLANE_TEST_TOKEN}\n",
+    )
+    d = load_deployment(path)
+    assert d.observers["example"]["api_key"] == {"env": "AIPLANE_TEST_TOKEN"}
+    assert "s3cr3t" not in repr(d)
