@@ -52,7 +52,8 @@ def _up(args: argparse.Namespace) -> int:
     instance = _instance(deployment.home)
     defs = build_definitions(AiplaneResource(deployment=args.deployment, home=str(deployment.home)))
     job = defs.resolve_implicit_global_asset_job_def()
-    result = job.execute_in_process(instance=instance, raise_on_error=False)
+    run_config = {"ops": {"adapter_weights": {"config": {"target": args.train_target}}}} if args.train_target else None
+    result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=run_config)
     if not result.success:
         failures = [e for e in result.all_events if e.is_failure]
         for event in failures:
@@ -91,9 +92,8 @@ def _stop(args: argparse.Namespace) -> int:
         print("No endpoint has been materialized on this instance.")
         return 0
     record = record_from_json(event.asset_materialization.metadata["record"].value)
-    registry = Registry()
-    serving = registry.create("serving target", record.serving, getattr(deployment.serving, "settings", {}) if deployment.serving.name == record.serving else {})
-    serving.stop(record)
+    settings = deployment.serving.settings if deployment.serving.name == record.serving else None
+    Registry().create("serving target", record.serving, settings).stop(record)
     print(f"Stopped {record.model_name} at {record.url}")
     return 0
 
@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aiplane", description=__doc__.splitlines()[0])
     parser.add_argument("--deployment", default=os.environ.get("AIPLANE_DEPLOYMENT", ""), help="deployment name or path (default: local)")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="materialize the whole chain and show the result").set_defaults(fn=_up)
+    up = sub.add_parser("up", help="materialize the whole chain and show the result")
+    up.add_argument("--train-target", default="", help="pin training to this deployment target (placement still checks it)")
+    up.set_defaults(fn=_up)
     sub.add_parser("plugins", help="list installed plugins").set_defaults(fn=_plugins)
     sub.add_parser("stop", help="stop the served endpoint").set_defaults(fn=_stop)
     args = parser.parse_args(argv)

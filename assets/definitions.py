@@ -78,7 +78,7 @@ def _output(record: Record, **extra: Any) -> dg.Output:
 @dg.asset(group_name=GROUP, kinds={"huggingface"}, description="The pretrained model adapters start from.")
 def base_model(context: dg.AssetExecutionContext, aiplane: AiplaneResource) -> dg.Output[BaseModelRecord]:
     d = aiplane.config
-    with materialization(aiplane.registry.pm, "base_model", context.run_id, [], d) as m:
+    with materialization(aiplane.registry.pm, "base_model", context.run.run_id, [], d) as m:
         record = aiplane.registry.resolve_base_model(d.base_model.uri, str(d.home))
         m["output"] = record
     context.log.info(f"base model {record.name} ({record.architecture}, {record.parameters:,} parameters) at {record.uri}")
@@ -113,7 +113,7 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, aiplane:
     d = aiplane.config
     store = aiplane.component("feature store", "feature_store")
     source = Path(config.source) if config.source else d.home / "sources" / "tickets.jsonl"
-    with materialization(aiplane.registry.pm, "features", context.run_id, [], d) as m:
+    with materialization(aiplane.registry.pm, "features", context.run.run_id, [], d) as m:
         tickets = load_tickets(source, seed_if_missing=not config.source, log=context.log.info)
         rows = pa.Table.from_pylist(to_features(tickets, config.eval_fraction))
         before = store.current(config.table) if hasattr(store, "current") else None
@@ -201,7 +201,7 @@ def adapter_weights(
 ) -> dg.Output[AdapterRecord]:
     d = aiplane.config
     inputs = [base_model, features]
-    with materialization(aiplane.registry.pm, "adapter_weights", context.run_id, inputs, d) as m:
+    with materialization(aiplane.registry.pm, "adapter_weights", context.run.run_id, inputs, d) as m:
         trainer = aiplane.component("trainer", "trainer")
         trainer.validate(base_model)
         decision = aiplane.place(_requirements(aiplane, "train-adapter", "trainer", "trainer", features.residency, config.target))
@@ -239,7 +239,7 @@ def served_endpoint(
     context: dg.AssetExecutionContext, config: EndpointConfig, aiplane: AiplaneResource, adapter_weights: AdapterRecord
 ) -> dg.Output[EndpointRecord]:
     d = aiplane.config
-    with materialization(aiplane.registry.pm, "served_endpoint", context.run_id, [adapter_weights], d) as m:
+    with materialization(aiplane.registry.pm, "served_endpoint", context.run.run_id, [adapter_weights], d) as m:
         serving = aiplane.component("serving target", "serving")
         decision = aiplane.place(
             _requirements(aiplane, "serve-endpoint", "serving", "serving target", _residency(adapter_weights), config.target)
@@ -264,14 +264,14 @@ def factsheet(
     from aiplane.core.factsheet import build_factsheet
 
     d = aiplane.config
-    with materialization(aiplane.registry.pm, "factsheet", context.run_id, [served_endpoint], d) as m:
+    with materialization(aiplane.registry.pm, "factsheet", context.run.run_id, [served_endpoint], d) as m:
         publisher = aiplane.component("factsheet publisher", "factsheet")
         decision = aiplane.place(_requirements(aiplane, "publish-factsheet", "factsheet", "factsheet publisher", (), config.target))
         document = build_factsheet(
             served_endpoint,
             extra={
                 "deployment": d.name,
-                "dagster_run_id": context.run_id,
+                "dagster_run_id": context.run.run_id,
                 "publish_placement": decision.model_dump(mode="json"),
             },
         )

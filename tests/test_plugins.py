@@ -13,7 +13,7 @@ from aiplane.core.placement import Requirements, place
 from aiplane.core.plugins import Registry, get_plugin_manager
 from aiplane.core.workload import Workload
 
-BUILTINS = {"local", "iceberg", "peft", "kserve", "factsheets", "openlineage"}
+BUILTINS = {"local", "iceberg", "peft", "kserve", "factsheets", "openlineage", "ray", "kfp"}
 EXAMPLE = Path(__file__).parents[1] / "examples" / "aiplane-example-cloud"
 
 

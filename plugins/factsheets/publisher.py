@@ -1,0 +1,60 @@
+"""The ``local`` factsheet publisher: writes each factsheet into a folder of a local directory."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from aiplane.core.components import FactsheetPublisher
+from aiplane.core.errors import InputError
+from aiplane.core.records import EndpointRecord
+from aiplane.core.workload import Workload
+
+__all__ = ["LocalFactsheetPublisher", "ENTRYPOINT"]
+
+ENTRYPOINT = "aiplane.plugins.factsheets.publish:run"
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    directory: str
+    """Where factsheet folders and ``latest.json`` are written (created if missing)."""
+
+    @field_validator("directory")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a directory, e.g. '{home}/factsheets'")
+        return value
+
+
+class LocalFactsheetPublisher(FactsheetPublisher):
+    """Publishes ``<directory>/<model>-<digest>/`` with ``factsheet.json``, ``factsheet.html`` and ``loss.png``."""
+
+    name: ClassVar[str] = "local"
+    engines: ClassVar[tuple[str, ...] | None] = ("local",)
+    Settings: ClassVar[type[BaseModel]] = _Settings
+
+    def workload(self, endpoint: EndpointRecord, document: Mapping[str, Any]) -> Workload:
+        """The ``publish-factsheet`` workload; its one output, ``factsheet``, is a FactsheetRecord."""
+        if not isinstance(endpoint, EndpointRecord):
+            raise InputError(f"A factsheet is published for an EndpointRecord; got {type(endpoint).__name__}")
+        if not isinstance(document, Mapping):
+            raise InputError(
+                f"The factsheet document must be a mapping (see aiplane.core.factsheet.build_factsheet); "
+                f"got {type(document).__name__}"
+            )
+        try:
+            doc = json.loads(json.dumps(dict(document)))
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"The factsheet document is not JSON-serializable: {exc}") from None
+        return Workload(
+            name="publish-factsheet",
+            entrypoint=ENTRYPOINT,
+            inputs={"endpoint": endpoint},
+            params={"document": doc, "directory": self.settings.directory},
+        )

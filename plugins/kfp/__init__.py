@@ -1,0 +1,1 @@
+"""The ``kfp`` plugin: the Kubeflow Pipelines engine (work in progress)."""

@@ -1,0 +1,1 @@
+"""The ``ray`` plugin: the Ray Train engine (work in progress)."""

@@ -1,0 +1,30 @@
+import re
+from pathlib import Path
+
+from aiplane.core import hookspecs
+
+ROOT = Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    blocks = re.findall(r"```bash\n(.*?)\n```", README, re.S)
+    test_command = next(b for b in blocks if b.endswith("pytest"))
+    assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_every_hook_is_documented_in_the_readme():
+    hooks = [name for name in dir(hookspecs) if name.startswith("aiplane_")]
+    assert hooks
+    for name in hooks:
+        assert re.search(rf"^#### `{name}\(", README, re.M), f"hook {name} is missing from the README"
+
+
+def test_core_imports_no_engine_or_orchestrator():
+    import subprocess
+    import sys
+
+    heavy = ("torch", "ray", "kfp", "kserve", "pyiceberg", "pyarrow", "transformers", "peft", "dagster", "matplotlib", "openlineage")
+    code = "import sys, aiplane.core, aiplane.core.worker, aiplane.core.factsheet; print(' '.join(sorted(m for m in sys.modules)))"
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert not {m for m in loaded if m.split(".")[0] in heavy}
