@@ -67,6 +67,9 @@ def _metadata(record: Record, **extra: Any) -> dict[str, Any]:
         meta["placement_target"] = placement.target
         meta["placement_reason"] = placement.reason
         meta["placement"] = dg.MetadataValue.json(placement.model_dump(mode="json"))
+    execution = getattr(record, "execution", None)
+    if execution:
+        meta["execution"] = dg.MetadataValue.json(execution)
     meta.update({k: v for k, v in extra.items() if v is not None})
     return meta
 
@@ -207,14 +210,13 @@ def adapter_weights(
         decision = aiplane.place(_requirements(aiplane, "train-adapter", "trainer", "trainer", features.residency, config.target))
         workload = trainer.workload(base_model, features, str(d.artifact_root()))
         result = aiplane.run(context, workload, decision)
-        record = result.outputs["adapter"].model_copy(update={"placement": decision})
+        record = result.outputs["adapter"].model_copy(update={"placement": decision, "execution": result.engine})
         m["output"] = record
     metrics = record.metrics
     return _output(
         record,
         run_id=record.run_id,
         method=record.method,
-        engine=dg.MetadataValue.json(result.engine),
         train_loss_first=metrics.get("train_loss_first"),
         train_loss_last=metrics.get("train_loss_last"),
         eval_loss=metrics.get("eval_loss"),
@@ -246,7 +248,7 @@ def served_endpoint(
         )
         workload = serving.workload(adapter_weights, config.name, str(d.home))
         result = aiplane.run(context, workload, decision)
-        record = result.outputs["endpoint"].model_copy(update={"placement": decision})
+        record = result.outputs["endpoint"].model_copy(update={"placement": decision, "execution": result.engine})
         m["output"] = record
     context.log.info(f"endpoint {record.model_name} serving at {record.url}")
     return _output(record, url=dg.MetadataValue.url(record.url), model_name=record.model_name)

@@ -102,6 +102,7 @@ def build_factsheet(
             "config": adapter_json["config"],
             "metrics": adapter_json["metrics"],
             "run_id": adapter.run_id,
+            "execution": adapter_json["execution"],
         },
         "adapter": {
             "uri": adapter.uri,
@@ -113,6 +114,7 @@ def build_factsheet(
             "model_name": endpoint.model_name,
             "protocols": list(endpoint.protocols),
             "serving": endpoint.serving,
+            "execution": endpoint.model_dump(mode="json")["execution"],
         },
         "placement": [
             {"record": rec.kind, **rec.placement.model_dump(mode="json")}

@@ -98,6 +98,8 @@ class AdapterRecord(Record):
     metrics: dict[str, Any]
     run_id: str
     placement: PlacementDecision | None = None
+    execution: dict[str, Any] = Field(default_factory=dict)
+    """What the engine reported about the run: engine, target, job or run ids, workers, resource use."""
 
 
 class EndpointRecord(Record):
@@ -111,6 +113,7 @@ class EndpointRecord(Record):
     handle: dict[str, Any] = Field(default_factory=dict)
     """What the serving target needs to find and stop this server later."""
     placement: PlacementDecision | None = None
+    execution: dict[str, Any] = Field(default_factory=dict)
 
 
 class FactsheetRecord(Record):

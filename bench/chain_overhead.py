@@ -1,0 +1,163 @@
+"""Benchmark: the whole chain through aiplane vs a bare script doing the same work.
+
+Both sides use the same base model directory (built once, before timing), the
+same sample tickets, the same trainer settings and the same LoRA training
+function, and both start the same KServe server and wait for its readiness.
+The bare side calls everything directly in one process: no Dagster, no
+workload subprocesses, no placement, no lineage hooks, no factsheet page. The
+ratio is therefore what aiplane's orchestration costs on top of the work.
+
+    .venv/bin/python bench/chain_overhead.py [--steps N] [--rounds R]
+
+A benchmark, not a test: it prints figures and asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _deployment(home: Path, steps: int) -> Path:
+    raw = yaml.safe_load((ROOT / "deployments" / "local.yaml").read_text())
+    raw["trainer"]["settings"]["max_steps"] = steps
+    path = home / "bench.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _shared_model(cache: Path) -> Path:
+    from aiplane.plugins.peft.base_model import build_tiny_granite
+
+    return build_tiny_granite(cache / "tiny-granite")
+
+
+def run_aiplane(home: Path, model_dir: Path, steps: int) -> float:
+    import dagster as dg
+
+    from aiplane.assets import ASSETS, AiplaneResource
+    from aiplane.core.plugins import Registry
+
+    (home / "models").mkdir(parents=True)
+    os.symlink(model_dir, home / "models" / "tiny-granite")
+    resource = AiplaneResource(deployment=str(_deployment(home, steps)), home=str(home))
+    started = time.perf_counter()
+    result = dg.materialize(ASSETS, instance=dg.DagsterInstance.ephemeral(), resources={"aiplane": resource})
+    elapsed = time.perf_counter() - started
+    endpoint = result.asset_value("served_endpoint")
+    settings = resource.config.serving.settings
+    Registry().create("serving target", "kserve-local", settings).stop(endpoint)
+    return elapsed
+
+
+class _Quiet:
+    """The bits of a workload context the training function uses, reporting nothing."""
+
+    run_id = "bare"
+    metrics: dict = {}
+
+    def log(self, message: str) -> None:
+        pass
+
+    def metric(self, name: str, value: float, step: int | None = None) -> None:
+        pass
+
+    def check_cancelled(self) -> None:
+        pass
+
+
+def run_bare(home: Path, model_dir: Path, steps: int) -> float:
+    import pyarrow as pa
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    from aiplane.core.artifacts import sha256_path
+    from aiplane.core.records import BaseModelRecord, FeaturesRecord
+    from aiplane.core.sample import generate_tickets, to_features
+    from aiplane.plugins.peft.train import train
+
+    settings = yaml.safe_load((ROOT / "deployments" / "local.yaml").read_text())["trainer"]["settings"]
+    settings["max_steps"] = steps
+    started = time.perf_counter()
+
+    # Features: write the table, read it back at its snapshot.
+    (home / "warehouse").mkdir(parents=True)
+    catalog = SqlCatalog("bare", uri=f"sqlite:///{home}/catalog.db", warehouse=f"file://{home}/warehouse")
+    catalog.create_namespace("bench")
+    rows = pa.Table.from_pylist(to_features(generate_tickets()))
+    table = catalog.create_table("bench.features", schema=rows.schema)
+    table.append(rows)
+    snapshot = table.current_snapshot().snapshot_id
+    rows = table.scan(snapshot_id=snapshot).to_arrow().to_pylist()
+
+    # Training: the same function, called in this process.
+    base = BaseModelRecord(uri=str(model_dir), digest=sha256_path(model_dir), name="tiny", architecture="GraniteForCausalLM", parameters=0)
+    features = FeaturesRecord(
+        uri="bare", digest=f"iceberg-snapshot:{snapshot}", table="bench.features", snapshot_id=snapshot,
+        row_count=len(rows), columns=tuple(rows[0]), residency=("eu",),
+    )  # fmt: skip
+    adapter = train(base, features, rows, settings, str(home / "artifacts"), _Quiet())
+
+    # Serving: the same server, started directly; wait until it answers.
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aiplane.plugins.kserve.server", "--base-model", str(model_dir), "--adapter", adapter.uri,
+         "--model-name", "bare", "--port", str(port), "--socket-fd", str(sock.fileno())],
+        pass_fds=(sock.fileno(),), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    sock.close()
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/bare/ready", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError("bare server died") from None
+                time.sleep(0.2)
+        # Factsheet: just the JSON.
+        (home / "factsheet.json").write_text(json.dumps({"adapter": adapter.digest, "metrics": adapter.metrics}))
+        return time.perf_counter() - started
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=150, help="training steps (local.yaml uses 150)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds of each side")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="aiplane-bench-") as tmp:
+        tmp = Path(tmp)
+        model_dir = _shared_model(tmp / "cache")
+        times: dict[str, list[float]] = {"aiplane": [], "bare": []}
+        for r in range(args.rounds):
+            order = ("aiplane", "bare") if r % 2 == 0 else ("bare", "aiplane")
+            for side in order:
+                fn = run_aiplane if side == "aiplane" else run_bare
+                times[side].append(fn(tmp / f"{side}-{r}", model_dir, args.steps))
+                print(f"round {r + 1} {side:8} {times[side][-1]:7.2f} s", flush=True)
+    a, b = min(times["aiplane"]), min(times["bare"])
+    print(f"\nwhole chain, {args.steps} training steps, best of {args.rounds}:")
+    print(f"  aiplane (Dagster + workloads) {a:7.2f} s")
+    print(f"  bare script                   {b:7.2f} s")
+    print(f"  ratio aiplane / bare          {a / b:7.2f}x  (overhead {a - b:+.2f} s)")
+
+
+if __name__ == "__main__":
+    main()
