@@ -15,7 +15,6 @@ import dagster as dg
 
 from aiplane.core.components import FEATURE_COLUMNS
 from aiplane.core.plugins import materialization
-from aiplane.core.placement import Requirements
 from aiplane.core.records import (
     AdapterRecord,
     BaseModelRecord,
@@ -114,7 +113,7 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, aiplane:
     from aiplane.core.sample import to_features
 
     d = aiplane.config
-    store = aiplane.component("feature store", "feature_store")
+    store = aiplane.component("feature_store")
     source = Path(config.source) if config.source else d.home / "sources" / "tickets.jsonl"
     with materialization(aiplane.registry.pm, "features", context.run.run_id, [], d) as m:
         tickets = load_tickets(source, seed_if_missing=not config.source, log=context.log.info)
@@ -167,17 +166,9 @@ class TargetConfig(dg.Config):
     """Pin the workload to this deployment target (placement still checks it); empty: let placement choose."""
 
 
-def _requirements(aiplane: AiplaneResource, workload: str, spec_key: str, kind: str, residency, pin: str) -> Requirements:
-    spec = getattr(aiplane.config, spec_key)
-    cls = aiplane.registry.get(kind, spec.name)
-    return Requirements(
-        workload=workload,
-        residency=tuple(residency),
-        gpus=spec.gpus,
-        sla=spec.sla,
-        engines=cls.engines,
-        target=pin or spec.target,
-    )
+def _placed(record, decision, execution: dict):
+    """The record with where it was made and what the engine reported, for lineage and the factsheet."""
+    return record.model_copy(update={"placement": decision, "execution": execution})
 
 
 def _residency(record: Record) -> tuple[str, ...]:
@@ -205,13 +196,10 @@ def adapter_weights(
     d = aiplane.config
     inputs = [base_model, features]
     with materialization(aiplane.registry.pm, "adapter_weights", context.run.run_id, inputs, d) as m:
-        trainer = aiplane.component("trainer", "trainer")
+        trainer, decision = aiplane.placed("trainer", "train-adapter", features.residency, config.target)
         trainer.validate(base_model)
-        decision = aiplane.place(_requirements(aiplane, "train-adapter", "trainer", "trainer", features.residency, config.target))
-        workload = trainer.workload(base_model, features, str(d.artifact_root()))
-        result = aiplane.run(context, workload, decision)
-        record = result.outputs["adapter"].model_copy(update={"placement": decision, "execution": result.engine})
-        m["output"] = record
+        result = aiplane.run(context, trainer.workload(base_model, features, str(d.artifact_root())), decision)
+        record = m["output"] = _placed(result.outputs["adapter"], decision, result.engine)
     metrics = record.metrics
     return _output(
         record,
@@ -242,14 +230,9 @@ def served_endpoint(
 ) -> dg.Output[EndpointRecord]:
     d = aiplane.config
     with materialization(aiplane.registry.pm, "served_endpoint", context.run.run_id, [adapter_weights], d) as m:
-        serving = aiplane.component("serving target", "serving")
-        decision = aiplane.place(
-            _requirements(aiplane, "serve-endpoint", "serving", "serving target", _residency(adapter_weights), config.target)
-        )
-        workload = serving.workload(adapter_weights, config.name, str(d.home))
-        result = aiplane.run(context, workload, decision)
-        record = result.outputs["endpoint"].model_copy(update={"placement": decision, "execution": result.engine})
-        m["output"] = record
+        serving, decision = aiplane.placed("serving", "serve-endpoint", _residency(adapter_weights), config.target)
+        result = aiplane.run(context, serving.workload(adapter_weights, config.name, str(d.home)), decision)
+        record = m["output"] = _placed(result.outputs["endpoint"], decision, result.engine)
     context.log.info(f"endpoint {record.model_name} serving at {record.url}")
     return _output(record, url=dg.MetadataValue.url(record.url), model_name=record.model_name)
 
@@ -267,8 +250,7 @@ def factsheet(
 
     d = aiplane.config
     with materialization(aiplane.registry.pm, "factsheet", context.run.run_id, [served_endpoint], d) as m:
-        publisher = aiplane.component("factsheet publisher", "factsheet")
-        decision = aiplane.place(_requirements(aiplane, "publish-factsheet", "factsheet", "factsheet publisher", (), config.target))
+        publisher, decision = aiplane.placed("factsheet", "publish-factsheet", pin=config.target)
         document = build_factsheet(
             served_endpoint,
             extra={

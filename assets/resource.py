@@ -15,6 +15,14 @@ from aiplane.core.workload import Event, Workload, WorkloadResult
 
 __all__ = ["AiplaneResource"]
 
+# Deployment key -> component kind in the registry.
+_KINDS = {
+    "feature_store": "feature store",
+    "trainer": "trainer",
+    "serving": "serving target",
+    "factsheet": "factsheet publisher",
+}
+
 
 class AiplaneResource(dg.ConfigurableResource):
     """Holds the deployment (``deployments/<name>.yaml``) and the loaded plugins.
@@ -50,18 +58,29 @@ class AiplaneResource(dg.ConfigurableResource):
         assert self._registry is not None
         return self._registry
 
-    def component(self, kind: str, spec_name: str) -> Any:
-        spec = getattr(self.config, spec_name)
-        return self.registry.create(kind, spec.name, spec.settings)
+    def component(self, spec_key: str) -> Any:
+        """The component a deployment key (``trainer``, ``serving``, ...) names, with its settings."""
+        spec = getattr(self.config, spec_key)
+        return self.registry.create(_KINDS[spec_key], spec.name, spec.settings)
 
-    def place(self, requirements: Requirements) -> PlacementDecision:
-        """Placement against this deployment's targets; pure, so it runs before any side effect."""
-        return place(
-            requirements,
-            self.config.targets,
-            self.config.residency,
-            installed_engines=self.registry.components("engine"),
+    def placed(self, spec_key: str, workload: str, residency: tuple[str, ...] = (), pin: str = "") -> tuple[Any, PlacementDecision]:
+        """The component for ``spec_key`` and where its workload runs.
+
+        Placement is pure, so it runs, and fails, before any side effect. ``pin``
+        (asset config) wins over the deployment's own ``target`` for the component.
+        """
+        spec = getattr(self.config, spec_key)
+        component = self.component(spec_key)
+        requirements = Requirements(
+            workload=workload,
+            residency=tuple(residency),
+            gpus=spec.gpus,
+            sla=spec.sla,
+            engines=type(component).engines,
+            target=pin or spec.target,
         )
+        decision = place(requirements, self.config.targets, self.config.residency, self.registry.components("engine"))
+        return component, decision
 
     def run(self, context: dg.AssetExecutionContext, workload: Workload, decision: PlacementDecision) -> WorkloadResult:
         """Run ``workload`` on the engine of the chosen target, streaming its events into the run log."""
