@@ -34,9 +34,9 @@ def _instance(home: Path):
     return DagsterInstance.get()
 
 
-def complete(url: str, prompt: str, max_tokens: int = 8, timeout: float = 60) -> str:
+def complete(url: str, model: str, prompt: str, max_tokens: int = 8, timeout: float = 60) -> str:
     """One completion from an OpenAI-style ``/v1/completions`` route (KServe here, vLLM on OpenShift AI)."""
-    body = json.dumps({"model": "", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
     req = urllib.request.Request(url.rstrip("/") + "/v1/completions", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())["choices"][0]["text"]
@@ -52,7 +52,10 @@ def _up(args: argparse.Namespace) -> int:
     instance = _instance(deployment.home)
     defs = build_definitions(AiplaneResource(deployment=args.deployment, home=str(deployment.home)))
     job = defs.resolve_implicit_global_asset_job_def()
-    run_config = {"ops": {"adapter_weights": {"config": {"target": args.train_target}}}} if args.train_target else None
+    # INFO, not Dagster's DEBUG default: the run log then reads as progress (loss, tokens/s), not event plumbing.
+    run_config: dict = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    if args.train_target:
+        run_config["ops"] = {"adapter_weights": {"config": {"target": args.train_target}}}
     result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=run_config)
     if not result.success:
         failures = [e for e in result.all_events if e.is_failure]
@@ -64,7 +67,7 @@ def _up(args: argparse.Namespace) -> int:
     sheet: FactsheetRecord = result.asset_value(AssetKey("factsheet"))
     print(f"Dagster run:  {result.run_id} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
     print(f"Endpoint:     {endpoint.url}  (model {endpoint.model_name}; stop it with `aiplane stop`)")
-    print(f"Completion:   {SAMPLE_PROMPT!r} ->{complete(endpoint.url, SAMPLE_PROMPT)!r}")
+    print(f"Completion:   {SAMPLE_PROMPT!r} ->{complete(endpoint.url, endpoint.model_name, SAMPLE_PROMPT)!r}")
     print(f"Factsheet:    {sheet.uri}")
     print(f"              {sheet.page_uri}")
     print("Lineage:")
