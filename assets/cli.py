@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import urllib.request
+import warnings
 from pathlib import Path
 
 from aiplane.core.config import load_deployment
@@ -30,7 +31,10 @@ def _instance(home: Path):
 
     if not os.environ.get("DAGSTER_HOME"):
         os.environ["DAGSTER_HOME"] = str(home / "dagster")
-    Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+    dagster_home = Path(os.environ["DAGSTER_HOME"])
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    # An empty dagster.yaml: the default instance (SQLite under DAGSTER_HOME), without Dagster warning about it.
+    (dagster_home / "dagster.yaml").touch()
     return DagsterInstance.get()
 
 
@@ -111,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("plugins", help="list installed plugins").set_defaults(fn=_plugins)
     sub.add_parser("stop", help="stop the served endpoint").set_defaults(fn=_stop)
     args = parser.parse_args(argv)
+    # Output(data_version=...) is how the assets version their data; Dagster's beta label is noise here.
+    warnings.filterwarnings("ignore", message=".*data_version.*beta", category=Warning)
     try:
         return args.fn(args)
     except AiplaneError as exc:
