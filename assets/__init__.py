@@ -1,6 +1,19 @@
-"""aiplane.assets: the Dagster code location (``workspace.yaml`` loads ``defs`` from here)."""
+"""aiplane.assets: the Dagster code location (``workspace.yaml`` loads ``defs`` from here).
 
-from .definitions import ASSETS, build_definitions, defs
-from .resource import AiplaneResource
+Dagster is imported on first use of these names, so ``aiplane plugins`` works
+where only the core and some plugins are installed.
+"""
 
 __all__ = ["defs", "ASSETS", "AiplaneResource", "build_definitions"]
+
+
+def __getattr__(name: str):
+    if name in ("defs", "ASSETS", "build_definitions"):
+        from . import definitions
+
+        return getattr(definitions, name)
+    if name == "AiplaneResource":
+        from .resource import AiplaneResource
+
+        return AiplaneResource
+    raise AttributeError(f"module 'aiplane.assets' has no attribute {name!r}")

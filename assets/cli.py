@@ -71,7 +71,11 @@ def _up(args: argparse.Namespace) -> int:
     sheet: FactsheetRecord = result.asset_value(AssetKey("factsheet"))
     print(f"Dagster run:  {result.run_id} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
     print(f"Endpoint:     {endpoint.url}  (model {endpoint.model_name}; stop it with `aiplane stop`)")
-    print(f"Completion:   {SAMPLE_PROMPT!r} ->{complete(endpoint.url, endpoint.model_name, SAMPLE_PROMPT)!r}")
+    if "openai-completions" in endpoint.protocols:
+        try:
+            print(f"Completion:   {SAMPLE_PROMPT!r} ->{complete(endpoint.url, endpoint.model_name, SAMPLE_PROMPT)!r}")
+        except OSError as exc:  # the chain succeeded; say what the endpoint did rather than dump a traceback
+            print(f"Completion:   the endpoint did not answer: {exc}", file=sys.stderr)
     print(f"Factsheet:    {sheet.uri}")
     print(f"              {sheet.page_uri}")
     print("Lineage:")

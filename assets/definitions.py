@@ -118,7 +118,7 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, aiplane:
     with materialization(aiplane.registry.pm, "features", context.run.run_id, [], d) as m:
         tickets = load_tickets(source, seed_if_missing=not config.source, log=context.log.info)
         rows = pa.Table.from_pylist(to_features(tickets, config.eval_fraction))
-        before = store.current(config.table) if hasattr(store, "current") else None
+        before = store.current(config.table)
         record: FeaturesRecord = store.publish(rows, config.table)
         m["output"] = record
     changed = before is None or before.snapshot_id != record.snapshot_id

@@ -9,19 +9,11 @@ from pydantic import PrivateAttr
 
 from aiplane.core.config import Deployment, load_deployment
 from aiplane.core.placement import Requirements, place
-from aiplane.core.plugins import Registry, get_plugin_manager
+from aiplane.core.plugins import DEPLOYMENT_KINDS, Registry, get_plugin_manager
 from aiplane.core.records import PlacementDecision
 from aiplane.core.workload import Event, Workload, WorkloadResult
 
 __all__ = ["AiplaneResource"]
-
-# Deployment key -> component kind in the registry.
-_KINDS = {
-    "feature_store": "feature store",
-    "trainer": "trainer",
-    "serving": "serving target",
-    "factsheet": "factsheet publisher",
-}
 
 
 class AiplaneResource(dg.ConfigurableResource):
@@ -42,9 +34,11 @@ class AiplaneResource(dg.ConfigurableResource):
 
     def _load(self) -> None:
         if self._deployment is None:
-            self._deployment = load_deployment(self.deployment or None, home=self.home or None)
-            self._registry = Registry(get_plugin_manager())
-            self._registry.validate(self._deployment)
+            deployment = load_deployment(self.deployment or None, home=self.home or None)
+            registry = Registry(get_plugin_manager())
+            registry.validate(deployment)
+            # Only a validated deployment is kept: a failed load fails again on the next access.
+            self._deployment, self._registry = deployment, registry
 
     @property
     def config(self) -> Deployment:
@@ -61,7 +55,7 @@ class AiplaneResource(dg.ConfigurableResource):
     def component(self, spec_key: str) -> Any:
         """The component a deployment key (``trainer``, ``serving``, ...) names, with its settings."""
         spec = getattr(self.config, spec_key)
-        return self.registry.create(_KINDS[spec_key], spec.name, spec.settings)
+        return self.registry.create(DEPLOYMENT_KINDS[spec_key], spec.name, spec.settings)
 
     def placed(self, spec_key: str, workload: str, residency: tuple[str, ...] = (), pin: str = "") -> tuple[Any, PlacementDecision]:
         """The component for ``spec_key`` and where its workload runs.
@@ -86,6 +80,11 @@ class AiplaneResource(dg.ConfigurableResource):
         """Run ``workload`` on the engine of the chosen target, streaming its events into the run log."""
         target = self.config.target(decision.target)
         engine = self.registry.engine(target.engine, target.settings)
+        # What placement reserved travels with the workload, so a Ray or KFP engine asks for it.
+        resources = workload.resources.model_copy(
+            update={"gpus": max(workload.resources.gpus, decision.gpus), "gpu_type": workload.resources.gpu_type or target.gpu_type}
+        )
+        workload = workload.model_copy(update={"resources": resources})
         context.log.info(f"{workload.name} ({workload.run_id}) -> target {target.name} [{engine.name}]: {decision.reason}")
 
         def on_event(event: Event) -> None:

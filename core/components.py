@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import ConfigError
+from .errors import ConfigError, validation_problems
 
 if TYPE_CHECKING:
     import pyarrow
@@ -59,15 +59,8 @@ class Component:
         try:
             self.settings = self.Settings.model_validate(dict(settings or {}))
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or '(settings)'}: "
-                + ("unknown setting" if e["type"] == "extra_forbidden" else e["msg"])
-                for e in exc.errors()
-            )
-            allowed = ", ".join(self.Settings.model_fields) or "(none)"
-            raise ConfigError(
-                f"Invalid settings for {type(self).__name__} {self.name!r}: {problems}. Allowed settings: {allowed}"
-            ) from None
+            problems = "; ".join(validation_problems(exc, self.Settings, key_word="setting"))
+            raise ConfigError(f"Invalid settings for {type(self).__name__} {self.name!r}: {problems}") from None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.settings!r})"
@@ -104,6 +97,10 @@ class FeatureStore(Component):
         If the table already holds exactly these rows, create no new snapshot and
         return the record of the current one, so nothing downstream re-runs.
         """
+        raise NotImplementedError
+
+    def current(self, table: str) -> "FeaturesRecord | None":
+        """The record of ``table``'s current snapshot, or ``None`` if the table does not exist yet."""
         raise NotImplementedError
 
     def read(self, features: "FeaturesRecord") -> "pyarrow.Table":

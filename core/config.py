@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, unknown_name, validation_problems
 
 __all__ = [
     "SecretRef",
@@ -31,8 +31,10 @@ __all__ = [
 
 DEFAULT_DEPLOYMENT = "local"
 _SLUG = r"^[a-z][a-z0-9-]*$"
-# Setting names that must never hold a literal value.
-_SECRET_KEY = re.compile(r"(token|password|passwd|secret|api[_-]?key|credential)", re.IGNORECASE)
+# Setting names that must never hold a literal value: the whole name, or its last
+# `_`/`-` part (`api_key`, `hmac-secret`), not any name that contains one (`max_new_tokens`).
+_SECRET_KEY = re.compile(r"(^|[_-])(token|password|passwd|secret|api[_-]?key|credentials?)$", re.IGNORECASE)
+_REFERENCE_KEYS = {"env", "secret", "key"}
 
 
 class _Strict(BaseModel):
@@ -143,8 +145,6 @@ class Deployment(_Strict):
         for key in ("trainer", "serving", "factsheet"):
             pin = getattr(self, key).target
             if pin and pin not in names:
-                from .errors import unknown_name
-
                 raise ValueError(f"{key}.target: " + unknown_name("target", pin, names))
         return self
 
@@ -152,8 +152,6 @@ class Deployment(_Strict):
         for t in self.targets:
             if t.name == name:
                 return t
-        from .errors import unknown_name
-
         raise ConfigError(unknown_name("target", name, [t.name for t in self.targets]))
 
     def artifact_root(self) -> Path:
@@ -180,8 +178,6 @@ def deployment_path(name_or_path: str | os.PathLike | None = None) -> Path:
         if candidate.is_file():
             return candidate
     known = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.yaml")})
-    from .errors import unknown_name
-
     raise ConfigError(
         unknown_name("deployment", ref, known, hint=f"Looked in: {', '.join(str(d) for d in dirs)}.")
     )
@@ -190,9 +186,11 @@ def deployment_path(name_or_path: str | os.PathLike | None = None) -> Path:
 def _find_literal_secrets(value: Any, where: str) -> list[str]:
     found = []
     if isinstance(value, dict):
+        if value and set(value) <= _REFERENCE_KEYS:
+            return found  # {env: NAME} or {secret: NAME, key: KEY}: a reference, which is the point
         for k, v in value.items():
             path = f"{where}.{k}" if where else str(k)
-            if _SECRET_KEY.search(str(k)) and isinstance(v, (str, int, float)) and v != "":
+            if _SECRET_KEY.search(str(k)) and isinstance(v, str) and v != "":
                 found.append(path)
             else:
                 found += _find_literal_secrets(v, path)
@@ -214,14 +212,7 @@ def _substitute_home(value: Any, home: str) -> Any:
 
 def config_error(source: str, exc: ValidationError) -> ConfigError:
     """A ConfigError naming the file, each bad key and what is allowed there."""
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling)"
-        lines.append(f"  {loc}: {msg}" + (f" (got {err['input']!r})" if err["type"] == "literal_error" else ""))
-    return ConfigError(f"{source}: invalid deployment:\n" + "\n".join(lines))
+    return ConfigError(f"{source}: invalid deployment:\n" + "\n".join(f"  {p}" for p in validation_problems(exc, Deployment)))
 
 
 def load_deployment(name_or_path: str | os.PathLike | None = None, home: str | os.PathLike | None = None) -> Deployment:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import typing
 from collections.abc import Iterable
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "WorkloadCancelled",
     "InputError",
     "unknown_name",
+    "validation_problems",
 ]
 
 
@@ -45,17 +47,56 @@ class WorkloadCancelled(WorkloadError):
     """A workload was cancelled before it finished."""
 
 
-def unknown_name(kind: str, name: str, known: Iterable[str], hint: str = "") -> str:
+def unknown_name(kind: str, name: str, known: Iterable[str], hint: str = "", known_as: str = "installed") -> str:
     """Message for an unknown name: lists what exists and suggests the closest match.
 
     >>> unknown_name("engine", "rya", ["local", "ray", "kfp"])
     "Unknown engine 'rya'; installed engines: kfp, local, ray. Did you mean 'ray'?"
     """
     known = sorted(set(known))
-    msg = f"Unknown {kind} {name!r}; installed {kind}s: {', '.join(known) if known else '(none)'}."
+    msg = f"Unknown {kind} {name!r}; {known_as} {kind}s: {', '.join(known) if known else '(none)'}."
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
     if close:
         msg += f" Did you mean {close[0]!r}?"
     if hint:
         msg += f" {hint}"
     return msg
+
+
+def _model_at(model: type, loc: tuple) -> type | None:
+    """The pydantic model class that holds the key at the end of ``loc``, if there is one."""
+    for part in loc[:-1]:
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return None
+        if isinstance(part, int) or part not in fields:
+            continue  # an index or dict key: stay on the item type found below
+        model = fields[part].annotation
+        while typing.get_origin(model) is not None:  # tuple[Target, ...], list[X], X | None
+            args = [a for a in typing.get_args(model) if a is not type(None) and a is not Ellipsis]
+            model = args[-1] if args else None
+    return model if hasattr(model, "model_fields") else None
+
+
+def validation_problems(exc, model: type, key_word: str = "key") -> list[str]:
+    """One line per pydantic error: where, what is wrong and what is allowed there.
+
+    ``exc`` is a ``pydantic.ValidationError`` raised validating ``model``;
+    ``key_word`` is what an unknown key is called in the message (``key``, ``setting``).
+    """
+    errors = exc.errors()
+    item_errors = {e["loc"][:1] for e in errors if len(e["loc"]) > 1}
+    lines = []
+    for err in errors:
+        loc = tuple(err["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "too_short" and loc[:1] in item_errors:
+            continue  # the bad items are reported themselves
+        if err["type"] == "extra_forbidden":
+            holder = _model_at(model, loc)
+            allowed = sorted(holder.model_fields) if holder else []
+            lines.append(f"{where}: {unknown_name(key_word, str(loc[-1]), allowed, known_as='allowed')}")
+            continue
+        got = f" (got {err['input']!r})" if err["type"] in ("literal_error", "enum") else ""
+        lines.append(f"{where}: {err['msg']}{got}")
+    return lines

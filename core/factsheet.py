@@ -183,7 +183,8 @@ def _code_version() -> str | None:
         )
 
     try:
-        head = git("rev-parse", "HEAD")
+        # --dirty: a factsheet must not claim a commit the running code differs from.
+        head = git("describe", "--always", "--dirty", "--abbrev=40")
         if head.returncode != 0:
             return None
         if git("check-ignore", "-q", str(here)).returncode == 0:

@@ -109,5 +109,6 @@ def place(
         engine=chosen.engine,
         region=chosen.region,
         reason=reason,
+        gpus=req.gpus,
         rejected=rejected,
     )

@@ -25,6 +25,7 @@ from .errors import PluginError, unknown_name
 __all__ = ["get_plugin_manager", "Registry", "PluginInfo", "BrokenPlugin", "materialization"]
 
 log = logging.getLogger("aiplane.plugins")
+_trace = logging.getLogger("aiplane.hooks")
 GROUP = hookspecs.PROJECT
 
 
@@ -67,20 +68,39 @@ def get_plugin_manager(entry_points: bool = True) -> pluggy.PluginManager:
     pm.add_hookspecs(hookspecs)
     pm.aiplane_state = _Loaded()  # type: ignore[attr-defined]
     if os.environ.get("AIPLANE_TRACE_HOOKS"):
-        pm.add_hookcall_monitoring(
-            lambda name, impls, kwargs: log.info("hook %s(%s) -> %s", name, ", ".join(kwargs), [i.plugin_name for i in impls]),
-            lambda outcome, name, impls, kwargs: None,
-        )
+        _trace_hooks(pm)
     if entry_points:
         _load_entry_points(pm)
     pm.check_pending()
     return pm
 
 
+def _trace_hooks(pm: pluggy.PluginManager) -> None:
+    """Log every hook call and its outcome to stderr (``AIPLANE_TRACE_HOOKS=1``)."""
+    trace = _trace
+    if not trace.handlers:
+        trace.addHandler(logging.StreamHandler())
+        trace.setLevel(logging.INFO)
+
+    def before(name, impls, kwargs):
+        trace.info("hook %s(%s) -> %s", name, ", ".join(kwargs), ", ".join(i.plugin_name for i in impls))
+
+    def after(outcome, name, impls, kwargs):
+        exc = outcome.exception
+        trace.info("hook %s %s", name, f"raised {type(exc).__name__}: {exc}" if exc else "returned")
+
+    pm.add_hookcall_monitoring(before, after)
+
+
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
     allow, block = _names("AIPLANE_LOAD_PLUGINS"), _names("AIPLANE_DISABLE_PLUGINS") or set()
     state: _Loaded = pm.aiplane_state  # type: ignore[attr-defined]
-    for ep in sorted(importlib.metadata.entry_points(group=GROUP), key=lambda e: e.name):
+    entry_points = sorted(importlib.metadata.entry_points(group=GROUP), key=lambda e: e.name)
+    available = {ep.name for ep in entry_points}
+    for var, names in (("AIPLANE_LOAD_PLUGINS", allow or set()), ("AIPLANE_DISABLE_PLUGINS", block)):
+        for name in sorted(names - available):
+            log.warning("%s names %s", var, unknown_name("plugin", name, available))
+    for ep in entry_points:
         if (allow is not None and ep.name not in allow) or ep.name in block:
             continue
         if pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
@@ -115,6 +135,14 @@ def _mark_broken(pm: pluggy.PluginManager, name: str, dist_info: tuple[str | Non
     )
 
 
+DEPLOYMENT_KINDS: dict[str, str] = {
+    "feature_store": "feature store",
+    "trainer": "trainer",
+    "serving": "serving target",
+    "factsheet": "factsheet publisher",
+}
+"""Deployment key -> the kind of component it names."""
+
 _KINDS: dict[str, tuple[str, type[Component]]] = {
     "engine": ("aiplane_engines", Engine),
     "feature store": ("aiplane_feature_stores", FeatureStore),
@@ -136,9 +164,27 @@ class Registry:
         for impl_result in getattr(self.pm.hook, hook_name)():
             for cls in impl_result or ():
                 if not (isinstance(cls, type) and issubclass(cls, base)):
-                    raise PluginError(f"{hook_name} returned {cls!r}, which is not a {base.__name__} subclass")
-                found.setdefault(cls.name, cls)
+                    raise PluginError(
+                        f"{self._owner(cls)}: {hook_name} returned {cls!r}, which is not a {base.__name__} subclass"
+                    )
+                if cls.name in found and found[cls.name] is not cls:
+                    # Silently preferring one would make behaviour depend on load order.
+                    first, second = self._owner(found[cls.name]), self._owner(cls)
+                    raise PluginError(
+                        f"Two plugins provide the {kind} {cls.name!r}: {first} and {second}. "
+                        "Uninstall one, or disable one with AIPLANE_DISABLE_PLUGINS."
+                    )
+                found[cls.name] = cls
         return found
+
+    def _owner(self, obj: Any) -> str:
+        """The plugin an object comes from, by module, for error messages."""
+        module = getattr(obj, "__module__", "") or ""
+        for name, plugin in self.pm.list_name_plugin():
+            root = getattr(plugin, "__name__", None) or type(plugin).__module__
+            if module == root or module.startswith(root + "."):
+                return f"plugin {name!r}"
+        return f"module {module!r}"
 
     def get(self, kind: str, name: str) -> type[Component]:
         found = self.components(kind)
@@ -161,12 +207,7 @@ class Registry:
         from .errors import AiplaneError, ConfigError
 
         problems = []
-        for kind, key in (
-            ("feature store", "feature_store"),
-            ("trainer", "trainer"),
-            ("serving target", "serving"),
-            ("factsheet publisher", "factsheet"),
-        ):
+        for key, kind in DEPLOYMENT_KINDS.items():
             spec = getattr(deployment, key)
             try:
                 self.create(kind, spec.name, spec.settings)
@@ -217,22 +258,32 @@ class Registry:
         return record
 
 
+def _notify(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
+    """Call every observer's implementation; one failing observer neither fails the asset nor silences the others."""
+    for impl in getattr(pm.hook, hook_name).get_hookimpls():
+        _trace.info("hook %s -> %s", hook_name, impl.plugin_name)
+        try:
+            impl.function(*(kwargs[arg] for arg in impl.argnames))
+        except Exception as exc:
+            log.warning("observer %r failed in %s and was skipped: %s: %s", impl.plugin_name, hook_name, type(exc).__name__, exc)
+
+
 @contextlib.contextmanager
 def materialization(pm: pluggy.PluginManager, asset: str, run_id: str, inputs: list, deployment) -> Iterator[dict]:
     """Wrap computing one asset in the lifecycle hooks.
 
     Yields a dict; put the produced record under ``"output"`` before leaving
-    the block so the after-hook sees it.
+    the block so the after-hook sees it. Observers that raise are logged and
+    skipped: watching a materialization must never change its outcome.
     """
     holder: dict[str, Any] = {}
-    pm.hook.aiplane_before_materialize(asset=asset, run_id=run_id, inputs=inputs, deployment=deployment)
+    common = dict(asset=asset, run_id=run_id, inputs=inputs, deployment=deployment)
+    _notify(pm, "aiplane_before_materialize", **common)
     try:
         yield holder
+        if "output" not in holder:
+            raise RuntimeError(f"materialization of {asset} finished without an output record")
     except BaseException as exc:
-        pm.hook.aiplane_on_materialize_error(asset=asset, run_id=run_id, inputs=inputs, error=exc, deployment=deployment)
+        _notify(pm, "aiplane_on_materialize_error", **common, error=exc)
         raise
-    if "output" not in holder:
-        raise RuntimeError(f"materialization of {asset} finished without an output record")
-    pm.hook.aiplane_after_materialize(
-        asset=asset, run_id=run_id, inputs=inputs, output=holder["output"], deployment=deployment
-    )
+    _notify(pm, "aiplane_after_materialize", **common, output=holder["output"])

@@ -45,6 +45,8 @@ class PlacementDecision(_Frozen):
     engine: str
     region: str
     reason: str
+    gpus: int = 0
+    """GPUs the workload asked for; the engine reserves them on the target."""
     rejected: dict[str, str] = Field(default_factory=dict)
     """Every target that was not chosen, with the reason it was not."""
 

@@ -11,9 +11,10 @@ import argparse
 import json
 import signal
 import sys
+import traceback
 from pathlib import Path
 
-from .errors import WorkloadCancelled
+from .errors import AiplaneError, WorkloadCancelled
 from .workload import Event, Workload, execute, format_event
 
 __all__ = ["main"]
@@ -38,7 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = execute(workload, emit)
     except Exception as exc:  # the engine re-raises it from the result file
-        args.result.write_text(json.dumps({"error_type": type(exc).__name__, "error": str(exc)}))
+        if isinstance(exc, AiplaneError):
+            message = str(exc)  # written to be read: no traceback needed
+        else:
+            # A bug somewhere: keep the traceback in the run log and the type in the message.
+            for line in traceback.format_exc().rstrip().splitlines():
+                emit(Event(type="log", message=line))
+            message = f"{type(exc).__name__}: {exc}"
+        args.result.write_text(json.dumps({"error_type": type(exc).__name__, "error": message}))
         emit(Event(type="log", message=f"workload failed: {type(exc).__name__}: {exc}"))
         return 1
     args.result.write_text(result.model_dump_json())

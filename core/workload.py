@@ -10,6 +10,12 @@ The entry point is called as ``fn(ctx: WorkloadContext) -> dict[str, Record]``.
 It reports progress through ``ctx.log`` and ``ctx.metric``; out of process
 (``python -m aiplane.core.worker``) these become event lines on stdout that the
 engine parses with :func:`parse_event`.
+
+An engine that spreads a workload over several processes, or can restart it,
+attaches a :class:`Runtime`: the workload reads its ``ctx.rank`` and
+``ctx.world_size``, hands checkpoints to ``ctx.report`` and resumes from
+``ctx.latest_checkpoint()``. Without one it is a single process that keeps no
+checkpoints, so the same entry point runs unchanged on every engine.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from .records import AnyRecord, Record
 
 __all__ = [
     "Resources",
+    "Runtime",
     "Workload",
     "WorkloadResult",
     "WorkloadContext",
@@ -114,6 +121,35 @@ def parse_event(line: str) -> Event:
     return Event(type="log", message=line)
 
 
+class Runtime:
+    """What the engine provides around a workload process: its place among workers, its checkpoints.
+
+    This default is one process that keeps no checkpoints: ``report`` drops
+    them and ``latest_checkpoint`` has none. Distributed engines subclass it
+    (the Ray engine backs it with Ray Train).
+    """
+
+    rank: int = 0
+    """This process's rank among the workload's workers; rank 0 is the primary."""
+    world_size: int = 1
+    """How many processes run this workload together."""
+    checkpoint_every: int = 0
+    """Steps between the checkpoints this engine keeps; 0: it keeps none, so do not write them."""
+
+    def report(self, metrics: Mapping[str, Any], checkpoint_dir: Path | None = None) -> None:
+        """Record progress and, if given, a checkpoint directory.
+
+        The engine copies the directory before returning; the caller may delete
+        it afterwards. In a distributed runtime this is a barrier: every rank
+        calls it at the same points, and one rank (rank 0) passing a directory
+        is enough.
+        """
+
+    def latest_checkpoint(self) -> Path | None:
+        """A local directory holding the newest checkpoint the engine kept for this run, or ``None``."""
+        return None
+
+
 class WorkloadContext:
     """What an entry point gets: its inputs and parameters, and ways to report."""
 
@@ -122,6 +158,7 @@ class WorkloadContext:
         workload: Workload,
         emit: Callable[[Event], None],
         cancel: threading.Event | None = None,
+        runtime: Runtime | None = None,
     ):
         self.workload = workload
         self.inputs: Mapping[str, Record] = workload.inputs
@@ -129,8 +166,34 @@ class WorkloadContext:
         self.run_id = workload.run_id
         self._emit = emit
         self._cancel = cancel or threading.Event()
+        self.runtime = runtime or Runtime()
         self.metrics: dict[str, Any] = {}
         """Final metrics; the entry point may fill this and they land on the result."""
+
+    @property
+    def rank(self) -> int:
+        return self.runtime.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.runtime.world_size
+
+    @property
+    def is_primary(self) -> bool:
+        """True on the one process (rank 0) that logs progress, evaluates and publishes."""
+        return self.runtime.rank == 0
+
+    @property
+    def checkpoint_every(self) -> int:
+        return self.runtime.checkpoint_every
+
+    def report(self, metrics: Mapping[str, Any], checkpoint_dir: Path | None = None) -> None:
+        """Hand progress and a checkpoint to the engine; see :meth:`Runtime.report`."""
+        self.runtime.report(metrics, checkpoint_dir)
+
+    def latest_checkpoint(self) -> Path | None:
+        """The checkpoint to resume from, if the engine restarted this workload; see :meth:`Runtime.latest_checkpoint`."""
+        return self.runtime.latest_checkpoint()
 
     def log(self, message: str) -> None:
         self._emit(Event(type="log", message=message))
@@ -169,10 +232,15 @@ def execute(
     workload: Workload,
     emit: Callable[[Event], None] = lambda event: None,
     cancel: threading.Event | None = None,
+    runtime: Runtime | None = None,
 ) -> WorkloadResult:
-    """Run a workload in this process. Engines call this wherever the workload lands."""
+    """Run a workload in this process. Engines call this wherever the workload lands.
+
+    A distributed engine calls it once per worker with that worker's ``runtime``;
+    workers other than the primary may return no outputs.
+    """
     fn = _load_entrypoint(workload.entrypoint)
-    ctx = WorkloadContext(workload, emit, cancel)
+    ctx = WorkloadContext(workload, emit, cancel, runtime)
     outputs = fn(ctx)
     if not isinstance(outputs, Mapping) or not all(isinstance(v, Record) for v in outputs.values()):
         raise WorkloadError(

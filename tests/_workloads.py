@@ -29,3 +29,25 @@ def bad_input(ctx):
 def crash(ctx):
     print("about to crash", flush=True)
     os._exit(3)
+
+
+def noisy_bytes(ctx):
+    import sys
+
+    sys.stdout.buffer.write(b"latin-1 \xe9\xff bytes\n")
+    sys.stdout.flush()
+    ctx.log("still talking")
+    return {}
+
+
+def leaves_a_child(ctx):
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ctx.log(f"child {child.pid}")
+    return {}
+
+
+def buggy(ctx):
+    return {}["input_ids"]

@@ -63,7 +63,7 @@ def test_bad_keys_and_values_are_named_with_allowed_values(tmp_path):
     msg = str(err.value)
     assert str(path) in msg
     assert "targets.0.sla.0: Input should be 'batch', 'interactive' or 'critical' (got 'fast')" in msg
-    assert "targets.0.gpu: unknown key" in msg
+    assert "targets.0.gpu: Unknown key 'gpu'; allowed keys: engine, gpu_type, gpus, name, region, settings, sla. Did you mean 'gpus'?" in msg
     assert "factsheet: Field required" in msg
 
 
@@ -111,3 +111,22 @@ def test_deployment_repr_holds_no_secret_value(tmp_path, monkeypatch):
     d = load_deployment(path)
     assert d.observers["example"]["api_key"] == {"env": "AIPLANE_TEST_TOKEN"}
     assert "s3cr3t" not in repr(d)
+
+
+def test_secret_scan_accepts_references_and_innocent_names(tmp_path):
+    text = open(load_deployment("local").source).read()
+    text = text.replace(
+        "    readiness_timeout_s: 120",
+        "    readiness_timeout_s: 120\n    max_new_tokens: 16\n    api_key: {secret: watsonx, key: apikey}\n    token: {env: KFP_TOKEN}",
+    )
+    d = load_deployment(_write(tmp_path, text, "refs.yaml"), home=tmp_path)
+    assert d.serving.settings["api_key"] == {"secret": "watsonx", "key": "apikey"}
+    assert d.serving.settings["max_new_tokens"] == 16
+
+
+@pytest.mark.parametrize("key", ["api_key", "apikey", "password", "hmac-secret", "client_credentials", "TOKEN"])
+def test_secret_scan_rejects_literal_values_under_secret_names(tmp_path, key):
+    path = _write(tmp_path, f"name: x\ntargets:\n  - {{name: t, engine: kfp, region: us, settings: {{{key}: hunter2}}}}\n")
+    with pytest.raises(ConfigError, match=rf"settings.{key} hold a literal value") as err:
+        load_deployment(path)
+    assert "hunter2" not in str(err.value)

@@ -11,7 +11,6 @@ import yaml
 from aiplane.assets import ASSETS, AiplaneResource, build_definitions
 from aiplane.assets.sources import seed_tickets
 from aiplane.core.config import load_deployment
-from aiplane.core.plugins import Registry
 
 pytestmark = pytest.mark.e2e
 
@@ -29,13 +28,17 @@ def chain(tmp_path_factory):
     seed_tickets(home / "sources" / "tickets.jsonl", n=400)
     resource = AiplaneResource(deployment=str(deployment), home=str(home))
     instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize(ASSETS, instance=instance, resources={"aiplane": resource})
-    endpoint = result.asset_value("served_endpoint")
     try:
+        result = dg.materialize(ASSETS, instance=instance, resources={"aiplane": resource}, raise_on_error=False)
+        assert result.success, [e.message for e in result.all_events if e.is_failure]
+        endpoint = result.asset_value("served_endpoint")
         yield {"result": result, "instance": instance, "resource": resource, "home": home, "endpoint": endpoint}
     finally:
-        d = load_deployment(str(deployment), home=home)
-        Registry().create("serving target", d.serving.name, d.serving.settings).stop(endpoint)
+        # Stop every server the chain started, even when a later step failed.
+        from aiplane.plugins.kserve._process import terminate
+
+        for current in (home / "serving").glob("*/current.json"):
+            terminate(json.loads(current.read_text())["pid"], current.parent.name)
 
 
 def test_all_five_assets_materialize_with_data_versions_and_lineage_metadata(chain):
@@ -67,7 +70,10 @@ def test_endpoint_answers_a_completion_over_http(chain):
     req = urllib.request.Request(endpoint.url + "/v1/completions", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as resp:
         answer = json.loads(resp.read())
+    assert answer["object"] == "text_completion" and answer["model"] == endpoint.model_name
     assert isinstance(answer["choices"][0]["text"], str)
+    assert answer["choices"][0]["finish_reason"] in ("length", "stop")
+    assert answer["usage"]["prompt_tokens"] > 0
 
 
 def test_factsheet_names_snapshot_base_digest_adapter_sha_endpoint_and_placement(chain):

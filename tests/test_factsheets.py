@@ -142,7 +142,11 @@ def test_factsheet_author_defaults_to_aiplane_user_and_code_version_is_the_check
     )
     if head.returncode != 0:
         pytest.skip("aiplane is not imported from a git checkout here")
-    assert doc["generated_by"]["code_version"] == head.stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(Path(aiplane.core.__file__).parent), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True, text=True, check=False,
+    ).stdout.strip()
+    assert doc["generated_by"]["code_version"] == head.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def test_factsheet_without_features_in_lineage_raises_input_error_naming_it(chain):

@@ -209,7 +209,7 @@ def test_store_is_reachable_through_the_plugin_manager(tmp_path):
 
 
 def test_unknown_setting_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="catalog_urI: unknown setting"):
+    with pytest.raises(ConfigError, match="catalog_urI: Unknown setting 'catalog_urI'.*Did you mean 'catalog_uri'"):
         IcebergFeatureStore({"catalog_urI": "sqlite:////x.db", "warehouse": str(tmp_path)})
 
 
@@ -261,3 +261,12 @@ def test_reads_stay_pinned_while_another_store_publishes(store, features, tmp_pa
     assert [r.row_count for r in published] == [201, 202, 203]
     assert store.current(TABLE).snapshot_id == published[-1].snapshot_id
     assert sorted(store.read(old).column("id").to_pylist()) == expected
+
+
+def test_catalog_url_with_a_password_is_refused_without_echoing_it():
+    from aiplane.core.errors import ConfigError
+    from aiplane.plugins.iceberg.store import IcebergFeatureStore
+
+    with pytest.raises(ConfigError, match="holds a password") as err:
+        IcebergFeatureStore({"catalog_uri": "postgresql://etl:hunter2@db/catalog", "warehouse": "/tmp/w"})
+    assert "hunter2" not in str(err.value)

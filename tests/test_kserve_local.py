@@ -139,7 +139,7 @@ def test_importing_the_plugin_loads_no_heavy_library_and_registers_kserve_local(
 
 
 def test_unknown_setting_is_rejected_naming_the_allowed_ones():
-    with pytest.raises(ConfigError, match=r"prot: unknown setting.*readiness_timeout_s"):
+    with pytest.raises(ConfigError, match=r"prot: Unknown setting 'prot'; allowed settings: .*readiness_timeout_s.*Did you mean 'port'"):
         KServeLocal({"prot": 8080})
 
 

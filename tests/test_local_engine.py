@@ -83,3 +83,31 @@ def test_crashed_workload_reports_exit_code_and_last_output(workload_path):
 def test_unknown_entrypoint_module_says_what_to_install(workload_path):
     with pytest.raises(WorkloadError, match="Install the plugin"):
         _engine().run(Workload(name="x", entrypoint="no_such_module:run"), TARGET, lambda e: None)
+
+
+def test_non_utf8_output_is_replaced_not_fatal(workload_path):
+    events = []
+    _engine().run(Workload(name="noisy", entrypoint="_workloads:noisy_bytes"), TARGET, events.append)
+    messages = [e.message for e in events]
+    assert "still talking" in messages
+    assert any(m.startswith("latin-1 ") and "\ufffd" in m for m in messages)
+
+
+def test_a_child_left_behind_neither_blocks_the_engine_nor_outlives_it(workload_path):
+    events = []
+    started = time.monotonic()
+    _engine().run(Workload(name="child", entrypoint="_workloads:leaves_a_child"), TARGET, events.append)
+    assert time.monotonic() - started < 20
+    child = int(next(e.message for e in events if e.message.startswith("child ")).split()[1])
+    deadline = time.monotonic() + 5
+    while not _gone(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(child)
+
+
+def test_a_bug_in_a_workload_keeps_its_type_and_traceback(workload_path):
+    events = []
+    with pytest.raises(WorkloadError, match="failed: KeyError: 'input_ids'"):
+        _engine().run(Workload(name="buggy", entrypoint="_workloads:buggy"), TARGET, events.append)
+    assert any("Traceback (most recent call last)" in e.message for e in events)
+    assert any('return {}["input_ids"]' in e.message for e in events)

@@ -156,7 +156,7 @@ def test_invalid_observer_settings_warn_naming_the_key_and_do_not_break(pm, depl
     with caplog.at_level(logging.WARNING, logger="aiplane.plugins.openlineage"):
         with materialization(pm, "features", "dagster-run-5", [], typo) as holder:
             holder["output"] = records["features"]
-    assert "namespcae: unknown setting" in caplog.text
+    assert "namespcae: Unknown setting 'namespcae'" in caplog.text and "Did you mean 'namespace'" in caplog.text
 
 
 class _Collector(http.server.BaseHTTPRequestHandler):

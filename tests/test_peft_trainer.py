@@ -161,7 +161,7 @@ def test_adapter_record_carries_eval_metrics_settings_and_lineage(trained, base_
         ({"target_modules": []}, "target_modules must name at least one module"),
         ({"seq_len": 8}, "seq_len must be >= 16"),
         ({"learning_rate": 0}, "learning_rate must be > 0"),
-        ({"lr": 0.1}, "lr: unknown setting"),
+        ({"lr": 0.1}, "lr: Unknown setting 'lr'; allowed settings: alpha"),
     ],
 )
 def test_invalid_settings_are_config_errors(change, message):

@@ -70,6 +70,7 @@ def test_sla_engine_support_and_installation_are_checked():
 def test_pinned_target_must_still_qualify():
     d = place(Requirements(workload="w", target="ap-gpu", gpus=1), TARGETS, POLICY, ENGINES)
     assert d.target == "ap-gpu" and d.reason.startswith("pinned to 'ap-gpu'")
+    assert d.gpus == 1, "the decision carries the GPUs to reserve on the target"
     with pytest.raises(PlacementError, match="us-gpu: region 'us' is outside"):
         place(Requirements(workload="w", target="us-gpu", residency=("eu",)), TARGETS, POLICY, ENGINES)
 

@@ -1,4 +1,5 @@
 import logging
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -96,8 +97,10 @@ def test_broken_plugin_names_its_distribution_and_does_not_take_the_core_down(tm
 def example_cloud(tmp_path_factory):
     """The example third-party distribution, pip-installed into its own directory."""
     target = tmp_path_factory.mktemp("site")
+    # Build from a copy: an in-tree build would leave build/ and egg-info in examples/.
+    source = shutil.copytree(EXAMPLE, tmp_path_factory.mktemp("src") / EXAMPLE.name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(EXAMPLE)],
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(source)],
         check=True,
     )
     return target
@@ -136,3 +139,80 @@ def test_aiplane_plugins_command_lists_the_example_plugin(example_cloud):
     ).stdout
     assert "example-cloud  aiplane-example-cloud-0.2.0  aiplane_engines" in out
     assert "local" in out
+
+
+def test_unknown_names_in_plugin_lists_warn_with_a_suggestion(monkeypatch, caplog):
+    monkeypatch.setenv("AIPLANE_LOAD_PLUGINS", "lcoal,peft")
+    monkeypatch.delenv("AIPLANE_DISABLE_PLUGINS", raising=False)
+    with caplog.at_level(logging.WARNING, logger="aiplane.plugins"):
+        names = {p.name for p in Registry().plugins()}
+    assert names == {"peft"}
+    assert "AIPLANE_LOAD_PLUGINS names Unknown plugin 'lcoal'" in caplog.text
+    assert "Did you mean 'local'?" in caplog.text
+
+
+def test_two_plugins_providing_the_same_component_name_is_an_error(clean_plugin_env):
+    class Impostor(Engine):
+        name = "local"
+
+    class ImpostorPlugin:
+        @hookimpl
+        def aiplane_engines(self):
+            return [Impostor]
+
+    pm = get_plugin_manager()
+    pm.register(ImpostorPlugin(), name="impostor")
+    with pytest.raises(PluginError, match="Two plugins provide the engine 'local': plugin 'impostor' and plugin 'local'"):
+        Registry(pm).engine("local")
+
+
+def test_trace_switch_logs_every_hook_call(monkeypatch, clean_plugin_env):
+    monkeypatch.setenv("AIPLANE_TRACE_HOOKS", "1")
+    code = "from aiplane.core.plugins import Registry; Registry().components('engine')"
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "hook aiplane_engines() -> " in err and "local" in err
+    assert "hook aiplane_engines returned" in err
+
+
+def test_base_model_uris_nobody_resolves_or_missing_paths_are_clear_errors(tmp_path, clean_plugin_env):
+    from aiplane.core.errors import InputError
+
+    registry = Registry()
+    with pytest.raises(InputError, match="Base model 'hf://ibm-granite/granite-3.3-2b-instruct' not found.*local directory"):
+        registry.resolve_base_model("hf://ibm-granite/granite-3.3-2b-instruct", str(tmp_path))
+    with pytest.raises(InputError, match="Base model path .*/nope' does not exist"):
+        registry.resolve_base_model(str(tmp_path / "nope"), str(tmp_path))
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_failing_observer_neither_fails_the_asset_nor_hides_its_error(tmp_path, caplog, clean_plugin_env):
+    from aiplane.core.config import load_deployment
+    from aiplane.core.plugins import materialization
+
+    seen = []
+
+    class Broken:
+        @hookimpl
+        def aiplane_before_materialize(self, asset):
+            raise RuntimeError("observer bug")
+
+        @hookimpl
+        def aiplane_on_materialize_error(self, asset, error):
+            raise RuntimeError("observer bug on error")
+
+    class Watcher:
+        @hookimpl
+        def aiplane_on_materialize_error(self, asset, error):
+            seen.append((asset, str(error)))
+
+    pm = get_plugin_manager()
+    pm.register(Broken(), name="broken-observer")
+    pm.register(Watcher(), name="watcher")
+    deployment = load_deployment("local", home=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="aiplane.plugins"):
+        with pytest.raises(ValueError, match="the real failure"):
+            with materialization(pm, "features", "run-1", [], deployment):
+                raise ValueError("the real failure")
+    assert seen == [("features", "the real failure")]
+    assert "observer 'broken-observer' failed in aiplane_before_materialize" in caplog.text
+    assert "observer 'broken-observer' failed in aiplane_on_materialize_error" in caplog.text

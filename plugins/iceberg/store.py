@@ -69,6 +69,12 @@ class IcebergFeatureStore(FeatureStore):
         def _sql_url(cls, value: str) -> str:
             if not re.match(r"^[A-Za-z][A-Za-z0-9+_]*://", value):
                 raise ValueError(f"{value!r} is not a SQLAlchemy URL; write e.g. 'sqlite:////abs/path/catalog.db'")
+            if re.match(r"^[^:/]+://[^/@]*:[^/@]*@", value):
+                # The settings travel in every FeaturesRecord and Dagster's metadata: no password may ride along.
+                raise ValueError(
+                    "the catalog URL holds a password; secrets are never written in settings. "
+                    "Use a URL without one (e.g. a client-certificate or IAM-authenticated connection)"
+                )
             if value.startswith("sqlite:"):
                 path, sep, query = value.removeprefix("sqlite:///").partition("?")
                 if not value.startswith("sqlite:///") or path in ("", ":memory:"):

@@ -76,7 +76,7 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     sock = _bind(settings.host, settings.port, read_current(state_dir), name)
     port = sock.getsockname()[1]
     url = f"http://{_url_host(settings.host)}:{port}"
-    digest = _endpoint_digest(adapter, base, name)
+    digest = _endpoint_digest(adapter, base, name, url)
     try:
         with locked(state_dir):
             previous = read_current(state_dir)
@@ -277,10 +277,11 @@ def _answers_200(url: str, timeout: float) -> bool:
         return False
 
 
-def _endpoint_digest(adapter: AdapterRecord, base: BaseModelRecord, name: str) -> str:
-    """What the endpoint serves, pinned: the same adapter, base model and name give the same digest."""
+def _endpoint_digest(adapter: AdapterRecord, base: BaseModelRecord, name: str, url: str) -> str:
+    """What the endpoint serves and where. A new URL is a new version, so what records the URL
+    downstream (the factsheet, lineage) is brought up to date when the endpoint moves."""
     canonical = json.dumps(
-        {"adapter": adapter.digest, "base_model": base.digest, "model_name": name},
+        {"adapter": adapter.digest, "base_model": base.digest, "model_name": name, "url": url},
         sort_keys=True,
         separators=(",", ":"),
     )

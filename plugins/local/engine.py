@@ -8,6 +8,7 @@ whole process group on cancellation, and cannot leak state into the orchestrator
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import queue
 import signal
@@ -29,6 +30,7 @@ from aiplane.core.workload import Event, Workload, WorkloadResult, parse_event, 
 __all__ = ["LocalEngine"]
 
 _GRACE_S = 5.0
+_DRAIN_S = 1.0
 _TAIL = 30
 
 
@@ -64,6 +66,9 @@ class LocalEngine(Engine):
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 text=True,
+                # A stray non-UTF-8 byte in a library's output must not kill the log reader.
+                encoding="utf-8",
+                errors="replace",
                 env=env,
                 # Own process group: cancellation kills the workload and its children, nothing else.
                 start_new_session=True,
@@ -92,12 +97,14 @@ class LocalEngine(Engine):
 
         def read() -> None:
             assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.put(line)
-            lines.put(None)
+            try:
+                for line in proc.stdout:
+                    lines.put(line)
+            finally:
+                lines.put(None)
 
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
+        threading.Thread(target=read, daemon=True).start()
+        exited_at: float | None = None
         while True:
             if cancel.is_set():
                 _kill_group(proc)
@@ -105,6 +112,12 @@ class LocalEngine(Engine):
             try:
                 line = lines.get(timeout=0.2)
             except queue.Empty:
+                # The workload is done when its process is, even if a child it left
+                # behind still holds stdout open: drain briefly, then stop reading.
+                if proc.poll() is not None:
+                    exited_at = exited_at or time.monotonic()
+                    if time.monotonic() - exited_at > _DRAIN_S:
+                        break
                 continue
             if line is None:
                 break
@@ -113,18 +126,21 @@ class LocalEngine(Engine):
                 tail.append(event.message)
             on_event(event)
         proc.wait()
+        # Whatever the workload started in its process group goes with it.
+        _kill_group(proc)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, _GRACE_S), (signal.SIGKILL, _GRACE_S)):
+    """Stop the workload's process group: SIGTERM (the worker cleans up), then SIGKILL for anything left."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
+            proc.wait(timeout=_GRACE_S)
         except subprocess.TimeoutExpired:
-            continue
+            pass
+    # The leader may be gone while children it started in the group live on.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=_GRACE_S)

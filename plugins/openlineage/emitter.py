@@ -23,7 +23,7 @@ from openlineage.client.transport.transport import Transport
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aiplane.core.config import Deployment, SecretRef
-from aiplane.core.errors import ConfigError
+from aiplane.core.errors import ConfigError, validation_problems
 from aiplane.core.records import Record
 
 from .naming import dataset_name, run_uuid
@@ -172,14 +172,9 @@ def _settings(deployment: Deployment) -> ObserverSettings:
     try:
         return ObserverSettings.model_validate(raw or {})
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(settings)'}: "
-            + ("unknown setting" if e["type"] == "extra_forbidden" else e["msg"])
-            for e in exc.errors()
-        )
+        problems = "; ".join(validation_problems(exc, ObserverSettings, key_word="setting"))
         raise ConfigError(
-            f"observers.openlineage in {deployment.source or deployment.name}: {problems}. "
-            f"Allowed settings: {', '.join(ObserverSettings.model_fields)}"
+            f"observers.openlineage in {deployment.source or deployment.name}: {problems}"
         ) from None
 
 

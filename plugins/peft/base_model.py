@@ -97,12 +97,14 @@ def build_tiny_granite(directory: str | Path, seed: int = 0) -> Path:
 
 
 def resolve(uri: str, home: str) -> BaseModelRecord | None:
-    """A record for ``uri``: the built-in tiny Granite, or a local model directory."""
+    """A record for ``uri``: the built-in tiny Granite, or a local model directory; ``None`` for other schemes."""
     if uri == BUILTIN:
         path = build_tiny_granite(Path(home) / "models" / "tiny-granite")
         name = "tiny-granite (random init)"
     elif uri.startswith("builtin:"):
         raise InputError(f"Unknown built-in base model {uri!r}; the built-in model is {BUILTIN!r}.")
+    elif "://" in uri and not uri.startswith("file://"):
+        return None  # hf://, s3://, ...: another plugin's to resolve
     else:
         path = Path(uri.removeprefix("file://")).expanduser()
         if not path.exists():
