@@ -222,6 +222,10 @@ class Registry:
                     engines[target.engine](target.settings)
                 except AiplaneError as exc:
                     problems.append(f"  targets[{i}].settings: {exc}")
+        plugins = [name for name, _ in self.pm.list_name_plugin()]
+        for name in deployment.observers:
+            if name not in plugins:
+                problems.append(f"  observers.{name}: " + unknown_name("plugin", name, plugins))
         if problems:
             raise ConfigError(f"{deployment.source}: invalid deployment:\n" + "\n".join(problems))
 

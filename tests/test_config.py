@@ -69,12 +69,16 @@ def test_bad_keys_and_values_are_named_with_allowed_values(tmp_path):
 
 def test_unknown_component_names_suggest_the_closest(tmp_path):
     text = open(load_deployment("local").source).read()
-    path = _write(tmp_path, text.replace("name: lora", "name: lroa").replace("engine: local", "engine: locl"))
+    path = _write(
+        tmp_path,
+        text.replace("name: lora", "name: lroa").replace("engine: local", "engine: locl").replace("  openlineage:", "  openlinage:"),
+    )
     with pytest.raises(ConfigError) as err:
         Registry().validate(load_deployment(path, home=tmp_path))
     msg = str(err.value)
     assert "trainer: Unknown trainer 'lroa'" in msg and "Did you mean 'lora'?" in msg
     assert "targets[0].engine: Unknown engine 'locl'" in msg and "Did you mean 'local'?" in msg
+    assert "observers.openlinage: Unknown plugin 'openlinage'" in msg and "Did you mean 'openlineage'?" in msg
 
 
 def test_unknown_engine_lookup_suggests_the_closest():
