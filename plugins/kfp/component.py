@@ -1,0 +1,64 @@
+"""The one KFP task every aiplane workload becomes: run the workload with the installed aiplane.
+
+:func:`aiplane_workload` is a *lightweight* component: KFP copies this function's
+source into the compiled spec and runs it in ``base_image``, which must hold the
+installed aiplane. So it imports everything it needs inside its body, and
+changing it changes every pipeline version digest (that is intended: new code,
+new version).
+"""
+
+from kfp import dsl
+
+__all__ = ["aiplane_workload"]
+
+
+def aiplane_workload(
+    workload_name: str,
+    entrypoint: str,
+    params_json: str,
+    resources_json: str,
+    run_id: str,
+    inputs_json: str,
+    run_params_json: str,
+    result_path: str,
+    result: dsl.Output[dsl.Artifact],
+):
+    """Rebuild the workload and run it with ``aiplane.core.worker`` (which calls ``execute``).
+
+    The result JSON (output records and metrics, or the error) goes to the
+    ``result`` artifact and, when given, to ``result_path`` for the engine.
+    """
+    import json
+    import os
+    import tempfile
+
+    from aiplane.core import worker
+
+    spec = {
+        "name": workload_name,
+        "entrypoint": entrypoint,
+        "inputs": json.loads(inputs_json),
+        "params": {**json.loads(params_json), **json.loads(run_params_json)},
+        "resources": json.loads(resources_json),
+        "run_id": run_id,
+    }
+    with tempfile.TemporaryDirectory(prefix="aiplane-task-") as tmp:
+        spec_file, result_file = os.path.join(tmp, "workload.json"), os.path.join(tmp, "result.json")
+        with open(spec_file, "w") as f:
+            json.dump(spec, f)
+        code = worker.main([spec_file, result_file])
+        with open(result_file) as f:
+            text = f.read()
+    targets = [result.path] + ([result_path] if result_path else [])
+    for path in targets:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        # Written whole, then renamed: the engine never reads half a result.
+        fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".result-")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp_path, path)
+    if code != 0:
+        failure = json.loads(text)
+        raise RuntimeError(
+            f"aiplane workload {workload_name} ({run_id}) failed: {failure.get('error_type')}: {failure.get('error')}"
+        )

@@ -1,0 +1,319 @@
+"""The ``kfp`` engine: every workload materializes as a versioned Kubeflow Pipelines v2 run.
+
+A workload compiles to a one-task pipeline (:mod:`aiplane.plugins.kfp.pipeline`)
+whose task runs the workload with the installed aiplane, exactly as the
+``local`` engine's subprocess does. The pipeline version is named by the digest
+of its compiled spec, so the same code and configuration reuse one version.
+
+``mode: remote`` uploads the version (once) to a KFP / OpenShift AI pipeline
+server and runs it there (:mod:`aiplane.plugins.kfp.remote`); ``mode: local``
+runs the same compiled spec offline with ``kfp.local`` in a subprocess group.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiplane.core.artifacts import atomic_write_text
+from aiplane.core.components import Engine
+from aiplane.core.config import Target
+from aiplane.core.errors import AiplaneError, WorkloadCancelled, WorkloadError
+from aiplane.core.workload import EVENT_PREFIX, Event, Workload, WorkloadResult, parse_event, read_result
+
+from .settings import KfpSettings
+
+if TYPE_CHECKING:
+    from .pipeline import CompiledPipeline
+
+__all__ = ["KfpEngine"]
+
+_GRACE_S = 5.0
+_TAIL = 40
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_KFP_LOG_PREFIX = re.compile(r"^\d\d:\d\d:\d\d\.\d+ - [A-Z]+ - ")
+_TASK_INDENT = "    "  # kfp.local indents what a task prints
+
+
+class KfpEngine(Engine):
+    """Runs each workload as a Kubeflow Pipelines v2 run (remote DSP server, or ``kfp.local``)."""
+
+    name = "kfp"
+    Settings = KfpSettings
+
+    def run(
+        self,
+        workload: Workload,
+        target: Target,
+        on_event: Callable[[Event], None],
+        cancel: threading.Event | None = None,
+    ) -> WorkloadResult:
+        cancel = cancel or threading.Event()
+        if self.settings.mode == "remote":
+            return self._run_remote(workload, target, on_event, cancel)
+        return self._run_local(workload, target, on_event, cancel)
+
+    def compile(self, workload: Workload, target: Target, result_path: str = "") -> "CompiledPipeline":
+        """The pipeline this engine would run ``workload`` as (IR YAML, digest, run arguments)."""
+        from .pipeline import compile_workload
+
+        return compile_workload(workload, target, self.settings, result_path)
+
+    def _metadata(self, target: Target, compiled: "CompiledPipeline", **extra: Any) -> dict[str, Any]:
+        return {
+            "engine": self.name,
+            "mode": self.settings.mode,
+            "target": target.name,
+            "pipeline": compiled.name,
+            "pipeline_version": compiled.version,
+            "pipeline_digest": compiled.digest,
+            **extra,
+        }
+
+    # -- remote ---------------------------------------------------------------------------------
+
+    def _run_remote(
+        self, workload: Workload, target: Target, on_event: Callable[[Event], None], cancel: threading.Event
+    ) -> WorkloadResult:
+        from .remote import KfpRemote
+
+        s = self.settings
+        assert s.results_dir is not None  # the settings validator requires it for remote mode
+        # Unique per attempt: a retried Dagster step must not read the previous attempt's result.
+        result = Path(s.results_dir, "kfp-results", f"{workload.name}-{workload.run_id}-{uuid.uuid4().hex[:8]}.json")
+        compiled = self.compile(workload, target, str(result))  # ConfigError here: nothing sent yet
+        started = time.monotonic()
+        remote = KfpRemote(s)
+        run = remote.start(compiled, display_name=f"{workload.name} {workload.run_id}")
+        try:
+            on_event(
+                Event(
+                    type="log",
+                    message=f"KFP run {run.run_id} of {compiled.name} version {compiled.version} "
+                    f"({'reused' if run.version_reused else 'uploaded'}): {run.url}",
+                )
+            )
+            final = remote.wait(run, on_event, cancel)
+        except BaseException:
+            # Cancelled, timed out, or the caller was interrupted (Dagster run termination):
+            # the run on the cluster must not keep going.
+            remote.terminate(run, on_event)
+            raise
+        state = str(final.state).upper()
+        try:
+            if state != "SUCCEEDED":
+                if result.exists():
+                    # The workload itself failed: raise its own aiplane error, as every engine does.
+                    _read(result, workload, run.url)
+                error = getattr(final, "error", None)
+                detail = f": {getattr(error, 'message', '') or error}" if error else ""
+                raise WorkloadError(
+                    f"KFP run of {workload.name} ({workload.run_id}) ended {state}{detail}. See {run.url}"
+                )
+            if not result.exists():
+                raise WorkloadError(
+                    f"KFP run {run.url} succeeded but wrote no result to {result}: results_dir {s.results_dir!r} "
+                    "must be a volume mounted at the same path here and in the pipeline pods."
+                )
+            outcome = _read(result, workload, run.url)
+        finally:
+            result.unlink(missing_ok=True)
+        return outcome.model_copy(
+            update={
+                "engine": self._metadata(
+                    target,
+                    compiled,
+                    run_id=run.run_id,
+                    run_url=run.url,
+                    pipeline_id=run.pipeline_id,
+                    pipeline_version_id=run.version_id,
+                    version_reused=run.version_reused,
+                    experiment_id=run.experiment_id,
+                    host=s.host,
+                    duration_s=round(time.monotonic() - started, 3),
+                )
+            }
+        )
+
+    # -- local ----------------------------------------------------------------------------------
+
+    def _run_local(
+        self, workload: Workload, target: Target, on_event: Callable[[Event], None], cancel: threading.Event
+    ) -> WorkloadResult:
+        root = Path(self.settings.pipeline_root or Path(tempfile.gettempdir()) / "aiplane-kfp").expanduser().absolute()
+        with tempfile.TemporaryDirectory(prefix=f"aiplane-kfp-{workload.name}-") as tmp:
+            result, args, out = Path(tmp, "result.json"), Path(tmp, "arguments.json"), Path(tmp, "out.json")
+            compiled = self.compile(workload, target, str(result))
+            spec = _keep_spec(root, compiled)
+            args.write_text(json.dumps(compiled.arguments))
+            # kfp.local's task script (`mktemp -d`) and a crashed task leave temporary files
+            # behind; giving the run its own TMPDIR removes them with this directory.
+            task_tmp = Path(tmp, "tmp")
+            task_tmp.mkdir()
+            started = time.monotonic()
+            proc = subprocess.Popen(
+                [
+                    self.settings.python or sys.executable, "-m", "aiplane.plugins.kfp._local",
+                    str(spec), str(args), str(out), str(root),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(task_tmp)},
+                # Own process group: cancelling kills kfp.local and the task it started, nothing else.
+                start_new_session=True,
+            )
+            tail: collections.deque[str] = collections.deque(maxlen=_TAIL)
+            try:
+                _pump(proc, _LocalOutput(tail), on_event, cancel)
+            except BaseException:
+                _kill_group(proc)
+                raise
+            duration = time.monotonic() - started
+            if not result.exists():
+                raise WorkloadError(
+                    f"kfp.local run of {workload.name} ({workload.run_id}) exited with code {proc.returncode} "
+                    "and no result. Last output:\n" + "\n".join(tail)
+                )
+            outcome = read_result(result, workload)  # a failed workload raises its own aiplane error here
+            facts = json.loads(out.read_text()) if out.exists() else {}
+        run_dir = facts.get("run_dir", "")
+        return outcome.model_copy(
+            update={
+                "engine": self._metadata(
+                    target,
+                    compiled,
+                    run_id=Path(run_dir).name if run_dir else None,
+                    run_url=Path(run_dir).as_uri() if run_dir else None,
+                    result_artifact=facts.get("result_artifact"),
+                    pipeline_spec=str(spec),
+                    pid=proc.pid,
+                    duration_s=round(duration, 3),
+                )
+            }
+        )
+
+
+def _read(result: Path, workload: Workload, url: str) -> WorkloadResult:
+    """The result the task wrote; its error, if it wrote one, raised with its class and the run's URL."""
+    try:
+        return read_result(result, workload)
+    except AiplaneError as exc:
+        raise type(exc)(f"{exc} (KFP run: {url})") from None
+
+
+def _keep_spec(root: Path, compiled: "CompiledPipeline") -> Path:
+    """The local stand-in for the server's version store: ``<root>/.pipelines/<name>/<version>.yaml``."""
+    path = root / ".pipelines" / compiled.name / f"{compiled.version}.yaml"
+    if not path.exists():
+        atomic_write_text(path, compiled.spec)
+    return path
+
+
+class _LocalOutput:
+    """Turns kfp.local's output into events: aiplane events, status lines and what the task prints.
+
+    kfp.local logs status lines with a timestamp prefix and prints the task's
+    output indented between "Streamed logs:" and the next status line; in there,
+    the KFP executor's own chatter (including a JSON dump of its whole input) is dropped.
+    """
+
+    def __init__(self, tail: collections.deque[str]):
+        self.tail = tail
+        self._in_task = False
+        self._in_executor_input = False
+
+    def event(self, raw: str) -> Event | None:
+        line = _ANSI.sub("", raw.rstrip("\n"))
+        text = line.strip()
+        if text.startswith(EVENT_PREFIX):
+            event = parse_event(text)
+            if event.type == "log":
+                self.tail.append(event.message)
+            return event
+        if _KFP_LOG_PREFIX.match(text):
+            self._in_task = self._in_executor_input = False
+            message = _KFP_LOG_PREFIX.sub("", text)
+            self.tail.append(message)
+            if message == "Streamed logs:":
+                self._in_task = True
+                return None
+            return None if message.endswith("outputs:") else Event(type="log", message=message)
+        if not self._in_task or not text:
+            return None
+        if self._in_executor_input:
+            if line.rstrip() == _TASK_INDENT + "}" or text.startswith("[KFP Executor"):
+                self._in_executor_input = False
+            return None
+        if "Got executor_input:" in text:
+            self._in_executor_input = True
+            return None
+        self.tail.append(text)
+        return None if text.startswith("[KFP Executor") else Event(type="log", message=text)
+
+
+def _pump(proc: subprocess.Popen, output: _LocalOutput, on_event: Callable[[Event], None], cancel: threading.Event) -> None:
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    while True:
+        if cancel.is_set():
+            _kill_group(proc)
+            raise WorkloadCancelled(f"kfp.local run (pid {proc.pid}) was cancelled")
+        try:
+            line = lines.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        if line is None:
+            break
+        event = output.event(line)
+        if event is not None:
+            on_event(event)
+    proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Stop the driver and the task it started: SIGTERM (the task cleans up), then SIGKILL."""
+    pgid = proc.pid
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + _GRACE_S
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the driver, or its zombie keeps the group "alive"
+            if not _group_alive(pgid):
+                break
+            time.sleep(0.05)
+        if not _group_alive(pgid):
+            break
+    proc.wait()

@@ -1,0 +1,189 @@
+"""Compile any workload into a versioned KFP v2 pipeline (IR YAML).
+
+The pipeline has one task, :func:`~aiplane.plugins.kfp.component.aiplane_workload`.
+What is the same for the same code and configuration is compiled in: the entry
+point, the workload's params (as pipeline-parameter defaults, so a changed
+hyperparameter default is a new version), the image, resources, node selector
+and tolerations. What changes every run is *not*: run id, input records, the
+result path and the ``run_params`` are run arguments. So the spec, and the
+version named by its digest, is stable across runs of the same code and config.
+"""
+
+# No `from __future__ import annotations`: kfp reads the pipeline function's annotations as types.
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiplane.core.config import Target
+from aiplane.core.errors import ConfigError
+from aiplane.core.workload import Workload
+
+from .settings import KfpSettings
+
+__all__ = ["CompiledPipeline", "compile_workload", "pipeline_name"]
+
+# The kfp DSL registers tasks in a process-wide "current pipeline"; compiling is not thread-safe.
+_COMPILE_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class CompiledPipeline:
+    """A compiled pipeline and the run arguments of this workload's run of it."""
+
+    name: str
+    spec: str
+    """The IR YAML, byte-identical for the same code and configuration."""
+    digest: str
+    """``sha256:<hex>`` of ``spec``."""
+    arguments: dict[str, Any] = field(default_factory=dict)
+    """Run-specific parameters: run id, input records, result path, run params."""
+
+    @property
+    def version(self) -> str:
+        """The pipeline version name: the spec's digest, so equal specs share a version."""
+        return self.digest.replace(":", "-")
+
+
+def pipeline_name(workload: Workload) -> str:
+    """``aiplane-<workload name>``: one KFP pipeline per kind of workload, versions by spec."""
+    return f"aiplane-{workload.name}"
+
+
+def _json(value: Any) -> str:
+    # Sorted and compact, so equal values compile to equal bytes.
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _gpus(workload: Workload, target: Target) -> int:
+    wanted = workload.resources.gpus
+    if wanted > target.gpus:
+        raise ConfigError(
+            f"Workload {workload.name} asks for {wanted} GPU(s) but target {target.name!r} has {target.gpus}; "
+            "raise the target's gpus or run the workload on a GPU target."
+        )
+    # A trainer placed on a GPU target by the deployment's `gpus:` gets the target's GPUs.
+    return wanted or target.gpus
+
+
+def _cpu(cpus: float) -> str:
+    return str(int(cpus)) if float(cpus).is_integer() else f"{round(cpus * 1000)}m"
+
+
+def _memory(gb: float) -> str:
+    return f"{int(gb)}G" if float(gb).is_integer() else f"{round(gb * 1024)}Mi"
+
+
+def _kubernetes_config(settings: KfpSettings) -> dict[str, Any]:
+    """The task's KubernetesExecutorConfig as JSON (the format kfp-kubernetes writes)."""
+    config: dict[str, Any] = {}
+    if settings.node_selector:
+        config["nodeSelector"] = {"labels": dict(sorted(settings.node_selector.items()))}
+    if settings.tolerations:
+        tolerations = []
+        for t in settings.tolerations:
+            item = {"key": t.key, "operator": t.operator, "value": t.value, "effect": t.effect}
+            if t.toleration_seconds is not None:
+                # int64 travels as a string in protobuf JSON, as kfp-kubernetes writes it.
+                item["tolerationSeconds"] = str(t.toleration_seconds)
+            tolerations.append({k: v for k, v in item.items() if v is not None})
+        config["tolerations"] = tolerations
+    if settings.pvc_mounts:
+        config["pvcMount"] = [
+            # Both the current field and the deprecated `constant`, as kfp-kubernetes writes a fixed claim name.
+            {"constant": claim, "mountPath": path, "pvcNameParameter": {"runtimeValue": {"constant": claim}}}
+            for claim, path in sorted(settings.pvc_mounts.items())
+        ]
+    return config
+
+
+def compile_workload(
+    workload: Workload, target: Target, settings: KfpSettings, result_path: str = ""
+) -> CompiledPipeline:
+    """Compile ``workload`` for ``target`` into KFP IR YAML with its run arguments.
+
+    Raises :class:`ConfigError` when the target cannot give the workload what it needs.
+    """
+    from kfp import compiler, dsl
+
+    from .component import aiplane_workload
+
+    gpus = _gpus(workload, target)
+    baked = {k: v for k, v in workload.params.items() if k not in settings.run_params}
+    run_params = {k: v for k, v in workload.params.items() if k in settings.run_params}
+    image = settings.base_image or f"python:{sys.version_info.major}.{sys.version_info.minor}"
+    res = workload.resources
+    cpu_request = settings.cpu_request or _cpu(res.cpus)
+    memory_request = settings.memory_request or (_memory(res.memory_gb) if res.memory_gb else None)
+    k8s = _kubernetes_config(settings)
+    name = pipeline_name(workload)
+
+    def pipeline(
+        run_id: str,
+        inputs_json: str,
+        result_path: str,
+        run_params_json: str,
+        workload_name: str,
+        entrypoint: str,
+        params_json: str,
+        resources_json: str,
+    ) -> dsl.Artifact:
+        task = component(
+            workload_name=workload_name,
+            entrypoint=entrypoint,
+            params_json=params_json,
+            resources_json=resources_json,
+            run_id=run_id,
+            inputs_json=inputs_json,
+            run_params_json=run_params_json,
+            result_path=result_path,
+        )
+        task.set_display_name(workload.name)
+        # Workloads have side effects (publish, deploy); a cache hit would skip them.
+        task.set_caching_options(False)
+        task.set_cpu_request(cpu_request)
+        if settings.cpu_limit:
+            task.set_cpu_limit(settings.cpu_limit)
+        if memory_request:
+            task.set_memory_request(memory_request)
+        if settings.memory_limit:
+            task.set_memory_limit(settings.memory_limit)
+        if gpus:
+            task.set_accelerator_type(settings.accelerator_type)
+            task.set_accelerator_limit(gpus)
+        if k8s:
+            task.platform_config = {"kubernetes": k8s}
+        return task.outputs["result"]
+
+    # The config lives in the defaults of the last four parameters: visible and
+    # overridable in the KFP UI, and part of the spec's digest.
+    pipeline.__defaults__ = (
+        workload.name,
+        workload.entrypoint,
+        _json(baked),
+        _json(res.model_dump(mode="json")),
+    )
+    with _COMPILE_LOCK, tempfile.TemporaryDirectory(prefix="aiplane-kfp-compile-") as tmp:
+        component = dsl.component(aiplane_workload, base_image=image, install_kfp_package=False)
+        compiled = dsl.pipeline(name=name, description=f"aiplane workload {workload.name} ({workload.entrypoint})")(
+            pipeline
+        )
+        path = os.path.join(tmp, "pipeline.yaml")
+        compiler.Compiler().compile(compiled, path)
+        with open(path) as f:
+            spec = f.read()
+    return CompiledPipeline(
+        name=name,
+        spec=spec,
+        digest="sha256:" + hashlib.sha256(spec.encode()).hexdigest(),
+        arguments={
+            "run_id": workload.run_id,
+            "inputs_json": _json({k: v.model_dump(mode="json") for k, v in workload.inputs.items()}),
+            "result_path": result_path,
+            "run_params_json": _json(run_params),
+        },
+    )
