@@ -19,7 +19,7 @@ from pathlib import Path
 from aiplane.core.config import load_deployment
 from aiplane.core.errors import AiplaneError
 from aiplane.core.plugins import Registry
-from aiplane.core.records import EndpointRecord, FactsheetRecord, lineage, record_from_json
+from aiplane.core.records import EndpointRecord, FactsheetRecord, record_from_json
 
 __all__ = ["main"]
 
@@ -79,8 +79,9 @@ def _up(args: argparse.Namespace) -> int:
     print(f"Factsheet:    {sheet.uri}")
     print(f"              {sheet.page_uri}")
     print("Lineage:")
-    for rec in reversed(list(lineage(sheet))):
-        print(f"  {rec.kind:16} {rec.digest:80} {rec.uri}")
+    for step in json.loads(Path(sheet.uri).read_text())["lineage"]:
+        print(f"  {step['kind']:16} {step['digest']:80} {step['uri']}")
+    print(f"  {'factsheet':16} {sheet.digest:80} {sheet.uri}")
     return 0
 
 

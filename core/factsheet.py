@@ -125,7 +125,13 @@ def build_factsheet(
             {"kind": "features", "uri": features.uri, "digest": features.digest},
             {"kind": "base_model", "uri": base.uri, "digest": base.digest},
             # A training run has no bytes of its own; it is pinned by what it ran (method and config).
-            {"kind": "training_run", "uri": f"run:{adapter.run_id}", "digest": config_digest},
+            {
+                "kind": "training_run",
+                "uri": adapter.execution.get("run_url") or f"run:{adapter.run_id}",
+                "digest": config_digest,
+                # Where it ran: engine, target, job/run/pipeline-version ids (scalars only, not utilisation tables).
+                "execution": {k: v for k, v in sorted(adapter.execution.items()) if isinstance(v, (str, int, float, bool))},
+            },
             {"kind": "adapter_weights", "uri": adapter.uri, "digest": adapter.digest},
             {"kind": "served_endpoint", "uri": endpoint.url, "digest": endpoint.digest},
         ],

@@ -255,3 +255,19 @@ def test_publish_workload_rejects_a_document_that_is_not_json(chain, tmp_path):
     with pytest.raises(InputError, match="JSON"):
         publisher.workload(chain["endpoint"], {"bad": {1, 2}})
     assert not (tmp_path / "factsheets").exists()
+
+
+def test_training_run_in_lineage_names_where_it_ran(chain):
+    execution = {
+        "engine": "kfp", "target": "kfp-local", "run_id": "run-7", "run_url": "https://dsp/runs/run-7",
+        "pipeline_version": "sha256-abc", "workers": [{"cpu_peak": 90}],
+    }  # fmt: skip
+    adapter = chain["adapter"].model_copy(update={"execution": execution})
+    endpoint = chain["endpoint"].model_copy(update={"sources": (adapter,)})
+    doc = build_factsheet(endpoint)
+    run = next(step for step in doc["lineage"] if step["kind"] == "training_run")
+    assert run["uri"] == "https://dsp/runs/run-7"
+    assert run["execution"] == {
+        "engine": "kfp", "pipeline_version": "sha256-abc", "run_id": "run-7", "run_url": "https://dsp/runs/run-7", "target": "kfp-local",
+    }  # fmt: skip
+    assert doc["training"]["execution"]["workers"] == [{"cpu_peak": 90}]
