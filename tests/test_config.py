@@ -1,4 +1,5 @@
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +135,20 @@ def test_secret_scan_rejects_literal_values_under_secret_names(tmp_path, key):
     with pytest.raises(ConfigError, match=rf"settings.{key} hold a literal value") as err:
         load_deployment(path)
     assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "deployments").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_deployment_validates_against_the_installed_plugins(path, tmp_path):
+    Registry().validate(load_deployment(path, home=tmp_path))
+
+
+def test_openshift_ai_trains_on_cluster_gpus_and_serves_from_the_orchestrator(tmp_path):
+    from aiplane.core.placement import Requirements, place
+
+    d = load_deployment("openshift-ai", home=tmp_path)
+    engines = Registry().components("engine")
+    train = place(Requirements(workload="train", residency=("eu", "us"), gpus=d.trainer.gpus), d.targets, d.residency, engines)
+    assert train.region == "eu" and train.gpus == 1 and train.target != "orchestrator"
+    assert "has 0 GPU(s), needs 1" in train.rejected["orchestrator"]
+    serve = place(Requirements(workload="serve", sla="interactive", target=d.serving.target), d.targets, d.residency, engines)
+    assert serve.target == "orchestrator"
