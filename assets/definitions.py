@@ -7,7 +7,6 @@ they read really changed.
 """
 
 
-import json
 from pathlib import Path
 from typing import Any
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import pyarrow
 
     from .config import Target
-    from .records import AdapterRecord, BaseModelRecord, EndpointRecord, FactsheetRecord, FeaturesRecord
+    from .records import AdapterRecord, BaseModelRecord, EndpointRecord, FeaturesRecord
     from .workload import Event, Workload, WorkloadResult
 
 __all__ = [

@@ -15,10 +15,7 @@ from __future__ import annotations
 import collections
 import json
 import os
-import queue
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 from aiplane.core.artifacts import atomic_write_text
 from aiplane.core.components import Engine
 from aiplane.core.config import Target
-from aiplane.core.errors import AiplaneError, WorkloadCancelled, WorkloadError
+from aiplane.core.errors import AiplaneError, WorkloadError
+from aiplane.core.processes import stream_process
 from aiplane.core.workload import EVENT_PREFIX, Event, Workload, WorkloadResult, parse_event, read_result
 
 from .settings import KfpSettings
@@ -41,7 +39,6 @@ if TYPE_CHECKING:
 
 __all__ = ["KfpEngine"]
 
-_GRACE_S = 5.0
 _TAIL = 40
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _KFP_LOG_PREFIX = re.compile(r"^\d\d:\d\d:\d\d\.\d+ - [A-Z]+ - ")
@@ -164,25 +161,24 @@ class KfpEngine(Engine):
             task_tmp = Path(tmp, "tmp")
             task_tmp.mkdir()
             started = time.monotonic()
-            proc = subprocess.Popen(
+            tail: collections.deque[str] = collections.deque(maxlen=_TAIL)
+            output = _LocalOutput(tail)
+
+            def on_line(line: str) -> None:
+                event = output.event(line)
+                if event is not None:
+                    on_event(event)
+
+            proc = stream_process(
                 [
                     self.settings.python or sys.executable, "-m", "aiplane.plugins.kfp._local",
                     str(spec), str(args), str(out), str(root),
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                text=True,
+                ],  # fmt: skip
+                on_line,
+                cancel,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(task_tmp)},
-                # Own process group: cancelling kills kfp.local and the task it started, nothing else.
-                start_new_session=True,
+                what=f"kfp.local run of {workload.name} ({workload.run_id})",
             )
-            tail: collections.deque[str] = collections.deque(maxlen=_TAIL)
-            try:
-                _pump(proc, _LocalOutput(tail), on_event, cancel)
-            except BaseException:
-                _kill_group(proc)
-                raise
             duration = time.monotonic() - started
             if not result.exists():
                 raise WorkloadError(
@@ -266,54 +262,3 @@ class _LocalOutput:
         return None if text.startswith("[KFP Executor") else Event(type="log", message=text)
 
 
-def _pump(proc: subprocess.Popen, output: _LocalOutput, on_event: Callable[[Event], None], cancel: threading.Event) -> None:
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    while True:
-        if cancel.is_set():
-            _kill_group(proc)
-            raise WorkloadCancelled(f"kfp.local run (pid {proc.pid}) was cancelled")
-        try:
-            line = lines.get(timeout=0.2)
-        except queue.Empty:
-            continue
-        if line is None:
-            break
-        event = output.event(line)
-        if event is not None:
-            on_event(event)
-    proc.wait()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Stop the driver and the task it started: SIGTERM (the task cleans up), then SIGKILL."""
-    pgid = proc.pid
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + _GRACE_S
-        while time.monotonic() < deadline:
-            proc.poll()  # reap the driver, or its zombie keeps the group "alive"
-            if not _group_alive(pgid):
-                break
-            time.sleep(0.05)
-        if not _group_alive(pgid):
-            break
-    proc.wait()
