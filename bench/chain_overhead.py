@@ -63,22 +63,6 @@ def run_aiplane(home: Path, model_dir: Path, steps: int) -> float:
     return elapsed
 
 
-class _Quiet:
-    """The bits of a workload context the training function uses, reporting nothing."""
-
-    run_id = "bare"
-    metrics: dict = {}
-
-    def log(self, message: str) -> None:
-        pass
-
-    def metric(self, name: str, value: float, step: int | None = None) -> None:
-        pass
-
-    def check_cancelled(self) -> None:
-        pass
-
-
 def run_bare(home: Path, model_dir: Path, steps: int) -> float:
     import pyarrow as pa
     from pyiceberg.catalog.sql import SqlCatalog
@@ -86,6 +70,7 @@ def run_bare(home: Path, model_dir: Path, steps: int) -> float:
     from aiplane.core.artifacts import sha256_path
     from aiplane.core.records import BaseModelRecord, FeaturesRecord
     from aiplane.core.sample import generate_tickets, to_features
+    from aiplane.core.workload import Workload, WorkloadContext
     from aiplane.plugins.peft.train import train
 
     settings = yaml.safe_load((ROOT / "deployments" / "local.yaml").read_text())["trainer"]["settings"]
@@ -108,7 +93,8 @@ def run_bare(home: Path, model_dir: Path, steps: int) -> float:
         uri="bare", digest=f"iceberg-snapshot:{snapshot}", table="bench.features", snapshot_id=snapshot,
         row_count=len(rows), columns=tuple(rows[0]), residency=("eu",),
     )  # fmt: skip
-    adapter = train(base, features, rows, settings, str(home / "artifacts"), _Quiet())
+    quiet = WorkloadContext(Workload(name="bare", entrypoint="bare:train"), emit=lambda event: None)
+    adapter = train(base, features, rows, settings, str(home / "artifacts"), quiet)
 
     # Serving: the same server, started directly; wait until it answers.
     sock = socket.socket()

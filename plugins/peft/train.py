@@ -5,18 +5,31 @@ reads the feature rows through the feature store named in the features record an
 calls :func:`train`, which tests and other callers can use directly with rows in
 hand. The same code trains the built-in tiny Granite on a CPU and a real Granite
 directory on a GPU.
+
+Distributed and recoverable without knowing the engine: when the engine has set
+up ``torch.distributed`` (Ray Train does), the model is wrapped in
+DistributedDataParallel and every global batch of ``batch_size`` packed blocks
+is split across the ranks, with the loss normalised over the whole batch, so
+one worker and N workers take the same optimisation steps. Every
+``ctx.checkpoint_every`` steps the trainable weights, optimizer, schedule and
+step go to ``ctx.report``; a restarted run resumes from
+``ctx.latest_checkpoint()`` and, the batch order being a function of the step,
+ends with the same adapter. Only rank 0 logs progress, evaluates and publishes.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiplane.core.artifacts import ArtifactStore
-from aiplane.core.errors import InputError, WorkloadError
+from aiplane.core.errors import ConfigError, InputError, WorkloadError
 from aiplane.core.records import AdapterRecord, BaseModelRecord, FeaturesRecord
 from aiplane.core.workload import WorkloadContext
 
@@ -32,10 +45,14 @@ _REQUIRED = ("prompt", "completion", "split")
 # Files PEFT writes besides the adapter itself (a generated model card); left out so
 # the published directory, and so its digest, is exactly config + weights.
 _NOT_PUBLISHED = ("README.md",)
+_CHECKPOINT_FILE = "train_state.pt"
 
 
 def run(ctx: WorkloadContext) -> dict[str, AdapterRecord]:
-    """Workload entry point: read the features through their store, train, return ``{"adapter": ...}``."""
+    """Workload entry point: read the features through their store, train, return ``{"adapter": ...}``.
+
+    Ranks other than the primary return no outputs: the primary publishes the one adapter.
+    """
     from aiplane.core.plugins import Registry
 
     base_model, features = ctx.inputs.get("base_model"), ctx.inputs.get("features")
@@ -52,9 +69,10 @@ def run(ctx: WorkloadContext) -> dict[str, AdapterRecord]:
     if not artifact_root:
         raise InputError("The train-adapter workload has no 'artifact_root' parameter; build it with LoraTrainer.workload().")
     table = Registry().create("feature store", store["name"], store.get("settings")).read(features)
-    ctx.log(f"read {table.num_rows} rows of {features.table} at snapshot {features.snapshot_id}")
+    if ctx.is_primary:
+        ctx.log(f"read {table.num_rows} rows of {features.table} at snapshot {features.snapshot_id}")
     adapter = train(base_model, features, table.to_pylist(), settings, artifact_root, ctx)
-    return {"adapter": adapter}
+    return {"adapter": adapter} if adapter is not None else {}
 
 
 def train(
@@ -64,7 +82,7 @@ def train(
     settings: LoraSettings | Mapping[str, Any],
     artifact_root: str,
     ctx: WorkloadContext,
-) -> AdapterRecord:
+) -> AdapterRecord | None:
     """Train a LoRA adapter on the ``train`` rows, evaluate on the ``eval`` rows, publish it.
 
     ``rows`` are feature rows (prompt, completion, split, ...). Progress goes to
@@ -72,7 +90,9 @@ def train(
     ``ctx.check_cancelled()`` is called every step. Every input is checked
     before anything is written; the adapter is published atomically under
     ``<artifact_root>/adapters/<sha256>`` only after training and evaluation
-    succeeded, so a failed or cancelled run leaves nothing behind.
+    succeeded, so a failed or cancelled run leaves nothing behind. On several
+    workers every rank trains its share; the primary returns the record, the
+    others ``None``.
     """
     started = time.perf_counter()
     trainer = LoraTrainer(settings)
@@ -80,6 +100,12 @@ def train(
     train_rows, eval_rows = _split_rows(rows, features)
     trainer.validate(base_model)
     eval_rows = eval_rows[: s.eval_limit]
+    rank, world = _world(ctx)
+    if s.batch_size < world:
+        raise ConfigError(
+            f"trainer.settings.batch_size ({s.batch_size}) is the global batch, split across the {world} workers; "
+            f"it must be at least the number of workers. Raise batch_size or use fewer workers."
+        )
 
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
@@ -99,14 +125,18 @@ def train(
         model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     inputs, labels, dataset_tokens = _pack(tokenizer, train_rows, s.seq_len)
-    ctx.log(
-        f"lora r={s.r} alpha={s.alpha:g} on {', '.join(s.target_modules)}: {trainable:,} trainable parameters; "
-        f"{len(train_rows)} train rows -> {dataset_tokens:,} tokens in {inputs.shape[0]} blocks of {s.seq_len}; "
-        f"{s.max_steps} steps of batch {s.batch_size} on {device}"
-    )
+    if ctx.is_primary:
+        ctx.log(
+            f"lora r={s.r} alpha={s.alpha:g} on {', '.join(s.target_modules)}: {trainable:,} trainable parameters; "
+            f"{len(train_rows)} train rows -> {dataset_tokens:,} tokens in {inputs.shape[0]} blocks of {s.seq_len}; "
+            f"{s.max_steps} steps of batch {s.batch_size} on {device}"
+            + (f" split across {world} workers" if world > 1 else "")
+        )
 
-    curve, train_s = _optimize(model, inputs, labels, s, device, ctx)
+    curve, train_s, resumed_from = _optimize(model, inputs, labels, s, device, ctx, rank, world)
     train_tokens = s.max_steps * s.batch_size * s.seq_len
+    if not ctx.is_primary:
+        return None
     eval_loss, eval_accuracy = _evaluate(model, tokenizer, eval_rows, s, device, ctx)
 
     store = ArtifactStore(artifact_root)
@@ -114,6 +144,7 @@ def train(
         model.save_pretrained(staged)
         for name in _NOT_PUBLISHED:
             (staged / name).unlink(missing_ok=True)
+        _stable_config(staged / "adapter_config.json")
         uri, digest = store.publish(staged, "adapters")
 
     k = max(1, min(10, len(curve) // 5))
@@ -132,7 +163,10 @@ def train(
         "trainable_parameters": trainable,
         "duration_s": time.perf_counter() - started,
         "device": _device_name(device),
+        "world_size": world,
     }
+    if resumed_from is not None:
+        metrics["resumed_from_step"] = resumed_from
     ctx.metrics = {name: v for name, v in metrics.items() if not isinstance(v, list)}
     ctx.log(
         f"published adapter {digest} to {uri}: train loss {metrics['train_loss_first']:.3f} -> "
@@ -147,6 +181,17 @@ def train(
         run_id=ctx.run_id,
         sources=(base_model, features),
     )
+
+
+def _stable_config(path: Path) -> None:
+    """Sort the config's ``target_modules``: PEFT keeps them in a set, whose order changes with every
+    interpreter's string hash seed, and the adapter digest must not depend on which process trained it."""
+    import json
+
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def _fmt(value: float | None) -> str:
@@ -177,12 +222,31 @@ def _split_rows(
     return train_rows, eval_rows
 
 
+def _world(ctx: WorkloadContext) -> tuple[int, int]:
+    """(rank, world size) of this process; the engine's runtime and torch.distributed must agree."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        where = f"torch.distributed says rank {rank} of {world}"
+    else:
+        rank, world = 0, 1
+        where = "torch.distributed is not initialized"
+    if (rank, world) != (ctx.rank, ctx.world_size):
+        raise WorkloadError(
+            f"the engine runs this workload as rank {ctx.rank} of {ctx.world_size} but {where}; "
+            "a distributed engine must set up the process group before the workload starts."
+        )
+    return rank, world
+
+
 def _load(path: str) -> tuple[Any, Any, "torch.device"]:
     """Tokenizer and model from a Hugging Face directory: bfloat16 on CUDA, float32 on CPU."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # The current CUDA device: a distributed engine selects one per local rank before the workload starts.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
@@ -257,9 +321,22 @@ def _completion_loss(model: Any, input_ids: "torch.Tensor", labels: "torch.Tenso
 
 
 def _optimize(
-    model: Any, inputs: "torch.Tensor", labels: "torch.Tensor", s: LoraSettings, device: "torch.device", ctx: WorkloadContext
-) -> tuple[list[tuple[int, float]], float]:
-    """The AdamW loop; returns the loss at every step and the seconds spent in it."""
+    model: Any,
+    inputs: "torch.Tensor",
+    labels: "torch.Tensor",
+    s: LoraSettings,
+    device: "torch.device",
+    ctx: WorkloadContext,
+    rank: int = 0,
+    world: int = 1,
+) -> tuple[list[tuple[int, float]], float, int | None]:
+    """The AdamW loop; returns the loss at every step, the seconds spent in it and the step it resumed from.
+
+    With ``world > 1`` rank ``r`` takes blocks ``r, r + world, ...`` of every
+    global batch; the loss of each rank is its summed token loss over the
+    labelled tokens of the whole batch (times ``world``, which DDP's gradient
+    mean divides out), so the update equals the single-process one.
+    """
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -267,38 +344,115 @@ def _optimize(
     # A short linear warm-up keeps the first updates of a high LoRA learning rate from overshooting.
     warmup = max(1, s.max_steps // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-    model.train()
     curve: list[tuple[int, float]] = []
+    done_s, start = 0.0, 0
+    checkpoint = ctx.latest_checkpoint()
+    if checkpoint is not None:
+        start, curve, done_s = _restore(checkpoint, model, optimizer, scheduler, s)
+        if ctx.is_primary:
+            ctx.log(f"resumed from checkpoint at step {start}/{s.max_steps}")
+    net = model
+    if world > 1:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Buffers (rotary tables) are identical on every rank; broadcasting them each step is waste.
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
+    model.train()
     batches = _batches(inputs.shape[0], s.batch_size, s.seed)
+    for _ in range(start):
+        # The batch order is a function of the step, so a resumed run sees what the first attempt would have.
+        next(batches)
     tokens_per_step = s.batch_size * s.seq_len
+    every = ctx.checkpoint_every
     started = window_start = time.perf_counter()
-    for step in range(1, s.max_steps + 1):
+    for step in range(start + 1, s.max_steps + 1):
         ctx.check_cancelled()
-        idx = next(batches)
+        idx = next(batches)[rank::world]
         x, y = inputs[idx].to(device), labels[idx].to(device)
-        total, count = _completion_loss(model, x, y)
-        loss = total / max(count, 1)
+        total, count = _completion_loss(net, x, y)
+        if world > 1:
+            sums = torch.tensor([float(total.detach()), float(count)], dtype=torch.float64, device=device)
+            dist.all_reduce(sums)
+            batch_total, batch_count = float(sums[0]), float(sums[1])
+            loss = total * world / max(batch_count, 1.0)
+            value = batch_total / max(batch_count, 1.0)
+        else:
+            loss = total / max(count, 1)
+            value = float(loss.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
-        value = float(loss.detach())
         if not math.isfinite(value):
             raise WorkloadError(
                 f"training loss became {value} at step {step}; lower trainer.settings.learning_rate "
                 f"(now {s.learning_rate:g})"
             )
         curve.append((step, value))
-        if step % s.log_every == 0 or step == s.max_steps:
+        if ctx.is_primary and (step % s.log_every == 0 or step == s.max_steps):
             now = time.perf_counter()
-            done = step % s.log_every or s.log_every
+            done = min(step - start, step % s.log_every or s.log_every)
             rate = done * tokens_per_step / max(now - window_start, 1e-9)
             window_start = now
             ctx.metric("train_loss", value, step)
             ctx.metric("tokens_per_s", rate, step)
             ctx.log(f"step {step}/{s.max_steps} loss {value:.4f} ({rate:,.0f} tokens/s)")
-    return curve, time.perf_counter() - started
+        if every and step % every == 0 and step < s.max_steps:
+            _checkpoint(ctx, model, optimizer, scheduler, s, step, curve, done_s + time.perf_counter() - started)
+    return curve, done_s + time.perf_counter() - started, (start if checkpoint is not None else None)
+
+
+def _checkpoint(ctx: WorkloadContext, model: Any, optimizer: Any, scheduler: Any, s: LoraSettings,
+                step: int, curve: list[tuple[int, float]], train_s: float) -> None:
+    """Hand the training state at ``step`` to the engine; every rank calls this, the primary writes it."""
+    import torch
+
+    directory: Path | None = None
+    try:
+        if ctx.is_primary:
+            directory = Path(tempfile.mkdtemp(prefix="aiplane-checkpoint-"))
+            state = {
+                "step": step,
+                "settings": s.model_dump(mode="json"),
+                "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "curve": curve,
+                "train_s": train_s,
+            }
+            torch.save(state, directory / _CHECKPOINT_FILE)
+        ctx.report({"step": step, "train_loss": curve[-1][1]}, directory)
+    finally:
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+    if ctx.is_primary:
+        ctx.log(f"checkpoint at step {step}/{s.max_steps}")
+
+
+def _restore(directory: Path, model: Any, optimizer: Any, scheduler: Any, s: LoraSettings) -> tuple[int, list[tuple[int, float]], float]:
+    """Load a checkpoint written by :func:`_checkpoint` into the model and optimizer; (step, curve, seconds)."""
+    import torch
+
+    path = Path(directory) / _CHECKPOINT_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise WorkloadError(f"cannot read the checkpoint to resume from ({path}): {exc}") from None
+    if state.get("settings") != s.model_dump(mode="json"):
+        raise WorkloadError(f"the checkpoint at {directory} was written with other trainer settings; it cannot be resumed")
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(trainable) != set(state["trainable"]):
+        raise WorkloadError(f"the checkpoint at {directory} does not hold this model's trainable parameters")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(state["trainable"][name].to(p.device))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"]), [(int(a), float(b)) for a, b in state["curve"]], float(state["train_s"])
 
 
 def _evaluate(

@@ -1,0 +1,404 @@
+"""The ``ray`` engine: training workloads on Ray Train, distributed, recoverable and observed.
+
+Two ways to reach Ray, one driver (:mod:`aiplane.plugins.ray.driver`):
+
+* ``address`` unset or ``local``: a private Ray for this run only. The driver
+  runs as a subprocess in its own session, starts Ray with its own temp dir and
+  free ports (``ray.init(num_cpus=...)``), and the whole process group is gone
+  when the run ends or is cancelled; nobody else's Ray is touched.
+* ``address: http://<head>:8265``: an existing cluster (KubeRay on OpenShift AI)
+  through its dashboard. The driver is submitted as a Ray Job, its logs are
+  tailed back as events, and cancellation stops the job.
+
+Either way the events reach ``on_event`` as they happen and the rank-0 result,
+with per-worker resource use, comes back as the engine's result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import queue
+import re
+import secrets
+import shlex
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from aiplane.core.components import Engine
+from aiplane.core.config import SecretRef, Target
+from aiplane.core.errors import ConfigError, WorkloadCancelled, WorkloadError
+from aiplane.core.processes import stream_process
+from aiplane.core.workload import Event, Workload, WorkloadResult, parse_event, read_result
+
+__all__ = ["RayEngine", "RaySettings"]
+
+_SPEC_ENV = "AIPLANE_RAY_SPEC"  # the driver's SPEC_ENV; kept here so listing plugins does not import the driver
+_RESULT_PREFIX = "@@aiplane-ray-result "
+_TAIL = 40
+_GRACE_S = 20.0
+# Ray Train's controller polls its workers this often (default 2 s). A report made
+# while the previous one is unread blocks until the next poll, and a dead worker is
+# noticed only at a poll; half a second keeps both short for a negligible cost.
+_HEALTH_CHECK_S = "0.5"
+_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+_URL = re.compile(r"^https?://[^/\s:]+(:\d{1,5})?/?$")
+
+
+def _must(cond: bool, message: str) -> None:
+    if not cond:
+        raise PydanticCustomError("invalid_setting", message)
+
+
+class RaySettings(BaseModel):
+    """Settings of the ``ray`` engine (a target's ``settings`` in a deployment)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str | None = None
+    """``None`` or ``local``: start a private Ray for each run; else a cluster's dashboard URL, e.g. ``http://raycluster-head-svc:8265``."""
+    num_workers: int = 1
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    """Per worker, e.g. ``{CPU: 4, GPU: 1}``; empty: Ray Train's default (1 CPU, plus 1 GPU with use_gpu)."""
+    storage_path: str | None = None
+    """Where checkpoints go: a path every node sees (a PVC mount) or a URI (``s3://...``). Local default: the run's temp dir."""
+    max_failures: int = 2
+    """Worker-group failures to recover from, resuming from the last checkpoint (-1: unlimited)."""
+    checkpoint_every: int = 50
+    """Training steps between checkpoints; 0 disables them (a failure then restarts from step 0)."""
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    """Ray runtime environment for the driver and workers (``env_vars``, ``pip``, ``working_dir``, ...)."""
+    python: str = "python"
+    """The interpreter with aiplane installed that runs the Ray Job's driver on the cluster."""
+    auth_token: SecretRef | None = None
+    """Bearer token for the dashboard (Ray token auth, or an OpenShift OAuth proxy), by reference."""
+    connect_timeout_s: float = 10.0
+    """How long to wait for the dashboard before saying it cannot be reached."""
+    monitor_interval_s: float = 1.0
+    """Seconds between resource samples in each worker; 0 turns sampling off."""
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is None or v == "local":
+            return None
+        _must(
+            bool(_URL.match(v.strip())),
+            f"address must be 'local' or the Ray dashboard URL, e.g. http://raycluster-head-svc:8265 (got {v!r}); "
+            "ray:// client addresses and GCS host:port addresses are not used by this engine",
+        )
+        return v.strip().rstrip("/")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int) -> int:
+        _must(v >= 1, f"num_workers must be >= 1 (got {v})")
+        return v
+
+    @field_validator("max_failures")
+    @classmethod
+    def _failures(cls, v: int) -> int:
+        _must(v >= -1, f"max_failures must be >= -1 (got {v}; -1 means unlimited)")
+        return v
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _every(cls, v: int) -> int:
+        _must(v >= 0, f"checkpoint_every must be >= 0 (got {v}; 0 disables checkpoints)")
+        return v
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
+        _must(all(amount >= 0 for amount in v.values()), f"resources_per_worker amounts must be >= 0 (got {v})")
+        return v
+
+    @field_validator("connect_timeout_s", "monitor_interval_s")
+    @classmethod
+    def _seconds(cls, v: float, info) -> float:
+        _must(v >= 0, f"{info.field_name} must be >= 0 (got {v})")
+        return v
+
+
+class RayEngine(Engine):
+    """Runs a workload on Ray Train's TorchTrainer: a private local Ray, or a cluster through Ray Jobs."""
+
+    name = "ray"
+    Settings = RaySettings
+
+    def run(
+        self,
+        workload: Workload,
+        target: Target,
+        on_event: Callable[[Event], None],
+        cancel: threading.Event | None = None,
+    ) -> WorkloadResult:
+        cancel = cancel or threading.Event()
+        s: RaySettings = self.settings  # type: ignore[assignment]
+        started = time.monotonic()
+        if s.address is None:
+            outcome, facts = self._run_local(workload, on_event, cancel)
+        else:
+            outcome, facts = self._run_job(workload, on_event, cancel)
+        facts = {
+            "engine": self.name,
+            "target": target.name,
+            **facts,
+            **outcome.engine,
+            "duration_s": round(time.monotonic() - started, 3),
+        }
+        return outcome.model_copy(update={"engine": facts})
+
+    # -- what the driver needs -------------------------------------------------------------
+
+    def _spec(self, workload: Workload, local: dict[str, Any] | None, storage_path: str | None) -> str:
+        s: RaySettings = self.settings  # type: ignore[assignment]
+        return json.dumps(
+            {
+                "workload": workload.model_dump(mode="json"),
+                "local": local,
+                "num_workers": s.num_workers,
+                "use_gpu": s.use_gpu,
+                "resources_per_worker": s.resources_per_worker,
+                "storage_path": storage_path,
+                "max_failures": s.max_failures,
+                "checkpoint_every": s.checkpoint_every,
+                "monitor_interval_s": s.monitor_interval_s,
+                "runtime_env": s.runtime_env,
+            }
+        )
+
+    def _per_worker(self, resource: str, default: float) -> float:
+        s: RaySettings = self.settings  # type: ignore[assignment]
+        return float(s.resources_per_worker.get(resource, default))
+
+    # -- a private local Ray ------------------------------------------------------------------
+
+    def _run_local(self, workload: Workload, on_event, cancel: threading.Event) -> tuple[WorkloadResult, dict[str, Any]]:
+        s: RaySettings = self.settings  # type: ignore[assignment]
+        # Under /tmp, short: Ray's unix socket paths must stay under 108 bytes.
+        tmp = Path(tempfile.mkdtemp(prefix="aiplane-ray-", dir="/tmp"))
+        try:
+            local = {
+                "num_cpus": max(1, int(round(s.num_workers * self._per_worker("CPU", 1)))),
+                "num_gpus": int(s.num_workers * self._per_worker("GPU", 1 if s.use_gpu else 0)),
+                "temp_dir": str(tmp / "ray"),
+            }
+            # A private Ray must not join whatever cluster this process was pointed at.
+            inherited = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+            env = {
+                **inherited,
+                **{k: str(v) for k, v in (s.runtime_env.get("env_vars") or {}).items()},
+                _SPEC_ENV: self._spec(workload, local, s.storage_path or str(tmp / "storage")),
+                "PYTHONUNBUFFERED": "1",
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": _HEALTH_CHECK_S,
+            }
+            reader = _Lines(on_event)
+            # Own session: Ray's processes are the driver's children, so the group is this run's Ray and
+            # nothing else; cancelling, or an exception here (Dagster's run termination), kills the group.
+            proc = stream_process(
+                [sys.executable, "-m", "aiplane.plugins.ray.driver"],
+                reader.feed,
+                cancel,
+                env=env,
+                what=f"workload {workload.name} on a local Ray",
+            )
+            outcome = reader.result(workload, f"the Ray driver (pid {proc.pid}) exited with code {proc.returncode}")
+            return outcome, {"mode": "local", "driver_pid": proc.pid}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- an existing cluster, through Ray Jobs ----------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        s: RaySettings = self.settings  # type: ignore[assignment]
+        return {"Authorization": f"Bearer {s.auth_token.resolve()}"} if s.auth_token else {}
+
+    def _client(self):
+        """A JobSubmissionClient for the dashboard, after a quick probe that fails in seconds, clearly."""
+        import requests
+
+        s: RaySettings = self.settings  # type: ignore[assignment]
+        assert s.address is not None
+        headers = self._headers()
+        try:
+            reply = requests.get(f"{s.address}/api/version", headers=headers, timeout=s.connect_timeout_s)
+        except requests.RequestException as exc:
+            raise WorkloadError(
+                f"Cannot reach the Ray dashboard at {s.address} ({type(exc).__name__}: {exc}). Check the target's "
+                "settings.address (the RayCluster head service's dashboard port, usually 8265) and that the cluster is up."
+            ) from None
+        if reply.status_code in (401, 403):
+            raise ConfigError(
+                f"The Ray dashboard at {s.address} refused the request (HTTP {reply.status_code}): it needs a token. "
+                + (
+                    "The token in settings.auth_token was not accepted."
+                    if s.auth_token
+                    else "Set the target's settings.auth_token, e.g. {env: RAY_AUTH_TOKEN}, and export that variable."
+                )
+            )
+        try:
+            version = reply.json()
+        except ValueError:
+            version = None
+        if reply.status_code != 200 or not isinstance(version, dict) or "ray_version" not in version:
+            raise WorkloadError(
+                f"{s.address} answered HTTP {reply.status_code} to /api/version, not as a Ray dashboard does. "
+                "settings.address must be the dashboard URL of the Ray head, e.g. http://raycluster-head-svc:8265."
+            )
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(s.address, headers=headers or None), version
+
+    def _run_job(self, workload: Workload, on_event, cancel: threading.Event) -> tuple[WorkloadResult, dict[str, Any]]:
+        s: RaySettings = self.settings  # type: ignore[assignment]
+        client, version = self._client()
+        env_vars = {
+            **{k: str(v) for k, v in (s.runtime_env.get("env_vars") or {}).items()},
+            _SPEC_ENV: self._spec(workload, None, s.storage_path),
+            "PYTHONUNBUFFERED": "1",
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": _HEALTH_CHECK_S,
+            # Time for the driver to abort the run gracefully on `stop` before the supervisor kills it.
+            "RAY_JOB_STOP_WAIT_TIME_S": str(int(_GRACE_S)),
+        }
+        job_id = f"aiplane-{workload.name}-{workload.run_id}-{secrets.token_hex(3)}"
+        client.submit_job(
+            entrypoint=f"{shlex.quote(s.python)} -m aiplane.plugins.ray.driver",
+            submission_id=job_id,
+            runtime_env={**s.runtime_env, "env_vars": env_vars},
+            metadata={"aiplane_workload": workload.name, "aiplane_run_id": workload.run_id},
+        )
+        on_event(Event(type="log", message=f"submitted Ray job {job_id} to {s.address}"))
+        reader = _Lines(on_event)
+        try:
+            status = self._follow(client, job_id, reader, cancel)
+        except BaseException:
+            _stop_job(client, job_id)
+            raise
+        facts = {"mode": "job", "address": s.address, "ray_submission_id": job_id, "ray_version": version.get("ray_version")}
+        if reader.payload is None:
+            info = client.get_job_info(job_id)
+            raise WorkloadError(
+                f"Ray job {job_id} ended {status} without a result: {info.message or 'no message'}. "
+                "Last output:\n" + "\n".join(reader.tail)
+            )
+        return reader.result(workload, f"Ray job {job_id} ended {status}"), facts
+
+    @staticmethod
+    def _follow(client, job_id: str, reader: "_Lines", cancel: threading.Event) -> str:
+        """Stream the job's logs into ``reader`` until the result line or the job's end; the job's status.
+
+        The result line is the driver's last word: the seconds it then takes to shut
+        down and for Ray to mark the job finished are not waited for.
+        """
+        chunks: queue.Queue[Any] = queue.Queue()
+
+        def tail() -> None:
+            async def follow() -> None:
+                async for chunk in client.tail_job_logs(job_id):
+                    chunks.put(chunk)
+
+            try:
+                asyncio.run(follow())
+            except Exception as exc:  # no websocket through this proxy: fall back to polling
+                chunks.put(exc)
+            chunks.put(None)
+
+        threading.Thread(target=tail, name=f"tail-{job_id}", daemon=True).start()
+        polling, status, next_status = False, "PENDING", 0.0
+        while True:
+            if cancel.is_set():
+                raise WorkloadCancelled(f"Ray job {job_id} was cancelled")
+            if reader.payload is not None:
+                return "RESULT"
+            now = time.monotonic()
+            if now >= next_status:
+                status, next_status = str(client.get_job_status(job_id).value), now + 1.0
+            if polling:
+                reader.feed_text(client.get_job_logs(job_id)[reader.consumed :])
+                if status in _TERMINAL:
+                    reader.feed_text(client.get_job_logs(job_id)[reader.consumed :], final=True)
+                    return status
+                time.sleep(0.5)
+                continue
+            try:
+                chunk = chunks.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if isinstance(chunk, Exception):
+                polling = True
+            elif chunk is None:
+                if not polling:
+                    reader.feed_text("", final=True)
+                    return str(client.get_job_status(job_id).value)
+            else:
+                reader.feed_text(chunk)
+
+
+class _Lines:
+    """Turns driver output into events, keeps the last lines for errors, and catches the result line."""
+
+    def __init__(self, on_event: Callable[[Event], None]):
+        self.on_event = on_event
+        self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL)
+        self.payload: str | None = None
+        self.consumed = 0
+        self._partial = ""
+
+    def feed_text(self, text: str, final: bool = False) -> None:
+        self.consumed += len(text)
+        text = self._partial + text
+        lines = text.split("\n")
+        self._partial = "" if final else lines.pop()
+        for line in lines:
+            if line:
+                self.feed(line)
+
+    def feed(self, line: str) -> None:
+        line = line.rstrip("\n")
+        if line.startswith(_RESULT_PREFIX):
+            self.payload = line[len(_RESULT_PREFIX) :]
+            return
+        event = parse_event(line)
+        if event.type == "log":
+            self.tail.append(event.message)
+        self.on_event(event)
+
+    def result(self, workload: Workload, how: str) -> WorkloadResult:
+        if self.payload is None:
+            raise WorkloadError(
+                f"Workload {workload.name} ({workload.run_id}): {how} and no result. Last output:\n" + "\n".join(self.tail)
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp, "result.json")
+            path.write_text(self.payload)
+            return read_result(path, workload)
+
+
+def _stop_job(client, job_id: str, wait_s: float = _GRACE_S + 10) -> None:
+    """Stop the job and wait until Ray says it ended, so its actors and placement groups are gone."""
+    try:
+        client.stop_job(job_id)
+    except Exception:
+        return
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            if str(client.get_job_status(job_id).value) in _TERMINAL:
+                return
+        except Exception:
+            return
+        time.sleep(0.2)

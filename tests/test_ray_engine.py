@@ -1,0 +1,436 @@
+"""The ``ray`` engine: real LoRA training on Ray Train, against a real Ray head started here.
+
+The module's head is ``ray start --head --block`` with a temp dir and free ports,
+in its own session, stopped by its process group at the end; never ``ray stop``.
+"""
+
+from __future__ import annotations
+
+import http.server
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from aiplane.core.config import Target
+from aiplane.core.errors import ConfigError, WorkloadCancelled, WorkloadError
+from aiplane.core.plugins import Registry
+from aiplane.core.records import AdapterRecord
+from aiplane.core.sample import generate_tickets, to_features
+from aiplane.core.workload import Event, Runtime, Workload, WorkloadContext
+from aiplane.plugins.peft.base_model import build_tiny_granite, resolve
+from aiplane.plugins.peft.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+CRDS = REPO.parent / "shared" / "crds"
+TARGET = Target(name="ray", engine="ray", region="eu")
+TOKEN_ENV = "AIPLANE_TEST_RAY_TOKEN"
+# 120 steps of a global batch of 8 (4 blocks per worker): a few seconds of training, long
+# enough to kill a worker after the first checkpoint and still be mid-run.
+SETTINGS = dict(
+    r=8, alpha=16, target_modules=["q_proj", "v_proj"], max_steps=120, batch_size=8, seq_len=64,
+    learning_rate=0.01, seed=0, eval_limit=8, log_every=10, max_new_tokens=4,
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A real single-node Ray head with its dashboard on a free port; its URL."""
+    # Short and under /tmp: Ray's unix socket paths must stay under 108 bytes.
+    temp = Path(f"/tmp/aiplane-test-ray-{os.getpid()}")
+    temp.mkdir(exist_ok=True)
+    dashboard = _free_port()
+    ports = {
+        "port": _free_port(), "dashboard-port": dashboard, "dashboard-agent-listen-port": _free_port(),
+        "dashboard-agent-grpc-port": _free_port(), "metrics-export-port": _free_port(),
+        "runtime-env-agent-port": _free_port(), "ray-client-server-port": _free_port(),
+        "node-manager-port": _free_port(), "object-manager-port": _free_port(),
+    }
+    ray_cli = Path(sys.executable).parent / "ray"
+    cmd = [str(ray_cli), "start", "--head", "--block", "--num-cpus=2", f"--temp-dir={temp}",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--disable-usage-stats"]
+    cmd += [f"--{k}={v}" for k, v in ports.items()]
+    log = open(temp / "head.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
+    token_file = Path.home() / ".ray" / "auth_token"
+    try:
+        import requests
+
+        def up() -> bool:
+            try:
+                return requests.get(f"{url}/api/version", timeout=1).status_code in (200, 401)
+            except requests.RequestException:
+                return False
+
+        assert _wait(up, 60), (temp / "head.log").read_text()
+        os.environ[TOKEN_ENV] = token_file.read_text().strip()
+        yield url
+    finally:
+        os.environ.pop(TOKEN_ENV, None)
+        for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # what `ray start` left of its group
+        except ProcessLookupError:
+            pass
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ray-home")
+
+
+@pytest.fixture(scope="module")
+def inputs(home):
+    import pyarrow as pa
+
+    base = resolve(str(build_tiny_granite(home / "tiny-granite")), str(home))
+    store = Registry().create(
+        "feature store", "iceberg",
+        {"catalog_uri": f"sqlite:///{home}/catalog.db", "warehouse": str(home / "warehouse")},
+    )
+    rows = to_features(generate_tickets(300))
+    return base, store.publish(pa.Table.from_pylist(rows), "tickets"), rows
+
+
+def _workload(inputs, root: Path, **change) -> Workload:
+    base, features, _ = inputs
+    return Registry().create("trainer", "lora", {**SETTINGS, **change}).workload(base, features, str(root))
+
+
+def _engine(head: str | None, **settings):
+    auth = {"auth_token": {"env": TOKEN_ENV}} if head else {}
+    return Registry().engine(
+        "ray", {"address": head, "num_workers": 2, "checkpoint_every": 20, "python": sys.executable, **auth, **settings}
+    )
+
+
+def _headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"}
+
+
+def _state(head: str, resource: str) -> list:
+    from ray.util.state.api import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
+
+    client = StateApiClient(address=head, headers=_headers())
+    return client.list(StateResource(resource), options=ListApiOptions(limit=1000), raise_on_missing_output=False)
+
+
+class _Recorder:
+    def __init__(self):
+        self.events: list[Event] = []
+        self.pids: dict[int, int] = {}
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        if event.message.startswith("ray worker rank "):
+            words = event.message.split()
+            self.pids[int(words[3])] = int(words[6])
+
+    def logs(self, prefix: str) -> list[str]:
+        return [e.message for e in self.events if e.type == "log" and e.message.startswith(prefix)]
+
+
+@pytest.fixture(scope="module")
+def two_workers(head, inputs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("artifacts-2w")
+    recorder = _Recorder()
+    storage = tmp_path_factory.mktemp("storage-2w")
+    result = _engine(head, storage_path=str(storage)).run(_workload(inputs, root), TARGET, recorder)
+    return result, recorder, root, storage
+
+
+def test_two_workers_train_one_adapter_as_a_ray_job_on_the_cluster(two_workers, inputs):
+    result, recorder, root, storage = two_workers
+    adapter = result.outputs["adapter"]
+    assert isinstance(adapter, AdapterRecord)
+    assert [p.name for p in (root / "adapters").iterdir()] == [adapter.digest.removeprefix("sha256:")]
+    assert adapter.metrics["world_size"] == 2
+    assert adapter.metrics["train_loss_last"] < adapter.metrics["train_loss_first"] - 0.3
+    assert sorted(recorder.pids) == [0, 1]
+    # Progress streamed back from the job's logs as it happened: rank 0's metrics, every log_every steps.
+    steps = [e.step for e in recorder.events if e.type == "metric" and e.name == "train_loss"]
+    assert steps == list(range(10, SETTINGS["max_steps"] + 1, 10))
+    facts = result.engine
+    assert facts["mode"] == "job" and facts["ray_submission_id"].startswith("aiplane-train-adapter-")
+    assert facts["num_workers"] == 2 and facts["attempts"] == 1 and facts["ray_job_id"]
+    assert len(facts["workers"]) == 2
+    for worker in facts["workers"].values():
+        assert worker["samples"] >= 1 and worker["cpu_percent_peak"] >= worker["cpu_percent_mean"] > 0
+        assert worker["rss_mb_peak"] > 100 and "gpu_util_percent_mean" not in worker
+        assert _gone(worker["pid"])
+    assert facts["cpu_hours"] > 0 and facts["gpu_hours"] == 0
+    assert facts["tokens_per_s"] == result.metrics["tokens_per_s"] > 0
+    # Checkpoints were written during the run and the run's directory went with it.
+    assert recorder.logs("checkpoint at step 20/")
+    assert not any(storage.iterdir())
+
+
+def test_two_workers_take_the_same_steps_as_one_process(two_workers, inputs, tmp_path):
+    """The batch is global: the ranks split it, so the loss curve is the single-process one."""
+    base, features, rows = inputs
+    ctx = WorkloadContext(Workload(name="train-adapter", entrypoint="x:y"), lambda e: None)
+    single = train(base, features, rows, SETTINGS, str(tmp_path), ctx)
+    distributed = dict(two_workers[0].outputs["adapter"].metrics["loss_curve"])
+    for step, loss in single.metrics["loss_curve"]:
+        assert math.isclose(distributed[step], loss, rel_tol=2e-3), step
+
+
+def test_killed_worker_is_replaced_and_training_resumes_from_its_checkpoint(head, inputs, two_workers, tmp_path):
+    recorder = _Recorder()
+    killed: list[int] = []
+
+    def on_event(event: Event) -> None:
+        recorder(event)
+        if event.message.startswith("checkpoint at step") and not killed:
+            killed.append(recorder.pids[1])
+            os.kill(recorder.pids[1], signal.SIGKILL)
+
+    storage = tmp_path / "storage"
+    result = _engine(head, storage_path=str(storage)).run(_workload(inputs, tmp_path / "artifacts"), TARGET, on_event)
+    adapter = result.outputs["adapter"]
+    resumed = recorder.logs("resumed from checkpoint at step ")
+    assert killed and len(resumed) == 1
+    step = int(resumed[0].split()[-1].split("/")[0])
+    assert step % 20 == 0 and 20 <= step < SETTINGS["max_steps"]
+    assert adapter.metrics["resumed_from_step"] == step
+    assert result.engine["attempts"] == 2 and len(recorder.pids) == 2 and recorder.pids[1] != killed[0]
+    # Resumed weights, optimizer and batch order: the very adapter the uninterrupted run published, once.
+    assert adapter.digest == two_workers[0].outputs["adapter"].digest
+    assert [p.name for p in (tmp_path / "artifacts" / "adapters").iterdir()] == [adapter.digest.removeprefix("sha256:")]
+    assert not any((tmp_path / "artifacts" / ".staging").iterdir())
+    assert not storage.exists() or not any(storage.iterdir())
+
+
+def test_cancel_stops_the_ray_job_and_leaves_no_actors_or_placement_groups(head, inputs, tmp_path):
+    cancel = threading.Event()
+    recorder = _Recorder()
+
+    def on_event(event: Event) -> None:
+        recorder(event)
+        if event.type == "metric" and event.name == "train_loss":
+            cancel.set()
+
+    workload = _workload(inputs, tmp_path / "artifacts", max_steps=100000)
+    started = time.monotonic()
+    with pytest.raises(WorkloadCancelled):
+        _engine(head).run(workload, TARGET, on_event, cancel)
+    assert time.monotonic() - started < 120
+    jobs = [j for j in _state(head, "jobs") if (j.submission_id or "").startswith(f"aiplane-train-adapter-{workload.run_id}")]
+    assert [j.status for j in jobs] == ["STOPPED"]
+    assert _wait(lambda: not _live_actors(head), 30), _live_actors(head)
+    assert _wait(lambda: not [g for g in _state(head, "placement_groups") if g.state != "REMOVED"], 30)
+    assert all(_wait(lambda pid=pid: _gone(pid), 10) for pid in recorder.pids.values())
+    assert not (tmp_path / "artifacts" / "adapters").exists()
+
+
+def test_local_address_trains_on_a_private_ray_that_is_gone_afterwards(inputs, tmp_path):
+    recorder = _Recorder()
+    engine = Registry().engine("ray", {"address": "local", "num_workers": 1, "resources_per_worker": {"CPU": 2}})
+    result = engine.run(_workload(inputs, tmp_path / "artifacts", max_steps=20), TARGET, recorder)
+    facts = result.engine
+    assert facts["mode"] == "local" and facts["num_workers"] == 1 and facts["ray_init_s"] > 0
+    assert Path(result.outputs["adapter"].uri).is_dir()
+    # The driver's session held this run's Ray: nothing of it is left.
+    leftover = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == facts["driver_pid"]]
+    assert leftover == []
+    assert all(_wait(lambda pid=w["pid"]: _gone(pid), 10) for w in facts["workers"].values())
+
+
+def _live_actors(head: str) -> list[str]:
+    # Ray Train's AutoscalingCoordinator is a detached singleton of the cluster that every run
+    # shares (get_if_exists), not something a run owns; everything else must be dead.
+    return [
+        f"{a.class_name} {a.state}" for a in _state(head, "actors")
+        if a.state != "DEAD" and a.name != "AutoscalingCoordinator"
+    ]
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def test_unreachable_head_fails_within_seconds_and_writes_nothing(inputs, tmp_path):
+    engine = Registry().engine("ray", {"address": f"http://127.0.0.1:{_free_port()}", "connect_timeout_s": 3})
+    started = time.monotonic()
+    with pytest.raises(WorkloadError, match=r"Cannot reach the Ray dashboard at http://127\.0\.0\.1:\d+ .*settings\.address"):
+        engine.run(_workload(inputs, tmp_path / "artifacts"), TARGET, lambda e: None)
+    assert time.monotonic() - started < 10
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_address_that_is_not_a_dashboard_or_refuses_without_token_is_explained(inputs, tmp_path):
+    replies = {"/api/version": 401}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(replies.get(self.path, 404))
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(ConfigError, match=r"needs a token\. Set the target's settings\.auth_token"):
+            Registry().engine("ray", {"address": address}).run(_workload(inputs, tmp_path), TARGET, lambda e: None)
+        replies.clear()
+        with pytest.raises(WorkloadError, match=r"answered HTTP 404 to /api/version, not as a Ray dashboard does"):
+            Registry().engine("ray", {"address": address}).run(_workload(inputs, tmp_path), TARGET, lambda e: None)
+    finally:
+        server.shutdown()
+    assert not (tmp_path / "adapters").exists()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"address": "raycluster-head-svc:8265"}, "address must be 'local' or the Ray dashboard URL"),
+        ({"address": "ray://head:10001"}, "address must be 'local' or the Ray dashboard URL"),
+        ({"num_workers": 0}, "num_workers must be >= 1"),
+        ({"max_failures": -2}, "max_failures must be >= -1"),
+        ({"auth_token": "abc"}, "auth_token"),
+        ({"workers": 2}, "(?i)workers: unknown setting"),
+    ],
+)
+def test_invalid_settings_are_config_errors_before_anything_runs(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        Registry().engine("ray", settings)
+
+
+class _Checkpoints(Runtime):
+    """A runtime that keeps checkpoints in a directory and can crash right after keeping one."""
+
+    def __init__(self, store: Path, crash_at: int | None = None):
+        self.store, self.crash_at, self.checkpoint_every = store, crash_at, 5
+
+    def report(self, metrics, checkpoint_dir=None):
+        if checkpoint_dir is not None:
+            shutil.rmtree(self.store, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, self.store)
+        if metrics["step"] == self.crash_at:
+            raise RuntimeError("worker lost")
+
+    def latest_checkpoint(self):
+        return self.store if self.store.exists() else None
+
+
+def test_training_resumed_from_a_checkpoint_ends_with_the_uninterrupted_adapter(inputs, tmp_path):
+    base, features, rows = inputs
+    settings = {**SETTINGS, "max_steps": 20}
+    workload = Workload(name="train-adapter", entrypoint="x:y")
+
+    def run(runtime: Runtime, root: Path) -> AdapterRecord:
+        return train(base, features, rows, settings, str(root), WorkloadContext(workload, lambda e: None, runtime=runtime))
+
+    whole = run(_Checkpoints(tmp_path / "a"), tmp_path / "whole")
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run(_Checkpoints(tmp_path / "b", crash_at=10), tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "adapters").exists()
+    resumed = run(_Checkpoints(tmp_path / "b"), tmp_path / "resumed")
+    assert resumed.metrics["resumed_from_step"] == 10
+    assert resumed.digest == whole.digest
+    assert resumed.metrics["loss_curve"] == whole.metrics["loss_curve"]
+
+
+def test_default_runtime_is_one_process_that_keeps_no_checkpoints():
+    ctx = WorkloadContext(Workload(name="w", entrypoint="x:y"), lambda e: None)
+    assert (ctx.rank, ctx.world_size, ctx.is_primary, ctx.checkpoint_every) == (0, 1, True, 0)
+    ctx.report({"step": 1}, Path("/nonexistent"))
+    assert ctx.latest_checkpoint() is None
+
+
+def test_resource_monitor_reports_peak_and_mean_cpu_and_memory_per_worker():
+    from aiplane.plugins.ray.monitor import ResourceMonitor, summarize
+
+    monitor = ResourceMonitor(interval_s=0.05).start()
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        sum(i * i for i in range(10000))
+    summary = monitor.stop()
+    assert summary["samples"] >= 5 and summary["pid"] == os.getpid()
+    assert summary["cpu_percent_peak"] >= summary["cpu_percent_mean"] > 10
+    assert summary["rss_mb_peak"] >= summary["rss_mb_mean"] > 10 and summary["cpu_s"] > 0.2
+    totals = summarize({"a": summary, "b": {**summary, "gpus": 1}})
+    assert totals["cpu_hours"] == pytest.approx(2 * summary["cpu_s"] / 3600, abs=2e-6)
+    assert totals["gpu_hours"] == pytest.approx(summary["wall_s"] / 3600, abs=2e-6)
+
+
+def _raycluster_schema() -> dict:
+    crd = yaml.safe_load((CRDS / "ray.io_rayclusters.yaml").read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return version["schema"]["openAPIV3Schema"]
+
+
+def test_raycluster_manifest_validates_against_the_kuberay_crd():
+    import jsonschema
+
+    manifest = yaml.safe_load((REPO / "deployments" / "openshift-ai" / "raycluster.yaml").read_text())
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayCluster")
+    jsonschema.validate(manifest, _raycluster_schema())
+    [gpu] = manifest["spec"]["workerGroupSpecs"]
+    limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"
+    assert manifest["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+
+
+def test_raycluster_manifest_with_a_worker_group_lacking_its_template_is_rejected():
+    import jsonschema
+
+    manifest = yaml.safe_load((REPO / "deployments" / "openshift-ai" / "raycluster.yaml").read_text())
+    del manifest["spec"]["workerGroupSpecs"][0]["template"]
+    with pytest.raises(jsonschema.ValidationError, match="'template' is a required property"):
+        jsonschema.validate(manifest, _raycluster_schema())
+    manifest = yaml.safe_load((REPO / "deployments" / "openshift-ai" / "raycluster.yaml").read_text())
+    manifest["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0  # must be a string
+    with pytest.raises(jsonschema.ValidationError, match="is not of type 'string'"):
+        jsonschema.validate(manifest, _raycluster_schema())
