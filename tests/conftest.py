@@ -19,3 +19,43 @@ def workload_path(monkeypatch):
 def clean_plugin_env(monkeypatch):
     monkeypatch.delenv("AIPLANE_LOAD_PLUGINS", raising=False)
     monkeypatch.delenv("AIPLANE_DISABLE_PLUGINS", raising=False)
+
+
+# The real CRD schemas live in shared/ beside the checkout (as CI lays it out); AIPLANE_CRDS_DIR overrides.
+CRDS = Path(os.environ.get("AIPLANE_CRDS_DIR") or TESTS.parents[1] / "shared" / "crds")
+
+
+def crd_validator(filename: str, version: str | None = None):
+    """A JSON-schema validator for a CRD's openAPIV3Schema, closed to unknown fields.
+
+    The API server rejects unknown fields (kubectl's default ``--validate=strict``);
+    JSON Schema allows them unless told, so every object that lists its
+    properties is closed, except where the CRD preserves unknown fields.
+    """
+    import jsonschema
+    import yaml
+
+    path = CRDS / filename
+    if not path.is_file():
+        pytest.skip(f"CRD {filename} not found in {CRDS} (set AIPLANE_CRDS_DIR to the shared crds folder)")
+    crd = yaml.safe_load(path.read_text())
+    spec = next(v for v in crd["spec"]["versions"] if (v["name"] == version if version else v.get("storage")))
+    schema = spec["schema"]["openAPIV3Schema"]
+
+    def strict(node):
+        if isinstance(node, dict):
+            if (
+                node.get("type") == "object"
+                and "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
+                node["additionalProperties"] = False
+            for value in node.values():
+                strict(value)
+        elif isinstance(node, list):
+            for value in node:
+                strict(value)
+        return node
+
+    return jsonschema.Draft202012Validator(strict(schema))

@@ -14,6 +14,7 @@ import psutil
 import pytest
 import yaml
 
+from conftest import crd_validator
 from aiplane.core.config import Target
 from aiplane.core.errors import ConfigError, InputError, WorkloadCancelled, WorkloadError
 from aiplane.core.plugins import Registry
@@ -25,7 +26,6 @@ from aiplane.plugins.kfp.settings import KfpSettings
 from _kfp_contract_server import FakeKfp
 
 REPO = Path(__file__).resolve().parents[1]
-CRD = Path(__file__).parents[2] / "shared" / "crds" / "datasciencepipelinesapplications.opendatahub.io_datasciencepipelinesapplications.yaml"
 LOCAL = Target(name="kfp-local", engine="kfp", region="eu")
 REMOTE = Target(name="kfp", engine="kfp", region="eu")
 IMAGE = "quay.io/example/aiplane:0.1.0"
@@ -415,26 +415,7 @@ def test_token_never_appears_in_logs_events_results_or_the_spec(fake, tmp_path, 
 
 
 def _dspa_validator():
-    import jsonschema
-
-    crd = yaml.safe_load(CRD.read_text())
-    schema = next(v for v in crd["spec"]["versions"] if v.get("storage"))["schema"]["openAPIV3Schema"]
-
-    def strict(node):
-        # The API server rejects unknown fields (kubectl's default --validate=strict); JSON Schema
-        # allows them unless told, so close every object that lists its properties.
-        if isinstance(node, dict):
-            if node.get("type") == "object" and "properties" in node and "additionalProperties" not in node \
-                    and not node.get("x-kubernetes-preserve-unknown-fields"):
-                node["additionalProperties"] = False
-            for value in node.values():
-                strict(value)
-        elif isinstance(node, list):
-            for value in node:
-                strict(value)
-        return node
-
-    return jsonschema.Draft202012Validator(strict(schema))
+    return crd_validator("datasciencepipelinesapplications.opendatahub.io_datasciencepipelinesapplications.yaml")
 
 
 def _dspa():
