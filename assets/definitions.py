@@ -183,6 +183,11 @@ def _residency(record: Record) -> tuple[str, ...]:
     group_name=GROUP,
     kinds={"pytorch"},
     automation_condition=on_upstream_data_change(),
+    check_specs=[
+        dg.AssetCheckSpec(
+            "loss_decreased", asset="adapter_weights", description="Training loss at the end is below the start."
+        )
+    ],
     description="LoRA adapter weights trained on the features, in the content-addressed store.",
 )
 def adapter_weights(
@@ -191,7 +196,7 @@ def adapter_weights(
     aiplane: AiplaneResource,
     base_model: BaseModelRecord,
     features: FeaturesRecord,
-) -> dg.Output[AdapterRecord]:
+):
     d = aiplane.config
     inputs = [base_model, features]
     with materialization(aiplane.registry.pm, "adapter_weights", context.run.run_id, inputs, d) as m:
@@ -200,16 +205,24 @@ def adapter_weights(
         result = aiplane.run(context, trainer.workload(base_model, features, str(d.artifact_root())), decision)
         record = m["output"] = _placed(result.outputs["adapter"], decision, result.engine)
     metrics = record.metrics
-    return _output(
+    first, last = metrics.get("train_loss_first"), metrics.get("train_loss_last")
+    yield _output(
         record,
         run_id=record.run_id,
         method=record.method,
-        train_loss_first=metrics.get("train_loss_first"),
-        train_loss_last=metrics.get("train_loss_last"),
+        train_loss_first=first,
+        train_loss_last=last,
         eval_loss=metrics.get("eval_loss"),
         eval_accuracy=metrics.get("eval_accuracy"),
         tokens_per_s=metrics.get("tokens_per_s"),
         steps=metrics.get("steps"),
+    )
+    # A warning, not a gate: an adapter that did not learn still serves, but someone should look.
+    yield dg.AssetCheckResult(
+        check_name="loss_decreased",
+        passed=first is not None and last is not None and last < first,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={k: v for k, v in {"train_loss_first": first, "train_loss_last": last}.items() if v is not None},
     )
 
 

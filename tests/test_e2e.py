@@ -58,9 +58,9 @@ def test_all_five_assets_materialize_with_data_versions_and_lineage_metadata(cha
     assert "eval_accuracy" in adapter.metrics and "eval_loss" in adapter.metrics
 
 
-def test_blocking_feature_checks_pass(chain):
+def test_feature_checks_and_the_training_loss_check_pass(chain):
     checks = {e.check_name: e.passed for e in chain["result"].get_asset_check_evaluations()}
-    assert checks == {"schema": True, "not_empty": True, "residency_tagged": True}
+    assert checks == {"schema": True, "not_empty": True, "residency_tagged": True, "loss_decreased": True}
 
 
 def test_endpoint_answers_a_completion_over_http(chain):
