@@ -98,5 +98,7 @@ def validation_problems(exc, model: type, key_word: str = "key") -> list[str]:
             lines.append(f"{where}: {unknown_name(key_word, str(loc[-1]), allowed, known_as='allowed')}")
             continue
         got = f" (got {err['input']!r})" if err["type"] in ("literal_error", "enum") else ""
-        lines.append(f"{where}: {err['msg']}{got}")
+        # A validator's own ValueError is already written for the user: drop pydantic's "Value error, ".
+        msg = str(err["ctx"]["error"]) if err["type"] == "value_error" and "error" in err.get("ctx", {}) else err["msg"]
+        lines.append(f"{where}: {msg}{got}")
     return lines

@@ -152,3 +152,12 @@ def test_openshift_ai_trains_on_cluster_gpus_and_serves_from_the_orchestrator(tm
     assert "has 0 GPU(s), needs 1" in train.rejected["orchestrator"]
     serve = place(Requirements(workload="serve", sla="interactive", target=d.serving.target), d.targets, d.residency, engines)
     assert serve.target == "orchestrator"
+
+
+def test_a_validators_own_message_reaches_the_user_without_pydantic_prefixes():
+    from aiplane.plugins.iceberg.store import IcebergFeatureStore
+
+    with pytest.raises(ConfigError) as err:
+        IcebergFeatureStore({"catalog_uri": "not a url", "warehouse": "/tmp/w"})
+    assert "catalog_uri: 'not a url' is not a SQLAlchemy URL" in str(err.value)
+    assert "Value error" not in str(err.value)
