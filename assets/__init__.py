@@ -1,7 +1,8 @@
-"""aiplane.assets: the Dagster code location (``workspace.yaml`` loads ``defs`` from here).
+"""aiplane.assets: the Dagster code location (``workspace.yaml``, or ``-m aiplane.assets``, loads ``defs``).
 
 Dagster is imported on first use of these names, so ``aiplane plugins`` works
-where only the core and some plugins are installed.
+where only the core and some plugins are installed. ``__dir__`` lists them, so
+Dagster's module loader (which looks through ``dir(module)``) finds ``defs``.
 """
 
 __all__ = ["defs", "ASSETS", "AiplaneResource", "build_definitions"]
@@ -17,3 +18,7 @@ def __getattr__(name: str):
 
         return AiplaneResource
     raise AttributeError(f"module 'aiplane.assets' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,9 +1,11 @@
-"""``aiplane``: run the whole chain, list plugins, stop the endpoint.
+"""``aiplane``: check a deployment, run the whole chain, list plugins, stop the endpoint.
 
-``aiplane up`` materializes every asset through Dagster on the instance in
-``$DAGSTER_HOME`` (default ``<home>/dagster``, the same one ``dagster dev`` uses
-when started with that ``DAGSTER_HOME``), then prints the endpoint, a sample
-completion, the factsheet and the lineage chain.
+``aiplane up`` runs the preflight, then materializes through Dagster, on the
+instance in ``$DAGSTER_HOME`` (default ``<home>/dagster``, the same one
+``dagster dev`` uses when started with that ``DAGSTER_HOME``), only the assets
+that are missing or stale, and prints the endpoint, a sample completion, the
+factsheet and the lineage chain. A failure prints aiplane's message once, last,
+without a traceback (``--debug`` or ``AIPLANE_DEBUG=1`` shows them).
 """
 
 from __future__ import annotations
@@ -25,6 +27,28 @@ __all__ = ["main"]
 
 SAMPLE_PROMPT = "Ticket: VPN keeps disconnecting. Hello, the VPN client times out; blocking my work today.\nLabel:"
 
+# Written when aiplane creates the instance: nothing leaves the machine, and a run whose
+# process died is marked failed by the daemon under `dagster dev`.
+_INSTANCE_YAML = """\
+telemetry:
+  enabled: false
+run_monitoring:
+  enabled: true
+  poll_interval_seconds: 30
+"""
+
+# The chain after the sources, each asset with the assets it reads.
+_DOWNSTREAM = (
+    ("adapter_weights", ("base_model", "features")),
+    ("served_endpoint", ("adapter_weights",)),
+    ("factsheet", ("served_endpoint",)),
+)
+_SOURCES = ("base_model", "features")
+
+
+def _debug(args: argparse.Namespace | None = None) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("AIPLANE_DEBUG", "") not in ("", "0")
+
 
 def _instance(home: Path):
     from dagster import DagsterInstance
@@ -33,8 +57,10 @@ def _instance(home: Path):
         os.environ["DAGSTER_HOME"] = str(home / "dagster")
     dagster_home = Path(os.environ["DAGSTER_HOME"])
     dagster_home.mkdir(parents=True, exist_ok=True)
-    # An empty dagster.yaml: the default instance (SQLite under DAGSTER_HOME), without Dagster warning about it.
-    (dagster_home / "dagster.yaml").touch()
+    config = dagster_home / "dagster.yaml"
+    if not config.exists() or not config.read_text().strip():
+        # The default instance (SQLite under DAGSTER_HOME) with telemetry off; a user's own file is kept.
+        config.write_text(_INSTANCE_YAML)
     return DagsterInstance.get()
 
 
@@ -46,30 +72,161 @@ def complete(url: str, model: str, prompt: str, max_tokens: int = 8, timeout: fl
         return json.loads(resp.read())["choices"][0]["text"]
 
 
-def _up(args: argparse.Namespace) -> int:
-    from dagster import AssetKey
+def _console_logger(debug: bool):
+    """Dagster's console log, one line per record: progress reads as progress, and a failure's
+    error and stack trace are left to the one final message (``--debug`` keeps them)."""
+    import logging
 
-    from .definitions import build_definitions
-    from .resource import AiplaneResource
+    import dagster as dg
+
+    class OneLine(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            text = super().format(record)
+            return text if debug else text.split("\n", 1)[0]
+
+    @dg.logger(
+        dg.Field({"log_level": dg.Field(str, is_required=False, default_value="INFO")}, is_required=False),
+        description="aiplane's console log for `aiplane up`.",
+    )
+    def console(init_context) -> logging.Logger:
+        log = logging.Logger("aiplane.up", level=init_context.logger_config["log_level"])
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(OneLine("%(asctime)s - %(levelname)s - %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        return log
+
+    return console
+
+
+class _RunFailed(Exception):
+    """A Dagster run of ``up`` failed; the message is aiplane's, ready to print."""
+
+
+def _check(args: argparse.Namespace) -> int:
+    from aiplane.core.preflight import preflight
 
     deployment = load_deployment(args.deployment or None)
-    instance = _instance(deployment.home)
-    defs = build_definitions(AiplaneResource(deployment=args.deployment, home=str(deployment.home)))
-    job = defs.resolve_implicit_global_asset_job_def()
-    # INFO, not Dagster's DEBUG default: the run log then reads as progress (loss, tokens/s), not event plumbing.
-    run_config: dict = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-    if args.train_target:
-        run_config["ops"] = {"adapter_weights": {"config": {"target": args.train_target}}}
-    result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=run_config)
-    if not result.success:
-        failures = [e for e in result.all_events if e.is_failure]
-        for event in failures:
-            err = event.step_failure_data.error if event.step_failure_data else None
-            print(f"FAILED {event.step_key}: {err.message.strip() if err else event.message}", file=sys.stderr)
+    problems = preflight(deployment, Registry(), _pins(args))
+    if problems:
+        print(f"{deployment.source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
         return 1
-    endpoint: EndpointRecord = result.asset_value(AssetKey("served_endpoint"))
-    sheet: FactsheetRecord = result.asset_value(AssetKey("factsheet"))
-    print(f"Dagster run:  {result.run_id} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
+    print(
+        f"{deployment.source}: ok: {len(deployment.targets)} target(s) "
+        f"({', '.join(t.name for t in deployment.targets)}); feature store {deployment.feature_store.name}, "
+        f"trainer {deployment.trainer.name}, serving {deployment.serving.name}, factsheet {deployment.factsheet.name}"
+    )
+    return 0
+
+
+def _pins(args: argparse.Namespace) -> dict[str, str]:
+    return {"trainer": args.train_target} if getattr(args, "train_target", "") else {}
+
+
+def _recover(instance, deployment, registry: Registry) -> None:
+    """End what a killed ``aiplane up`` left: runs stuck in STARTED, their open lineage, workload temp dirs."""
+    from aiplane.core.plugins import notify_error
+    from aiplane.core.processes import sweep_orphaned_workdirs
+
+    from .state import fail_orphaned_runs
+
+    def on_step_orphaned(step: str, run_id: str, error: Exception) -> None:
+        notify_error(registry.pm, step, run_id, error, deployment)
+
+    for run_id in fail_orphaned_runs(instance, on_step_orphaned):
+        print(f"Marked run {run_id} failed: the process running it died before it finished.", file=sys.stderr)
+    for path in sweep_orphaned_workdirs():
+        print(f"Removed {path}, left by a workload whose process died.", file=sys.stderr)
+
+
+def _up(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from aiplane.core.preflight import preflight, raise_for_problems
+    from aiplane.core.storage import Storage
+
+    from .definitions import EndpointConfig, TargetConfig, build_definitions
+    from .resource import AiplaneResource
+    from .state import PID_TAG, latest_record, pid_tag, spec_digest, staleness
+
+    deployment = load_deployment(args.deployment or None)
+    registry = Registry()
+    raise_for_problems(deployment, preflight(deployment, registry, _pins(args)))
+    instance = _instance(deployment.home)
+    _recover(instance, deployment, registry)
+
+    defs = build_definitions(
+        AiplaneResource(deployment=args.deployment, home=str(deployment.home)),
+        loggers={"console": _console_logger(_debug(args))},
+    )
+    job = defs.resolve_implicit_global_asset_job_def()
+    configs = {
+        "adapter_weights": TargetConfig(target=args.train_target).model_dump(),
+        "served_endpoint": EndpointConfig().model_dump(),
+        "factsheet": TargetConfig().model_dump(),
+    }
+    # INFO, not Dagster's DEBUG default: the run log then reads as progress (loss, tokens/s), not event plumbing.
+    run_config: dict = {
+        "loggers": {"console": {"config": {"log_level": "INFO"}}},
+        "ops": {name: {"config": config} for name, config in configs.items()},
+    }
+    tags = {PID_TAG: pid_tag()}
+
+    def execute(selection: list[str]) -> str:
+        wanted = set(selection)
+        ops = {k: v for k, v in run_config["ops"].items() if k in wanted}
+        result = job.execute_in_process(
+            instance=instance,
+            raise_on_error=False,
+            run_config={**run_config, "ops": ops},
+            asset_selection=[dg.AssetKey(k) for k in selection],
+            tags=tags,
+        )
+        if not result.success:
+            if _interrupted(result):
+                raise KeyboardInterrupt  # Ctrl-C reached Dagster first; the run is already stopped
+            raise _RunFailed(_failure_message(result, _debug(args)))
+        return result.run_id
+
+    def version(key: str) -> str | None:
+        entry = instance.get_latest_materialization_event(dg.AssetKey(key))
+        return (entry.tags or {}).get("dagster/data_version") if entry else None
+
+    status: dict[str, str] = {}
+    run_ids = []
+    if args.force:
+        run_ids.append(execute([*_SOURCES, *(a for a, _ in _DOWNSTREAM)]))
+        status = {a: "materialized (--force)" for a in (*_SOURCES, *(a for a, _ in _DOWNSTREAM))}
+    else:
+        # The sources are cheap and idempotent: the base model is resolved, the features
+        # published (identical rows make no new snapshot). Their data versions then say
+        # what downstream must be redone.
+        before = {k: version(k) for k in _SOURCES}
+        run_ids.append(execute(list(_SOURCES)))
+        for key in _SOURCES:
+            status[key] = "up to date (data version unchanged)" if version(key) == before[key] else "new data version"
+        stale: dict[str, str] = {}
+        for asset, deps in _DOWNSTREAM:
+            upstream = next((d for d in deps if d in stale), None)
+            why = f"{upstream} is re-materialized" if upstream else staleness(
+                instance, asset, deps, spec_digest(deployment, asset, configs[asset])
+            )
+            if why is None and asset == "served_endpoint":
+                why = _endpoint_down(instance, deployment, registry)
+            if why:
+                stale[asset] = why
+        if stale:
+            run_ids.append(execute(list(stale)))
+        for asset, _ in _DOWNSTREAM:
+            status[asset] = f"materialized ({stale[asset]})" if asset in stale else "up to date (inputs and settings unchanged)"
+
+    endpoint = latest_record(instance, "served_endpoint")
+    sheet = latest_record(instance, "factsheet")
+    assert isinstance(endpoint, EndpointRecord) and isinstance(sheet, FactsheetRecord)
+    for key, what in status.items():
+        print(f"{key:16} {what}")
+    print(f"Dagster run:  {', '.join(run_ids)} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
     print(f"Endpoint:     {endpoint.url}  (model {endpoint.model_name}; stop it with `aiplane stop`)")
     if "openai-completions" in endpoint.protocols:
         try:
@@ -79,16 +236,93 @@ def _up(args: argparse.Namespace) -> int:
     print(f"Factsheet:    {sheet.uri}")
     print(f"              {sheet.page_uri}")
     print("Lineage:")
-    for step in json.loads(Path(sheet.uri).read_text())["lineage"]:
+    # The factsheet may be in object storage; its JSON says the chain.
+    for step in json.loads(Storage(deployment.storage.s3).read_bytes(sheet.uri))["lineage"]:
         print(f"  {step['kind']:16} {step['digest']:80} {step['uri']}")
     print(f"  {'factsheet':16} {sheet.digest:80} {sheet.uri}")
     return 0
 
 
+def _endpoint_down(instance, deployment, registry: Registry) -> str | None:
+    """Why the last endpoint must be deployed again (its server is gone), or ``None``."""
+    from .state import latest_record
+
+    record = latest_record(instance, "served_endpoint")
+    if not isinstance(record, EndpointRecord):
+        return "never materialized"
+    settings = deployment.serving.settings if deployment.serving.name == record.serving else None
+    running = registry.create("serving target", record.serving, settings).running(record)
+    return "its server is not running" if running is False else None
+
+
+def _failure_message(result, debug: bool) -> str:
+    """aiplane's own message for a failed run: each failed step and failed blocking check, once."""
+    from dagster import DagsterEventType
+
+    lines: list[str] = []
+    failed_checks = set()
+    for event in result.all_events:
+        data = event.event_specific_data
+        if event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION and not data.passed and data.blocking:
+            failed_checks.add(data.asset_key.to_user_string())
+            reason = data.description or ", ".join(f"{k}={v.value}" for k, v in data.metadata.items())
+            lines.append(f"{data.asset_key.to_user_string()}: check {data.check_name} failed: {reason}")
+        elif event.event_type in (DagsterEventType.STEP_FAILURE, DagsterEventType.RESOURCE_INIT_FAILURE):
+            error = getattr(data, "error", None)
+            if error is None or event.step_key in failed_checks:
+                continue  # a failed check above says why
+            lines.append(f"{event.step_key or 'resources'}: {_error_text(error, debug)}")
+    if not lines:
+        # No step said why (the run failed around them): the run's own error, if it has one.
+        run_failure = next((e for e in result.all_events if e.event_type == DagsterEventType.RUN_FAILURE), None)
+        error = getattr(getattr(run_failure, "event_specific_data", None), "error", None)
+        if error is not None:
+            lines.append(f"run: {_error_text(error, debug)}")
+    return "\n".join(dict.fromkeys(lines)) or "the Dagster run failed; see its log above"
+
+
+def _interrupted(result) -> bool:
+    """Whether the run ended because this process was interrupted (Ctrl-C), not because a step failed."""
+    for event in result.all_events:
+        error = getattr(event.event_specific_data, "error", None)
+        while error is not None:
+            if error.cls_name == "DagsterExecutionInterruptedError":
+                return True
+            error = error.cause
+    return False
+
+
+def _error_text(error, debug: bool) -> str:
+    """The innermost error's message: aiplane's, not the wrapping Dagster error's."""
+    if debug:
+        return error.to_string()
+    while error.cause is not None:
+        error = error.cause
+    message = error.message.strip()
+    prefix = f"{error.cls_name}: "
+    # SerializableErrorInfo writes "module.ClassName: message".
+    head, sep, rest = message.partition(": ")
+    if sep and head.rsplit(".", 1)[-1] == error.cls_name:
+        message = rest
+    return message if error.cls_name in _AIPLANE_ERRORS else prefix + message
+
+
+_AIPLANE_ERRORS = {
+    "AiplaneError", "ConfigError", "PluginError", "PlacementError", "InputError", "WorkloadError", "WorkloadCancelled",
+}  # fmt: skip
+
+
 def _plugins(args: argparse.Namespace) -> int:
     registry = Registry()
     for p in registry.plugins():
-        print(f"{p.name:14} {p.distribution or '-'}-{p.version or '-'}  {', '.join(p.hooks)}")
+        state = ""
+        if p.disabled_by == "AIPLANE_DISABLE_PLUGINS":
+            state = "  DISABLED: AIPLANE_DISABLE_PLUGINS names it"
+        elif p.disabled_by:
+            state = f"  DISABLED: {p.disabled_by} does not name it"
+        print(f"{p.name:14} {p.distribution or '-'}-{p.version or '-'}  {', '.join(p.hooks)}{state}")
+        if p.components:
+            print(f"{'':14} provides {', '.join(f'{kind} {name!r}' for kind, name in p.components)}")
     for b in registry.broken:
         print(f"{b.name:14} {b.distribution or '-'}-{b.version or '-'}  BROKEN: {b.error}")
     return 0
@@ -105,28 +339,41 @@ def _stop(args: argparse.Namespace) -> int:
         return 0
     record = record_from_json(event.asset_materialization.metadata["record"].value)
     settings = deployment.serving.settings if deployment.serving.name == record.serving else None
-    Registry().create("serving target", record.serving, settings).stop(record)
-    print(f"Stopped {record.model_name} at {record.url}")
+    # A target that predates stop()'s bool return answers None: it stopped, as far as it can tell.
+    if Registry().create("serving target", record.serving, settings).stop(record) is False:
+        print(f"{record.model_name} at {record.url} was not running; nothing to stop.")
+    else:
+        print(f"Stopped {record.model_name} at {record.url}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aiplane", description=__doc__.splitlines()[0])
     parser.add_argument("--deployment", default=os.environ.get("AIPLANE_DEPLOYMENT", ""), help="deployment name or path (default: local)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (also AIPLANE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="materialize the whole chain and show the result")
+    check = sub.add_parser("check", help="check the deployment, pins, ports and model before anything runs")
+    check.add_argument("--train-target", default="", help="check training pinned to this deployment target")
+    check.set_defaults(fn=_check)
+    up = sub.add_parser("up", help="materialize what is missing or stale and show the result")
     up.add_argument("--train-target", default="", help="pin training to this deployment target (placement still checks it)")
+    up.add_argument("--force", action="store_true", help="materialize every asset, even those up to date")
     up.set_defaults(fn=_up)
-    sub.add_parser("plugins", help="list installed plugins").set_defaults(fn=_plugins)
+    sub.add_parser("plugins", help="list installed plugins and the components they provide").set_defaults(fn=_plugins)
     sub.add_parser("stop", help="stop the served endpoint").set_defaults(fn=_stop)
     args = parser.parse_args(argv)
     # Output(data_version=...) is how the assets version their data; Dagster's beta label is noise here.
     warnings.filterwarnings("ignore", message=".*data_version.*beta", category=Warning)
     try:
         return args.fn(args)
-    except AiplaneError as exc:
+    except (AiplaneError, _RunFailed) as exc:
+        if _debug(args):
+            raise
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
+    except KeyboardInterrupt:
+        print("aiplane: cancelled (Ctrl-C); the run in progress was stopped, its workloads with it.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

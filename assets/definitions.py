@@ -13,7 +13,8 @@ from typing import Any
 import dagster as dg
 
 from aiplane.core.components import FEATURE_COLUMNS
-from aiplane.core.plugins import materialization
+from aiplane.core.placement import normalize_tag, unknown_tags
+from aiplane.core.plugins import materialization, notify_error
 from aiplane.core.records import (
     AdapterRecord,
     BaseModelRecord,
@@ -27,6 +28,7 @@ from aiplane.core.records import (
 
 from .resource import AiplaneResource
 from .sources import load_tickets
+from .state import ORPHAN_NOTIFIED_TAG, RecordIOManager, spec_digest, unfinished_steps
 
 __all__ = ["defs", "ASSETS", "features_refresh_schedule", "on_upstream_data_change"]
 
@@ -80,7 +82,7 @@ def _output(record: Record, **extra: Any) -> dg.Output:
 def base_model(context: dg.AssetExecutionContext, aiplane: AiplaneResource) -> dg.Output[BaseModelRecord]:
     d = aiplane.config
     with materialization(aiplane.registry.pm, "base_model", context.run.run_id, [], d) as m:
-        record = aiplane.registry.resolve_base_model(d.base_model.uri, str(d.home))
+        record = aiplane.registry.resolve_base_model(d.base_model.uri, str(d.home), d.storage.s3)
         m["output"] = record
     context.log.info(f"base model {record.name} ({record.architecture}, {record.parameters:,} parameters) at {record.uri}")
     return _output(record, name=record.name, architecture=record.architecture, parameters=record.parameters)
@@ -97,6 +99,12 @@ _CHECKS = [
     dg.AssetCheckSpec("schema", asset="features", blocking=True, description=f"Columns are exactly {', '.join(FEATURE_COLUMNS)}."),
     dg.AssetCheckSpec("not_empty", asset="features", blocking=True, description="Both train and eval splits have rows."),
     dg.AssetCheckSpec("residency_tagged", asset="features", blocking=True, description="Every row carries a residency tag."),
+    dg.AssetCheckSpec(
+        "residency_known",
+        asset="features",
+        blocking=True,
+        description="Every row's residency tag has a rule in the deployment's residency policy (fails closed).",
+    ),
 ]
 
 
@@ -134,10 +142,13 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, aiplane:
         new_snapshot=changed,
         source=str(source),
     )
-    yield from _feature_checks(store.read(record))
+    yield from _feature_checks(store.read(record), d.residency)
 
 
-def _feature_checks(table) -> list[dg.AssetCheckResult]:
+_SHOWN_ROWS = 20
+
+
+def _feature_checks(table, policy) -> list[dg.AssetCheckResult]:
     columns = list(table.column_names)
     missing = [c for c in FEATURE_COLUMNS if c not in columns]
     extra = [c for c in columns if c not in FEATURE_COLUMNS]
@@ -157,7 +168,29 @@ def _feature_checks(table) -> list[dg.AssetCheckResult]:
             passed=bool(residency) and untagged == 0,
             metadata={"untagged_rows": untagged, "tags": sorted({r for r in residency if r})},
         ),
+        _residency_known(table, residency, policy),
     ]
+
+
+def _residency_known(table, residency: list, policy) -> dg.AssetCheckResult:
+    """Fail (blocking) when a row's tag has no rule: nothing may be trained on the strength of a typo."""
+    unknown = set(unknown_tags([r for r in residency if r], policy))
+    ids = table.column("id").to_pylist() if "id" in table.column_names else [str(i) for i in range(len(residency))]
+    rows = [i for i, tag in zip(ids, residency) if tag and normalize_tag(tag) in unknown]
+    description = None
+    if unknown:
+        description = (
+            f"{len(rows)} row(s) are tagged {', '.join(repr(t) for t in sorted(unknown))}, which the deployment's "
+            f"residency policy does not know (known: {', '.join(sorted(policy)) or 'none'}); rows "
+            f"{', '.join(map(str, rows[:_SHOWN_ROWS]))}{' ...' if len(rows) > _SHOWN_ROWS else ''}. "
+            "Fix the tags in the source, or add them to `residency:` with their allowed regions (or `any`)."
+        )
+    return dg.AssetCheckResult(
+        check_name="residency_known",
+        passed=not unknown,
+        description=description,
+        metadata={"unknown_tags": sorted(unknown), "rows": len(rows), "row_ids": rows[:_SHOWN_ROWS]},
+    )
 
 
 class TargetConfig(dg.Config):
@@ -202,12 +235,13 @@ def adapter_weights(
     with materialization(aiplane.registry.pm, "adapter_weights", context.run.run_id, inputs, d) as m:
         trainer, decision = aiplane.placed("trainer", "train-adapter", features.residency, config.target)
         trainer.validate(base_model)
-        result = aiplane.run(context, trainer.workload(base_model, features, str(d.artifact_root())), decision)
+        result = aiplane.run(context, trainer.workload(base_model, features, d.artifact_root(decision.region)), decision)
         record = m["output"] = _placed(result.outputs["adapter"], decision, result.engine)
     metrics = record.metrics
     first, last = metrics.get("train_loss_first"), metrics.get("train_loss_last")
     yield _output(
         record,
+        spec_digest=spec_digest(d, "adapter_weights", config.model_dump()),
         run_id=record.run_id,
         method=record.method,
         train_loss_first=first,
@@ -246,7 +280,12 @@ def served_endpoint(
         result = aiplane.run(context, serving.workload(adapter_weights, config.name, str(d.home)), decision)
         record = m["output"] = _placed(result.outputs["endpoint"], decision, result.engine)
     context.log.info(f"endpoint {record.model_name} serving at {record.url}")
-    return _output(record, url=dg.MetadataValue.url(record.url), model_name=record.model_name)
+    return _output(
+        record,
+        spec_digest=spec_digest(d, "served_endpoint", config.model_dump()),
+        url=dg.MetadataValue.url(record.url),
+        model_name=record.model_name,
+    )
 
 
 @dg.asset(
@@ -275,7 +314,12 @@ def factsheet(
         record = result.outputs["factsheet"]
         m["output"] = record
     context.log.info(f"factsheet at {record.uri} (page {record.page_uri})")
-    return _output(record, path=dg.MetadataValue.path(record.uri), page=dg.MetadataValue.path(record.page_uri))
+    return _output(
+        record,
+        spec_digest=spec_digest(d, "factsheet", config.model_dump()),
+        path=dg.MetadataValue.path(record.uri),
+        page=dg.MetadataValue.path(record.page_uri),
+    )
 
 
 ASSETS = [base_model, features, adapter_weights, served_endpoint, factsheet]
@@ -297,14 +341,32 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
 )
 
 
-def build_definitions(resource: AiplaneResource | None = None) -> dg.Definitions:
+@dg.run_failure_sensor(
+    name="aiplane_orphaned_steps",
+    monitor_all_code_locations=False,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="When a run fails with steps that never ended (its process died), tell the lineage observers.",
+)
+def orphaned_steps_sensor(context: dg.RunFailureSensorContext, aiplane: AiplaneResource):
+    # Run monitoring marks a run whose worker died as failed; its unfinished steps never
+    # reached their on-error hooks, so lineage would keep a START with no end.
+    if context.dagster_run.tags.get(ORPHAN_NOTIFIED_TAG):
+        return  # `aiplane up` found it orphaned and told the observers already
+    for step in unfinished_steps(context.instance, context.dagster_run.run_id):
+        error = RuntimeError(f"step {step} of run {context.dagster_run.run_id} never finished: {context.failure_event.message}")
+        notify_error(aiplane.registry.pm, step, context.dagster_run.run_id, error, aiplane.config)
+
+
+def build_definitions(resource: AiplaneResource | None = None, loggers: dict | None = None) -> dg.Definitions:
+    """The code location; ``aiplane up`` passes its own resource and console logger."""
     from .resource import default_resource
 
     return dg.Definitions(
         assets=ASSETS,
         schedules=[features_refresh_schedule],
-        sensors=[automation_sensor],
-        resources={"aiplane": resource or default_resource()},
+        sensors=[automation_sensor, orphaned_steps_sensor],
+        resources={"aiplane": resource or default_resource(), "io_manager": RecordIOManager()},
+        loggers=loggers,
     )
 
 

@@ -9,6 +9,7 @@ from pydantic import PrivateAttr
 
 from aiplane.core.config import Deployment, load_deployment
 from aiplane.core.placement import Requirements, place
+from aiplane.core.preflight import preflight, raise_for_problems
 from aiplane.core.plugins import DEPLOYMENT_KINDS, Registry, get_plugin_manager
 from aiplane.core.records import PlacementDecision
 from aiplane.core.workload import Event, Workload, WorkloadResult
@@ -36,7 +37,7 @@ class AiplaneResource(dg.ConfigurableResource):
         if self._deployment is None:
             deployment = load_deployment(self.deployment or None, home=self.home or None)
             registry = Registry(get_plugin_manager())
-            registry.validate(deployment)
+            raise_for_problems(deployment, preflight(deployment, registry))
             # Only a validated deployment is kept: a failed load fails again on the next access.
             self._deployment, self._registry = deployment, registry
 
@@ -84,7 +85,14 @@ class AiplaneResource(dg.ConfigurableResource):
         resources = workload.resources.model_copy(
             update={"gpus": max(workload.resources.gpus, decision.gpus), "gpu_type": workload.resources.gpu_type or target.gpu_type}
         )
-        workload = workload.model_copy(update={"resources": resources})
+        # Storage travels with the workload by reference: the engine's side resolves the keys.
+        workload = workload.model_copy(
+            update={
+                "resources": resources,
+                "s3": workload.s3 or self.config.storage.s3,
+                "cache_dir": workload.cache_dir or str(self.config.cache_dir()),
+            }
+        )
         context.log.info(f"{workload.name} ({workload.run_id}) -> target {target.name} [{engine.name}]: {decision.reason}")
 
         def on_event(event: Event) -> None:

@@ -40,4 +40,9 @@ def load_tickets(path: Path, seed_if_missing: bool = False, log: Callable[[str],
         if missing:
             raise InputError(f"{path}:{n}: ticket is missing {', '.join(missing)}; every ticket needs {', '.join(TICKET_FIELDS)}")
         rows.append(row)
+    if not rows:
+        raise InputError(
+            f"Ticket source {str(path)!r} has no tickets: it is empty. Add JSON lines with "
+            f"{', '.join(TICKET_FIELDS)}, or remove the file to have the sample tickets seeded."
+        )
     return rows

@@ -1,8 +1,7 @@
-"""Content digests and a content-addressed artifact store with atomic publish.
+"""Content digests and atomic local writes.
 
-Artifacts are written into a staging directory under the store root, digested,
-and renamed into ``<root>/<kind>/<sha256>`` in one ``os.rename``; a reader can
-never see a half-written artifact, and publishing the same bytes twice is a no-op.
+The content-addressed artifact store, on local disk or object storage, is
+:class:`aiplane.core.storage.ArtifactStore`.
 """
 
 from __future__ import annotations
@@ -10,12 +9,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["sha256_path", "ArtifactStore", "atomic_write_text"]
+__all__ = ["sha256_path", "atomic_write_text", "atomic_write_bytes"]
 
 _CHUNK = 1 << 20
 
@@ -41,46 +38,12 @@ def sha256_path(path: str | os.PathLike) -> str:
     return "sha256:" + h.hexdigest()
 
 
-class ArtifactStore:
-    """A directory of immutable, content-addressed artifacts."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-
-    def path_for(self, kind: str, digest: str) -> Path:
-        return self.root / kind / digest.removeprefix("sha256:")
-
-    @contextlib.contextmanager
-    def staging(self) -> Iterator[Path]:
-        """A fresh directory on the store's filesystem; removed unless published."""
-        base = self.root / ".staging"
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=base))
-        try:
-            yield tmp
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def publish(self, staged: str | os.PathLike, kind: str) -> tuple[str, str]:
-        """Move a staged directory into the store; returns ``(path, digest)``."""
-        staged = Path(staged)
-        digest = sha256_path(staged)
-        final = self.path_for(kind, digest)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            shutil.rmtree(staged, ignore_errors=True)
-        else:
-            try:
-                os.rename(staged, final)
-            except OSError:
-                # Another writer published the same bytes first: same digest, same content.
-                if not final.exists():
-                    raise
-                shutil.rmtree(staged, ignore_errors=True)
-        return str(final), digest
-
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file so readers see the old content or the new, never a mix."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a file so readers see the old content or the new, never a mix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,8 +51,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         # mkstemp makes the file 0600; published files are meant to be read by others.
         os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -22,7 +22,7 @@ from .errors import ConfigError, validation_problems
 if TYPE_CHECKING:
     import pyarrow
 
-    from .config import Target
+    from .config import Deployment, Target
     from .records import AdapterRecord, BaseModelRecord, EndpointRecord, FeaturesRecord
     from .workload import Event, Workload, WorkloadResult
 
@@ -50,6 +50,7 @@ class Component:
 
     name: ClassVar[str]
     Settings: ClassVar[type[BaseModel]] = NoSettings
+    """Unknown keys are rejected at every level, whatever the model's own ``extra`` says."""
     engines: ClassVar[tuple[str, ...] | None] = None
     """Engines this component's workloads can run on; ``None`` means any."""
 
@@ -57,13 +58,25 @@ class Component:
         if isinstance(settings, BaseModel):
             settings = settings.model_dump()
         try:
-            self.settings = self.Settings.model_validate(dict(settings or {}))
+            # extra="forbid" here, not only in the plugin's model: a model that ignores unknown keys
+            # (pydantic's default), or one of its sub-models, would run a typo (`qeue:`) with the default.
+            self.settings = self.Settings.model_validate(dict(settings or {}), extra="forbid")
         except ValidationError as exc:
             problems = "; ".join(validation_problems(exc, self.Settings, key_word="setting"))
             raise ConfigError(f"Invalid settings for {type(self).__name__} {self.name!r}: {problems}") from None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.settings!r})"
+
+    def check(self, deployment: "Deployment") -> list[str]:
+        """Problems this component can see before anything runs: a port in use, a path that is missing.
+
+        Called by the preflight (``aiplane check``, and ``aiplane up`` and the
+        Dagster resource before anything else) with the validated deployment.
+        Must have no side effects. Return one sentence per problem, saying what
+        is wrong and what to do; an empty list means nothing found.
+        """
+        return []
 
 
 class Engine(Component):
@@ -118,6 +131,14 @@ class Trainer(Component):
     def validate(self, base_model: "BaseModelRecord") -> None:
         """Check the settings against the model (e.g. LoRA target modules); raise ConfigError. No side effects."""
 
+    def check_model(self, config: Mapping[str, Any], model_name: str) -> None:
+        """Check the settings against a model's ``config.json`` (as a dict) before the model exists here.
+
+        The preflight calls this with what :func:`~aiplane.core.hookspecs.aiplane_base_model_config`
+        returned, so a trainer setting the model cannot honour fails before any
+        model is built or row is written. Raise ConfigError; no side effects.
+        """
+
     def workload(self, base_model: "BaseModelRecord", features: "FeaturesRecord", artifact_root: str) -> "Workload":
         """The training workload; its result has one output, ``adapter``, an AdapterRecord."""
         raise NotImplementedError
@@ -135,8 +156,19 @@ class ServingTarget(Component):
         """
         raise NotImplementedError
 
-    def stop(self, endpoint: "EndpointRecord") -> None:
-        """Stop the server behind ``endpoint``; stopping a stopped endpoint is not an error."""
+    def running(self, endpoint: "EndpointRecord") -> bool | None:
+        """Whether the server behind ``endpoint`` is up and still the endpoint's current one.
+
+        ``None`` means this target cannot tell; ``aiplane up`` then treats the
+        endpoint as running. No side effects.
+        """
+        return None
+
+    def stop(self, endpoint: "EndpointRecord") -> bool:
+        """Stop the server behind ``endpoint``; ``True`` if it stopped a running one, ``False`` if none was running.
+
+        Stopping a stopped endpoint is not an error: it returns ``False``.
+        """
         raise NotImplementedError
 
 

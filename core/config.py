@@ -23,6 +23,8 @@ __all__ = [
     "Target",
     "ComponentSpec",
     "Deployment",
+    "S3Settings",
+    "StorageSettings",
     "load_deployment",
     "deployment_path",
     "DEFAULT_DEPLOYMENT",
@@ -58,7 +60,7 @@ class SecretRef(_Strict):
 
     def resolve(self) -> str:
         """The secret's value, read now from the environment (a mounted Secret arrives as env too)."""
-        var = self.env or _k8s_env_name(self.secret or "", self.key or "")
+        var = self.env_var
         try:
             value = os.environ[var]
         except KeyError:
@@ -68,6 +70,11 @@ class SecretRef(_Strict):
         if not value:
             raise ConfigError(f"Secret {self!r} is empty: set {var} to a non-empty value")
         return value
+
+    @property
+    def env_var(self) -> str:
+        """The environment variable the value is read from (a mounted Secret's key arrives as one)."""
+        return self.env or _k8s_env_name(self.secret or "", self.key or "")
 
     def __repr__(self) -> str:
         if self.env:
@@ -79,6 +86,63 @@ class SecretRef(_Strict):
 
 def _k8s_env_name(secret: str, key: str) -> str:
     return re.sub(r"[^A-Z0-9]", "_", f"{secret}_{key}".upper())
+
+
+class S3Settings(_Strict):
+    """How to reach an S3-compatible store. Keys are references, resolved where the store is opened."""
+
+    endpoint: str | None = None
+    """``https://s3.eu-de.cloud-object-storage.appdomain.cloud``, ``http://127.0.0.1:9000``; empty: AWS."""
+    region: str = "us-east-1"
+    """Signing region; S3-compatible stores accept any, AWS wants the bucket's."""
+    access_key_id: SecretRef | None = None
+    secret_access_key: SecretRef | None = None
+    path_style: bool = True
+    """``http://host/bucket/key`` (what MinIO, COS and loopback servers need) instead of ``http://bucket.host/key``."""
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint {value!r} needs its scheme, e.g. 'https://{value}'")
+        return value or None
+
+    def pyarrow_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`pyarrow.fs.S3FileSystem`, secrets resolved now."""
+        kwargs: dict[str, Any] = {"region": self.region, "force_virtual_addressing": not self.path_style}
+        if self.endpoint:
+            kwargs["endpoint_override"] = self.endpoint  # its scheme chooses http or https
+        if self.access_key_id or self.secret_access_key:
+            if not (self.access_key_id and self.secret_access_key):
+                raise ConfigError("storage.s3: give both access_key_id and secret_access_key, or neither")
+            kwargs["access_key"] = self.access_key_id.resolve()
+            kwargs["secret_key"] = self.secret_access_key.resolve()
+        return kwargs
+
+    def pyiceberg_properties(self) -> dict[str, str]:
+        """The ``s3.*`` FileIO properties pyiceberg reads, secrets resolved now."""
+        kwargs = self.pyarrow_kwargs()
+        props = {"s3.region": self.region, "s3.force-virtual-addressing": str(not self.path_style).lower()}
+        if self.endpoint:
+            props["s3.endpoint"] = self.endpoint
+        if "access_key" in kwargs:
+            props["s3.access-key-id"] = kwargs["access_key"]
+            props["s3.secret-access-key"] = kwargs["secret_key"]
+        return props
+
+
+class StorageSettings(_Strict):
+    """Where artifacts (adapters, checkpoints, factsheets, pipeline results) are stored, by URI."""
+
+    root: str = ""
+    """``s3://bucket/prefix`` or a local path; empty: ``<home>/artifacts``."""
+    regions: dict[str, str] = Field(default_factory=dict)
+    """Region -> root for workloads placed there. When given, every target's region needs one:
+    what a workload placed in ``eu`` writes goes under ``eu``'s root, and nowhere else."""
+    s3: S3Settings | None = None
+    """How to reach the S3-compatible store the ``s3://`` roots are in."""
+    cache: str = ""
+    """Local directory where objects fetched from storage are kept, by digest; empty: ``<home>/cache``."""
 
 
 class Target(_Strict):
@@ -117,14 +181,18 @@ class Deployment(_Strict):
     description: str = ""
     home: Path
     """Where local state lives (catalog, artifacts, servers); ``AIPLANE_HOME`` or ``./.aiplane``."""
-    residency: dict[str, tuple[str, ...]] = Field(default_factory=dict)
-    """Residency policy: a data tag maps to the regions allowed to process it. Unlisted tags are unrestricted."""
+    residency: dict[str, tuple[str, ...] | Literal["any"]] = Field(default_factory=dict)
+    """Residency policy: a data tag maps to the regions allowed to process it, or ``any``.
+
+    Rows tagged with a tag listed nowhere here are processed nowhere (fail closed).
+    Tags are compared lower-cased and stripped, as rows are normalized on ingest."""
     targets: tuple[Target, ...] = Field(min_length=1)
     base_model: BaseModelSpec = Field(default_factory=BaseModelSpec)
     feature_store: ComponentSpec
     trainer: ComponentSpec
     serving: ComponentSpec
     factsheet: ComponentSpec
+    storage: StorageSettings = Field(default_factory=StorageSettings)
     observers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Settings for observer plugins, keyed by plugin name (e.g. ``openlineage``)."""
     source: str | None = None
@@ -138,6 +206,23 @@ class Deployment(_Strict):
         if dupes:
             raise ValueError(f"target names must be unique; repeated: {', '.join(dupes)}")
         return targets
+
+    @field_validator("residency", mode="before")
+    @classmethod
+    def _normalize_residency(cls, policy: Any) -> Any:
+        if not isinstance(policy, dict):
+            return policy
+        out: dict[str, Any] = {}
+        for tag, regions in policy.items():
+            key = str(tag).strip().lower()
+            if key in out:
+                raise ValueError(f"tag {tag!r} is listed twice (tags are compared lower-cased and stripped)")
+            if isinstance(regions, str) and regions.strip().lower() == "any":
+                regions = "any"
+            elif isinstance(regions, str):
+                raise ValueError(f"{key}: give a list of regions (e.g. [eu]) or `any`, not {regions!r}")
+            out[key] = regions
+        return out
 
     @model_validator(mode="after")
     def _pins_exist(self) -> "Deployment":
@@ -154,8 +239,27 @@ class Deployment(_Strict):
                 return t
         raise ConfigError(unknown_name("target", name, [t.name for t in self.targets]))
 
-    def artifact_root(self) -> Path:
-        return self.home / "artifacts"
+    def artifact_root(self, region: str | None = None) -> str:
+        """The storage root (a URI) for what a workload placed in ``region`` writes.
+
+        With ``storage.regions`` set, a region without its own root is an error
+        (fail closed): data placed in a region is never written elsewhere.
+        """
+        from .storage import normalize_uri
+
+        regions = self.storage.regions
+        if regions and region is not None:
+            if region not in regions:
+                raise ConfigError(
+                    f"storage.regions has no location for region {region!r} (it has: {', '.join(sorted(regions))}); "
+                    "add one, so what is made there has a place in that region."
+                )
+            return normalize_uri(regions[region])
+        return normalize_uri(self.storage.root or self.home / "artifacts")
+
+    def cache_dir(self) -> Path:
+        """Local directory for objects fetched from storage, kept by digest."""
+        return Path(self.storage.cache).expanduser() if self.storage.cache else self.home / "cache"
 
 
 def deployment_path(name_or_path: str | os.PathLike | None = None) -> Path:

@@ -63,15 +63,21 @@ def unknown_name(kind: str, name: str, known: Iterable[str], hint: str = "", kno
     return msg
 
 
+def _keys(model: type) -> dict[str, str]:
+    """The keys a pydantic model accepts (a field's alias where it has one), each with its field name."""
+    return {(field.alias or name): name for name, field in model.model_fields.items()}
+
+
 def _model_at(model: type, loc: tuple) -> type | None:
     """The pydantic model class that holds the key at the end of ``loc``, if there is one."""
     for part in loc[:-1]:
         fields = getattr(model, "model_fields", None)
         if fields is None:
             return None
-        if isinstance(part, int) or part not in fields:
+        name = _keys(model).get(part) if isinstance(part, str) else None
+        if name is None:
             continue  # an index or dict key: stay on the item type found below
-        model = fields[part].annotation
+        model = fields[name].annotation
         while typing.get_origin(model) is not None:  # tuple[Target, ...], list[X], X | None
             args = [a for a in typing.get_args(model) if a is not type(None) and a is not Ellipsis]
             model = args[-1] if args else None
@@ -94,7 +100,7 @@ def validation_problems(exc, model: type, key_word: str = "key") -> list[str]:
             continue  # the bad items are reported themselves
         if err["type"] == "extra_forbidden":
             holder = _model_at(model, loc)
-            allowed = sorted(holder.model_fields) if holder else []
+            allowed = sorted(_keys(holder)) if holder else []
             lines.append(f"{where}: {unknown_name(key_word, str(loc[-1]), allowed, known_as='allowed')}")
             continue
         got = f" (got {err['input']!r})" if err["type"] in ("literal_error", "enum") else ""

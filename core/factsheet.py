@@ -77,7 +77,6 @@ def build_factsheet(
     extra_doc = _json_ready(extra or {}, "extra")
 
     adapter_json = adapter.model_dump(mode="json")
-    config_digest = _sha256_json({"method": adapter.method, "config": adapter_json["config"]})
     document: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "model": endpoint.model_name,
@@ -124,11 +123,10 @@ def build_factsheet(
         "lineage": [
             {"kind": "features", "uri": features.uri, "digest": features.digest},
             {"kind": "base_model", "uri": base.uri, "digest": base.digest},
-            # A training run has no bytes of its own; it is pinned by what it ran (method and config).
             {
                 "kind": "training_run",
                 "uri": adapter.execution.get("run_url") or f"run:{adapter.run_id}",
-                "digest": config_digest,
+                "digest": _training_run_digest(adapter, base, features),
                 # Where it ran: engine, target, job/run/pipeline-version ids (scalars only, not utilisation tables).
                 "execution": {k: v for k, v in sorted(adapter.execution.items()) if isinstance(v, (str, int, float, bool))},
             },
@@ -151,6 +149,30 @@ def _json_ready(value: Mapping[str, Any], what: str) -> dict[str, Any]:
         return json.loads(json.dumps(dict(value), sort_keys=True))
     except (TypeError, ValueError) as exc:
         raise InputError(f"Factsheet {what} must be JSON-serializable (strings, numbers, lists, dicts): {exc}") from None
+
+
+def _training_run_digest(adapter: AdapterRecord, base: BaseModelRecord, features: FeaturesRecord) -> str:
+    """A training run has no bytes of its own: it is pinned by everything it ran on.
+
+    The features snapshot, the base model, the method and its settings, and the
+    aiplane version the trainer recorded (``metrics["aiplane_version"]``; ``None``
+    from a trainer that records none). Measurements (loss, duration) are outcomes,
+    not inputs, and stay out, so rerunning the same inputs gives the same digest.
+    """
+    return _sha256_json(
+        {
+            "features": {
+                "table": features.table,
+                "snapshot_id": features.snapshot_id,
+                "digest": features.digest,
+                "row_count": features.row_count,
+            },
+            "base_model": base.digest,
+            "method": adapter.method,
+            "settings": adapter.model_dump(mode="json")["config"],
+            "aiplane_version": adapter.metrics.get("aiplane_version"),
+        }
+    )
 
 
 def _sha256_json(value: Any) -> str:

@@ -20,7 +20,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .components import Engine, FactsheetPublisher, FeatureStore, ServingTarget, Trainer
-    from .config import Deployment
+    from .config import Deployment, S3Settings
     from .records import BaseModelRecord, Record
 
 __all__ = ["hookspec", "hookimpl", "PROJECT"]
@@ -87,13 +87,30 @@ def aiplane_factsheet_publishers() -> list[type[FactsheetPublisher]]:
 
 
 @hookspec(firstresult=True)
-def aiplane_resolve_base_model(uri: str, home: str) -> BaseModelRecord | None:
+def aiplane_resolve_base_model(uri: str, home: str, s3: S3Settings | None) -> BaseModelRecord | None:
     """Turn a base-model URI from the deployment into a record.
 
     ``uri`` is what ``base_model.uri`` says (``builtin:tiny-granite``, a local
-    directory); ``home`` is the deployment's state directory, where a plugin may
-    build or cache a model. Return ``None`` if this plugin does not handle
+    directory, ``s3://bucket/models/granite``); ``home`` is the deployment's
+    state directory, where a plugin may build or cache a model; ``s3`` is the
+    deployment's ``storage.s3`` (how to reach object storage), or ``None``. An
+    implementation may take only the arguments it needs. Return ``None`` if this plugin does not handle
     ``uri``. Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def aiplane_base_model_config(uri: str, home: str, s3: S3Settings | None) -> dict | None:
+    """The ``config.json`` of the model at ``uri``, as a dict, without building or fetching the model.
+
+    Called by the preflight (``aiplane check``) before anything runs, so a
+    trainer can check its settings against the model
+    (:meth:`~aiplane.core.components.Trainer.check_model`) and a missing model
+    is reported before any row is written. Same ``uri`` and ``home`` as
+    :func:`aiplane_resolve_base_model`. Return ``None`` if this plugin does not
+    handle ``uri``; raise :class:`~aiplane.core.errors.InputError` when it does
+    but the model is not there. Must have no side effects. Stops at the first
+    non-None result.
     """
 
 

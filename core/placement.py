@@ -2,9 +2,11 @@
 
 Data residency is a hard rule: rows tagged with a residency (``eu``) are only
 processed on targets in the regions the deployment's policy allows for that tag.
-GPUs, SLA class, engine availability and a pinned target are checked too. Targets
-are tried in the order the deployment lists them; the first that qualifies wins,
-and the decision records why every other target was rejected.
+A tag the policy does not name (neither restricted nor declared ``any``) stops
+placement: a typo must never switch a compliance rule off. GPUs, SLA class,
+engine availability and a pinned target are checked too. Targets are tried in
+the order the deployment lists them; the first that qualifies wins, and the
+decision records why every other target was rejected.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from collections.abc import Collection, Mapping, Sequence
 from pydantic import BaseModel, ConfigDict
 
 from .config import Target
-from .errors import PlacementError
+from .errors import PlacementError, unknown_name
 from .records import PlacementDecision
 
-__all__ = ["Requirements", "place", "allowed_regions"]
+__all__ = ["Requirements", "place", "allowed_regions", "normalize_tag", "unknown_tags", "ANY_REGION"]
+
+ANY_REGION = "any"
+"""A residency policy value that declares a tag unrestricted."""
 
 
 class Requirements(BaseModel):
@@ -35,17 +40,44 @@ class Requirements(BaseModel):
     """A target the workload is pinned to; it still has to qualify."""
 
 
-def allowed_regions(residency: Collection[str], policy: Mapping[str, Sequence[str]]) -> set[str] | None:
-    """Regions allowed to process data with these residency tags; ``None`` means any region."""
+def normalize_tag(tag: object) -> str:
+    """The canonical form of a residency tag: ``" EU "`` and ``"eu"`` are one tag."""
+    return str(tag).strip().lower()
+
+
+def unknown_tags(residency: Collection[str], policy: Mapping[str, Sequence[str] | str]) -> list[str]:
+    """The tags the policy neither restricts nor declares unrestricted (``any``), sorted."""
+    return sorted({normalize_tag(t) for t in residency} - set(policy))
+
+
+def _restricting(residency: Collection[str], policy: Mapping[str, Sequence[str] | str]) -> list[str]:
+    tags = {normalize_tag(t) for t in residency}
+    return sorted(t for t in tags if t in policy and policy[t] != ANY_REGION)
+
+
+def allowed_regions(residency: Collection[str], policy: Mapping[str, Sequence[str] | str]) -> set[str] | None:
+    """Regions allowed to process data with these residency tags; ``None`` means any region.
+
+    Raises :class:`PlacementError` for a tag the policy does not know: it fails closed.
+    """
+    unknown = unknown_tags(residency, policy)
+    if unknown:
+        known = ", ".join(sorted(policy)) or "(none)"
+        raise PlacementError(
+            f"residency: data tagged {', '.join(repr(t) for t in unknown)} has no rule in the deployment's residency "
+            f"policy (known tags: {known}), so it may not be processed anywhere. Fix the tag in the data, or add it "
+            "to `residency:` with its allowed regions (or `any` if it is unrestricted)."
+        )
     allowed: set[str] | None = None
-    for tag in residency:
-        if tag in policy:
-            regions = set(policy[tag])
-            allowed = regions if allowed is None else allowed & regions
+    for tag in _restricting(residency, policy):
+        regions = set(policy[tag])
+        allowed = regions if allowed is None else allowed & regions
     return allowed
 
 
-def _rejection(req: Requirements, t: Target, allowed: set[str] | None, installed: Collection[str]) -> str | None:
+def _rejection(
+    req: Requirements, t: Target, allowed: set[str] | None, restricting: str, installed: Collection[str]
+) -> str | None:
     if req.target and t.name != req.target:
         return f"workload is pinned to target {req.target!r}"
     if t.engine not in installed:
@@ -53,9 +85,8 @@ def _rejection(req: Requirements, t: Target, allowed: set[str] | None, installed
     if req.engines is not None and t.engine not in req.engines:
         return f"engine {t.engine!r} cannot run this workload (supported: {', '.join(req.engines)})"
     if allowed is not None and t.region not in allowed:
-        tags = ", ".join(sorted(req.residency))
         return (
-            f"region {t.region!r} is outside the regions allowed for data tagged {tags} "
+            f"residency: region {t.region!r} is outside the regions allowed for data tagged {restricting} "
             f"({', '.join(sorted(allowed)) or 'none'})"
         )
     if t.gpus < req.gpus:
@@ -68,18 +99,23 @@ def _rejection(req: Requirements, t: Target, allowed: set[str] | None, installed
 def place(
     req: Requirements,
     targets: Sequence[Target],
-    residency_policy: Mapping[str, Sequence[str]],
+    residency_policy: Mapping[str, Sequence[str] | str],
     installed_engines: Collection[str],
 ) -> PlacementDecision:
     """Choose a target for ``req`` or raise :class:`PlacementError` listing every candidate's rejection.
 
     Pure: reads nothing and starts nothing, so it runs before any side effect.
     """
+    if req.target and req.target not in {t.name for t in targets}:
+        names = [t.name for t in targets]
+        known = unknown_name("target", req.target, names, known_as="the deployment's").split("; ", 1)[1]
+        raise PlacementError(f"{req.workload} is pinned to target {req.target!r}, which does not exist; {known}")
     allowed = allowed_regions(req.residency, residency_policy)
+    restricting = ", ".join(_restricting(req.residency, residency_policy))
     rejected: dict[str, str] = {}
     chosen: Target | None = None
     for t in targets:
-        why = _rejection(req, t, allowed, installed_engines)
+        why = _rejection(req, t, allowed, restricting, installed_engines)
         if why is None and chosen is None:
             chosen = t
         elif why is None:
@@ -94,9 +130,9 @@ def place(
             "Add a qualifying target to the deployment or change the workload's requirements."
         )
     region_why = (
-        f"region {chosen.region!r} is allowed for data tagged {', '.join(sorted(req.residency))}"
+        f"residency: region {chosen.region!r} is allowed for data tagged {restricting}"
         if allowed is not None
-        else "no residency restriction applies"
+        else "residency: no tag of the data restricts the region"
     )
     how = f"pinned to {chosen.name!r}" if req.target else "first qualifying target in deployment order"
     reason = (

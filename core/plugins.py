@@ -1,8 +1,9 @@
 """The plugin manager: loads every plugin, built-in or third-party, through the ``aiplane`` entry points.
 
 ``AIPLANE_LOAD_PLUGINS=a,b`` loads only the named plugins; ``AIPLANE_DISABLE_PLUGINS=c``
-skips the named ones. A plugin that fails to import or declares a hook aiplane
-does not know is left out with a warning naming its distribution; the rest load.
+skips the named ones, which are still listed, as disabled, with what they provide.
+A plugin that fails to import or declares a hook aiplane does not know is left
+out with a warning naming its distribution; the rest load.
 ``AIPLANE_TRACE_HOOKS=1`` logs every hook call.
 """
 
@@ -22,7 +23,7 @@ from . import hookspecs
 from .components import Component, Engine, FactsheetPublisher, FeatureStore, ServingTarget, Trainer
 from .errors import PluginError, unknown_name
 
-__all__ = ["get_plugin_manager", "Registry", "PluginInfo", "BrokenPlugin", "materialization"]
+__all__ = ["get_plugin_manager", "Registry", "PluginInfo", "BrokenPlugin", "materialization", "notify_error"]
 
 log = logging.getLogger("aiplane.plugins")
 _trace = logging.getLogger("aiplane.hooks")
@@ -31,12 +32,17 @@ GROUP = hookspecs.PROJECT
 
 @dataclass(frozen=True)
 class PluginInfo:
-    """One loaded plugin as ``aiplane plugins`` lists it."""
+    """One installed plugin as ``aiplane plugins`` lists it, loaded or disabled."""
 
     name: str
     distribution: str | None
     version: str | None
     hooks: tuple[str, ...]
+    components: tuple[tuple[str, str], ...] = ()
+    """``(kind, name)`` of every component it provides: ``("engine", "local")``, ``("trainer", "lora")``."""
+    disabled_by: str | None = None
+    """The environment variable that keeps it from loading (``AIPLANE_DISABLE_PLUGINS`` or
+    ``AIPLANE_LOAD_PLUGINS``); ``None`` when it is loaded."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,10 @@ class BrokenPlugin:
 class _Loaded:
     broken: list[BrokenPlugin] = field(default_factory=list)
     dists: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    # name -> (entry point, (distribution, version), the variable that left it out)
+    disabled: dict[str, tuple[importlib.metadata.EntryPoint, tuple[str | None, str | None], str]] = field(
+        default_factory=dict
+    )
 
 
 def _names(var: str) -> set[str] | None:
@@ -101,12 +111,14 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         for name in sorted(names - available):
             log.warning("%s names %s", var, unknown_name("plugin", name, available))
     for ep in entry_points:
-        if (allow is not None and ep.name not in allow) or ep.name in block:
+        dist = getattr(ep, "dist", None)
+        dist_info = (dist.metadata["Name"], dist.version) if dist else (None, None)
+        if ep.name in block or (allow is not None and ep.name not in allow):
+            var = "AIPLANE_DISABLE_PLUGINS" if ep.name in block else "AIPLANE_LOAD_PLUGINS"
+            state.disabled[ep.name] = (ep, dist_info, var)
             continue
         if pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
             continue
-        dist = getattr(ep, "dist", None)
-        dist_info = (dist.metadata["Name"], dist.version) if dist else (None, None)
         try:
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
@@ -157,6 +169,7 @@ class Registry:
 
     def __init__(self, pm: pluggy.PluginManager | None = None):
         self.pm = pm or get_plugin_manager()
+        self._disabled: list[PluginInfo] | None = None
 
     def components(self, kind: str) -> dict[str, type[Component]]:
         hook_name, base = _KINDS[kind]
@@ -189,8 +202,16 @@ class Registry:
     def get(self, kind: str, name: str) -> type[Component]:
         found = self.components(kind)
         if name not in found:
-            raise PluginError(unknown_name(kind, name, found, hint=self._broken_hint()))
+            raise PluginError(self._not_found(kind, name, found))
         return found[name]
+
+    def _not_found(self, kind: str, name: str, found: Any) -> str:
+        """Why ``name`` is not among the loaded components of ``kind``, and what to do about it."""
+        for info in self._disabled_plugins():
+            if (kind, name) in info.components:
+                how = _how_to_enable(info.name, info.disabled_by)
+                return f"The {kind} {name!r} comes from plugin {info.name!r}, which is disabled: {how}"
+        return unknown_name(kind, name, found, hint=self._broken_hint())
 
     def create(self, kind: str, name: str, settings: Any = None) -> Any:
         """An instance of the named component with validated settings."""
@@ -204,7 +225,15 @@ class Registry:
 
         Raises one :class:`ConfigError` listing every problem, naming the file and key.
         """
-        from .errors import AiplaneError, ConfigError
+        from .errors import ConfigError
+
+        problems = self.problems(deployment)
+        if problems:
+            raise ConfigError(f"{deployment.source}: invalid deployment:\n" + "\n".join(f"  {p}" for p in problems))
+
+    def problems(self, deployment) -> list[str]:
+        """What :meth:`validate` would report, one line per problem (``key: what is wrong``)."""
+        from .errors import AiplaneError
 
         problems = []
         for key, kind in DEPLOYMENT_KINDS.items():
@@ -212,22 +241,24 @@ class Registry:
             try:
                 self.create(kind, spec.name, spec.settings)
             except AiplaneError as exc:
-                problems.append(f"  {key}: {exc}")
+                problems.append(f"{key}: {exc}")
         engines = self.components("engine")
         for i, target in enumerate(deployment.targets):
             if target.engine not in engines:
-                problems.append(f"  targets[{i}].engine: " + unknown_name("engine", target.engine, engines))
+                problems.append(f"targets[{i}].engine: " + self._not_found("engine", target.engine, engines))
             else:
                 try:
                     engines[target.engine](target.settings)
                 except AiplaneError as exc:
-                    problems.append(f"  targets[{i}].settings: {exc}")
+                    problems.append(f"targets[{i}].settings: {exc}")
         plugins = [name for name, _ in self.pm.list_name_plugin()]
+        disabled = self.pm.aiplane_state.disabled  # type: ignore[attr-defined]
         for name in deployment.observers:
-            if name not in plugins:
-                problems.append(f"  observers.{name}: " + unknown_name("plugin", name, plugins))
-        if problems:
-            raise ConfigError(f"{deployment.source}: invalid deployment:\n" + "\n".join(problems))
+            if name in disabled:
+                problems.append(f"observers.{name}: plugin {name!r} is disabled: " + _how_to_enable(name, disabled[name][2]))
+            elif name not in plugins:
+                problems.append(f"observers.{name}: " + unknown_name("plugin", name, plugins))
+        return problems
 
     def _broken_hint(self) -> str:
         broken = self.pm.aiplane_state.broken  # type: ignore[attr-defined]
@@ -236,21 +267,44 @@ class Registry:
         return "Plugins that failed to load: " + ", ".join(f"{b.name} ({b.distribution})" for b in broken) + "."
 
     def plugins(self) -> list[PluginInfo]:
-        """Every loaded plugin with its distribution, version and the hooks it implements."""
+        """Every installed plugin, loaded or disabled, by name: distribution, version, hooks and components."""
         state: _Loaded = self.pm.aiplane_state  # type: ignore[attr-defined]
-        out = []
-        for name, plugin in sorted(self.pm.list_name_plugin()):
-            hooks = tuple(sorted(h.name for h in self.pm.get_hookcallers(plugin) or ()))
-            dist, version = state.dists.get(name, (None, None))
-            out.append(PluginInfo(name, dist, version, hooks))
-        return out
+        loaded = [
+            _info(self.pm, name, plugin, state.dists.get(name, (None, None)))
+            for name, plugin in self.pm.list_name_plugin()
+            if plugin is not None  # None: a name pluggy blocks
+        ]
+        return sorted(loaded + self._disabled_plugins(), key=lambda p: p.name)
+
+    def _disabled_plugins(self) -> list[PluginInfo]:
+        """The plugins ``AIPLANE_DISABLE_PLUGINS`` or ``AIPLANE_LOAD_PLUGINS`` left out, with what they provide.
+
+        Each is imported into a scratch manager, never this one, only to learn its
+        components, so that asking for one of them can say which plugin to enable.
+        One that fails to import is listed without components.
+        """
+        if self._disabled is None:
+            state: _Loaded = self.pm.aiplane_state  # type: ignore[attr-defined]
+            self._disabled = []
+            for name, (ep, dist_info, var) in sorted(state.disabled.items()):
+                scratch = pluggy.PluginManager(GROUP)
+                scratch.add_hookspecs(hookspecs)
+                try:
+                    plugin = ep.load()
+                    scratch.register(plugin, name=name)
+                except Exception as exc:  # it is disabled; its bugs must not break listing the others
+                    log.debug("disabled plugin %r could not be inspected: %s: %s", name, type(exc).__name__, exc)
+                    self._disabled.append(PluginInfo(name, *dist_info, (), (), var))
+                    continue
+                self._disabled.append(_info(scratch, name, plugin, dist_info, var))
+        return self._disabled
 
     @property
     def broken(self) -> list[BrokenPlugin]:
         return list(self.pm.aiplane_state.broken)  # type: ignore[attr-defined]
 
-    def resolve_base_model(self, uri: str, home: str):
-        record = self.pm.hook.aiplane_resolve_base_model(uri=uri, home=home)
+    def resolve_base_model(self, uri: str, home: str, s3=None):
+        record = self.pm.hook.aiplane_resolve_base_model(uri=uri, home=home, s3=s3)
         if record is None:
             from .errors import InputError
 
@@ -262,14 +316,56 @@ class Registry:
         return record
 
 
-def _notify(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
-    """Call every observer's implementation; one failing observer neither fails the asset nor silences the others."""
-    for impl in getattr(pm.hook, hook_name).get_hookimpls():
-        _trace.info("hook %s -> %s", hook_name, impl.plugin_name)
+def _info(
+    pm: pluggy.PluginManager, name: str, plugin: object, dist_info: tuple[str | None, str | None], disabled_by: str | None = None
+) -> PluginInfo:
+    hooks = tuple(sorted(h.name for h in pm.get_hookcallers(plugin) or ()))
+    return PluginInfo(name, *dist_info, hooks, _provided(pm, plugin), disabled_by)
+
+
+def _provided(pm: pluggy.PluginManager, plugin: object) -> tuple[tuple[str, str], ...]:
+    """``(kind, name)`` of the components ``plugin`` provides, asked through its own component hooks."""
+    others = [p for p in pm.get_plugins() if p is not plugin]
+    out: list[tuple[str, str]] = []
+    for kind, (hook_name, base) in _KINDS.items():
         try:
-            impl.function(*(kwargs[arg] for arg in impl.argnames))
+            results = pm.subset_hook_caller(hook_name, others)()
+        except Exception as exc:  # listing must survive a plugin's bug; using the component reports it
+            log.warning("plugin %r failed in %s: %s: %s", pm.get_name(plugin), hook_name, type(exc).__name__, exc)
+            continue
+        out += [(kind, c.name) for r in results for c in r or () if isinstance(c, type) and issubclass(c, base)]
+    return tuple(out)
+
+
+def _how_to_enable(plugin: str, disabled_by: str | None) -> str:
+    if disabled_by == "AIPLANE_DISABLE_PLUGINS":
+        return f"AIPLANE_DISABLE_PLUGINS names it. Remove {plugin!r} from AIPLANE_DISABLE_PLUGINS to use it."
+    return (
+        f"AIPLANE_LOAD_PLUGINS loads only the plugins it names. Add {plugin!r} to AIPLANE_LOAD_PLUGINS, "
+        "or unset it to load every installed plugin."
+    )
+
+
+def _notify(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
+    """Call the hook for each observer in turn; one failing observer neither fails the asset nor silences the others.
+
+    Each call goes through pluggy (a subset hook caller holding that one plugin's
+    implementations), so ``AIPLANE_TRACE_HOOKS`` and ``add_hookcall_monitoring``
+    see it. One call for all would stop at the first observer that raises:
+    pluggy runs the implementations in one loop, and a wrapper sees only the
+    outcome of that loop, too late to let the others run.
+    """
+    caller = getattr(pm.hook, hook_name)
+    # Pluggy calls the implementations from the end of the list (tryfirst ones first); keep its order.
+    observers = list(dict.fromkeys(impl.plugin for impl in reversed(caller.get_hookimpls())))
+    for plugin in observers:
+        others = [p for p in pm.get_plugins() if p is not plugin]
+        try:
+            pm.subset_hook_caller(hook_name, others)(**kwargs)
         except Exception as exc:
-            log.warning("observer %r failed in %s and was skipped: %s: %s", impl.plugin_name, hook_name, type(exc).__name__, exc)
+            log.warning(
+                "observer %r failed in %s and was skipped: %s: %s", pm.get_name(plugin), hook_name, type(exc).__name__, exc
+            )
 
 
 @contextlib.contextmanager
@@ -291,3 +387,12 @@ def materialization(pm: pluggy.PluginManager, asset: str, run_id: str, inputs: l
         _notify(pm, "aiplane_on_materialize_error", **common, error=exc)
         raise
     _notify(pm, "aiplane_after_materialize", **common, output=holder["output"])
+
+
+def notify_error(pm: pluggy.PluginManager, asset: str, run_id: str, error: BaseException, deployment) -> None:
+    """Tell the observers that computing ``asset`` in ``run_id`` failed, outside a :func:`materialization` block.
+
+    For failures found after the fact: a run whose process died never reached its
+    on-error hooks. Observers are isolated exactly as in :func:`materialization`.
+    """
+    _notify(pm, "aiplane_on_materialize_error", asset=asset, run_id=run_id, inputs=[], deployment=deployment, error=error)

@@ -1,22 +1,41 @@
 """Running a workload's process: own process group, lines streamed as they come, nothing left behind.
 
 Every engine that starts a local process (the subprocess engine, ``kfp.local``,
-a local Ray driver) has the same needs, so they share this one loop.
+a local Ray driver) has the same needs, so they share this one loop, and the
+one way to make a run's working directory (:func:`workload_dir`). Such a
+directory records the process that owns it, so one left behind by an owner
+that was killed (``kill -9`` of ``aiplane up``) is found and removed by
+:func:`sweep_orphaned_workdirs`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import queue
+import shutil
 import signal
+import socket
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 from .errors import WorkloadCancelled
 
-__all__ = ["stream_process", "kill_group"]
+__all__ = [
+    "stream_process",
+    "start_process",
+    "follow_process",
+    "kill_group",
+    "workload_dir",
+    "sweep_orphaned_workdirs",
+    "WORKDIR_PREFIX",
+    "OWNER_FILE",
+]
 
 GRACE_S = 5.0
 _DRAIN_S = 1.0
@@ -39,19 +58,42 @@ def stream_process(
     group too and propagates. The run ends when the process exits, even if a
     child it left behind still holds its output open; that child is killed.
     """
-    proc = subprocess.Popen(
+    return follow_process(start_process(cmd, env, cwd), on_line, cancel, what)
+
+
+def start_process(
+    cmd: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    stdin: int = subprocess.DEVNULL,
+    pass_fds: Sequence[int] = (),
+) -> subprocess.Popen:
+    """Start ``cmd`` as :func:`stream_process` does (own session, stdout and stderr in one text pipe)
+    without reading it yet; :func:`follow_process` does that. ``stdin`` may be ``subprocess.PIPE``;
+    ``pass_fds`` stay open in the process."""
+    return subprocess.Popen(
         list(cmd),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         text=True,
         # A stray non-UTF-8 byte in a library's output must not kill the reader.
         encoding="utf-8",
         errors="replace",
         env=dict(env) if env is not None else None,
         cwd=cwd,
+        pass_fds=tuple(pass_fds),
         start_new_session=True,
     )
+
+
+def follow_process(
+    proc: subprocess.Popen,
+    on_line: Callable[[str], None],
+    cancel: threading.Event | None = None,
+    what: str = "workload",
+) -> subprocess.Popen:
+    """The second half of :func:`stream_process`, for a process :func:`start_process` started."""
     try:
         _pump(proc, on_line, cancel or threading.Event(), what)
     finally:
@@ -118,3 +160,142 @@ def _group_alive(pgid: int) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+# ---------------------------------------------------------------- working directories
+
+WORKDIR_PREFIX = "aiplane-"
+"""Every working directory :func:`workload_dir` makes is named ``aiplane-<label>-<random>``."""
+OWNER_FILE = ".aiplane-owner.json"
+"""Inside a working directory: the pid, start time and host of the process that owns it."""
+
+
+@contextlib.contextmanager
+def workload_dir(label: str, dir: str | os.PathLike | None = None) -> Iterator[Path]:
+    """A fresh private directory ``aiplane-<label>-*`` for one run, removed when the block ends.
+
+    Like :class:`tempfile.TemporaryDirectory`, plus a record of this process
+    (pid, start time, host) in :data:`OWNER_FILE`: if this process dies without
+    leaving the block, :func:`sweep_orphaned_workdirs` sees that the owner is
+    gone and removes the directory. ``dir`` defaults to :func:`tempfile.gettempdir`.
+    """
+    with tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{label}-", dir=dir) as tmp:
+        path = Path(tmp)
+        _write_owner(path, os.getpid())
+        yield path
+
+
+def sweep_orphaned_workdirs(root: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the working directories under ``root`` whose owning process is gone; return them.
+
+    ``root`` defaults to :func:`tempfile.gettempdir` (``$TMPDIR``), where
+    :func:`workload_dir` puts them. Only directories named ``aiplane-*`` that
+    carry an owner record, belong to this user and were made on this host are
+    considered; one is removed when its owner pid is not running, or is
+    running but started at another time than the owner did (the pid was
+    reused). A directory whose owner cannot be checked is kept. Safe to run
+    while other aiplane processes run: their directories have live owners.
+    """
+    root = Path(root) if root is not None else Path(tempfile.gettempdir())
+    host, uid = socket.gethostname(), _uid()
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(WORKDIR_PREFIX):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            if uid is not None and entry.stat(follow_symlinks=False).st_uid != uid:
+                continue
+            owner = json.loads(Path(entry.path, OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, not readable, or still being made: leave it
+        if not isinstance(owner, dict) or owner.get("host") != host or not _owner_gone(owner):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        if not os.path.lexists(entry.path):
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _uid() -> int | None:
+    getuid = getattr(os, "getuid", None)
+    return getuid() if getuid is not None else None
+
+
+def _write_owner(path: Path, pid: int) -> None:
+    record = {"pid": pid, "start": _start_token(pid), "host": socket.gethostname()}
+    # Written beside, then renamed: a sweep sees the whole record or none (and then leaves the directory).
+    tmp = path / f"{OWNER_FILE}.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path / OWNER_FILE)
+
+
+def _owner_gone(owner: dict) -> bool:
+    pid, recorded = owner.get("pid"), owner.get("start")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    now = _start_token(pid)
+    if now is None:
+        return True  # not running
+    if not now or not isinstance(recorded, str) or now.partition(":")[0] != recorded.partition(":")[0]:
+        return False  # running, and we cannot tell whether it is the owner: keep
+    return now != recorded  # running, but a later process with the owner's pid
+
+
+def _start_token(pid: int) -> str | None:
+    """When ``pid`` started, as an opaque string; ``None`` if it is not running; ``""`` if that cannot be told.
+
+    Two processes that had the same pid get different tokens. On Linux this is
+    the boot id and the start time in ``/proc/<pid>/stat``; elsewhere psutil's
+    create time, when psutil is installed. The part before the first ``:`` names
+    the source; tokens from different sources are not compared.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return None  # a Linux /proc without this pid: not running
+        return _start_token_portable(pid)
+    except OSError:
+        return _start_token_portable(pid)
+    # Fields after the command name (which may hold spaces and parentheses): state is field 3, starttime field 22.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None  # a zombie has finished
+    return f"proc:{_boot_id()}:{int(fields[19])}"
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _start_token_portable(pid: int) -> str | None:
+    try:
+        import psutil
+    except ImportError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # running, as another user
+        return ""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return f"psutil:{proc.create_time()!r}"
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.Error:
+        return ""

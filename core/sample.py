@@ -10,6 +10,8 @@ import hashlib
 import random
 from collections.abc import Iterable
 
+from .placement import normalize_tag
+
 __all__ = ["generate_tickets", "to_features", "CATEGORIES", "PRIORITIES", "REGIONS"]
 
 REGIONS = ("eu", "us", "ap")
@@ -91,7 +93,8 @@ def to_features(tickets: Iterable[dict[str, str]], eval_fraction: float = 0.1) -
             "id": t["ticket_id"],
             "prompt": f"Ticket: {t['subject']}. {t['body']}\nLabel:",
             "completion": f" {t['category']} {t['priority']}",
-            "residency": t["region"],
+            # Normalized on ingest: "EU " and "eu" are one tag, so a typo cannot slip past the policy.
+            "residency": normalize_tag(t["region"]),
             "split": _split(t["ticket_id"], eval_fraction),
         }
         for t in tickets

@@ -1,31 +1,57 @@
 """``python -m aiplane.core.worker SPEC.json RESULT.json``: how engines run a workload out of process.
 
+``python -m aiplane.core.worker --standby --preload torch,transformers`` starts a
+worker before its workload exists: it imports the given modules, then waits for
+one line on stdin, ``{"spec": SPEC, "result": RESULT}``, and runs that workload
+as above (EOF instead: it exits). The local engine's ``prestart`` uses it.
+
 Progress events go to stdout, one line each (see :func:`aiplane.core.workload.format_event`);
 the result, or the error, goes to RESULT.json for :func:`aiplane.core.workload.read_result`.
 Kept apart from :mod:`aiplane.core.workload` so ``-m`` does not import that module twice.
+
+Once RESULT is written the process leaves without tearing the interpreter down
+(see :func:`exit_now`): freeing every object of torch, transformers and sympy
+one by one takes a second or more, and the engine waits for the process to end.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import importlib
 import json
+import os
 import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import AiplaneError, WorkloadCancelled
 from .workload import Event, Workload, execute, format_event
 
-__all__ = ["main"]
+__all__ = ["main", "exit_now"]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the workload in SPEC, streaming events to stdout, and write RESULT."""
     parser = argparse.ArgumentParser(prog="python -m aiplane.core.worker")
-    parser.add_argument("spec", type=Path, help="workload JSON")
-    parser.add_argument("result", type=Path, help="where to write the result JSON")
+    parser.add_argument("spec", type=Path, nargs="?", help="workload JSON")
+    parser.add_argument("result", type=Path, nargs="?", help="where to write the result JSON")
+    parser.add_argument(
+        "--standby", action="store_true", help="import --preload, then read the SPEC and RESULT paths from stdin"
+    )
+    parser.add_argument("--preload", default="", help="comma-separated modules to import while on standby")
+    parser.add_argument("--ready-fd", type=int, default=None, help="on standby: close this fd once imported")
     args = parser.parse_args(argv)
+    if args.standby:
+        handoff = _stand_by(args.preload, args.ready_fd)
+        if handoff is None:
+            return 0
+        args.spec, args.result = handoff
+    elif args.spec is None or args.result is None:
+        parser.error("SPEC and RESULT are required, unless --standby")
     workload = Workload.model_validate_json(args.spec.read_text())
 
     def emit(event: Event) -> None:
@@ -53,5 +79,48 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _stand_by(preload: str, ready_fd: int | None) -> tuple[Path, Path] | None:
+    """Import what the coming workload needs, then wait for it: (SPEC, RESULT), or ``None`` on EOF."""
+    for name in filter(None, (n.strip() for n in preload.split(","))):
+        try:
+            importlib.import_module(name)
+        except Exception:
+            pass  # the workload imports it again and reports the failure where it belongs
+    if ready_fd is not None:
+        os.close(ready_fd)  # the engine sees EOF: imported
+    line = sys.stdin.readline()
+    # The workload's stdin is empty, as a worker started for it has /dev/null.
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    if not line.strip():
+        return None  # the engine let this standby go, or is gone itself
+    handoff = json.loads(line)
+    return Path(handoff["spec"]), Path(handoff["result"])
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` as a normal exit would, less the interpreter's teardown.
+
+    Non-daemon threads are waited for and ``atexit`` handlers run (temporary
+    directories, log handlers, thread pools are cleaned up as usual), the standard
+    streams are flushed, then :func:`os._exit` skips freeing each module's objects,
+    which the operating system does at once. Only for a process whose work is done.
+    """
+    # The result is written: a SIGTERM from here on may end the process, not raise into the clean-up.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is None:  # an interpreter without it: take the ordinary way out
+        sys.exit(code)
+    shutdown()  # what Py_Finalize does first: thread-pool exit hooks, then join non-daemon threads
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

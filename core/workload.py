@@ -22,17 +22,22 @@ from __future__ import annotations
 
 import importlib
 import json
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import errors as _errors
 from .errors import WorkloadCancelled, WorkloadError
+from .config import S3Settings
 from .records import AnyRecord, Record
+
+if TYPE_CHECKING:
+    from .storage import ArtifactStore, Storage
 
 __all__ = [
     "Resources",
@@ -46,6 +51,7 @@ __all__ = [
     "format_event",
     "EVENT_PREFIX",
     "read_result",
+    "parse_result",
 ]
 
 EVENT_PREFIX = "@@aiplane-event "
@@ -74,6 +80,10 @@ class Workload(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
     run_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+    s3: S3Settings | None = None
+    """How the workload reaches object storage (secrets by reference); the orchestrator sets it from the deployment."""
+    cache_dir: str | None = None
+    """Where the workload keeps objects fetched from storage; default ``$TMPDIR/aiplane-cache``."""
 
 
 class WorkloadResult(BaseModel):
@@ -167,6 +177,7 @@ class WorkloadContext:
         self._emit = emit
         self._cancel = cancel or threading.Event()
         self.runtime = runtime or Runtime()
+        self._storage: Storage | None = None
         self.metrics: dict[str, Any] = {}
         """Final metrics; the entry point may fill this and they land on the result."""
 
@@ -200,6 +211,36 @@ class WorkloadContext:
 
     def metric(self, name: str, value: float, step: int | None = None) -> None:
         self._emit(Event(type="metric", name=name, value=float(value), step=step))
+
+    @property
+    def storage(self) -> "Storage":
+        """The workload's way to storage by URI (``file://``, ``s3://``), opened on first use."""
+        from .storage import Storage
+
+        if self._storage is None:
+            self._storage = Storage(self.workload.s3)
+        return self._storage
+
+    def artifacts(self, root: str) -> "ArtifactStore":
+        """The content-addressed artifact store at ``root``, over :attr:`storage`."""
+        from .storage import ArtifactStore
+
+        return ArtifactStore(root, storage=self.storage)
+
+    def local(self, uri: str, digest: str | None = None) -> Path:
+        """A local directory holding what ``uri`` names: itself if local, else a copy cached by digest.
+
+        Without ``digest``, ``uri`` is an artifact of an :class:`ArtifactStore` (its digest is in
+        its name, and only a complete one is fetched); with it, any directory in storage (a base model).
+        """
+        from .storage import is_local, local_path
+
+        if is_local(uri):
+            return local_path(uri)
+        cache = Path(self.workload.cache_dir or Path(tempfile.gettempdir()) / "aiplane-cache")
+        if digest is not None:
+            return self.storage.fetch_tree(uri, digest, cache / "trees")
+        return self.artifacts(uri.rsplit("/", 2)[0]).fetch(uri, cache)
 
     @property
     def cancelled(self) -> bool:
@@ -252,15 +293,21 @@ def execute(
 def read_result(path: Path, workload: Workload) -> WorkloadResult:
     """Read what :func:`main` wrote; an error there is raised again as the same aiplane error class."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise WorkloadError(
-            f"Workload {workload.name} ({workload.run_id}) ended without a result: {exc}"
-        ) from None
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise WorkloadError(f"Workload {workload.name} ({workload.run_id}) ended without a result: {exc}") from None
+    return parse_result(text, workload)
+
+
+def parse_result(text: str, workload: Workload) -> WorkloadResult:
+    """The result a worker wrote (as text, from wherever it was stored); its error raised as its own class."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise WorkloadError(f"Workload {workload.name} ({workload.run_id}) ended without a result: {exc}") from None
     if "error" in data:
         cls = getattr(_errors, data.get("error_type", ""), None)
         if not (isinstance(cls, type) and issubclass(cls, _errors.AiplaneError)):
             cls = WorkloadError
         raise cls(f"Workload {workload.name} ({workload.run_id}) failed: {data['error']}")
     return WorkloadResult.model_validate(data)
-

@@ -5,6 +5,41 @@ import pytest
 
 TESTS = Path(__file__).parent
 
+# Where libraries put caches and settings when told nothing: under the home directory.
+_HOME_DIRS = {
+    "XDG_CACHE_HOME": "cache",  # torch, pip, and everything else that follows the XDG convention
+    "XDG_CONFIG_HOME": "config",
+    "XDG_DATA_HOME": "data",
+    "XDG_STATE_HOME": "state",
+    "HF_HOME": "huggingface",  # transformers, peft, tokenizers, datasets
+    "TORCH_HOME": "torch",
+    "TORCHINDUCTOR_CACHE_DIR": "torchinductor",
+    "TRITON_CACHE_DIR": "triton",
+    "MPLCONFIGDIR": "matplotlib",
+    "PIP_CACHE_DIR": "pip",
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_home_state(tmp_path_factory):
+    """Caches and settings go to this session's tmp dir, never to the home directory.
+
+    Set in the environment, so the workload subprocesses, Ray's processes and KFP's
+    tasks that the tests start see them too. Nothing else of the home is read:
+    no test depends on what an earlier run or another tool left there. ``.ci/run``
+    checks that the suite wrote nothing into an empty HOME.
+    """
+    root = tmp_path_factory.mktemp("home-dirs")
+    saved = {name: os.environ.get(name) for name in _HOME_DIRS}
+    for name, sub in _HOME_DIRS.items():
+        os.environ[name] = str(root / sub)
+    yield root
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
 
 @pytest.fixture
 def workload_path(monkeypatch):
@@ -58,3 +93,13 @@ def crd_validator(filename: str, version: str | None = None):
         return node
 
     return jsonschema.Draft202012Validator(strict(schema))
+
+
+def stop_endpoints(home: Path) -> None:
+    """Stop every model server a chain under ``home`` started, even when a later step failed."""
+    import json
+
+    from aiplane.plugins.kserve._process import terminate
+
+    for current in (home / "serving").glob("*/current.json"):
+        terminate(json.loads(current.read_text())["pid"], current.parent.name)

@@ -61,14 +61,76 @@ def test_failed_blocking_feature_check_blocks_training(tmp_path):
 
 
 def test_unplaceable_training_fails_before_any_side_effect_and_says_why(tmp_path):
-    result = _materialize(tmp_path, _deployment(tmp_path, **{"trainer.gpus": 2}), UPSTREAM)
+    # The preflight runs when the resource loads, before the first asset: no model, no table.
+    deployment = _deployment(tmp_path, **{"trainer.gpus": 2})
+    resource = AiplaneResource(deployment=deployment, home=str(tmp_path))
+    with pytest.raises(ConfigError) as err:
+        resource.config  # noqa: B018 - loading is the behaviour under test
+    assert "No target can run train-adapter" in str(err.value)
+    assert "local: has 0 GPU(s), needs 2" in str(err.value)
+    assert "nothing was changed" in str(err.value)
+    assert not (tmp_path / "models").exists() and not (tmp_path / "iceberg").exists()
+
+
+def _tickets(home: Path, regions: list[str]) -> Path:
+    """A tickets file whose rows carry the given region tags, in turn."""
+    seed_tickets(home / "seed.jsonl", n=120)
+    rows = [json.loads(line) for line in (home / "seed.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["region"] = regions[i % len(regions)]
+    path = home / "tickets.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# A deployment whose first target is in the US: only residency keeps EU rows off it.
+US_FIRST = {
+    "targets": [
+        {"name": "us-local", "engine": "local", "region": "us", "sla": ["batch", "interactive"]},
+        {"name": "eu-local", "engine": "local", "region": "eu", "sla": ["batch", "interactive"]},
+    ]
+}
+
+
+def test_rows_tagged_EU_with_odd_case_and_space_never_train_on_a_us_target(tmp_path):
+    source = _tickets(tmp_path, ["EU ", "us"])
+    deployment = _deployment(tmp_path, **US_FIRST, **{"trainer.settings.max_steps": 2, "trainer.settings.eval_limit": 0})
+    result = _materialize(
+        tmp_path, deployment, UPSTREAM, run_config={"ops": {"features": {"config": {"source": str(source)}}}}
+    )
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    assert result.asset_value("features").residency == ("eu", "us")
+    adapter = result.asset_value("adapter_weights")
+    assert adapter.placement.target == "eu-local" and adapter.placement.region == "eu"
+    assert adapter.placement.rejected["us-local"].startswith("residency: region 'us' is outside")
+
+
+def test_an_unknown_residency_tag_stops_features_and_nothing_trains(tmp_path):
+    source = _tickets(tmp_path, ["eu", "us", "mars"])
+    result = _materialize(
+        tmp_path, _deployment(tmp_path), UPSTREAM, run_config={"ops": {"features": {"config": {"source": str(source)}}}}
+    )
     assert not result.success
-    failure = next(e for e in result.all_events if e.is_step_failure and e.step_key == "adapter_weights")
-    message = failure.step_failure_data.error.cause.message if failure.step_failure_data.error.cause else failure.step_failure_data.error.message
-    assert "No target can run train-adapter" in message
-    assert "local: has 0 GPU(s), needs 2" in message
+    check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "residency_known")
+    assert check.passed is False
+    assert check.metadata["unknown_tags"].value == ["mars"]
+    assert "40 row(s) are tagged 'mars'" in check.description and "rows T" in check.description
+    materialized = {m.asset_key.path[-1] for m in result.get_asset_materialization_events()}
+    assert "adapter_weights" not in materialized
     assert not (tmp_path / "artifacts").exists()
-    assert ("adapter_weights", "FAIL") in _lineage_events(tmp_path)
+
+
+def test_an_empty_tickets_file_says_there_are_no_tickets(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = _materialize(
+        tmp_path, _deployment(tmp_path), ["base_model", "features"],
+        run_config={"ops": {"features": {"config": {"source": str(empty)}}}},
+    )  # fmt: skip
+    failure = next(e for e in result.all_events if e.is_step_failure and e.step_key == "features")
+    error = failure.step_failure_data.error
+    message = (error.cause or error).message
+    assert "has no tickets: it is empty" in message and "wrong columns" not in message
 
 
 def test_unknown_component_in_deployment_fails_at_resource_setup_with_suggestion(tmp_path):

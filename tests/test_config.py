@@ -161,3 +161,25 @@ def test_a_validators_own_message_reaches_the_user_without_pydantic_prefixes():
         IcebergFeatureStore({"catalog_uri": "not a url", "warehouse": "/tmp/w"})
     assert "catalog_uri: 'not a url' is not a SQLAlchemy URL" in str(err.value)
     assert "Value error" not in str(err.value)
+
+
+def _with_residency(tmp_path, policy):
+    import yaml
+
+    raw = yaml.safe_load(Path(load_deployment("local").source).read_text())
+    raw["residency"] = policy
+    path = tmp_path / "residency.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_residency_policy_tags_are_normalized_and_any_declares_a_tag_unrestricted(tmp_path):
+    d = load_deployment(_with_residency(tmp_path, {" EU": ["eu"], "US": "any", "ap": "ANY"}), home=tmp_path)
+    assert d.residency == {"eu": ("eu",), "us": "any", "ap": "any"}
+
+
+def test_residency_policy_rejects_a_tag_listed_twice_and_a_bare_region(tmp_path):
+    with pytest.raises(ConfigError, match=r"tag '(EU |eu)' is listed twice"):
+        load_deployment(_with_residency(tmp_path, {"eu": ["eu"], "EU ": ["us"]}), home=tmp_path)
+    with pytest.raises(ConfigError, match=r"eu: give a list of regions \(e.g. \[eu\]\) or `any`"):
+        load_deployment(_with_residency(tmp_path, {"eu": "eu"}), home=tmp_path)

@@ -7,10 +7,22 @@ ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def test_ci_runs_the_readme_test_command_verbatim():
+def _readme_test_command() -> str:
     blocks = re.findall(r"```bash\n(.*?)\n```", README, re.S)
-    test_command = next(b for b in blocks if b.endswith("pytest"))
-    assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
+    return next(b for b in blocks if b.endswith("pytest"))
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    assert _readme_test_command() in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_ci_runs_the_test_command_in_an_empty_home_and_then_checks_that_home():
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    fresh_home = lines.index('home=$(mktemp -d -t aiplane-ci-home.XXXXXX)')
+    uses_it = lines.index('export HOME="$home"')
+    command = lines.index(_readme_test_command())
+    checks_it = next(i for i, line in enumerate(lines) if 'find . -mindepth 1' in line and 'cd "$home"' in line)
+    assert fresh_home < uses_it < command < checks_it
 
 
 def test_every_hook_is_documented_in_the_readme():

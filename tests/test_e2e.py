@@ -11,6 +11,7 @@ import yaml
 from aiplane.assets import ASSETS, AiplaneResource, build_definitions
 from aiplane.assets.sources import seed_tickets
 from aiplane.core.config import load_deployment
+from conftest import stop_endpoints
 
 pytestmark = pytest.mark.e2e
 
@@ -34,11 +35,7 @@ def chain(tmp_path_factory):
         endpoint = result.asset_value("served_endpoint")
         yield {"result": result, "instance": instance, "resource": resource, "home": home, "endpoint": endpoint}
     finally:
-        # Stop every server the chain started, even when a later step failed.
-        from aiplane.plugins.kserve._process import terminate
-
-        for current in (home / "serving").glob("*/current.json"):
-            terminate(json.loads(current.read_text())["pid"], current.parent.name)
+        stop_endpoints(home)
 
 
 def test_all_five_assets_materialize_with_data_versions_and_lineage_metadata(chain):
@@ -52,7 +49,7 @@ def test_all_five_assets_materialize_with_data_versions_and_lineage_metadata(cha
         assert meta["digest"].value == record.digest
         assert event.materialization.tags["dagster/data_version"] == record.digest
     placement = mats["adapter_weights"].materialization.metadata["placement_reason"].value
-    assert "region 'eu' is allowed for data tagged ap, eu, us" in placement
+    assert "residency: region 'eu' is allowed for data tagged eu;" in placement
     adapter = result.asset_value("adapter_weights")
     assert adapter.metrics["train_loss_last"] < adapter.metrics["train_loss_first"]
     assert "eval_accuracy" in adapter.metrics and "eval_loss" in adapter.metrics
@@ -60,7 +57,9 @@ def test_all_five_assets_materialize_with_data_versions_and_lineage_metadata(cha
 
 def test_feature_checks_and_the_training_loss_check_pass(chain):
     checks = {e.check_name: e.passed for e in chain["result"].get_asset_check_evaluations()}
-    assert checks == {"schema": True, "not_empty": True, "residency_tagged": True, "loss_decreased": True}
+    assert checks == {
+        "schema": True, "not_empty": True, "residency_tagged": True, "residency_known": True, "loss_decreased": True,
+    }  # fmt: skip
 
 
 def test_endpoint_answers_a_completion_over_http(chain):

@@ -15,10 +15,11 @@ import pytest
 import yaml
 
 from conftest import crd_validator
-from aiplane.core.config import Target
+from aiplane.core.config import S3Settings, SecretRef, Target
 from aiplane.core.errors import ConfigError, InputError, WorkloadCancelled, WorkloadError
 from aiplane.core.plugins import Registry
 from aiplane.core.records import AdapterRecord, FeaturesRecord
+from aiplane.core.storage import local_path
 from aiplane.core.workload import Workload
 from aiplane.plugins.kfp.pipeline import compile_workload
 from aiplane.plugins.kfp.settings import KfpSettings
@@ -247,7 +248,7 @@ def test_lora_trainer_on_kfp_local_produces_an_adapter_peft_can_load(workload_pa
     assert adapter.source("features") == features and adapter.source("base_model") == tiny_base_model
     assert any(e.type == "metric" and e.name == "train_loss" for e in events)
     assert result.engine["pipeline"] == "aiplane-train-adapter"
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base_model.uri), adapter.uri)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base_model.uri), local_path(adapter.uri))
     assert any("lora_A" in name for name, _ in model.named_parameters())
 
 
@@ -447,3 +448,45 @@ def test_dspa_with_a_misspelled_field_or_wrong_type_is_rejected(path, value, mes
     node[path[-1]] = value
     errors = [e.message for e in _dspa_validator().iter_errors(doc)]
     assert any(message in e for e in errors), errors
+
+
+def test_remote_results_travel_through_object_storage_and_pods_get_credentials_from_secrets(fake, tmp_path, monkeypatch):
+    from _s3 import s3_server
+
+    with s3_server() as s3:
+        bucket = s3.create_bucket()
+        # What the Secret `aiplane-s3` mounts in the pod; the fake runs the pod's code in a local process.
+        monkeypatch.setenv("AIPLANE_S3_ACCESS_KEY", s3.access_key_id)
+        monkeypatch.setenv("AIPLANE_S3_SECRET_KEY", s3.secret_access_key)
+        storage = S3Settings(
+            endpoint=s3.endpoint_url,
+            access_key_id=SecretRef(secret="aiplane-s3", key="access_key"),
+            secret_access_key=SecretRef(secret="aiplane-s3", key="secret_key"),
+        )
+        workload = _echo("via-s3").model_copy(update={"s3": storage})
+        result = _remote(fake.url, tmp_path, results_dir=f"s3://{bucket}/runs").run(workload, REMOTE, lambda e: None)
+        assert result.outputs["out"].uri == "/tmp/via-s3"
+        keys = [o["Key"] for o in s3.boto3_client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+        assert not [k for k in keys if k.endswith(".json")], "the result is removed once read"
+    (spec,) = fake.specs.values()
+    platform = list(yaml.safe_load_all(spec))[-1]["platforms"]["kubernetes"]
+    (executor,) = platform["deploymentSpec"]["executors"].values()
+    assert executor["secretAsEnv"] == [
+        {
+            "secretName": "aiplane-s3",
+            "secretNameParameter": {"runtimeValue": {"constant": "aiplane-s3"}},
+            "keyToEnv": [
+                {"secretKey": "access_key", "envVar": "AIPLANE_S3_ACCESS_KEY"},
+                {"secretKey": "secret_key", "envVar": "AIPLANE_S3_SECRET_KEY"},
+            ],
+        }
+    ]
+    assert s3.secret_access_key not in spec, "no credential value is compiled into the pipeline"
+
+
+def test_a_pipeline_pod_cannot_read_this_processes_environment_so_env_references_are_refused():
+    workload = _echo("env-ref").model_copy(
+        update={"s3": S3Settings(access_key_id=SecretRef(env="MY_KEY"), secret_access_key=SecretRef(env="MY_SECRET"))}
+    )
+    with pytest.raises(ConfigError, match=r"SecretRef\(env='MY_KEY'\).*reference a Kubernetes Secret instead"):
+        compile_workload(workload, REMOTE, KfpSettings(mode="remote", host="https://kfp", base_image="img", results_dir="s3://b/r"))

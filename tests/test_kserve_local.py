@@ -2,27 +2,33 @@
 
 One endpoint (``tickets``) is deployed once for the module through the local
 engine (a worker process that exits afterwards) and shared; the tests that
-re-deploy or stop it run last and update the shared record.
+re-deploy or stop it run last and update the shared record. Its URL never
+changes: every test may use ``live["endpoint"].url``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
+from aiplane.core.storage import local_path
 from aiplane.core.artifacts import sha256_path
 from aiplane.core.errors import ConfigError, InputError, WorkloadError
 from aiplane.core.records import AdapterRecord, BaseModelRecord, EndpointRecord
-from aiplane.core.config import Target
+from aiplane.core.config import Target, load_deployment
 from aiplane.core.plugins import Registry
 from aiplane.core.workload import execute
 from aiplane.plugins.kserve import KServeLocal, complete
@@ -150,7 +156,7 @@ def test_endpoint_name_that_is_not_a_safe_path_segment_is_rejected(models):
 
 def test_adapter_without_adapter_config_is_rejected_before_any_process_starts(models, live, tmp_path):
     broken = tmp_path / "no-config"
-    shutil.copytree(Path(models["a"].uri), broken)
+    shutil.copytree(local_path(models["a"].uri), broken)
     (broken / "adapter_config.json").unlink()
     before, current = len(_servers_under(models["root"])), _current_json(models)
     with pytest.raises(InputError, match="has no adapter_config.json"):
@@ -159,23 +165,82 @@ def test_adapter_without_adapter_config_is_rejected_before_any_process_starts(mo
     assert _current_json(models) == current
 
 
-def test_fixed_port_in_use_fails_before_any_process_starts(models):
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
+def _listener(reuseport: bool = False) -> socket.socket:
+    sock = socket.socket()
+    if reuseport:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+# A listener with SO_REUSEPORT would not stop the bind: the server would silently share its port.
+@pytest.mark.parametrize("reuseport", [False, True], ids=["plain", "reuseport"])
+def test_fixed_port_in_use_fails_before_any_process_starts(models, reuseport):
+    with _listener(reuseport) as holder:
         port = holder.getsockname()[1]
         before = len(_servers_under(models["root"]))
         target = KServeLocal({"port": port})
-        with pytest.raises(ConfigError, match=rf"port {port} on 127.0.0.1 is in use; .*use port: 0"):
+        in_use = rf"port {port} on 127.0.0.1 is in use by pid {os.getpid()} .*use port: 0"
+        with pytest.raises(ConfigError, match=in_use):
             execute(target.workload(models["a"], "blocked", str(models["home"])))
     assert len(_servers_under(models["root"])) == before
     assert not (models["home"] / "serving" / "blocked").exists()
 
 
-def test_fixed_port_of_the_current_server_says_blue_green_needs_another_port(models, live):
-    port = httpx.URL(live["endpoint"].url).port
-    with pytest.raises(ConfigError, match=rf"port {port} .* in use by the current server of endpoint 'tickets'"):
-        execute(KServeLocal({"port": port}).workload(models["b"], NAME, str(models["home"])))
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="steering a port between listeners is Linux-only")
+def test_steering_sends_new_connections_to_the_chosen_listener():
+    """What a swap relies on: listeners of one port, in the order they listened, and a program picking one."""
+    from aiplane.plugins.kserve._port import NEWEST, OLDEST, Steering, claim
+
+    first, _ = claim("127.0.0.1", 0, None, "steer")
+    port = first.getsockname()[1]
+    second, _ = claim("127.0.0.1", port, None, "steer")
+    with first, second:
+        steering = Steering(second)
+        first.listen()
+        assert not steering.listening()
+        second.listen()
+        assert steering.listening()
+
+        def reached() -> list[int]:
+            counts = [0, 0]
+            for _ in range(20):
+                with socket.create_connection(("127.0.0.1", port), timeout=5):
+                    pass
+                for i, listener in enumerate((first, second)):
+                    listener.settimeout(0.01)
+                    with contextlib.suppress(TimeoutError):
+                        listener.accept()[0].close()
+                        counts[i] += 1
+            return counts
+
+        assert steering.to(OLDEST) and reached() == [20, 0]
+        assert steering.to(NEWEST) and reached() == [0, 20]
+
+
+def test_check_reports_a_fixed_port_another_process_holds(models):
+    deployment = load_deployment("local", home=models["home"])
+    with _listener() as holder:
+        port = holder.getsockname()[1]
+        (problem,) = KServeLocal({"port": port}).check(deployment, endpoint_name="elsewhere")
+    assert problem.startswith(f"port {port} on 127.0.0.1 is in use by pid {os.getpid()}")
+    assert "choose a free port" in problem
+    assert KServeLocal({"port": port}).check(deployment, endpoint_name="elsewhere") == []
+
+
+def test_check_reports_a_host_that_does_not_resolve(models):
+    deployment = load_deployment("local", home=models["home"])
+    (problem,) = KServeLocal({"host": "no-such-host.invalid"}).check(deployment)
+    assert problem.startswith("Serving host 'no-such-host.invalid' cannot be resolved")
+
+
+def test_check_accepts_the_port_of_the_endpoints_own_server_only(models, live):
+    deployment = load_deployment("local", home=models["home"])
+    target = KServeLocal({"port": httpx.URL(live["endpoint"].url).port})
+    assert target.check(deployment, endpoint_name=NAME) == []
+    (problem,) = target.check(deployment, endpoint_name="other-endpoint")
+    assert f"in use by pid {live['endpoint'].handle['pid']}" in problem
 
 
 # ---------------------------------------------------------------- the shared endpoint
@@ -230,7 +295,13 @@ def test_server_listens_only_on_loopback_and_starts_no_grpc(live):
     server = psutil.Process(live["endpoint"].handle["pid"])
     connections = getattr(server, "net_connections", server.connections)(kind="inet")
     listening = [c.laddr for c in connections if c.status == psutil.CONN_LISTEN]
-    assert [(a.ip, a.port) for a in listening] == [("127.0.0.1", httpx.URL(live["endpoint"].url).port)]
+    # The endpoint's port, and the private one the deployer checked this server on.
+    assert {a.ip for a in listening} == {"127.0.0.1"} and len(listening) == 2
+    assert httpx.URL(live["endpoint"].url).port in {a.port for a in listening}
+
+
+def test_running_is_true_for_the_current_server(live):
+    assert KServeLocal().running(live["endpoint"]) is True
 
 
 def test_server_survives_the_process_that_deployed_it(live):
@@ -240,19 +311,22 @@ def test_server_survives_the_process_that_deployed_it(live):
     assert httpx.get(f"{live['endpoint'].url}/v2/models/{NAME}/ready", timeout=10).status_code == 200
 
 
-def test_new_server_that_fails_to_load_leaves_the_old_one_serving(models, live, tmp_path):
+def test_new_server_that_fails_to_load_leaves_the_old_one_serving_on_the_same_url(models, live, tmp_path):
     broken = tmp_path / "broken-weights"
-    shutil.copytree(Path(models["a"].uri), broken)
+    shutil.copytree(local_path(models["a"].uri), broken)
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    current = _current_json(models)
+    url, current, events = live["endpoint"].url, _current_json(models), []
     with pytest.raises(WorkloadError) as caught:
-        execute(KServeLocal().workload(_adapter_record(broken, models["base"]), NAME, str(models["home"])))
+        workload = KServeLocal().workload(_adapter_record(broken, models["base"]), NAME, str(models["home"]))
+        execute(workload, emit=events.append)
+    # The broken server was handed the endpoint's own port, beside the current server.
+    assert any(f"on {url} (checked on http://127.0.0.1:" in e.message for e in events)
     message = str(caught.value)
-    assert "exited with code" in message and f"keeps serving {live['endpoint'].url}" in message
+    assert "exited with code" in message and f"keeps serving {url}" in message
     assert "cannot load adapter" in message  # the tail of the new server's log
     assert _current_json(models) == current
     assert not [p for p in _servers_under(models["root"]) if str(broken) in " ".join(p.cmdline())]
-    assert complete(live["endpoint"].url, PROMPT, max_tokens=2, model=NAME)
+    assert complete(url, PROMPT, max_tokens=2, model=NAME)
 
 
 def test_readiness_timeout_stops_the_new_server_and_keeps_the_old(models, live):
@@ -265,27 +339,108 @@ def test_readiness_timeout_stops_the_new_server_and_keeps_the_old(models, live):
     assert complete(live["endpoint"].url, PROMPT, max_tokens=2, model=NAME)
 
 
-def test_redeploy_is_blue_green_and_serves_the_new_adapter(models, live):
+def test_redeploy_keeps_the_url_and_serves_the_new_adapter(models, live):
     old: EndpointRecord = live["endpoint"]
     old_text = complete(old.url, PROMPT, max_tokens=8, model=NAME)
-    new = execute(KServeLocal().workload(models["b"], NAME, str(models["home"]))).outputs["endpoint"]
+    # A fixed port equal to the endpoint's own is re-deployable too: the servers share it.
+    target = KServeLocal({"port": httpx.URL(old.url).port})
+    new = execute(target.workload(models["b"], NAME, str(models["home"]))).outputs["endpoint"]
     live["endpoint"] = new
-    assert new.url != old.url and new.handle["pid"] != old.handle["pid"]
+    assert new.url == old.url and new.handle["pid"] != old.handle["pid"]
     assert new.digest != old.digest
     assert not _running(old.handle["pid"])
+    assert (target.running(old), target.running(new)) == (False, True)
     assert json.loads(_current_json(models))["pid"] == new.handle["pid"]
     assert complete(new.url, PROMPT, max_tokens=8, model=NAME) != old_text
-    with pytest.raises(InputError, match="did not answer"):
-        complete(old.url, PROMPT, model=NAME, timeout=5)
 
 
-def test_stop_stops_the_server_and_is_idempotent(models, live):
+def test_requests_sent_during_a_swap_all_succeed(models, live):
+    url = live["endpoint"].url
+    before = complete(url, PROMPT, max_tokens=8, model=NAME)
+    answers: list[str | Exception] = []
+    pings: list[int | Exception] = []
+    done = threading.Event()
+
+    def send() -> None:
+        # A new connection per request (urllib), as most clients of an endpoint make.
+        while not done.is_set() and len(answers) < 5000:
+            try:
+                answers.append(complete(url, PROMPT, max_tokens=8, model=NAME, timeout=30))
+            except InputError as exc:
+                answers.append(exc)
+
+    def ping() -> None:
+        # Cheap requests at a high rate, so some are queued on the old server's port when it stops listening:
+        # without steering them away first, those are reset (this test then fails most runs).
+        while not done.is_set() and len(pings) < 20000:
+            try:
+                with urllib.request.urlopen(f"{url}/v2/models/{NAME}/ready", timeout=30) as response:
+                    pings.append(response.status)
+            except OSError as exc:
+                pings.append(exc)
+
+    senders = [threading.Thread(target=fn) for fn in (send, ping, ping)]
+    for sender in senders:
+        sender.start()
+    try:
+        new = execute(KServeLocal().workload(models["a"], NAME, str(models["home"]))).outputs["endpoint"]
+        live["endpoint"] = new
+        time.sleep(0.5)
+    finally:
+        done.set()
+        for sender in senders:
+            sender.join(60)
+    after = complete(url, PROMPT, max_tokens=8, model=NAME)
+    assert new.url == url and after != before
+    assert [a for a in answers if isinstance(a, Exception)] == []
+    assert [p for p in pings if p != 200] == []
+    # Both servers answered while the requests were being sent: they spanned the swap.
+    assert set(answers) == {before, after}
+
+
+def test_stop_says_whether_it_stopped_a_server(models, live):
     endpoint: EndpointRecord = live["endpoint"]
     target = KServeLocal()
-    target.stop(endpoint)
+    assert target.stop(endpoint) is True
     live["endpoint"] = None
     assert not _running(endpoint.handle["pid"])
     assert not (models["home"] / "serving" / NAME / "current.json").exists()
-    target.stop(endpoint)
+    assert target.running(endpoint) is False
+    assert target.stop(endpoint) is False
     with pytest.raises(InputError, match="did not answer"):
         complete(endpoint.url, PROMPT, model=NAME, timeout=5)
+
+
+def test_server_of_an_older_aiplane_is_replaced_on_a_new_port_once(models):
+    """A server started without SO_REUSEPORT blocks its port; the endpoint moves, and says so once."""
+    name = "legacy"
+    state = models["home"] / "serving" / name
+    state.mkdir(parents=True)
+    # Stands in for such a server: our module and endpoint on its command line, a plain listener.
+    code = (
+        "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen();"
+        "print(s.getsockname()[1], flush=True); time.sleep(300)"
+    )
+    old = subprocess.Popen(
+        [sys.executable, "-c", code, SERVER_MODULE, "--model-name", name], stdout=subprocess.PIPE, text=True
+    )
+    endpoint = None
+    try:
+        old_url = f"http://127.0.0.1:{int(old.stdout.readline())}"
+        (state / "current.json").write_text(
+            json.dumps({"pid": old.pid, "url": old_url, "host": "127.0.0.1", "port": httpx.URL(old_url).port})
+        )
+        events = []
+        endpoint = execute(
+            KServeLocal().workload(models["a"], name, str(models["home"])), emit=events.append
+        ).outputs["endpoint"]
+        assert endpoint.url != old_url
+        moved = [e.message for e in events if "without SO_REUSEPORT" in e.message]
+        assert len(moved) == 1 and f"moves to port {httpx.URL(endpoint.url).port} this once" in moved[0]
+        assert not _running(old.pid)
+        assert complete(endpoint.url, PROMPT, max_tokens=2, model=name)
+    finally:
+        old.kill()
+        old.wait(10)
+        if endpoint is not None:
+            KServeLocal().stop(endpoint)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import threading
 from pathlib import Path
 
 import pytest
 import yaml
 
+import aiplane.core
+from aiplane.core.storage import local_path
 from aiplane.core.artifacts import sha256_path
 from aiplane.core.components import FEATURE_COLUMNS
 from aiplane.core.errors import ConfigError, InputError, WorkloadCancelled
+from aiplane.core.factsheet import build_factsheet
 from aiplane.core.plugins import Registry
-from aiplane.core.records import AdapterRecord, BaseModelRecord, FeaturesRecord
+from aiplane.core.records import AdapterRecord, BaseModelRecord, EndpointRecord, FeaturesRecord
 from aiplane.core.sample import generate_tickets, to_features
 from aiplane.core.workload import Event, Workload, WorkloadContext, execute
 from aiplane.plugins.peft.base_model import build_tiny_granite, resolve
@@ -97,7 +102,7 @@ def test_training_lowers_the_completion_loss(trained):
 
 def test_adapter_is_published_content_addressed_with_no_staging_leftovers(trained):
     record, _, root = trained
-    path = Path(record.uri)
+    path = local_path(record.uri)
     assert path.parent == root / "adapters"
     assert record.digest == sha256_path(path) == "sha256:" + path.name
     # Only the PEFT adapter itself, so the digest pins exactly the weights and their config.
@@ -118,7 +123,7 @@ def test_published_adapter_loads_with_peft_and_changes_the_model(trained, base_m
     base = AutoModelForCausalLM.from_pretrained(base_model.uri)
     with torch.no_grad():
         before = base(input_ids=ids).logits
-        model = PeftModel.from_pretrained(base, record.uri)
+        model = PeftModel.from_pretrained(base, local_path(record.uri))
         after = model(input_ids=ids).logits
     assert model.peft_config["default"].r == SETTINGS["r"]
     assert not torch.allclose(before, after)
@@ -248,3 +253,50 @@ def test_workload_reads_its_rows_through_the_iceberg_store_and_reproduces_the_ad
     assert any(e.type == "log" and e.message.startswith(f"read {len(rows)} rows") for e in events)
     # Same rows, settings and seed: the same adapter bytes, hence the same digest.
     assert adapter.digest == trained[0].digest
+
+
+def test_adapter_digest_does_not_depend_on_where_the_base_model_sat(base_model, rows, tmp_path):
+    settings = {**SETTINGS, "max_steps": 4, "eval_limit": 2}
+    digests, configs = [], []
+    for home in ("home-a", "elsewhere/home-b"):
+        # The same base model bytes, at another path on each "machine".
+        path = shutil.copytree(base_model.uri, tmp_path / home / "models" / "granite")
+        base = resolve(str(path), str(tmp_path / home))
+        assert base.digest == base_model.digest and base.uri == str(path)
+        adapter = train(base, _features(rows), rows, settings, str(tmp_path / home / "artifacts"), _Recorder().ctx)
+        digests.append(adapter.digest)
+        configs.append((local_path(adapter.uri) / "adapter_config.json").read_text())
+    assert digests[0] == digests[1]
+    assert str(tmp_path) not in configs[0]
+    # The adapter names its base model by content, so it still says which weights it applies to.
+    assert json.loads(configs[0])["base_model_name_or_path"] == base_model.digest
+
+
+def _training_run_digest(adapter: AdapterRecord) -> str:
+    endpoint = EndpointRecord(
+        uri="http://127.0.0.1:1/v1", digest="sha256:e", url="http://127.0.0.1:1", model_name="m",
+        protocols=("openai-completions",), serving="kserve-local", sources=(adapter,),
+    )  # fmt: skip
+    return next(step["digest"] for step in build_factsheet(endpoint)["lineage"] if step["kind"] == "training_run")
+
+
+def test_training_run_digest_covers_rows_base_model_settings_and_code_version_not_measurements(
+    trained, base_model, rows, tmp_path
+):
+    record, _, _ = trained
+    assert record.metrics["aiplane_version"] == aiplane.core.__version__
+    digest = _training_run_digest(record)
+    fewer = rows[:200]
+    other_rows = train(base_model, _features(fewer), fewer, SETTINGS, str(tmp_path), _Recorder().ctx)
+    assert _training_run_digest(other_rows) != digest
+
+    other_base = base_model.model_copy(update={"digest": "sha256:" + "0" * 64})
+    changed = [
+        record.model_copy(update={"sources": (other_base, record.source("features"))}),
+        record.model_copy(update={"config": {**record.config, "learning_rate": 0.02}}),
+        record.model_copy(update={"metrics": {**record.metrics, "aiplane_version": "99.0.0"}}),
+    ]
+    assert all(_training_run_digest(r) != digest for r in changed)
+    # A rerun of the same inputs measures other things and gets another run id, but it is the same run.
+    rerun = record.model_copy(update={"metrics": {**record.metrics, "duration_s": 1e6, "tokens_per_s": 1.0}, "run_id": "x"})
+    assert _training_run_digest(rerun) == digest

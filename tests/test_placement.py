@@ -6,7 +6,7 @@ from aiplane.core.config import Target
 from aiplane.core.errors import PlacementError
 from aiplane.core.placement import Requirements, allowed_regions, place
 
-POLICY = {"eu": ["eu"], "ap": ["ap", "eu"]}
+POLICY = {"eu": ["eu"], "ap": ["ap", "eu"], "us": "any"}
 TARGETS = [
     Target(name="us-gpu", engine="ray", region="us", gpus=4, sla=["batch", "interactive"]),
     Target(name="eu-cpu", engine="local", region="eu", sla=["batch", "interactive"]),
@@ -18,8 +18,8 @@ ENGINES = {"local", "ray", "kfp"}
 def test_eu_rows_never_train_outside_eu():
     decision = place(Requirements(workload="train", residency=("eu", "us")), TARGETS, POLICY, ENGINES)
     assert decision.target == "eu-cpu" and decision.region == "eu"
-    assert "outside the regions allowed for data tagged eu, us (eu)" in decision.rejected["us-gpu"]
-    assert "region 'eu' is allowed" in decision.reason
+    assert decision.rejected["us-gpu"] == "residency: region 'us' is outside the regions allowed for data tagged eu (eu)"
+    assert "residency: region 'eu' is allowed for data tagged eu;" in decision.reason
 
 
 @pytest.mark.parametrize(
@@ -50,9 +50,9 @@ def test_no_candidate_error_lists_every_target_and_why():
         place(Requirements(workload="train", residency=("eu",), gpus=2), TARGETS, POLICY, ENGINES)
     msg = str(err.value)
     assert "No target can run train" in msg
-    assert "us-gpu: region 'us' is outside" in msg
+    assert "us-gpu: residency: region 'us' is outside" in msg
     assert "eu-cpu: has 0 GPU(s), needs 2" in msg
-    assert "ap-gpu: region 'ap' is outside" in msg
+    assert "ap-gpu: residency: region 'ap' is outside" in msg
 
 
 def test_sla_engine_support_and_installation_are_checked():
@@ -71,11 +71,41 @@ def test_pinned_target_must_still_qualify():
     d = place(Requirements(workload="w", target="ap-gpu", gpus=1), TARGETS, POLICY, ENGINES)
     assert d.target == "ap-gpu" and d.reason.startswith("pinned to 'ap-gpu'")
     assert d.gpus == 1, "the decision carries the GPUs to reserve on the target"
-    with pytest.raises(PlacementError, match="us-gpu: region 'us' is outside"):
+    with pytest.raises(PlacementError, match="us-gpu: residency: region 'us' is outside"):
         place(Requirements(workload="w", target="us-gpu", residency=("eu",)), TARGETS, POLICY, ENGINES)
 
 
-def test_tags_without_policy_do_not_restrict_and_policies_intersect():
+def test_tags_declared_any_do_not_restrict_and_policies_intersect():
     assert allowed_regions(["us"], POLICY) is None
     assert allowed_regions(["eu", "ap"], POLICY) == {"eu"}
     assert allowed_regions([], POLICY) is None
+
+
+@pytest.mark.parametrize("tags", [("mars",), ("eu", "mars"), ("us", "Mars ")])
+def test_a_tag_the_policy_does_not_know_is_placed_nowhere(tags):
+    with pytest.raises(PlacementError, match="residency: data tagged 'mars' has no rule") as err:
+        place(Requirements(workload="train", residency=tags), TARGETS, POLICY, ENGINES)
+    assert "known tags: ap, eu, us" in str(err.value)
+
+
+@pytest.mark.parametrize("tag", ["EU", "EU ", " eu", "Eu"])
+def test_tags_are_compared_normalized_so_a_case_typo_still_restricts(tag):
+    decision = place(Requirements(workload="train", residency=(tag, "us")), TARGETS, POLICY, ENGINES)
+    assert decision.region == "eu"
+
+
+def test_the_reason_names_only_the_tags_that_restrict():
+    decision = place(Requirements(workload="train", residency=("ap", "eu", "us")), TARGETS, POLICY, ENGINES)
+    assert "residency: region 'eu' is allowed for data tagged ap, eu;" in decision.reason
+    assert "us" not in decision.reason.split(";")[0].split("tagged", 1)[1]
+    unrestricted = place(Requirements(workload="w", residency=("us",)), TARGETS, POLICY, ENGINES)
+    assert "residency: no tag of the data restricts the region" in unrestricted.reason
+
+
+def test_a_pin_to_a_target_that_does_not_exist_says_so_and_suggests():
+    with pytest.raises(PlacementError) as err:
+        place(Requirements(workload="train", target="eu-cpux"), TARGETS, POLICY, ENGINES)
+    assert str(err.value) == (
+        "train is pinned to target 'eu-cpux', which does not exist; "
+        "the deployment's targets: ap-gpu, eu-cpu, us-gpu. Did you mean 'eu-cpu'?"
+    )

@@ -1,19 +1,24 @@
 """The ``ray`` engine: real LoRA training on Ray Train, against a real Ray head started here.
 
-The module's head is ``ray start --head --block`` with a temp dir and free ports,
+A head is ``ray start --head --block`` with a temp dir, free ports and its own home,
 in its own session, stopped by its process group at the end; never ``ray stop``.
+The module's head has token auth on, as the cluster does; one test starts a head
+as ``ray start`` does on a fresh machine, with auth off and no token anywhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import math
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -65,12 +70,15 @@ def _wait(predicate, timeout: float) -> bool:
     return predicate()
 
 
-@pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """A real single-node Ray head with its dashboard on a free port; its URL."""
+@contextlib.contextmanager
+def _ray_head(home: Path, auth: dict[str, str]):
+    """A real single-node Ray head with its dashboard on a free port, started with ``auth`` (RAY_AUTH_*); its URL.
+
+    The head stands for a cluster, another machine: ``home`` is its home directory, and
+    whatever this process's environment says of Ray's auth or address does not reach it.
+    """
     # Short and under /tmp: Ray's unix socket paths must stay under 108 bytes.
-    temp = Path(f"/tmp/aiplane-test-ray-{os.getpid()}")
-    temp.mkdir(exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix="aiplane-test-ray-", dir="/tmp"))
     dashboard = _free_port()
     ports = {
         "port": _free_port(), "dashboard-port": dashboard, "dashboard-agent-listen-port": _free_port(),
@@ -82,24 +90,26 @@ def head(tmp_path_factory):
     cmd = [str(ray_cli), "start", "--head", "--block", "--num-cpus=2", f"--temp-dir={temp}",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--disable-usage-stats"]
     cmd += [f"--{k}={v}" for k, v in ports.items()]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_") and k != "RAY_ADDRESS"}
+    env.update(HOME=str(home), **auth)
     log = open(temp / "head.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env
+    )
     url = f"http://127.0.0.1:{dashboard}"
-    token_file = Path.home() / ".ray" / "auth_token"
+    headers = {"Authorization": f"Bearer {auth['RAY_AUTH_TOKEN']}"} if "RAY_AUTH_TOKEN" in auth else {}
     try:
         import requests
 
         def up() -> bool:
             try:
-                return requests.get(f"{url}/api/version", timeout=1).status_code in (200, 401)
+                return requests.get(f"{url}/api/version", headers=headers, timeout=1).status_code == 200
             except requests.RequestException:
                 return False
 
         assert _wait(up, 60), (temp / "head.log").read_text()
-        os.environ[TOKEN_ENV] = token_file.read_text().strip()
         yield url
     finally:
-        os.environ.pop(TOKEN_ENV, None)
         for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
             try:
                 os.killpg(proc.pid, sig)
@@ -116,6 +126,25 @@ def head(tmp_path_factory):
             pass
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A Ray head with token auth on, as the KubeRay cluster runs (authOptions.mode: token); its URL.
+
+    The token is the cluster's, given to it in its environment; the engine gets it the way a
+    deployment gives it, by reference: ``auth_token: {env: AIPLANE_TEST_RAY_TOKEN}``.
+    """
+    import requests
+
+    token = secrets.token_hex(32)
+    with _ray_head(tmp_path_factory.mktemp("cluster-home"), {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}) as url:
+        assert requests.get(f"{url}/api/version", timeout=5).status_code == 401  # auth is really on
+        os.environ[TOKEN_ENV] = token
+        try:
+            yield url
+        finally:
+            os.environ.pop(TOKEN_ENV, None)
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +189,11 @@ def _state(head: str, resource: str) -> list:
     return client.list(StateResource(resource), options=ListApiOptions(limit=1000), raise_on_missing_output=False)
 
 
+def _published(root: Path) -> list[str]:
+    """Digests of the adapters published under an artifact root (their directories; markers beside them aside)."""
+    return sorted(f"sha256:{p.name}" for p in (root / "adapters").iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 class _Recorder:
     def __init__(self):
         self.events: list[Event] = []
@@ -175,6 +209,28 @@ class _Recorder:
         return [e.message for e in self.events if e.type == "log" and e.message.startswith(prefix)]
 
 
+def test_a_cluster_without_token_auth_runs_a_job_with_no_token_configured_or_on_disk(inputs, tmp_path, monkeypatch):
+    """A fresh machine: an empty home, so ``ray start`` runs with auth off and ~/.ray/auth_token does not exist."""
+    import requests
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    with _ray_head(home, {}) as url:
+        assert requests.get(f"{url}/api/version", timeout=5).status_code == 200  # auth is really off
+        engine = Registry().engine(
+            "ray",
+            {"address": url, "num_workers": 1, "checkpoint_every": 0, "python": sys.executable,
+             "storage_path": str(tmp_path / "storage")},
+        )
+        result = engine.run(_workload(inputs, tmp_path / "artifacts", max_steps=20), TARGET, _Recorder())
+    adapter = result.outputs["adapter"]
+    assert result.engine["mode"] == "job" and result.engine["attempts"] == 1
+    assert adapter.metrics["world_size"] == 1 and _published(tmp_path / "artifacts") == [adapter.digest]
+    # Neither the engine nor the cluster nor its job wrote a token, or anything else, into the home.
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []
+
+
 @pytest.fixture(scope="module")
 def two_workers(head, inputs, tmp_path_factory):
     root = tmp_path_factory.mktemp("artifacts-2w")
@@ -188,7 +244,7 @@ def test_two_workers_train_one_adapter_as_a_ray_job_on_the_cluster(two_workers, 
     result, recorder, root, storage = two_workers
     adapter = result.outputs["adapter"]
     assert isinstance(adapter, AdapterRecord)
-    assert [p.name for p in (root / "adapters").iterdir()] == [adapter.digest.removeprefix("sha256:")]
+    assert _published(root) == [adapter.digest]
     assert adapter.metrics["world_size"] == 2
     assert adapter.metrics["train_loss_last"] < adapter.metrics["train_loss_first"] - 0.3
     assert sorted(recorder.pids) == [0, 1]
@@ -241,7 +297,7 @@ def test_killed_worker_is_replaced_and_training_resumes_from_its_checkpoint(head
     assert result.engine["attempts"] == 2 and len(recorder.pids) == 2 and recorder.pids[1] != killed[0]
     # Resumed weights, optimizer and batch order: the very adapter the uninterrupted run published, once.
     assert adapter.digest == two_workers[0].outputs["adapter"].digest
-    assert [p.name for p in (tmp_path / "artifacts" / "adapters").iterdir()] == [adapter.digest.removeprefix("sha256:")]
+    assert _published(tmp_path / "artifacts") == [adapter.digest]
     assert not any((tmp_path / "artifacts" / ".staging").iterdir())
     assert not storage.exists() or not any(storage.iterdir())
 
@@ -268,17 +324,66 @@ def test_cancel_stops_the_ray_job_and_leaves_no_actors_or_placement_groups(head,
     assert not (tmp_path / "artifacts" / "adapters").exists()
 
 
-def test_local_address_trains_on_a_private_ray_that_is_gone_afterwards(inputs, tmp_path):
+def test_local_address_trains_on_a_private_ray_that_is_gone_afterwards_and_wrote_nothing_home(
+    inputs, tmp_path, monkeypatch
+):
+    # An empty home: a new local Ray left to itself would save a token it generated to ~/.ray/auth_token.
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
     recorder = _Recorder()
     engine = Registry().engine("ray", {"address": "local", "num_workers": 1, "resources_per_worker": {"CPU": 2}})
     result = engine.run(_workload(inputs, tmp_path / "artifacts", max_steps=20), TARGET, recorder)
     facts = result.engine
     assert facts["mode"] == "local" and facts["num_workers"] == 1 and facts["ray_init_s"] > 0
-    assert Path(result.outputs["adapter"].uri).is_dir()
+    assert _published(tmp_path / "artifacts") == [result.outputs["adapter"].digest]
     # The driver's session held this run's Ray: nothing of it is left.
     leftover = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == facts["driver_pid"]]
     assert leftover == []
     assert all(_wait(lambda pid=w["pid"]: _gone(pid), 10) for w in facts["workers"].values())
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []
+
+
+def test_checkpoints_and_the_adapter_go_to_object_storage_with_the_workloads_own_credentials(inputs, tmp_path, monkeypatch):
+    from _s3 import s3_server
+
+    from aiplane.core.config import S3Settings, SecretRef
+    from aiplane.core.storage import ArtifactStore
+
+    with s3_server() as s3:
+        bucket = s3.create_bucket()
+        monkeypatch.setenv("RAY_TEST_S3_KEY", s3.access_key_id)
+        monkeypatch.setenv("RAY_TEST_S3_SECRET", s3.secret_access_key)
+        # The nodes have no AWS_* of their own: only the workload's settings reach the bucket.
+        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+            monkeypatch.delenv(var, raising=False)
+        storage = S3Settings(
+            endpoint=s3.endpoint_url,
+            access_key_id=SecretRef(env="RAY_TEST_S3_KEY"),
+            secret_access_key=SecretRef(env="RAY_TEST_S3_SECRET"),
+        )
+        engine = Registry().engine(
+            "ray",
+            {"address": "local", "num_workers": 1, "checkpoint_every": 10, "storage_path": f"s3://{bucket}/checkpoints",
+             "resources_per_worker": {"CPU": 2}},
+        )  # fmt: skip
+        workload = _workload(inputs, f"s3://{bucket}/artifacts", max_steps=20).model_copy(update={"s3": storage})
+        seen: set[str] = set()
+
+        def on_event(event: Event) -> None:
+            # While training goes on, look into the bucket: the checkpoints are there, nowhere else.
+            if event.type == "metric" and event.name == "train_loss":
+                listing = s3.boto3_client().list_objects_v2(Bucket=bucket, Prefix="checkpoints/")
+                seen.update(o["Key"] for o in listing.get("Contents", []))
+
+        result = engine.run(workload, TARGET, on_event)
+        adapter = result.outputs["adapter"]
+        assert adapter.uri.startswith(f"s3://{bucket}/artifacts/adapters/")
+        assert ArtifactStore(f"s3://{bucket}/artifacts", s3=storage).complete(adapter.uri)
+        keys = [o["Key"] for o in s3.boto3_client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+        # Checkpoints were kept in the bucket during the run and removed with the run's directory after it.
+        assert any("/checkpoint_" in k for k in seen), f"no checkpoint reached the bucket during training: {sorted(seen)}"
+        assert not [k for k in keys if "/checkpoint_" in k], keys
 
 
 def _live_actors(head: str) -> list[str]:

@@ -47,6 +47,8 @@ def run(ctx: WorkloadContext) -> dict[str, FactsheetRecord]:
 
     text = json.dumps(document, sort_keys=True, indent=2) + "\n"
     short = hashlib.sha256(text.encode()).hexdigest()[:12]
+    if directory.startswith("s3://"):
+        return {"factsheet": _publish_to_storage(ctx, endpoint, document, text, directory.rstrip("/"), short)}
     root = Path(directory).expanduser()
     folder = root / f"{_slug(endpoint.model_name)}-{short}"
     if (folder / _JSON).is_file() and (folder / _JSON).read_text() == text:
@@ -72,6 +74,32 @@ def run(ctx: WorkloadContext) -> dict[str, FactsheetRecord]:
             sources=(endpoint,),
         )
     }
+
+
+def _publish_to_storage(
+    ctx: WorkloadContext, endpoint: EndpointRecord, document: Mapping[str, Any], text: str, root: str, short: str
+) -> FactsheetRecord:
+    """The same folder in object storage. There is no rename there, so the JSON, which the record
+    names, is written last: a reader that finds it finds the page and the chart too."""
+    storage = ctx.storage
+    folder = f"{root}/{_slug(endpoint.model_name)}-{short}"
+    if storage.exists(f"{folder}/{_JSON}") and storage.read_bytes(f"{folder}/{_JSON}").decode() == text:
+        ctx.log(f"factsheet already published at {folder}")
+    else:
+        png = _loss_png(document)
+        storage.write_bytes(f"{folder}/{_PNG}", png)
+        storage.write_bytes(f"{folder}/{_HTML}", _page(document, png).encode())
+        storage.write_bytes(f"{folder}/{_JSON}", text.encode())
+        ctx.log(f"published factsheet to {folder}")
+    storage.write_bytes(f"{root}/{_LATEST}", text.encode())
+    with tempfile.TemporaryDirectory(prefix="aiplane-factsheet-") as tmp:
+        # The same digest a local factsheet gets: of the file, name and bytes.
+        local = Path(tmp, _JSON)
+        local.write_text(text)
+        digest = sha256_path(local)
+    return FactsheetRecord(
+        uri=f"{folder}/{_JSON}", digest=digest, publisher="local", page_uri=f"{folder}/{_HTML}", sources=(endpoint,)
+    )
 
 
 def _slug(name: str) -> str:

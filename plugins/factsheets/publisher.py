@@ -22,7 +22,8 @@ class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     directory: str
-    """Where factsheet folders and ``latest.json`` are written (created if missing)."""
+    """Where factsheet folders and ``latest.json`` are written: a local directory (created if missing)
+    or ``s3://bucket/prefix`` (reached with the deployment's ``storage.s3``)."""
 
     @field_validator("directory")
     @classmethod

@@ -18,17 +18,18 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from aiplane.core.components import FEATURE_COLUMNS, FeatureStore
-from aiplane.core.errors import InputError
+from aiplane.core.config import S3Settings, SecretRef
+from aiplane.core.errors import ConfigError, InputError
 from aiplane.core.records import FeaturesRecord
 
 if TYPE_CHECKING:
     import pyarrow
-    from pyiceberg.catalog.sql import SqlCatalog
+    from pyiceberg.catalog import Catalog
     from pyiceberg.schema import Schema
     from pyiceberg.table import Table
 
@@ -40,11 +41,57 @@ RESIDENCY_PROPERTY = "aiplane.residency"
 """Snapshot summary property holding the sorted residency tags of the rows, as a JSON list."""
 
 _NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
-_DIGEST_FORMAT = b"aiplane-features-v1\0"
+_DIGEST_FORMAT = b"aiplane-features-v2\0"
+# Rows hashed per step of _content_digest: their word arrays (a few MB) stay in the CPU cache.
+_DIGEST_BATCH_ROWS = 8192
 # Concurrent publishers race through the catalog's optimistic commit; the loser
 # re-reads the table and tries again (and finds nothing to do if the winner
 # published the same rows).
 _COMMIT_ATTEMPTS = 8
+_CONNECT_ATTEMPTS = 4
+_BACKOFF_S = 0.5
+
+
+class RestAuth(BaseModel):
+    """How aiplane authenticates to an Iceberg REST catalog. Keys are references, never values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["bearer", "ibm-iam", "zenapikey"]
+    """``bearer``: a token; ``ibm-iam``: an IBM Cloud API key exchanged for IAM tokens, renewed before they
+    expire; ``zenapikey``: Cloud Pak for Data's ``ZenApiKey`` (user and API key)."""
+    token: SecretRef | None = None
+    api_key: SecretRef | None = None
+    username: str | None = None
+    iam_url: str = "https://iam.cloud.ibm.com"
+
+    @model_validator(mode="after")
+    def _complete(self) -> "RestAuth":
+        need = {"bearer": ("token",), "ibm-iam": ("api_key",), "zenapikey": ("username", "api_key")}[self.type]
+        missing = [k for k in need if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"auth type {self.type!r} needs {', '.join(missing)}")
+        return self
+
+
+def _auth_config(auth: RestAuth | None) -> dict[str, Any]:
+    """pyiceberg's ``auth`` property for these settings: the managers read keys from the environment themselves."""
+    if auth is None:
+        return {"type": "noop"}
+    impl = "aiplane.plugins.iceberg.auth." + {
+        "bearer": "BearerEnvAuthManager", "ibm-iam": "IbmIamAuthManager", "zenapikey": "ZenApiKeyAuthManager",
+    }[auth.type]  # fmt: skip
+    custom: dict[str, Any] = {
+        "bearer": lambda: {"token_env": auth.token.env_var},
+        "ibm-iam": lambda: {"apikey_env": auth.api_key.env_var, "iam_url": auth.iam_url},
+        "zenapikey": lambda: {"username": auth.username, "apikey_env": auth.api_key.env_var},
+    }[auth.type]()
+    return {"type": "custom", "impl": impl, "custom": custom}
+
+
+def _auth_ref(auth: RestAuth | None) -> str:
+    ref = auth and (auth.api_key or auth.token)
+    return f" from {ref!r}" if ref else ""
 
 
 class IcebergFeatureStore(FeatureStore):
@@ -57,16 +104,38 @@ class IcebergFeatureStore(FeatureStore):
 
         model_config = ConfigDict(extra="forbid", frozen=True)
 
+        catalog: Literal["sql", "rest"] = "sql"
+        """``sql``: a SQL catalog (SQLite, PostgreSQL); ``rest``: an Iceberg REST catalog (Polaris, Nessie,
+        Unity, Glue REST, watsonx.data)."""
         catalog_uri: str
-        """SQLAlchemy URL of the SQL catalog, e.g. ``sqlite:////abs/path/catalog.db``."""
-        warehouse: str
-        """Local directory the table data and metadata files are written to; created on first publish."""
+        """``sql``: SQLAlchemy URL, e.g. ``sqlite:////abs/path/catalog.db``; ``rest``: the catalog's base URL."""
+        warehouse: str = ""
+        """``sql``: where table files go, a local directory or ``s3://bucket/prefix``; ``rest``: the
+        warehouse (or catalog) name the REST catalog expects, if any."""
+        s3: S3Settings | None = None
+        """The S3-compatible store of the table files, when the catalog does not hand out its own credentials."""
+        auth: RestAuth | None = None
+        """How to authenticate to a REST catalog; keys by reference."""
         namespace: str = Field(default="aiplane", pattern=_NAME)
         catalog_name: str = Field(default="aiplane", pattern=r"^[A-Za-z0-9_-]+$")
 
+        @model_validator(mode="after")
+        def _catalog_fits(self) -> "IcebergFeatureStore.Settings":
+            if self.catalog == "rest":
+                if not self.catalog_uri.startswith(("http://", "https://")):
+                    raise ValueError(f"catalog_uri {self.catalog_uri!r}: a REST catalog is an http(s) URL")
+            else:
+                if not self.warehouse:
+                    raise ValueError("warehouse: a SQL catalog needs one (a local directory or s3://bucket/prefix)")
+                if self.auth is not None:
+                    raise ValueError("auth: only a REST catalog takes it")
+            return self
+
         @field_validator("catalog_uri")
         @classmethod
-        def _sql_url(cls, value: str) -> str:
+        def _sql_url(cls, value: str, info) -> str:
+            if info.data.get("catalog") == "rest":
+                return value.rstrip("/")
             if not re.match(r"^[A-Za-z][A-Za-z0-9+_]*://", value):
                 raise ValueError(f"{value!r} is not a SQLAlchemy URL; write e.g. 'sqlite:////abs/path/catalog.db'")
             if re.match(r"^[^:/]+://[^/@]*:[^/@]*@", value):
@@ -88,18 +157,24 @@ class IcebergFeatureStore(FeatureStore):
 
         @field_validator("warehouse")
         @classmethod
-        def _local_dir(cls, value: str) -> str:
+        def _warehouse(cls, value: str, info) -> str:
+            if info.data.get("catalog") == "rest" or not value or value.startswith("s3://"):
+                return value
             if value.startswith("file://"):
                 value = value.removeprefix("file://")
             elif "://" in value:
-                raise ValueError(f"{value!r}: the warehouse is a local directory, not a URL")
-            if not value:
-                raise ValueError("the warehouse directory must not be empty")
+                raise ValueError(f"{value!r}: the warehouse is a local directory or s3://bucket/prefix")
             return os.path.abspath(os.path.expanduser(value))
 
-    def __init__(self, settings: Any = None):
+    def __init__(self, settings: Any = None, catalog: "Catalog | None" = None):
+        """``catalog``: a pyiceberg catalog to use instead of opening the one the settings name (tests pass one)."""
         super().__init__(settings)
-        self._catalog_cache: SqlCatalog | None = None
+        self._ice = self._iceberg_settings()
+        self._catalog_cache: Catalog | None = catalog
+
+    def _iceberg_settings(self) -> "IcebergFeatureStore.Settings":
+        """The settings in this class's own terms; a store with friendlier settings (watsonx-data) maps them."""
+        return self.settings
 
     # ------------------------------------------------------------ public API
 
@@ -111,13 +186,21 @@ class IcebergFeatureStore(FeatureStore):
         the current snapshot's, in any order, commit nothing and return the
         current snapshot's record.
         """
+        import pyarrow.compute as pc
         from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError, ValidationException
 
         self._check_table_name(table)
         canonical = _canonical_rows(rows)
         digest = _content_digest(canonical)
-        residency = tuple(sorted(set(canonical.column("residency").to_pylist())))
+        residency = tuple(sorted(pc.unique(canonical.column("residency")).to_pylist()))
         properties = {DIGEST_PROPERTY: digest, RESIDENCY_PROPERTY: json.dumps(list(residency))}
+        # Sorted only when a commit will write them: a refresh that changes nothing never sorts.
+        to_write: list[pyarrow.Table] = []
+
+        def written() -> "pyarrow.Table":
+            if not to_write:
+                to_write.append(_sorted_rows(canonical))
+            return to_write[0]
 
         catalog = self._catalog(create=True)
         for attempt in range(_COMMIT_ATTEMPTS):
@@ -126,7 +209,7 @@ class IcebergFeatureStore(FeatureStore):
                 if existing is None:
                     self._ensure_namespace(catalog)
                     tx = catalog.create_table_transaction(self._identifier(table), _feature_schema())
-                    tx.append(canonical, snapshot_properties=properties)
+                    tx.append(written(), snapshot_properties=properties)
                     published = tx.commit_transaction()
                 else:
                     self._check_schema(table, existing.schema(), what="cannot be refreshed")
@@ -140,7 +223,7 @@ class IcebergFeatureStore(FeatureStore):
                     with existing.transaction() as tx:
                         if current is not None and current.summary.additional_properties.get("total-records") != "0":
                             tx.delete(AlwaysTrue())
-                        tx.append(canonical, snapshot_properties=properties)
+                        tx.append(written(), snapshot_properties=properties)
                     published = existing
             except (CommitFailedException, TableAlreadyExistsError, ValidationException):
                 # Another publisher committed first (pyiceberg already retried what it
@@ -168,17 +251,17 @@ class IcebergFeatureStore(FeatureStore):
                 "read them with the store named in the record"
             )
         namespace, _, table = features.table.rpartition(".")
-        if namespace != self.settings.namespace:
+        if namespace != self._ice.namespace:
             raise InputError(
-                f"Feature table {features.table!r} is not in namespace {self.settings.namespace!r} of "
-                f"Iceberg catalog {self.settings.catalog_name!r}; configure the feature store the record names"
+                f"Feature table {features.table!r} is not in namespace {self._ice.namespace!r} of "
+                f"Iceberg catalog {self._ice.catalog_name!r}; configure the feature store the record names"
             )
         catalog = self._catalog(create=False)
         loaded = self._load(catalog, table) if catalog is not None else None
         if loaded is None:
             raise InputError(
-                f"Feature table {features.table!r} does not exist in Iceberg catalog {self.settings.catalog_name!r} "
-                f"({self.settings.catalog_uri}): materialize the `features` asset first"
+                f"Feature table {features.table!r} does not exist in Iceberg catalog {self._ice.catalog_name!r} "
+                f"({self._ice.catalog_uri}): materialize the `features` asset first"
             )
         snapshot = loaded.snapshot_by_id(features.snapshot_id)
         if snapshot is None:
@@ -207,27 +290,32 @@ class IcebergFeatureStore(FeatureStore):
 
     # ------------------------------------------------------------ helpers
 
-    def _catalog(self, create: bool) -> "SqlCatalog | None":
-        """The SQL catalog; with ``create=False``, ``None`` if its SQLite file does not exist yet.
+    def _catalog(self, create: bool) -> "Catalog | None":
+        """The catalog; with ``create=False``, ``None`` if a SQLite catalog's file does not exist yet.
 
         Reading must not leave an empty catalog file behind, so only publish creates one.
         """
         if self._catalog_cache is not None:
             return self._catalog_cache
-        sqlite_file = _sqlite_file(self.settings.catalog_uri)
+        if self._ice.catalog == "rest":
+            self._catalog_cache = self._rest_catalog()
+            return self._catalog_cache
+        sqlite_file = _sqlite_file(self._ice.catalog_uri)
         if sqlite_file is not None:
             if not create and not os.path.exists(sqlite_file):
                 return None
             os.makedirs(os.path.dirname(sqlite_file), exist_ok=True)
-        if create:
-            os.makedirs(self.settings.warehouse, exist_ok=True)
+        s3_warehouse = self._ice.warehouse.startswith("s3://")
+        if create and not s3_warehouse:
+            os.makedirs(self._ice.warehouse, exist_ok=True)
         from pyiceberg.catalog.sql import SqlCatalog
         from sqlalchemy.exc import OperationalError, ProgrammingError
 
-        properties = {"uri": self.settings.catalog_uri, "warehouse": Path(self.settings.warehouse).as_uri()}
+        warehouse = self._ice.warehouse if s3_warehouse else Path(self._ice.warehouse).as_uri()
+        properties = {"uri": self._ice.catalog_uri, "warehouse": warehouse, **self._file_io()}
         for attempt in range(_COMMIT_ATTEMPTS):
             try:
-                catalog = SqlCatalog(self.settings.catalog_name, **properties)
+                catalog = SqlCatalog(self._ice.catalog_name, **properties)
                 break
             except (OperationalError, ProgrammingError):
                 # Processes opening a new catalog together all try to create its tables
@@ -238,23 +326,53 @@ class IcebergFeatureStore(FeatureStore):
         self._catalog_cache = catalog
         return catalog
 
-    def _ensure_namespace(self, catalog: "SqlCatalog") -> None:
+    def _file_io(self) -> dict[str, str]:
+        """pyiceberg FileIO properties for the table files' store; secrets resolved here, where it is opened."""
+        return self._ice.s3.pyiceberg_properties() if self._ice.s3 else {}
+
+    def _rest_catalog(self) -> "Catalog":
+        """An Iceberg REST catalog client; an unreachable catalog is retried with backoff, then explained."""
+        import requests
+        from pyiceberg.catalog.rest import RestCatalog
+        from pyiceberg.exceptions import ForbiddenError, OAuthError, ServerError, UnauthorizedError
+
+        properties = {"uri": self._ice.catalog_uri, **self._file_io(), "auth": _auth_config(self._ice.auth)}
+        if self._ice.warehouse:
+            properties["warehouse"] = self._ice.warehouse
+        where = f"Iceberg REST catalog {self._ice.catalog_uri}"
+        for attempt in range(_CONNECT_ATTEMPTS):
+            try:
+                return RestCatalog(self._ice.catalog_name, **properties)
+            except (UnauthorizedError, ForbiddenError, OAuthError) as exc:
+                raise ConfigError(f"{where} refused the credentials{_auth_ref(self._ice.auth)}: {exc}") from None
+            except (requests.ConnectionError, requests.Timeout, ServerError) as exc:
+                if attempt == _CONNECT_ATTEMPTS - 1:
+                    raise InputError(
+                        f"{where} cannot be reached after {_CONNECT_ATTEMPTS} attempts ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); check the URL and the network, then retry."
+                    ) from None
+                time.sleep(_BACKOFF_S * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _ensure_namespace(self, catalog: "Catalog") -> None:
         from sqlalchemy.exc import IntegrityError
 
+        from pyiceberg.exceptions import NamespaceAlreadyExistsError
+
         try:
-            catalog.create_namespace_if_not_exists(self.settings.namespace)
-        except IntegrityError:
+            catalog.create_namespace_if_not_exists(self._ice.namespace)
+        except (IntegrityError, NamespaceAlreadyExistsError):
             # A concurrent publisher created it between the existence check and the insert.
-            if not catalog.namespace_exists(self.settings.namespace):
+            if not catalog.namespace_exists(self._ice.namespace):
                 raise
 
     def _identifier(self, table: str) -> tuple[str, str]:
-        return (self.settings.namespace, table)
+        return (self._ice.namespace, table)
 
     def _qualified(self, table: str) -> str:
-        return f"{self.settings.namespace}.{table}"
+        return f"{self._ice.namespace}.{table}"
 
-    def _load(self, catalog: "SqlCatalog", table: str) -> "Table | None":
+    def _load(self, catalog: "Catalog", table: str) -> "Table | None":
         from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
 
         try:
@@ -309,14 +427,14 @@ class IcebergFeatureStore(FeatureStore):
         qualified = self._qualified(table)
         snapshot_id = snapshot.snapshot_id
         return FeaturesRecord(
-            uri=f"iceberg://{self.settings.catalog_name}/{qualified}?snapshot={snapshot_id}",
+            uri=f"iceberg://{self._ice.catalog_name}/{qualified}?snapshot={snapshot_id}",
             digest=f"iceberg-snapshot:{snapshot_id}",
             table=qualified,
             snapshot_id=snapshot_id,
             row_count=int(row_count),
             columns=FEATURE_COLUMNS,
             residency=tuple(residency_values),
-            store={"name": self.name, "settings": self.settings.model_dump()},
+            store={"name": self.name, "settings": self.settings.model_dump(mode="json")},
         )
 
 
@@ -340,11 +458,11 @@ def _sqlite_file(catalog_uri: str) -> str | None:
 
 
 def _canonical_rows(rows: Any) -> "pyarrow.Table":
-    """``rows`` checked, with columns in :data:`FEATURE_COLUMNS` order, plain strings, sorted by every column.
+    """``rows`` checked, with columns in :data:`FEATURE_COLUMNS` order and plain strings, in the input's row order.
 
     Raises InputError, before anything is written, when the rows are not a
-    feature table. Sorting by all columns (``id`` first) makes the result, and
-    so the digest and the written files, independent of the input order.
+    feature table. The digest does not depend on the row order; the rows are
+    sorted (:func:`_sorted_rows`) only when they are written.
     """
     import pyarrow as pa
 
@@ -382,19 +500,100 @@ def _canonical_rows(rows: Any) -> "pyarrow.Table":
         )
     if rows.num_rows == 0:
         raise InputError("No feature rows to publish: the table would be empty; check the source data")
-    ordered = rows.select(list(FEATURE_COLUMNS)).cast(_arrow_schema(pa))
-    return ordered.sort_by([(c, "ascending") for c in FEATURE_COLUMNS]).combine_chunks()
+    return rows.select(list(FEATURE_COLUMNS)).cast(_arrow_schema(pa))
+
+
+def _sorted_rows(canonical: "pyarrow.Table") -> "pyarrow.Table":
+    """The rows sorted by every column (``id`` first), so the files written do not depend on the input order."""
+    return canonical.sort_by([(c, "ascending") for c in FEATURE_COLUMNS]).combine_chunks()
 
 
 def _content_digest(canonical: "pyarrow.Table") -> str:
-    """``sha256:`` over the sorted rows, each value length-prefixed so no two tables serialize alike."""
+    """``sha256:`` of an order-independent fingerprint of the rows: the same rows in any order, the same digest.
+
+    Each row is serialized without ambiguity: the byte lengths of its values
+    (little-endian uint32), then the values, zero-padded to whole 64-bit words.
+    Every word is salted with its position in the row and mixed into two 64-bit
+    lanes; a row's lane is the sum of its mixed words, finalized with a
+    splitmix64-style avalanche, and the table's lane is the sum of its rows'
+    (mod 2**64). A sum does not depend on the order of the rows and, unlike a
+    xor, counts repeated rows. The digest hashes the format, the column names,
+    the row count and both lanes.
+
+    Why this is enough: with row hashes that behave as random 128-bit values,
+    two different row multisets give equal lane sums with probability about
+    2**-128, however many rows there are (a multiset sum, not a search for any
+    colliding pair among all rows). The mixing is not cryptographic: the digest
+    detects changed data, not a forger. A multiply spreads a change in a word
+    only towards its high bits, so each lane folds the high half back down,
+    and the second lane byte-swaps every word first, so a change in a word's
+    top byte is spread fully in at least one lane.
+
+    It is vectorized with numpy over the Arrow buffers, a few thousand rows at
+    a time so the word arrays stay in the CPU cache: about 0.15 s of CPU per
+    million rows of tickets, where sorting every column alone took longer.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    u64 = np.uint64
+    salt, half = u64(0x9E3779B97F4A7C15), u64(32)
+    mix1, mix2 = u64(0xBF58476D1CE4E5B9), u64(0x94D049BB133111EB)  # splitmix64's
+    lanes = ((mix1, u64(0xD6E8FEB86659FD93)), (mix2, u64(0xA0761D6478BD642F)))  # (word multiplier, row seed)
+    header = 4 * len(FEATURE_COLUMNS)
+    pads = pa.array([b"\0" * k for k in range(8)], pa.binary())
+    sums = [0, 0]
+    scratch = np.empty(0, u64)
+    if canonical.num_rows and canonical.column(0).num_chunks > 1 + canonical.num_rows // _DIGEST_BATCH_ROWS:
+        canonical = canonical.combine_chunks()  # many small chunks: hash them as few large batches
+    for batch in canonical.to_batches(max_chunksize=_DIGEST_BATCH_ROWS):
+        n = batch.num_rows
+        # Past 2 GiB a batch needs 64-bit offsets (a few rows of huge values).
+        binary, offset = (pa.large_binary(), np.int64) if batch.nbytes >= 1 << 30 else (pa.binary(), np.int32)
+        values = [batch.column(name).cast(binary) for name in FEATURE_COLUMNS]
+        lengths = np.empty((n, len(FEATURE_COLUMNS)), "<u4")
+        padding = np.full(n, -header, np.int64)
+        for k, column in enumerate(values):
+            length = pc.binary_length(column).to_numpy()
+            lengths[:, k] = length
+            padding -= length
+        padding &= 7
+        prefix = pa.Array.from_buffers(
+            binary, n, [None, pa.py_buffer(np.arange(0, header * (n + 1), header, dtype=offset)), pa.py_buffer(lengths)]
+        )
+        rows = pc.binary_join_element_wise(prefix, *values, pads.take(pa.array(padding)).cast(binary), pa.scalar(b"", binary))
+        bounds = np.frombuffer(rows.buffers()[1], offset, count=n + 1) >> 3  # row r is words bounds[r]:bounds[r + 1]
+        size = int(bounds[-1])
+        words = np.frombuffer(rows.buffers()[2], "<u8", count=size)
+        if scratch.size < 3 * size + 1:
+            scratch = np.empty(3 * size + 1, u64)
+        x, y, cumulative = scratch[:size], scratch[size : 2 * size], scratch[2 * size : 3 * size + 1]
+        # x = each word's position in its row (a running count reset at every row start), times an odd salt, xor the word.
+        x.fill(1)
+        x[bounds[1:-1]] = u64(1) - np.diff(bounds[:-1]).astype(u64)
+        x[0] = 0
+        np.cumsum(x, out=x)
+        x *= salt
+        x ^= words
+        cumulative[0] = 0
+        for lane, (multiplier, seed) in enumerate(lanes):
+            if lane:
+                x.byteswap(inplace=True)
+            np.multiply(x, multiplier, out=y)
+            np.right_shift(y, half, out=cumulative[1:])  # (cumulative as scratch until the cumsum below)
+            y ^= cumulative[1:]
+            np.cumsum(y, out=cumulative[1:])
+            row = cumulative[bounds[1:]] - cumulative[bounds[:-1]]
+            row ^= seed
+            row ^= row >> u64(30)
+            row *= mix1
+            row ^= row >> u64(27)
+            row *= mix2
+            row ^= row >> u64(31)
+            sums[lane] = (sums[lane] + int(row.sum(dtype=u64))) & 0xFFFFFFFFFFFFFFFF
     h = hashlib.sha256(_DIGEST_FORMAT)
     for name in FEATURE_COLUMNS:
         h.update(name.encode() + b"\0")
-    columns = [canonical.column(name).to_pylist() for name in FEATURE_COLUMNS]
-    for row in zip(*columns):
-        for value in row:
-            data = value.encode("utf-8")
-            h.update(len(data).to_bytes(8, "big"))
-            h.update(data)
+    h.update(canonical.num_rows.to_bytes(8, "big") + sums[0].to_bytes(8, "big") + sums[1].to_bytes(8, "big"))
     return "sha256:" + h.hexdigest()

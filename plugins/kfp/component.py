@@ -21,12 +21,15 @@ def aiplane_workload(
     inputs_json: str,
     run_params_json: str,
     result_path: str,
+    storage_json: str,
     result: dsl.Output[dsl.Artifact],
 ):
     """Rebuild the workload and run it with ``aiplane.core.worker`` (which calls ``execute``).
 
     The result JSON (output records and metrics, or the error) goes to the
-    ``result`` artifact and, when given, to ``result_path`` for the engine.
+    ``result`` artifact and, when given, to ``result_path`` for the engine: an
+    object-storage URI (``s3://...``), written with the workload's storage
+    settings, or a path on a volume the engine mounts too.
     """
     import json
     import os
@@ -41,6 +44,7 @@ def aiplane_workload(
         "params": {**json.loads(params_json), **json.loads(run_params_json)},
         "resources": json.loads(resources_json),
         "run_id": run_id,
+        **json.loads(storage_json),
     }
     with tempfile.TemporaryDirectory(prefix="aiplane-task-") as tmp:
         spec_file, result_file = os.path.join(tmp, "workload.json"), os.path.join(tmp, "result.json")
@@ -49,7 +53,15 @@ def aiplane_workload(
         code = worker.main([spec_file, result_file])
         with open(result_file) as f:
             text = f.read()
-    targets = [result.path] + ([result_path] if result_path else [])
+    if "://" in result_path and not result_path.startswith("file://"):
+        from aiplane.core.config import S3Settings
+        from aiplane.core.storage import Storage
+
+        # One PUT: the engine sees the whole result or none.
+        s3 = spec.get("s3")
+        Storage(S3Settings.model_validate(s3) if s3 else None).write_bytes(result_path, text.encode())
+        result_path = ""
+    targets = [result.path] + ([result_path.removeprefix("file://")] if result_path else [])
     for path in targets:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         # Written whole, then renamed: the engine never reads half a result.

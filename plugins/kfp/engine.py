@@ -13,6 +13,7 @@ runs the same compiled spec offline with ``kfp.local`` in a subprocess group.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import re
@@ -29,8 +30,17 @@ from aiplane.core.artifacts import atomic_write_text
 from aiplane.core.components import Engine
 from aiplane.core.config import Target
 from aiplane.core.errors import AiplaneError, WorkloadError
-from aiplane.core.processes import stream_process
-from aiplane.core.workload import EVENT_PREFIX, Event, Workload, WorkloadResult, parse_event, read_result
+from aiplane.core.processes import stream_process, workload_dir
+from aiplane.core.storage import Storage, normalize_uri
+from aiplane.core.workload import (
+    EVENT_PREFIX,
+    Event,
+    Workload,
+    WorkloadResult,
+    parse_event,
+    parse_result,
+    read_result,
+)
 
 from .settings import KfpSettings
 
@@ -90,8 +100,11 @@ class KfpEngine(Engine):
         s = self.settings
         assert s.results_dir is not None  # the settings validator requires it for remote mode
         # Unique per attempt: a retried Dagster step must not read the previous attempt's result.
-        result = Path(s.results_dir, "kfp-results", f"{workload.name}-{workload.run_id}-{uuid.uuid4().hex[:8]}.json")
-        compiled = self.compile(workload, target, str(result))  # ConfigError here: nothing sent yet
+        # results_dir is object storage (s3://...) or a volume both sides mount; the pod writes
+        # there with the workload's own storage settings, and this process reads it back.
+        storage = Storage(workload.s3)
+        result = f"{normalize_uri(s.results_dir).rstrip('/')}/kfp-results/{workload.name}-{workload.run_id}-{uuid.uuid4().hex[:8]}.json"
+        compiled = self.compile(workload, target, result)  # ConfigError here: nothing sent yet
         started = time.monotonic()
         remote = KfpRemote(s)
         run = remote.start(compiled, display_name=f"{workload.name} {workload.run_id}")
@@ -112,22 +125,24 @@ class KfpEngine(Engine):
         state = str(final.state).upper()
         try:
             if state != "SUCCEEDED":
-                if result.exists():
+                if storage.exists(result):
                     # The workload itself failed: raise its own aiplane error, as every engine does.
-                    _read(result, workload, run.url)
+                    _read(storage, result, workload, run.url)
                 error = getattr(final, "error", None)
                 detail = f": {getattr(error, 'message', '') or error}" if error else ""
                 raise WorkloadError(
                     f"KFP run of {workload.name} ({workload.run_id}) ended {state}{detail}. See {run.url}"
                 )
-            if not result.exists():
+            if not storage.exists(result):
                 raise WorkloadError(
                     f"KFP run {run.url} succeeded but wrote no result to {result}: results_dir {s.results_dir!r} "
-                    "must be a volume mounted at the same path here and in the pipeline pods."
+                    "must be object storage the pods can write (s3://...), or a volume mounted at the same path "
+                    "here and in the pipeline pods."
                 )
-            outcome = _read(result, workload, run.url)
+            outcome = _read(storage, result, workload, run.url)
         finally:
-            result.unlink(missing_ok=True)
+            with contextlib.suppress(AiplaneError):
+                storage.delete(result)
         return outcome.model_copy(
             update={
                 "engine": self._metadata(
@@ -151,7 +166,7 @@ class KfpEngine(Engine):
         self, workload: Workload, target: Target, on_event: Callable[[Event], None], cancel: threading.Event
     ) -> WorkloadResult:
         root = Path(self.settings.pipeline_root or Path(tempfile.gettempdir()) / "aiplane-kfp").expanduser().absolute()
-        with tempfile.TemporaryDirectory(prefix=f"aiplane-kfp-{workload.name}-") as tmp:
+        with workload_dir(f"kfp-{workload.name}") as tmp:
             result, args, out = Path(tmp, "result.json"), Path(tmp, "arguments.json"), Path(tmp, "out.json")
             compiled = self.compile(workload, target, str(result))
             spec = _keep_spec(root, compiled)
@@ -204,10 +219,10 @@ class KfpEngine(Engine):
         )
 
 
-def _read(result: Path, workload: Workload, url: str) -> WorkloadResult:
+def _read(storage: Storage, result: str, workload: Workload, url: str) -> WorkloadResult:
     """The result the task wrote; its error, if it wrote one, raised with its class and the run's URL."""
     try:
-        return read_result(result, workload)
+        return parse_result(storage.read_bytes(result).decode(), workload)
     except AiplaneError as exc:
         raise type(exc)(f"{exc} (KFP run: {url})") from None
 

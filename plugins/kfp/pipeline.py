@@ -78,9 +78,39 @@ def _memory(gb: float) -> str:
     return f"{int(gb)}G" if float(gb).is_integer() else f"{round(gb * 1024)}Mi"
 
 
-def _kubernetes_config(settings: KfpSettings) -> dict[str, Any]:
+def _secret_env(workload: Workload) -> dict[str, list[tuple[str, str]]]:
+    """Secret name -> (key, env var) of every credential the workload reads where it runs.
+
+    The pod sees only what is mounted into it: a reference to this process's
+    environment (``{env: VAR}``) would be unset there, so it is refused here,
+    before anything is sent.
+    """
+    refs = [r for r in (workload.s3.access_key_id, workload.s3.secret_access_key) if r] if workload.s3 else []
+    local = [repr(r) for r in refs if r.env]
+    if local:
+        raise ConfigError(
+            f"storage.s3: {', '.join(local)} name this process's environment, which a pipeline pod does not see; "
+            "reference a Kubernetes Secret instead: {secret: NAME, key: KEY}"
+        )
+    mounts: dict[str, list[tuple[str, str]]] = {}
+    for ref in refs:
+        mounts.setdefault(ref.secret, []).append((ref.key, ref.env_var))
+    return mounts
+
+
+def _kubernetes_config(settings: KfpSettings, secret_env: dict[str, list[tuple[str, str]]] | None = None) -> dict[str, Any]:
     """The task's KubernetesExecutorConfig as JSON (the format kfp-kubernetes writes)."""
     config: dict[str, Any] = {}
+    if secret_env:
+        # Each secret key arrives as the env var its SecretRef resolves from.
+        config["secretAsEnv"] = [
+            {
+                "secretName": name,
+                "secretNameParameter": {"runtimeValue": {"constant": name}},
+                "keyToEnv": [{"secretKey": key, "envVar": var} for key, var in sorted(pairs)],
+            }
+            for name, pairs in sorted(secret_env.items())
+        ]
     if settings.node_selector:
         config["nodeSelector"] = {"labels": dict(sorted(settings.node_selector.items()))}
     if settings.tolerations:
@@ -119,7 +149,7 @@ def compile_workload(
     res = workload.resources
     cpu_request = settings.cpu_request or _cpu(res.cpus)
     memory_request = settings.memory_request or (_memory(res.memory_gb) if res.memory_gb else None)
-    k8s = _kubernetes_config(settings)
+    k8s = _kubernetes_config(settings, _secret_env(workload))
     name = pipeline_name(workload)
 
     def pipeline(
@@ -131,6 +161,7 @@ def compile_workload(
         entrypoint: str,
         params_json: str,
         resources_json: str,
+        storage_json: str,
     ) -> dsl.Artifact:
         task = component(
             workload_name=workload_name,
@@ -141,6 +172,7 @@ def compile_workload(
             inputs_json=inputs_json,
             run_params_json=run_params_json,
             result_path=result_path,
+            storage_json=storage_json,
         )
         task.set_display_name(workload.name)
         # Workloads have side effects (publish, deploy); a cache hit would skip them.
@@ -159,13 +191,15 @@ def compile_workload(
             task.platform_config = {"kubernetes": k8s}
         return task.outputs["result"]
 
-    # The config lives in the defaults of the last four parameters: visible and
-    # overridable in the KFP UI, and part of the spec's digest.
+    # The config lives in the defaults of the last five parameters: visible and
+    # overridable in the KFP UI, and part of the spec's digest. Storage settings hold
+    # only references; the pod's cache is its own (the orchestrator's path means nothing there).
     pipeline.__defaults__ = (
         workload.name,
         workload.entrypoint,
         _json(baked),
         _json(res.model_dump(mode="json")),
+        _json({"s3": workload.s3.model_dump(mode="json") if workload.s3 else None}),
     )
     with _COMPILE_LOCK, tempfile.TemporaryDirectory(prefix="aiplane-kfp-compile-") as tmp:
         component = dsl.component(aiplane_workload, base_image=image, install_kfp_package=False)

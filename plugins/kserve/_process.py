@@ -24,8 +24,10 @@ __all__ = [
     "CURRENT",
     "check_endpoint_name",
     "read_current",
+    "live_current",
     "locked",
     "is_our_server",
+    "strays",
     "kill_now",
     "terminate",
     "remove_quietly",
@@ -55,6 +57,12 @@ def read_current(state_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and isinstance(data.get("pid"), int) else None
+
+
+def live_current(state_dir: Path, model_name: str) -> dict[str, Any] | None:
+    """``current.json`` when the server it names is running, else ``None``."""
+    current = read_current(state_dir)
+    return current if current is not None and is_our_server(current["pid"], model_name) else None
 
 
 @contextlib.contextmanager
@@ -92,6 +100,24 @@ def is_our_server(pid: int, model_name: str | None = None) -> bool:
     if model_name is None:
         return True
     return any(a == "--model-name" and b == model_name for a, b in zip(cmdline, cmdline[1:]))
+
+
+def strays(state_dir: Path, model_name: str, keep: int | None) -> list[int]:
+    """Our servers of this endpoint other than ``keep``: left running by a deploy that was killed mid-way.
+
+    A server runs in its endpoint's state directory, which tells endpoints of the
+    same name under different homes apart.
+    """
+    import psutil
+
+    state = state_dir.resolve()
+    found = []
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        if proc.pid == keep or not proc.info["cwd"] or Path(proc.info["cwd"]) != state:
+            continue
+        if is_our_server(proc.pid, model_name):
+            found.append(proc.pid)
+    return found
 
 
 def _gone(pid: int) -> bool:

@@ -9,11 +9,15 @@ Run as ``python -m aiplane.plugins.kserve.server --base-model DIR --adapter DIR
 * an OpenAI-style ``POST /v1/completions`` (and ``GET /v1/models``), which is what
   vLLM on OpenShift AI serves, so one client works against both.
 
-KServe's REST server hard-codes ``host="0.0.0.0"``; this server hands uvicorn a
-socket bound to the configured host instead (KServe's ``RESTServer.run`` takes
-sockets), so it listens only where it was told. The deployer binds that socket
-itself and passes it as ``--socket-fd``: the port is known before the server
-starts and no other process can take it in between. No gRPC server is started.
+KServe's REST server hard-codes ``host="0.0.0.0"``; this server hands uvicorn
+sockets bound where it was told instead (KServe's ``RESTServer.run`` takes
+sockets). The deployer binds them itself and passes them as ``--socket-fd`` (the
+endpoint's port, shared with the server it replaces through ``SO_REUSEPORT``; see
+``_port``) and ``--private-socket-fd`` (loopback, ephemeral, this server alone),
+so the ports are known before the server starts and no other process can take
+them in between. The model loads before uvicorn starts, and uvicorn calls
+``listen()`` only after its lifespan startup, so neither socket accepts a
+connection before the model is loaded. No gRPC server is started.
 
 Heavy libraries are imported inside :func:`main`: ``kserve.model_server`` parses
 ``sys.argv`` when it is imported, so ours is cleared first.
@@ -209,14 +213,20 @@ def _kserve_model(generator: _TextGenerator, name: str, default_max_tokens: int)
     return model
 
 
-def _listening_socket(args: argparse.Namespace) -> socket.socket:
+def _sockets(args: argparse.Namespace) -> list[socket.socket]:
+    """The bound sockets to serve on: the endpoint's, then the private one when given.
+
+    uvicorn listens on them in this order, so once the private one answers, the
+    endpoint's one listens too, and the deployer can steer the port through it.
+    """
     if args.socket_fd is not None:
-        return socket.socket(fileno=args.socket_fd)
-    family = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0][0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
-    return sock
+        public = socket.socket(fileno=args.socket_fd)
+    else:
+        from ._port import claim
+
+        public, _ = claim(args.host, args.port, None, args.model_name)
+    private = [] if args.private_socket_fd is None else [socket.socket(fileno=args.private_socket_fd)]
+    return [public, *private]
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -229,6 +239,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--socket-fd", type=int, default=None, help="serve on this inherited, bound socket")
+    parser.add_argument(
+        "--private-socket-fd", type=int, default=None, help="also serve on this one, which reaches this server alone"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=16, help="default generation length for v2 infer")
     return parser.parse_args(argv)
 
@@ -239,8 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # kserve.model_server parses sys.argv at import time; our flags are not its flags.
     sys.argv = sys.argv[:1]
 
-    sock = _listening_socket(args)
-    host, port = sock.getsockname()[:2]
+    sockets = _sockets(args)
+    port = sockets[0].getsockname()[1]
     print(f"aiplane kserve server: loading {args.base_model} with adapter {args.adapter}", flush=True)
     try:
         generator = _TextGenerator(args.base_model, args.adapter)
@@ -271,8 +284,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         port,
         grace_period=_GRACE_S,
     )
-    print(f"aiplane kserve server: model {args.model_name!r} serving on http://{host}:{port}", flush=True)
-    rest.run(sockets=[sock])
+    from ._port import url_host
+
+    where = " and ".join(f"http://{url_host(s.getsockname()[0])}:{s.getsockname()[1]}" for s in sockets)
+    print(f"aiplane kserve server: model {args.model_name!r} serving on {where}", flush=True)
+    rest.run(sockets=sockets)
     return 0
 
 

@@ -2,14 +2,21 @@
 
 from aiplane.core.hookspecs import hookimpl
 
-__all__ = ["aiplane_resolve_base_model", "aiplane_trainers"]
+__all__ = ["aiplane_resolve_base_model", "aiplane_base_model_config", "aiplane_trainers"]
 
 
 @hookimpl
-def aiplane_resolve_base_model(uri, home):
+def aiplane_resolve_base_model(uri, home, s3):
     from .base_model import resolve
 
-    return resolve(uri, home)
+    return resolve(uri, home, s3)
+
+
+@hookimpl
+def aiplane_base_model_config(uri, home, s3):
+    from .base_model import config
+
+    return config(uri, home, s3)
 
 
 @hookimpl

@@ -10,7 +10,9 @@ code loads a real Granite from its local path.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,7 +21,7 @@ from aiplane.core.artifacts import sha256_path
 from aiplane.core.errors import InputError
 from aiplane.core.records import BaseModelRecord
 
-__all__ = ["build_tiny_granite", "resolve", "BUILTIN", "TINY_CONFIG"]
+__all__ = ["build_tiny_granite", "resolve", "config", "BUILTIN", "TINY_CONFIG"]
 
 BUILTIN = "builtin:tiny-granite"
 TINY_CONFIG = dict(
@@ -96,35 +98,114 @@ def build_tiny_granite(directory: str | Path, seed: int = 0) -> Path:
     return directory
 
 
-def resolve(uri: str, home: str) -> BaseModelRecord | None:
-    """A record for ``uri``: the built-in tiny Granite, or a local model directory; ``None`` for other schemes."""
-    if uri == BUILTIN:
+def _local_path(uri: str) -> Path:
+    """The directory a ``file://`` or plain path URI names; InputError when it holds no model."""
+    path = Path(uri.removeprefix("file://")).expanduser()
+    if not path.exists():
+        raise InputError(
+            f"Base model path {str(path)!r} does not exist. Point base_model.uri at a local directory "
+            f"holding a Hugging Face model (config.json, weights, tokenizer), or use {BUILTIN!r}."
+        )
+    if not (path / "config.json").is_file():
+        raise InputError(f"Base model path {str(path)!r} has no config.json; it is not a Hugging Face model directory.")
+    return path
+
+
+def _check_builtin(uri: str) -> None:
+    if uri != BUILTIN:
+        raise InputError(f"Unknown built-in base model {uri!r}; the built-in model is {BUILTIN!r}.")
+
+
+def _ours(uri: str) -> bool:
+    return uri.startswith(("builtin:", "file://", "s3://")) or "://" not in uri
+
+
+def config(uri: str, home: str, s3=None) -> dict | None:
+    """``config.json`` of the model at ``uri`` without building or downloading it; ``None`` for other schemes."""
+    if not _ours(uri):
+        return None
+    if uri.startswith("s3://"):
+        from aiplane.core.storage import Storage
+
+        storage = Storage(s3)
+        if not storage.exists(uri.rstrip("/") + "/config.json"):
+            raise InputError(f"Base model {uri!r} has no config.json; point base_model.uri at a Hugging Face model directory.")
+        return json.loads(storage.read_bytes(uri.rstrip("/") + "/config.json"))
+    if uri.startswith("builtin:"):
+        _check_builtin(uri)
+        # What build_tiny_granite writes, less the special-token ids the tokenizer assigns.
+        return {**TINY_CONFIG, "model_type": "granite", "architectures": ["GraniteForCausalLM"]}
+    return json.loads((_local_path(uri) / "config.json").read_text())
+
+
+def resolve(uri: str, home: str, s3=None) -> BaseModelRecord | None:
+    """A record for ``uri``: the built-in tiny Granite, a local model directory or one in object storage.
+
+    ``None`` for other schemes (``hf://``, ...: another plugin's to resolve). A
+    model in object storage keeps its ``s3://`` URI, so a workload anywhere
+    fetches it from there; its digest is of its files, downloaded once into
+    ``<home>/cache`` and digested there.
+    """
+    if not _ours(uri):
+        return None
+    record_uri = digest = None
+    if uri.startswith("s3://"):
+        record_uri = uri.rstrip("/")
+        path = _fetch(record_uri, Path(home) / "cache" / "models", s3)
+        digest = "sha256:" + path.name  # digested when it was downloaded; a multi-GB model is not re-read
+        name = record_uri.rsplit("/", 1)[-1]
+    elif uri.startswith("builtin:"):
+        _check_builtin(uri)
         path = build_tiny_granite(Path(home) / "models" / "tiny-granite")
         name = "tiny-granite (random init)"
-    elif uri.startswith("builtin:"):
-        raise InputError(f"Unknown built-in base model {uri!r}; the built-in model is {BUILTIN!r}.")
-    elif "://" in uri and not uri.startswith("file://"):
-        return None  # hf://, s3://, ...: another plugin's to resolve
     else:
-        path = Path(uri.removeprefix("file://")).expanduser()
-        if not path.exists():
-            raise InputError(
-                f"Base model path {str(path)!r} does not exist. Point base_model.uri at a local directory "
-                f"holding a Hugging Face model (config.json, weights, tokenizer), or use {BUILTIN!r}."
-            )
-        if not (path / "config.json").is_file():
-            raise InputError(f"Base model path {str(path)!r} has no config.json; it is not a Hugging Face model directory.")
+        path = _local_path(uri)
         name = path.name
-    config = json.loads((path / "config.json").read_text())
-    arch = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
-    params = _parameter_count(config)
+    model_config = json.loads((path / "config.json").read_text())
+    arch = (model_config.get("architectures") or [model_config.get("model_type", "unknown")])[0]
+    params = _parameter_count(model_config)
     return BaseModelRecord(
-        uri=str(path.resolve()),
-        digest=sha256_path(path),
+        uri=record_uri or str(path.resolve()),
+        digest=digest or sha256_path(path),
         name=name,
         architecture=arch,
         parameters=params,
     )
+
+
+def _fetch(uri: str, cache: Path, s3) -> Path:
+    """The model at ``uri`` in ``cache``, downloaded once per content.
+
+    Object stores list each file's size and modification time; while those are
+    unchanged the cached copy is used without downloading or digesting again.
+    """
+    from aiplane.core.artifacts import atomic_write_text
+    from aiplane.core.storage import Storage
+
+    storage = Storage(s3)
+    listing = storage.list_files(uri)
+    if not listing:
+        raise InputError(f"Base model {uri!r} is empty or does not exist in the bucket.")
+    fingerprint = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()
+    seen = cache / "listings" / fingerprint
+    if seen.is_file() and (cache / seen.read_text().strip()).is_dir():
+        return cache / seen.read_text().strip()
+    staging = Path(tempfile.mkdtemp(dir=_mkdir(cache), prefix=".download."))
+    try:
+        storage.download_dir(uri, staging)
+        digest = sha256_path(staging).removeprefix("sha256:")
+        final = cache / digest
+        if not final.is_dir():
+            os.rename(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    atomic_write_text(seen, digest)
+    return final
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _parameter_count(config: dict) -> int:

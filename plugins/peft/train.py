@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiplane.core.artifacts import ArtifactStore
+from aiplane.core import __version__ as _AIPLANE_VERSION
 from aiplane.core.errors import ConfigError, InputError, WorkloadError
 from aiplane.core.records import AdapterRecord, BaseModelRecord, FeaturesRecord
 from aiplane.core.workload import WorkloadContext
@@ -98,6 +98,8 @@ def train(
     trainer = LoraTrainer(settings)
     s: LoraSettings = trainer.settings  # type: ignore[assignment]
     train_rows, eval_rows = _split_rows(rows, features)
+    # A base model in object storage is fetched once per digest; the rest reads it from disk.
+    base_model = base_model.model_copy(update={"uri": str(ctx.local(base_model.uri, base_model.digest))})
     trainer.validate(base_model)
     eval_rows = eval_rows[: s.eval_limit]
     rank, world = _world(ctx)
@@ -139,12 +141,12 @@ def train(
         return None
     eval_loss, eval_accuracy = _evaluate(model, tokenizer, eval_rows, s, device, ctx)
 
-    store = ArtifactStore(artifact_root)
+    store = ctx.artifacts(artifact_root)
     with store.staging() as staged:
         model.save_pretrained(staged)
         for name in _NOT_PUBLISHED:
             (staged / name).unlink(missing_ok=True)
-        _stable_config(staged / "adapter_config.json")
+        _stable_config(staged / "adapter_config.json", base_model)
         uri, digest = store.publish(staged, "adapters")
 
     k = max(1, min(10, len(curve) // 5))
@@ -164,6 +166,8 @@ def train(
         "duration_s": time.perf_counter() - started,
         "device": _device_name(device),
         "world_size": world,
+        # The code that trained, so the training run's digest (see aiplane.core.factsheet) covers it too.
+        "aiplane_version": _AIPLANE_VERSION,
     }
     if resumed_from is not None:
         metrics["resumed_from_step"] = resumed_from
@@ -183,14 +187,22 @@ def train(
     )
 
 
-def _stable_config(path: Path) -> None:
-    """Sort the config's ``target_modules``: PEFT keeps them in a set, whose order changes with every
-    interpreter's string hash seed, and the adapter digest must not depend on which process trained it."""
+def _stable_config(path: Path, base_model: BaseModelRecord) -> None:
+    """Make the adapter config depend only on the training, never on the process or machine that ran it.
+
+    PEFT keeps ``target_modules`` in a set, whose order changes with every
+    interpreter's string hash seed: they are sorted. It writes the directory the
+    base model was loaded from as ``base_model_name_or_path``: that becomes the
+    base model's digest, which names exactly the weights the adapter applies to
+    wherever they sit. Whoever loads the adapter passes the base model itself
+    (``PeftModel.from_pretrained(model, adapter)``), as the serving target does.
+    """
     import json
 
     config = json.loads(path.read_text())
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
+    config["base_model_name_or_path"] = base_model.digest
     path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 

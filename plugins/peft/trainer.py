@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -114,21 +115,25 @@ def model_path(base_model: "BaseModelRecord") -> Path:
 
 
 @functools.lru_cache(maxsize=16)
-def _module_names(path: str, config_text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(names of LoRA-wrappable modules, sorted Linear suffixes) of the model the config describes.
+def _module_names(config_text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(names of LoRA-wrappable modules, sorted Linear suffixes) of the model a ``config.json`` describes.
 
-    Keyed on the config text so an edited config is re-read. The model is built on
-    the ``meta`` device: no weights are allocated, so a 2B model takes milliseconds.
+    Keyed on the config's text, so an edited config is re-read. The model is built
+    on the ``meta`` device: no weights are allocated, so a 2B model takes milliseconds,
+    and nothing but the config is needed, so the preflight can run it before the
+    model exists on this machine.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    raw = json.loads(config_text)
     try:
-        config = AutoConfig.from_pretrained(path)
+        fields = {k: v for k, v in raw.items() if k not in ("model_type", "transformers_version")}
+        config = AutoConfig.for_model(raw.get("model_type", ""), **fields)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # an unknown architecture, a broken config
-        raise InputError(f"Cannot build the model described by {path}/config.json: {type(exc).__name__}: {exc}") from exc
+        raise InputError(f"Cannot build the model its config.json describes: {type(exc).__name__}: {exc}") from exc
     wrappable, linear = [], set()
     for name, module in model.named_modules():
         kind = type(module).__name__
@@ -151,17 +156,28 @@ class LoraTrainer(Trainer):
     Settings: ClassVar[type[BaseModel]] = LoraSettings
 
     def validate(self, base_model: "BaseModelRecord") -> None:
-        """Check that the base model is there and every target module exists in it. No side effects."""
+        """Check that the base model is there and every target module exists in it. No side effects.
+
+        A model still in object storage is checked where it is fetched (the workload);
+        the preflight has checked its ``config.json`` already.
+        """
+        if base_model.uri.startswith("s3://"):
+            return
         path = model_path(base_model)
-        wrappable, linear = _module_names(str(path), (path / "config.json").read_text())
+        self.check_model(json.loads((path / "config.json").read_text()), base_model.name)
+
+    def check_model(self, config: Mapping[str, Any], model_name: str) -> None:
+        """Every ``target_modules`` entry must match a module of the model ``config`` describes."""
+        wrappable, linear = _module_names(json.dumps(dict(config), sort_keys=True))
         missing = [
             t for t in self.settings.target_modules if not any(n == t or n.endswith("." + t) for n in wrappable)
         ]
         if missing:
+            arch = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
             raise ConfigError(
                 f"trainer.settings.target_modules: {', '.join(repr(m) for m in missing)} "
-                f"{'does' if len(missing) == 1 else 'do'} not match any module of base model {base_model.name!r} "
-                f"({_architecture(path)}). Available Linear modules: {', '.join(linear) or '(none)'}."
+                f"{'does' if len(missing) == 1 else 'do'} not match any module of base model {model_name!r} "
+                f"({arch}). Available Linear modules: {', '.join(linear) or '(none)'}."
             )
 
     def workload(self, base_model: "BaseModelRecord", features: "FeaturesRecord", artifact_root: str) -> Workload:
@@ -173,11 +189,3 @@ class LoraTrainer(Trainer):
             inputs={"base_model": base_model, "features": features},
             params={"settings": self.settings.model_dump(mode="json"), "artifact_root": str(artifact_root)},
         )
-
-
-def _architecture(path: Path) -> str:
-    try:
-        config: dict[str, Any] = json.loads((path / "config.json").read_text())
-    except ValueError:
-        return "unreadable config"
-    return (config.get("architectures") or [config.get("model_type", "unknown")])[0]

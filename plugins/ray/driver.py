@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiplane.core.errors import AiplaneError, WorkloadCancelled, WorkloadError
+from aiplane.core.storage import Storage
 from aiplane.core.workload import Event, Workload, WorkloadResult, format_event
 
 from .monitor import summarize
@@ -75,6 +76,8 @@ def _drive(spec: dict[str, Any], workload: Workload, emit: Callable[[Event], Non
     if spec.get("runtime_env") and local:
         options["runtime_env"] = spec["runtime_env"]
     if local:
+        # Token auth, with the token the engine gave this run in RAY_AUTH_TOKEN (RAY_AUTH_MODE=token):
+        # Ray neither generates one nor saves it to ~/.ray/auth_token.
         ray.init(
             num_cpus=local["num_cpus"],
             num_gpus=local["num_gpus"],
@@ -159,6 +162,11 @@ def _fit(
 
     sink = ray.remote(num_cpus=0)(EventSink).remote()
     storage = spec.get("storage_path") or os.path.expanduser("~/ray_results")
+    # Checkpoints in object storage go through the workload's own storage settings (endpoint,
+    # keys by reference, resolved here on the cluster), not whatever AWS_* the nodes happen to have.
+    filesystem = None
+    if storage.startswith("s3://"):
+        filesystem, storage = Storage(workload.s3).filesystem(storage)
     run_name = f"aiplane-{workload.name}-{workload.run_id}-{uuid.uuid4().hex[:6]}"
     resources = spec.get("resources_per_worker") or None
     gpus_per_worker = (resources or {}).get("GPU", 1 if spec["use_gpu"] else 0)
@@ -177,6 +185,7 @@ def _fit(
         run_config=RunConfig(
             name=run_name,
             storage_path=storage,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=spec["max_failures"]),
             # Two, not one: the newest may be half-registered when a worker dies during the report.
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -193,7 +202,7 @@ def _fit(
         failure = exc
     finally:
         pump.stop()
-        _remove_run_dir(storage, run_name)
+        _remove_run_dir(storage, run_name, filesystem)
     fit_s = time.monotonic() - fit_started
     attempts = sum(1 for s in pump.starts if s["rank"] == 0)
     if cancelled.is_set():
@@ -227,12 +236,14 @@ def _fit(
     return outcome.model_copy(update={"engine": facts}).model_dump(mode="json")
 
 
-def _remove_run_dir(storage: str, run_name: str) -> None:
+def _remove_run_dir(storage: str, run_name: str, filesystem=None) -> None:
     """Delete the run's directory (its checkpoints, registered or not) from local or remote storage."""
     import pyarrow.fs
 
     try:
-        if "://" in storage:
+        if filesystem is not None:
+            fs, base = filesystem, storage
+        elif "://" in storage:
             fs, base = pyarrow.fs.FileSystem.from_uri(storage)
         else:
             fs, base = pyarrow.fs.LocalFileSystem(), os.path.abspath(os.path.expanduser(storage))

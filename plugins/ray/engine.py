@@ -3,12 +3,15 @@
 Two ways to reach Ray, one driver (:mod:`aiplane.plugins.ray.driver`):
 
 * ``address`` unset or ``local``: a private Ray for this run only. The driver
-  runs as a subprocess in its own session, starts Ray with its own temp dir and
-  free ports (``ray.init(num_cpus=...)``), and the whole process group is gone
-  when the run ends or is cancelled; nobody else's Ray is touched.
+  runs as a subprocess in its own session, starts Ray with its own temp dir,
+  free ports and a token of its own, kept in memory (``ray.init(num_cpus=...)``),
+  and the whole process group is gone when the run ends or is cancelled; nobody
+  else's Ray is touched and nothing is written to the home directory.
 * ``address: http://<head>:8265``: an existing cluster (KubeRay on OpenShift AI)
   through its dashboard. The driver is submitted as a Ray Job, its logs are
-  tailed back as events, and cancellation stops the job.
+  tailed back as events, and cancellation stops the job. A cluster with token
+  auth on needs ``auth_token``, a reference to where the token is; a token file
+  of this machine (``~/.ray/auth_token``) is never what the engine reads.
 
 Either way the events reach ``on_event`` as they happen and the rank-0 result,
 with per-worker resource use, comes back as the engine's result.
@@ -54,6 +57,8 @@ _GRACE_S = 20.0
 _HEALTH_CHECK_S = "0.5"
 _TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 _URL = re.compile(r"^https?://[^/\s:]+(:\d{1,5})?/?$")
+# Settings of this process's Ray, or of the cluster it talks to, that a private local Ray must not inherit.
+_NOT_INHERITED = frozenset({"RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"})
 
 
 def _must(cond: bool, message: str) -> None:
@@ -84,7 +89,10 @@ class RaySettings(BaseModel):
     python: str = "python"
     """The interpreter with aiplane installed that runs the Ray Job's driver on the cluster."""
     auth_token: SecretRef | None = None
-    """Bearer token for the dashboard (Ray token auth, or an OpenShift OAuth proxy), by reference."""
+    """Bearer token for the dashboard (Ray token auth, or an OpenShift OAuth proxy), by reference.
+
+    Unset: the cluster must have auth off (the engine checks, and says what to set if not);
+    the engine looks for no token elsewhere, such as ``~/.ray/auth_token``."""
     connect_timeout_s: float = 10.0
     """How long to wait for the dashboard before saying it cannot be reached."""
     monitor_interval_s: float = 1.0
@@ -197,14 +205,20 @@ class RayEngine(Engine):
                 "num_gpus": int(s.num_workers * self._per_worker("GPU", 1 if s.use_gpu else 0)),
                 "temp_dir": str(tmp / "ray"),
             }
-            # A private Ray must not join whatever cluster this process was pointed at.
-            inherited = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+            # A private Ray must not join whatever cluster this process was pointed at, nor use its credentials.
+            inherited = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
             env = {
                 **inherited,
                 **{k: str(v) for k, v in (s.runtime_env.get("env_vars") or {}).items()},
                 _SPEC_ENV: self._spec(workload, local, s.storage_path or str(tmp / "storage")),
                 "PYTHONUNBUFFERED": "1",
                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": _HEALTH_CHECK_S,
+                # A new local Ray turns token auth on and, with no token at hand, generates one and saves
+                # it to ~/.ray/auth_token, where every later `ray start` and ray.init() on this machine finds
+                # it and switches to token mode too. This run's Ray gets its own token instead, in the
+                # environment its processes inherit: authenticated, and nothing written to the home directory.
+                "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN": secrets.token_hex(32),
             }
             reader = _Lines(on_event)
             # Own session: Ray's processes are the driver's children, so the group is this run's Ray and

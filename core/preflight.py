@@ -1,0 +1,126 @@
+"""The preflight: everything that can be checked before the first side effect, checked at once.
+
+``aiplane check`` prints what :func:`preflight` finds; ``aiplane up`` and the
+Dagster resource run it before anything else, so a typo in a pinned target, a
+trainer setting the model cannot honour, a missing base model or a serving port
+in use is reported before a model is built, a row is written or an adapter is
+trained. Nothing here has side effects: components answer through
+:meth:`~aiplane.core.components.Component.check` and
+:meth:`~aiplane.core.components.Trainer.check_model`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .config import Deployment
+from .errors import AiplaneError, ConfigError
+from .placement import Requirements, place
+from .plugins import DEPLOYMENT_KINDS, Registry
+
+__all__ = ["preflight", "raise_for_problems"]
+
+# The workloads each component places, as the assets name them.
+_WORKLOADS = {"trainer": "train-adapter", "serving": "serve-endpoint", "factsheet": "publish-factsheet"}
+
+
+def preflight(deployment: Deployment, registry: Registry, pins: Mapping[str, str] | None = None) -> list[str]:
+    """Every problem that would stop a run of ``deployment``, one line each, empty when none.
+
+    ``pins`` maps a component key (``trainer``, ``serving``, ``factsheet``) to a
+    target the run pins it to (``aiplane up --train-target``).
+    """
+    pins = dict(pins or {})
+    for key in pins:
+        if key not in _WORKLOADS:
+            raise ValueError(f"pins: {key!r} is not one of {', '.join(_WORKLOADS)}")
+    # Components that are not installed or have bad settings are reported here and
+    # asked nothing more; the others are still checked, so one run lists everything.
+    problems = registry.problems(deployment)
+    components = {}
+    for key, kind in DEPLOYMENT_KINDS.items():
+        spec = getattr(deployment, key)
+        try:
+            components[key] = registry.create(kind, spec.name, spec.settings)
+        except AiplaneError:
+            continue
+    engines = registry.components("engine")
+    for key, workload in _WORKLOADS.items():
+        spec = getattr(deployment, key)
+        # No data has been read yet, so no residency: this finds the pins, GPUs, SLAs and
+        # engines that can never work; residency is placed again, with the rows' tags, at run time.
+        component = components.get(key)
+        req = Requirements(
+            workload=workload,
+            gpus=spec.gpus,
+            sla=spec.sla,
+            engines=type(component).engines if component is not None else None,
+            target=pins.get(key) or spec.target,
+        )
+        try:
+            place(req, deployment.targets, deployment.residency, engines)
+        except AiplaneError as exc:
+            problems.append(f"{key}: {exc}")
+    problems += _storage_problems(deployment)
+    problems += _base_model_problems(deployment, registry, components.get("trainer"))
+    for key, component in components.items():
+        try:
+            problems += [f"{key}: {p}" for p in component.check(deployment)]
+        except AiplaneError as exc:
+            problems.append(f"{key}: {exc}")
+    return problems
+
+
+def _storage_problems(deployment: Deployment) -> list[str]:
+    """Every storage URI must have a scheme aiplane handles; with per-region storage, every target's region needs one."""
+    from .storage import normalize_uri
+
+    problems = []
+    storage = deployment.storage
+    for where, uri in [("storage.root", storage.root), *((f"storage.regions.{r}", u) for r, u in storage.regions.items())]:
+        if not uri:
+            continue
+        try:
+            normalize_uri(uri)
+        except AiplaneError as exc:
+            problems.append(f"{where}: {exc}")
+    if storage.regions:
+        for target in deployment.targets:
+            if target.region not in storage.regions:
+                problems.append(
+                    f"storage.regions: target {target.name!r} is in region {target.region!r}, which has no storage "
+                    f"location (regions with one: {', '.join(sorted(storage.regions))}); add one, so what is made "
+                    "there stays there"
+                )
+    return problems
+
+
+def _base_model_problems(deployment: Deployment, registry: Registry, trainer) -> list[str]:
+    uri = deployment.base_model.uri
+    try:
+        config = registry.pm.hook.aiplane_base_model_config(uri=uri, home=str(deployment.home), s3=deployment.storage.s3)
+    except AiplaneError as exc:
+        return [f"base_model.uri: {exc}"]
+    if config is None:
+        return [
+            f"base_model.uri: no installed plugin knows {uri!r}. Give a local directory of a Hugging Face "
+            "model (e.g. a download of ibm-granite/granite-3.3-2b-instruct) or 'builtin:tiny-granite'."
+        ]
+    if trainer is None:
+        return []
+    try:
+        trainer.check_model(config, uri)
+    except AiplaneError as exc:
+        message = str(exc)
+        return [message if message.startswith("trainer.") else f"trainer: {message}"]
+    return []
+
+
+def raise_for_problems(deployment: Deployment, problems: list[str]) -> None:
+    """Raise one :class:`ConfigError` listing every problem, naming the deployment file."""
+    if problems:
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        raise ConfigError(
+            f"{deployment.source}: {count} found before anything ran; nothing was changed:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )

@@ -1,0 +1,285 @@
+"""Storage by URI: ``file://`` on this machine's disk, ``s3://bucket/prefix`` on any S3-compatible store.
+
+One filesystem layer, :mod:`pyarrow.fs`, serves both. It is already here for
+Iceberg (pyiceberg's default FileIO is built on it), so tables and artifacts share
+one client, one set of S3 settings and one tested path; its S3 client does
+multipart uploads natively and talks to IBM Cloud Object Storage, MinIO and AWS
+alike. pyarrow is imported when storage is first used, never when this module is.
+
+Credentials are references (:class:`~aiplane.core.config.SecretRef`), resolved in
+the process that opens the filesystem: a Ray worker or a KFP pod in another cloud
+needs the bucket's credentials in its environment, never the orchestrator's disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+from .artifacts import atomic_write_bytes, sha256_path
+from .config import S3Settings
+from .errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+__all__ = ["S3Settings", "Storage", "ArtifactStore", "normalize_uri", "is_local", "local_path", "COMPLETE_SUFFIX"]
+
+COMPLETE_SUFFIX = ".complete"
+"""An artifact ``<kind>/<hex>`` is complete when the object ``<kind>/<hex>.complete`` exists; it is written last."""
+_SCHEMES = ("file", "s3")
+_CHUNK = 8 << 20
+
+
+def normalize_uri(uri: str | os.PathLike) -> str:
+    """``file:///abs/path`` for a path or ``file://`` URI, ``s3://bucket/prefix`` unchanged; others rejected."""
+    text = str(uri)
+    if "://" not in text:
+        return Path(text).expanduser().absolute().as_uri()
+    scheme = text.split("://", 1)[0].lower()
+    if scheme not in _SCHEMES:
+        raise ConfigError(
+            f"Storage URI {text!r}: no storage handles the scheme {scheme!r}; use a local path, file://... or s3://bucket/prefix"
+        )
+    if scheme == "file":
+        return Path(urlparse(text).path).absolute().as_uri()
+    parsed = urlparse(text)
+    if not parsed.netloc:
+        raise ConfigError(f"Storage URI {text!r} names no bucket; write s3://bucket/prefix")
+    return f"s3://{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def local_path(uri: str) -> Path:
+    """The path of a local URI (``file://`` or a plain path)."""
+    return Path(urlparse(uri).path if uri.startswith("file://") else uri).expanduser()
+
+
+class Storage:
+    """A filesystem for URIs of one scheme; one instance opens its client once."""
+
+    def __init__(self, s3: S3Settings | None = None):
+        self.s3 = s3
+        self._s3fs: pyarrow.fs.FileSystem | None = None
+
+    def filesystem(self, uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
+        """The filesystem that holds ``uri`` and the path within it."""
+        from pyarrow import fs
+
+        uri = normalize_uri(uri)
+        if uri.startswith("file://"):
+            return fs.LocalFileSystem(), str(local_path(uri))
+        if self._s3fs is None:
+            self._s3fs = fs.S3FileSystem(**(self.s3 or S3Settings()).pyarrow_kwargs())
+        return self._s3fs, uri.removeprefix("s3://")
+
+    def exists(self, uri: str) -> bool:
+        from pyarrow import fs
+
+        filesystem, path = self.filesystem(uri)
+        return self._call(uri, lambda: filesystem.get_file_info(path).type != fs.FileType.NotFound)
+
+    def read_bytes(self, uri: str) -> bytes:
+        filesystem, path = self.filesystem(uri)
+
+        def read() -> bytes:
+            with filesystem.open_input_stream(path) as f:
+                return f.read()
+
+        return self._call(uri, read)
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write one object. On S3 a PUT is all or nothing; locally the file is replaced atomically."""
+        filesystem, path = self.filesystem(uri)
+        if is_local(normalize_uri(uri)):
+            atomic_write_bytes(path, data)
+            return
+
+        def write() -> None:
+            with filesystem.open_output_stream(path) as f:
+                f.write(data)
+
+        self._call(uri, write)
+
+    def list_files(self, uri: str) -> list[tuple[str, int, int]]:
+        """``(relative name, size, modification time in ns)`` of every file under ``uri``, sorted; ``[]`` if none."""
+        from pyarrow import fs
+
+        filesystem, root = self.filesystem(uri)
+        selector = fs.FileSelector(root, recursive=True, allow_not_found=True)
+        infos = self._call(uri, lambda: filesystem.get_file_info(selector))
+        return sorted(
+            (i.path.removeprefix(root).lstrip("/"), i.size, i.mtime_ns or 0) for i in infos if i.type == fs.FileType.File
+        )
+
+    def delete(self, uri: str) -> None:
+        """Remove one object or file; a missing one is not an error."""
+        filesystem, path = self.filesystem(uri)
+        if self.exists(uri):
+            self._call(uri, lambda: filesystem.delete_file(path))
+
+    def upload_dir(self, local: Path, uri: str) -> list[str]:
+        """Copy every file under ``local`` to ``uri``, keeping relative names; returns them, sorted."""
+        filesystem, path = self.filesystem(uri)
+        names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+        local_fs = is_local(normalize_uri(uri))
+
+        def copy(name: str) -> None:
+            if local_fs:
+                filesystem.create_dir(f"{path}/{name}".rsplit("/", 1)[0], recursive=True)
+            # Streamed: a multi-GB weights file never sits in memory; S3 gets a multipart upload.
+            with open(local / name, "rb") as src, filesystem.open_output_stream(f"{path}/{name}") as dst:
+                shutil.copyfileobj(src, dst, _CHUNK)
+
+        # Concurrently: the small files (config, tokenizer) then ride along with the weights'
+        # upload instead of each waiting a round trip after it. pyarrow releases the GIL.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max(1, min(8, len(names))), thread_name_prefix="aiplane-upload") as pool:
+            for done in [pool.submit(self._call, uri, lambda n=name: copy(n)) for name in names]:
+                done.result()
+        return names
+
+    def download_dir(self, uri: str, local: Path) -> None:
+        """Copy everything under ``uri`` into the (new) directory ``local``."""
+        from pyarrow import fs
+
+        filesystem, path = self.filesystem(uri)
+        local.mkdir(parents=True, exist_ok=True)
+        self._call(uri, lambda: fs.copy_files(path, str(local), source_filesystem=filesystem))
+
+    def fetch_tree(self, uri: str, digest: str, cache: str | os.PathLike) -> Path:
+        """A local copy of the directory at ``uri``, kept in ``cache`` under its digest.
+
+        Downloaded once per digest, checked against it (a changed object is refused,
+        not served), and put in place by a rename, so concurrent fetches are safe.
+        A local ``uri`` is its own copy.
+        """
+        uri = normalize_uri(uri)
+        if is_local(uri):
+            return local_path(uri)
+        hex_digest = digest.removeprefix("sha256:")
+        final = Path(cache).expanduser().absolute() / hex_digest
+        if final.is_dir():
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{hex_digest}."))
+        try:
+            self.download_dir(uri, tmp)
+            got = sha256_path(tmp)
+            if got != f"sha256:{hex_digest}":
+                raise InputError(f"{uri!r} does not match its digest {digest} (got {got}); it was altered in the store.")
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not final.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+    def _call(self, uri: str, fn):
+        try:
+            return fn()
+        except OSError as exc:
+            raise InputError(f"Storage {uri!r}: {_explain(exc, self.s3)}") from None
+
+
+def _explain(exc: OSError, s3: S3Settings | None) -> str:
+    """The store's complaint, with what to do for the common ones; never a credential's value."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "NoSuchBucket" in text or ("bucket" in text.lower() and "not found" in text.lower()):
+        # pyarrow suggests letting it create buckets; a deployment should name one that exists.
+        return f"{text.split('. To create buckets', 1)[0]}. Create the bucket, or fix the bucket name in the deployment."
+    if "AccessDenied" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
+        refs = ", ".join(repr(r) for r in (s3.access_key_id, s3.secret_access_key) if r) if s3 else ""
+        return f"{text}. Check the credentials {refs or 'of storage.s3'} and that they may read and write the bucket."
+    if "Path does not exist" in text or "not found" in text.lower():
+        return f"{text}."
+    return text
+
+
+class ArtifactStore:
+    """Immutable, content-addressed artifacts under a root URI: ``<root>/<kind>/<sha256 hex>/...``.
+
+    Object storage has no rename, so completeness is a marker: the files go under
+    their digest first, then ``<kind>/<hex>.complete`` (a manifest) is written
+    last. Readers trust only complete entries, so a publish that crashed leaves
+    nothing a reader can see, and publishing the same content again is a no-op.
+    """
+
+    def __init__(self, root: str | os.PathLike, s3: S3Settings | None = None, storage: Storage | None = None):
+        self.root = normalize_uri(root)
+        self.storage = storage or Storage(s3)
+
+    def uri_for(self, kind: str, digest: str) -> str:
+        return f"{self.root}/{kind}/{digest.removeprefix('sha256:')}"
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A fresh local directory to write an artifact into; removed when the block ends."""
+        base = local_path(self.root) / ".staging" if is_local(self.root) else None
+        if base is not None:
+            base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="aiplane-stage-", dir=base))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def publish(self, staged: str | os.PathLike, kind: str) -> tuple[str, str]:
+        """Store the files of a staged directory; returns ``(uri, digest)``. Idempotent."""
+        staged = Path(staged)
+        digest = sha256_path(staged)
+        uri = self.uri_for(kind, digest)
+        if self.complete(uri):
+            return uri, digest
+        if is_local(self.root):
+            final = local_path(uri)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            # Locally a rename puts the whole tree in place at once; a racing publisher of the
+            # same bytes may have won, which is the same content.
+            if not final.exists():
+                moved = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+                shutil.copytree(staged, moved, dirs_exist_ok=True)
+                try:
+                    os.rename(moved, final)
+                except OSError:
+                    shutil.rmtree(moved, ignore_errors=True)
+            files = sorted(p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file())
+        else:
+            files = self.storage.upload_dir(staged, uri)
+        manifest = {"digest": digest, "kind": kind, "files": files}
+        self.storage.write_bytes(uri + COMPLETE_SUFFIX, json.dumps(manifest, sort_keys=True).encode())
+        return uri, digest
+
+    def complete(self, uri: str) -> bool:
+        """Whether the artifact at ``uri`` was published whole."""
+        return self.storage.exists(normalize_uri(uri) + COMPLETE_SUFFIX)
+
+    def fetch(self, uri: str, cache: str | os.PathLike) -> Path:
+        """A local directory holding the artifact at ``uri``: itself when local, else a cached copy.
+
+        The copy is downloaded once per digest into ``cache``, checked against
+        the digest, and put in place by a rename, so concurrent fetches are safe.
+        """
+        uri = normalize_uri(uri)
+        if not self.complete(uri):
+            raise InputError(
+                f"Artifact {uri!r} is not complete (no {COMPLETE_SUFFIX} marker): it was never published, or its "
+                "publish did not finish. Re-materialize it."
+            )
+        if is_local(uri):
+            return local_path(uri)
+        kind, hex_digest = uri.rsplit("/", 2)[-2:]
+        return self.storage.fetch_tree(uri, f"sha256:{hex_digest}", Path(cache) / kind)

@@ -1,0 +1,203 @@
+"""The ``aiplane`` command as a user runs it: a fresh process, its exit code, what it prints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aiplane.assets.sources import seed_tickets
+from aiplane.core.config import load_deployment
+from conftest import stop_endpoints
+
+TINY_TRAINING = {"max_steps": 12, "batch_size": 4, "seq_len": 64, "eval_limit": 8, "log_every": 4}
+
+
+def _deployment(home: Path, trainer: dict | None = None, **top) -> Path:
+    raw = yaml.safe_load(Path(load_deployment("local").source).read_text())
+    raw["trainer"]["settings"].update(trainer or {})
+    raw.update(top)
+    path = home / "deployment.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "AIPLANE_DEPLOYMENT", "AIPLANE_DEBUG")}
+    # Workload temp dirs land in the test's own TMPDIR, so leftovers can be seen.
+    (home / "tmp").mkdir(exist_ok=True)
+    return {**env, "AIPLANE_HOME": str(home), "PYTHONUNBUFFERED": "1", "TMPDIR": str(home / "tmp")}
+
+
+def aiplane(home: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "aiplane.assets.cli", "--deployment", str(home / "deployment.yaml"), *args]
+    return subprocess.run(cmd, env=_env(home), cwd=home, capture_output=True, text=True, timeout=timeout)
+
+
+def test_check_lists_every_problem_at_once_and_changes_nothing(tmp_path):
+    _deployment(tmp_path, trainer={"qeue": "gold", "target_modules": ["q_proj", "qq_proj"]})
+    out = aiplane(tmp_path, "check", "--train-target", "kfp-locl")
+    assert out.returncode == 1, out.stderr
+    assert "Unknown setting 'qeue'" in out.stderr
+    assert "pinned to target 'kfp-locl', which does not exist" in out.stderr and "Did you mean 'kfp-local'" in out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deployment.yaml", "tmp"], "check must have no side effects"
+
+
+def test_check_finds_target_modules_the_model_lacks_before_the_model_is_built(tmp_path):
+    _deployment(tmp_path, trainer={"target_modules": ["q_proj", "qq_proj"]})
+    out = aiplane(tmp_path, "check")
+    assert out.returncode == 1
+    assert "'qq_proj' does not match any module of base model 'builtin:tiny-granite'" in out.stderr
+    assert not (tmp_path / "models").exists()
+
+
+def test_up_with_an_unknown_trainer_setting_names_the_key_exits_1_and_prints_no_traceback(tmp_path):
+    _deployment(tmp_path, trainer={"qeue": "gold"})
+    out = aiplane(tmp_path, "up")
+    assert out.returncode == 1
+    assert "Unknown setting 'qeue'" in out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert out.stderr.rstrip().splitlines()[0].startswith("error: ")
+    assert not (tmp_path / "iceberg").exists() and not (tmp_path / "models").exists()
+
+
+def test_up_with_debug_shows_the_traceback(tmp_path):
+    _deployment(tmp_path, trainer={"qeue": "gold"})
+    out = aiplane(tmp_path, "--debug", "up")
+    assert out.returncode == 1
+    assert "Traceback" in out.stderr and "Unknown setting 'qeue'" in out.stderr
+
+
+def test_a_failure_inside_the_run_prints_aiplanes_message_once_and_last(tmp_path):
+    _deployment(tmp_path)
+    seed_tickets(tmp_path / "sources" / "tickets.jsonl", n=60)
+    rows = [json.loads(line) for line in (tmp_path / "sources" / "tickets.jsonl").read_text().splitlines()]
+    rows[3]["region"] = "mars"
+    (tmp_path / "sources" / "tickets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = aiplane(tmp_path, "up")
+    assert out.returncode == 1
+    last = out.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("error: features: check residency_known failed: 1 row(s) are tagged 'mars'")
+    assert out.stderr.count("row(s) are tagged 'mars'") == 1
+    assert "Stack Trace" not in out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_usage_errors_exit_2():
+    out = subprocess.run([sys.executable, "-m", "aiplane.assets.cli", "up", "--no-such-flag"], capture_output=True, text=True)
+    assert out.returncode == 2 and "unrecognized arguments: --no-such-flag" in out.stderr
+
+
+def _lineage(home: Path) -> list[dict]:
+    path = home / "lineage" / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def recovered(tmp_path_factory):
+    """A home where `aiplane up` was killed with SIGKILL while training, then run again to completion."""
+    home = tmp_path_factory.mktemp("home")
+    _deployment(home, trainer=TINY_TRAINING)
+    seed_tickets(home / "sources" / "tickets.jsonl", n=400)
+    cmd = [sys.executable, "-m", "aiplane.assets.cli", "--deployment", str(home / "deployment.yaml"), "up"]
+    killed = subprocess.Popen(cmd, env=_env(home), cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(
+            lambda: any(e["job"]["name"] == "adapter_weights" and e["eventType"] == "START" for e in _lineage(home)),
+            300, "training to start",
+        )  # fmt: skip
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+    second = aiplane(home, "up")
+    try:
+        yield {"home": home, "second": second}
+    finally:
+        stop_endpoints(home)
+
+
+def aiplane_up(home: Path) -> subprocess.CompletedProcess:
+    return aiplane(home, "up")
+
+
+def test_after_a_killed_up_the_next_up_fails_the_orphaned_run_closes_its_lineage_and_cleans_up(recovered):
+    home, second = recovered["home"], recovered["second"]
+    assert second.returncode == 0, second.stderr[-3000:]
+    marked = [line for line in second.stderr.splitlines() if line.startswith("Marked run ")]
+    assert len(marked) == 1, second.stderr[-3000:]
+    orphan = marked[0].split()[2]
+    from aiplane.plugins.openlineage.naming import run_uuid
+
+    training = run_uuid(orphan, "adapter_weights")
+    states = [e["eventType"] for e in _lineage(home) if e["run"]["runId"] == training]
+    assert states == ["START", "FAIL"], "the orphaned training step's lineage START got its FAIL"
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+        assert instance.get_run_by_id(orphan).status == dg.DagsterRunStatus.FAILURE
+    assert list((home / "tmp").iterdir()) == [], "the killed run's workload temp dirs were removed"
+    assert "adapter_weights" in second.stdout and "Endpoint:" in second.stdout
+
+
+def test_a_second_up_with_nothing_changed_materializes_nothing_new_and_keeps_the_url(recovered):
+    home, second = recovered["home"], recovered["second"]
+    third = aiplane_up(home)
+    assert third.returncode == 0, third.stderr[-3000:]
+    for asset in ("adapter_weights", "served_endpoint", "factsheet"):
+        assert f"{asset:16} up to date" in third.stdout, third.stdout
+    url = [line for line in second.stdout.splitlines() if line.startswith("Endpoint:")]
+    assert url and url == [line for line in third.stdout.splitlines() if line.startswith("Endpoint:")]
+
+
+def test_the_dagster_instance_aiplane_creates_sends_no_telemetry(tmp_path, monkeypatch):
+    from aiplane.assets.cli import _instance
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    with _instance(tmp_path) as instance:
+        assert instance.telemetry_enabled is False
+        assert instance.run_monitoring_enabled
+
+
+def test_dagster_loads_the_code_location_with_dash_m_from_any_directory(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
+    out = subprocess.run(
+        [sys.executable, "-m", "dagster", "definitions", "validate", "-m", "aiplane.assets"],
+        cwd=tmp_path, env={**env, "AIPLANE_HOME": str(tmp_path)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Validation successful for code location aiplane.assets" in out.stderr + out.stdout
+
+
+def test_ctrl_c_during_training_says_cancelled_and_exits_130(tmp_path):
+    _deployment(tmp_path, trainer={**TINY_TRAINING, "max_steps": 5000})
+    seed_tickets(tmp_path / "sources" / "tickets.jsonl", n=200)
+    cmd = [sys.executable, "-m", "aiplane.assets.cli", "--deployment", str(tmp_path / "deployment.yaml"), "up"]
+    proc = subprocess.Popen(cmd, env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(
+            lambda: any(e["job"]["name"] == "adapter_weights" for e in _lineage(tmp_path)), 300, "training to start"
+        )
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert err.rstrip().splitlines()[-1].startswith("aiplane: cancelled (Ctrl-C)")
+    assert "Traceback" not in err
+    assert [e["eventType"] for e in _lineage(tmp_path) if e["job"]["name"] == "adapter_weights"] == ["START", "FAIL"]

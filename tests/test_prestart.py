@@ -1,0 +1,140 @@
+"""The local engine's prestarted workers: started ahead of a workload, handed exactly one, isolated as usual."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from aiplane.core.config import Target
+from aiplane.core.errors import WorkloadCancelled
+from aiplane.core.plugins import Registry
+from aiplane.core.workload import Workload
+from aiplane.plugins.local import engine as local_engine
+
+TARGET = Target(name="local", engine="local", region="eu")
+WHERE = "_worker_workloads:where_am_i"
+# Modules nothing else in the worker imports, so finding them imported means the standby preloaded them.
+PRELOAD = ["colorsys", "wave"]
+
+
+@pytest.fixture(autouse=True)
+def no_standbys_left():
+    yield
+    local_engine._discard_standbys()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _standby_pid(entrypoint: str) -> int:
+    ((python, entry), standby), = [(k, v) for k, v in local_engine._STANDBYS.items() if k[1] == entrypoint]
+    return standby.proc.pid
+
+
+def _where(engine, events=None):
+    w = Workload(name="where", entrypoint=WHERE, params={"modules": PRELOAD})
+    return engine.run(w, TARGET, (events.append if events is not None else lambda e: None))
+
+
+def test_the_next_run_of_the_entry_point_is_handed_to_the_prestarted_worker(workload_path):
+    engine = Registry().engine("local")
+    assert engine.prestart(WHERE, preload=PRELOAD, wait_s=60)
+    standby = _standby_pid(WHERE)
+    events = []
+    result = _where(engine, events)
+    assert result.metrics["pid"] == standby == result.engine["pid"] != os.getpid()
+    assert result.metrics["preloaded"] == PRELOAD
+    assert result.metrics["stdin"] == ""  # as a worker started for it: nothing to read
+    assert result.engine["prestarted"] is True
+    assert f"running in {standby}" in [e.message for e in events]
+    assert _gone(standby)
+    # Used once: the next run gets a worker of its own, which imported nothing ahead.
+    again = _where(engine)
+    assert again.metrics["pid"] != standby
+    assert again.metrics["preloaded"] == []
+    assert "prestarted" not in again.engine
+
+
+def test_a_second_prestart_keeps_the_waiting_worker(workload_path):
+    engine = Registry().engine("local")
+    engine.prestart(WHERE, preload=PRELOAD)
+    first = _standby_pid(WHERE)
+    engine.prestart(WHERE, preload=PRELOAD)
+    assert _standby_pid(WHERE) == first
+
+
+def test_other_entry_points_do_not_take_it(workload_path):
+    engine = Registry().engine("local")
+    engine.prestart(WHERE, preload=PRELOAD, wait_s=60)
+    standby = _standby_pid(WHERE)
+    echo = engine.run(Workload(name="echo", entrypoint="_workloads:echo", params={"name": "x"}), TARGET, lambda e: None)
+    assert echo.metrics["pid"] != standby and "prestarted" not in echo.engine
+    assert _where(engine).metrics["pid"] == standby
+
+
+def test_a_changed_environment_retires_the_standby(workload_path, monkeypatch):
+    engine = Registry().engine("local")
+    engine.prestart(WHERE, preload=PRELOAD, wait_s=60)
+    standby = _standby_pid(WHERE)
+    monkeypatch.setenv("AIPLANE_TEST_PRESTART", "changed")
+    events = []
+    result = _where(engine, events)
+    assert result.metrics["pid"] != standby and "prestarted" not in result.engine
+    assert _gone(standby)
+    # Said in the run log, by variable name only (values may be secrets).
+    (note,) = [e.message for e in events if "prestarted worker" in e.message]
+    assert "environment changed" in note and "AIPLANE_TEST_PRESTART" in note and "changed)" not in note
+
+
+def test_a_standby_that_died_is_replaced_by_a_fresh_worker(workload_path):
+    engine = Registry().engine("local")
+    engine.prestart(WHERE, preload=PRELOAD, wait_s=60)
+    standby = _standby_pid(WHERE)
+    os.killpg(standby, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while local_engine._STANDBYS[(sys.executable, WHERE)].proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    result = _where(engine)
+    assert result.metrics["pid"] != standby and "prestarted" not in result.engine
+
+
+def test_cancelling_kills_a_prestarted_worker(workload_path):
+    engine = Registry().engine("local")
+    engine.prestart("_workloads:sleep_forever", wait_s=60)
+    standby = _standby_pid("_workloads:sleep_forever")
+    cancel = threading.Event()
+
+    def on_event(event):
+        if event.message.startswith("sleeping in"):
+            cancel.set()
+
+    with pytest.raises(WorkloadCancelled):
+        engine.run(Workload(name="sleep", entrypoint="_workloads:sleep_forever"), TARGET, on_event, cancel)
+    assert _gone(standby)
+
+
+def test_an_unused_standby_ends_with_the_process_that_started_it(workload_path):
+    code = (
+        "import os\n"
+        "from aiplane.core.plugins import Registry\n"
+        "from aiplane.plugins.local import engine\n"
+        f"Registry().engine('local').prestart({WHERE!r}, wait_s=60)\n"
+        "(standby,) = engine._STANDBYS.values()\n"
+        "print(standby.proc.pid, flush=True)\n"
+        "os._exit(0)  # as if killed: no atexit clean-up\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    standby = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while not _gone(standby) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(standby)

@@ -1,0 +1,188 @@
+"""The storage seam: content-addressed artifacts on local disk and on a real S3 endpoint (moto's server)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aiplane.core.config import S3Settings, SecretRef
+from aiplane.core.errors import ConfigError, InputError
+from aiplane.core.storage import COMPLETE_SUFFIX, ArtifactStore, Storage, normalize_uri
+
+
+@pytest.fixture(scope="module")
+def s3():
+    from _s3 import s3_server
+
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """S3 settings whose keys are references to environment variables, as a deployment writes them."""
+    monkeypatch.setenv("TEST_S3_KEY", s3.access_key_id)
+    monkeypatch.setenv("TEST_S3_SECRET", s3.secret_access_key)
+    return S3Settings(
+        endpoint=s3.endpoint_url,
+        region=s3.region,
+        access_key_id=SecretRef(env="TEST_S3_KEY"),
+        secret_access_key=SecretRef(env="TEST_S3_SECRET"),
+    )
+
+
+def _adapter(tmp_path: Path, content: bytes = b"weights") -> Path:
+    staged = tmp_path / "staged"
+    (staged / "sub").mkdir(parents=True, exist_ok=True)
+    (staged / "adapter_model.safetensors").write_bytes(content)
+    (staged / "sub" / "adapter_config.json").write_text('{"r": 4}')
+    return staged
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path, s3, s3_env):
+    if request.param == "file":
+        return ArtifactStore(tmp_path / "artifacts")
+    return ArtifactStore(f"s3://{s3.create_bucket()}/prefix", s3=s3_env)
+
+
+def test_publish_is_content_addressed_and_a_second_publish_is_a_no_op(store, tmp_path):
+    uri, digest = store.publish(_adapter(tmp_path), "adapters")
+    assert uri == f"{store.root}/adapters/{digest.removeprefix('sha256:')}"
+    assert store.complete(uri)
+    manifest = json.loads(store.storage.read_bytes(uri + COMPLETE_SUFFIX))
+    assert manifest == {"digest": digest, "kind": "adapters", "files": ["adapter_model.safetensors", "sub/adapter_config.json"]}
+    assert store.publish(_adapter(tmp_path), "adapters") == (uri, digest)
+
+
+def test_fetch_gives_a_local_copy_checked_against_the_digest(store, tmp_path):
+    uri, digest = store.publish(_adapter(tmp_path, b"abc"), "adapters")
+    local = store.fetch(uri, tmp_path / "cache")
+    assert (local / "adapter_model.safetensors").read_bytes() == b"abc"
+    assert (local / "sub" / "adapter_config.json").is_file()
+    assert store.fetch(uri, tmp_path / "cache") == local, "fetched once per digest"
+
+
+def test_a_publish_that_crashed_before_its_marker_is_invisible_to_readers(store, tmp_path):
+    staged = _adapter(tmp_path, b"half")
+    from aiplane.core.artifacts import sha256_path
+
+    uri = store.uri_for("adapters", sha256_path(staged))
+    store.storage.upload_dir(staged, uri)  # the files, then a crash: no marker
+    assert not store.complete(uri)
+    with pytest.raises(InputError, match="is not complete"):
+        store.fetch(uri, tmp_path / "cache")
+    # Publishing again finishes the job.
+    assert store.publish(staged, "adapters")[0] == uri and store.complete(uri)
+
+
+def test_an_altered_object_in_the_store_is_refused_on_fetch(s3, s3_env, tmp_path):
+    store = ArtifactStore(f"s3://{s3.create_bucket()}/a", s3=s3_env)
+    uri, _ = store.publish(_adapter(tmp_path), "adapters")
+    store.storage.write_bytes(uri + "/adapter_model.safetensors", b"tampered")
+    with pytest.raises(InputError, match="does not match its digest"):
+        store.fetch(uri, tmp_path / "cache")
+    assert not (tmp_path / "cache" / "adapters").exists() or not any((tmp_path / "cache" / "adapters").iterdir())
+
+
+def test_a_missing_bucket_is_a_clear_error(s3_env, tmp_path):
+    store = ArtifactStore("s3://no-such-bucket-aiplane/x", s3=s3_env)
+    with pytest.raises(InputError, match="no-such-bucket-aiplane.*(Create the bucket|NoSuchBucket|does not exist)"):
+        store.publish(_adapter(tmp_path), "adapters")
+
+
+def test_credentials_are_named_by_reference_never_by_value(s3, monkeypatch, tmp_path):
+    monkeypatch.delenv("NOT_SET_KEY", raising=False)
+    settings = S3Settings(endpoint=s3.endpoint_url, access_key_id=SecretRef(env="NOT_SET_KEY"), secret_access_key=SecretRef(env="NOT_SET_KEY"))
+    with pytest.raises(ConfigError, match="NOT_SET_KEY"):
+        Storage(settings).exists(f"s3://{s3.create_bucket()}/x")
+    monkeypatch.setenv("NOT_SET_KEY", "hunter2-value")
+    assert "hunter2-value" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    "uri, expected",
+    [("s3://bucket/a/b/", "s3://bucket/a/b"), ("/tmp/x/../y", "file:///tmp/x/../y"), ("file:///tmp/z", "file:///tmp/z")],
+)
+def test_uris_are_normalized(uri, expected):
+    assert normalize_uri(uri) == expected
+
+
+def test_a_scheme_no_storage_handles_is_rejected_with_what_works():
+    with pytest.raises(ConfigError, match="no storage handles the scheme 'gs'.*s3://bucket/prefix"):
+        normalize_uri("gs://bucket/x")
+
+
+def test_a_base_model_in_object_storage_is_fetched_once_per_digest(s3, s3_env, tmp_path):
+    from aiplane.core.artifacts import sha256_path
+    from aiplane.core.records import BaseModelRecord
+    from aiplane.core.workload import Workload, WorkloadContext
+    from aiplane.plugins.peft.base_model import build_tiny_granite, config, resolve
+
+    model = build_tiny_granite(tmp_path / "tiny")
+    bucket = s3.create_bucket()
+    uri = f"s3://{bucket}/models/tiny-granite"
+    Storage(s3_env).upload_dir(model, uri)
+
+    assert config(uri, str(tmp_path / "home"), s3_env)["model_type"] == "granite"
+    record = resolve(uri, str(tmp_path / "home"), s3_env)
+    assert isinstance(record, BaseModelRecord)
+    assert record.uri == uri and record.digest == sha256_path(model)
+    cached = tmp_path / "home" / "cache" / "models" / record.digest.removeprefix("sha256:")
+    assert sha256_path(cached) == record.digest
+    # Unchanged in the bucket: resolved again without a download.
+    (cached / "marker-of-this-copy").write_text("same copy")
+    assert resolve(uri, str(tmp_path / "home"), s3_env).digest == record.digest
+    assert (cached / "marker-of-this-copy").exists()
+    (cached / "marker-of-this-copy").unlink()
+
+    # A workload anywhere fetches it by URI and digest into its own cache.
+    ctx = WorkloadContext(Workload(name="w", entrypoint="x:y", s3=s3_env, cache_dir=str(tmp_path / "pod")), lambda e: None)
+    local = ctx.local(record.uri, record.digest)
+    assert local.is_relative_to(tmp_path / "pod") and sha256_path(local) == record.digest
+
+
+def test_a_base_model_uri_with_nothing_in_the_bucket_is_a_clear_error(s3, s3_env, tmp_path):
+    from aiplane.plugins.peft.base_model import config, resolve
+
+    uri = f"s3://{s3.create_bucket()}/models/missing"
+    with pytest.raises(InputError, match="has no config.json"):
+        config(uri, str(tmp_path), s3_env)
+    with pytest.raises(InputError, match="is empty or does not exist"):
+        resolve(uri, str(tmp_path), s3_env)
+
+
+def _deployment_with_storage(tmp_path, storage: dict):
+    import yaml
+
+    from aiplane.core.config import load_deployment
+
+    raw = yaml.safe_load(Path(load_deployment("local").source).read_text())
+    raw["storage"] = storage
+    path = tmp_path / "d.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_deployment(path, home=tmp_path)
+
+
+def test_a_workload_placed_in_a_region_writes_under_that_regions_location_only(tmp_path):
+    d = _deployment_with_storage(tmp_path, {"regions": {"eu": "s3://eu-bucket/aiplane", "us": "s3://us-bucket/aiplane"}})
+    assert d.artifact_root("eu") == "s3://eu-bucket/aiplane"
+    assert d.artifact_root("us") == "s3://us-bucket/aiplane"
+    with pytest.raises(ConfigError, match="storage.regions has no location for region 'ap'"):
+        d.artifact_root("ap")
+
+
+def test_the_preflight_finds_target_regions_without_storage_and_bad_schemes(tmp_path):
+    from aiplane.core.plugins import Registry
+    from aiplane.core.preflight import preflight
+
+    d = _deployment_with_storage(tmp_path, {"regions": {"us": "s3://us/x", "ap": "gs://nope/x"}})
+    problems = "\n".join(preflight(d, Registry()))
+    assert "target 'local' is in region 'eu', which has no storage location" in problems
+    assert "storage.regions.ap: Storage URI 'gs://nope/x': no storage handles the scheme 'gs'" in problems
+
+
+def test_without_storage_settings_artifacts_stay_under_home(tmp_path):
+    d = _deployment_with_storage(tmp_path, {})
+    assert d.artifact_root("eu") == (tmp_path / "artifacts").as_uri()
+    assert d.cache_dir() == tmp_path / "cache"
