@@ -131,29 +131,18 @@ def staleness(
 
 def pid_tag() -> str:
     """This process as :data:`PID_TAG` records it: pid and start time, so a reused pid is not mistaken for it."""
-    return f"{os.getpid()}:{_start_time(os.getpid())}"
+    from aiplane.core.processes import process_token
 
-
-def _start_time(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            # Field 22, after the command name (which may hold spaces, so split after its ')').
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return "?"
+    return f"{os.getpid()}:{process_token()}"
 
 
 def _alive(tag: str) -> bool:
-    pid, _, started = tag.partition(":")
+    from aiplane.core.processes import process_gone
+
+    pid, _, token = tag.partition(":")
     if not pid.isdigit():
         return True  # not ours to judge
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return started in ("", "?") or _start_time(int(pid)) == started
+    return not process_gone(int(pid), token)
 
 
 def fail_orphaned_runs(instance: dg.DagsterInstance, on_step_orphaned) -> list[str]:

@@ -33,6 +33,8 @@ __all__ = [
     "kill_group",
     "workload_dir",
     "sweep_orphaned_workdirs",
+    "process_token",
+    "process_gone",
     "WORKDIR_PREFIX",
     "OWNER_FILE",
 ]
@@ -233,6 +235,16 @@ def _write_owner(path: Path, pid: int) -> None:
     tmp = path / f"{OWNER_FILE}.tmp"
     tmp.write_text(json.dumps(record))
     os.replace(tmp, path / OWNER_FILE)
+
+
+def process_token(pid: int | None = None) -> str:
+    """When ``pid`` (default: this process) started, as an opaque string, so a reused pid is told apart."""
+    return _start_token(pid if pid is not None else os.getpid()) or ""
+
+
+def process_gone(pid: int, token: str) -> bool:
+    """Whether the process that had ``pid`` and :func:`process_token` ``token`` has ended; ``False`` when unsure."""
+    return _owner_gone({"pid": pid, "start": token})
 
 
 def _owner_gone(owner: dict) -> bool:
