@@ -50,12 +50,16 @@ def _debug(args: argparse.Namespace | None = None) -> bool:
     return bool(getattr(args, "debug", False)) or os.environ.get("AIPLANE_DEBUG", "") not in ("", "0")
 
 
+def _dagster_home(home: Path) -> Path:
+    if not os.environ.get("DAGSTER_HOME"):
+        os.environ["DAGSTER_HOME"] = str(home / "dagster")
+    return Path(os.environ["DAGSTER_HOME"])
+
+
 def _instance(home: Path):
     from dagster import DagsterInstance
 
-    if not os.environ.get("DAGSTER_HOME"):
-        os.environ["DAGSTER_HOME"] = str(home / "dagster")
-    dagster_home = Path(os.environ["DAGSTER_HOME"])
+    dagster_home = _dagster_home(home)
     dagster_home.mkdir(parents=True, exist_ok=True)
     config = dagster_home / "dagster.yaml"
     if not config.exists() or not config.read_text().strip():
@@ -147,11 +151,15 @@ def _up(args: argparse.Namespace) -> int:
     from aiplane.core.storage import Storage
 
     from .definitions import EndpointConfig, TargetConfig, build_definitions
-    from .resource import AiplaneResource
+    from .resource import AiplaneResource, prestart_training
     from .state import PID_TAG, latest_record, pid_tag, spec_digest, staleness
 
     deployment = load_deployment(args.deployment or None)
     registry = Registry()
+    # The environment is final before anything starts with it (a prestarted worker must match the run's).
+    _dagster_home(deployment.home)
+    # Training's process and imports get ready while the deployment is checked and the sources refreshed.
+    prestart_training(deployment, registry, args.train_target)
     raise_for_problems(deployment, preflight(deployment, registry, _pins(args)))
     instance = _instance(deployment.home)
     _recover(instance, deployment, registry)

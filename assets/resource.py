@@ -8,13 +8,14 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 from aiplane.core.config import Deployment, load_deployment
+from aiplane.core.errors import AiplaneError
 from aiplane.core.placement import Requirements, place
 from aiplane.core.preflight import preflight, raise_for_problems
 from aiplane.core.plugins import DEPLOYMENT_KINDS, Registry, get_plugin_manager
 from aiplane.core.records import PlacementDecision
 from aiplane.core.workload import Event, Workload, WorkloadResult
 
-__all__ = ["AiplaneResource"]
+__all__ = ["AiplaneResource", "prestart_training"]
 
 
 class AiplaneResource(dg.ConfigurableResource):
@@ -64,18 +65,7 @@ class AiplaneResource(dg.ConfigurableResource):
         Placement is pure, so it runs, and fails, before any side effect. ``pin``
         (asset config) wins over the deployment's own ``target`` for the component.
         """
-        spec = getattr(self.config, spec_key)
-        component = self.component(spec_key)
-        requirements = Requirements(
-            workload=workload,
-            residency=tuple(residency),
-            gpus=spec.gpus,
-            sla=spec.sla,
-            engines=type(component).engines,
-            target=pin or spec.target,
-        )
-        decision = place(requirements, self.config.targets, self.config.residency, self.registry.components("engine"))
-        return component, decision
+        return _placed(self.config, self.registry, spec_key, workload, residency, pin)
 
     def run(self, context: dg.AssetExecutionContext, workload: Workload, decision: PlacementDecision) -> WorkloadResult:
         """Run ``workload`` on the engine of the chosen target, streaming its events into the run log."""
@@ -100,6 +90,44 @@ class AiplaneResource(dg.ConfigurableResource):
                 context.log.info(f"[{workload.name}] {event}")
 
         return engine.run(workload, target, on_event)
+
+
+def _placed(
+    deployment: Deployment, registry: Registry, spec_key: str, workload: str, residency: tuple[str, ...] = (), pin: str = ""
+) -> tuple[Any, PlacementDecision]:
+    spec = getattr(deployment, spec_key)
+    component = registry.create(DEPLOYMENT_KINDS[spec_key], spec.name, spec.settings)
+    requirements = Requirements(
+        workload=workload,
+        residency=tuple(residency),
+        gpus=spec.gpus,
+        sla=spec.sla,
+        engines=type(component).engines,
+        target=pin or spec.target,
+    )
+    return component, place(requirements, deployment.targets, deployment.residency, registry.components("engine"))
+
+
+def prestart_training(deployment: Deployment, registry: Registry, pin: str = "") -> None:
+    """Ask the engine the training workload will probably run on to start it now (see ``Engine.prestart``).
+
+    For where the orchestrator has seconds of its own work before ``adapter_weights``
+    (``aiplane up`` checking the deployment, opening the instance, refreshing the
+    sources): the trainer's process and its imports (torch and transformers take
+    seconds) are then ready when training starts. A guess from placement without
+    the features' residency: a wrong guess costs an unused process, never a
+    different run. Problems are left to the preflight and the real placement.
+    """
+    try:
+        trainer, decision = _placed(deployment, registry, "trainer", "train-adapter", pin=pin)
+        if not trainer.entrypoint:
+            return
+        target = deployment.target(decision.target)
+        store = registry.create(DEPLOYMENT_KINDS["feature_store"], deployment.feature_store.name, deployment.feature_store.settings)
+        engine = registry.engine(target.engine, target.settings)
+    except AiplaneError:
+        return
+    engine.prestart(trainer.entrypoint, tuple(dict.fromkeys((*store.preload, *trainer.preload))))
 
 
 def default_resource() -> AiplaneResource:

@@ -1,21 +1,17 @@
-"""Benchmark: the whole chain through aiplane vs a bare script doing the same work.
+"""Benchmark: ``aiplane up`` vs a bare script doing the same work, each as the user runs it.
 
 Both sides use the same base model directory (built once, before timing), the
 same sample tickets, the same trainer settings and the same LoRA training
-function, and both start the same KServe server and wait for its readiness.
-The bare side calls everything directly in one process: no Dagster, no
-workload subprocesses, no placement, no lineage hooks, no factsheet page. The
-ratio is therefore what aiplane's orchestration costs on top of the work.
+function; both start the same KServe server, wait for its readiness and ask it
+for one completion. The bare side is one Python process calling everything
+directly: no Dagster, no workload subprocesses, no placement, no preflight, no
+lineage hooks, no factsheet page. Each side is timed from starting its process
+to having the endpoint up and the factsheet written, imports included (the bare
+script imports torch, transformers, peft, pyarrow and pyiceberg; aiplane imports
+Dagster, and its workers import what they need). The ratio is therefore what
+aiplane's orchestration costs a user on top of the work.
 
-    .venv/bin/python bench/chain_overhead.py [--steps N] [--rounds R] [--prestart]
-
-Library imports are outside both clocks: the bare side's process has torch,
-transformers, peft, pyarrow and pyiceberg imported before its clock starts, and
-so has the Dagster process of the aiplane side. aiplane's workload processes
-start on the clock, so the training worker's own imports of torch and
-transformers count as overhead. ``--prestart`` starts that worker before the
-clock (``LocalEngine.prestart``), as ``aiplane up`` can while it checks the
-deployment, and measures what is left.
+    .venv/bin/python bench/chain_overhead.py [--steps N] [--rounds R]
 
 A benchmark, not a test: it prints figures and asserts nothing.
 """
@@ -59,38 +55,40 @@ def _local(uri: str) -> str:
     return urllib.parse.urlparse(uri).path if uri.startswith("file://") else uri
 
 
-TRAIN_ENTRYPOINT = "aiplane.plugins.peft.train:run"
-TRAIN_PRELOAD = ("pyarrow.dataset", "pyiceberg.catalog.sql", "torch", "transformers.modeling_utils", "peft")
-"""What the training workload imports before it trains: the feature store's reader and the model's libraries."""
-
-
-def run_aiplane(home: Path, model_dir: Path, steps: int, prestart: bool = False) -> float:
-    import dagster as dg
-
-    # The libraries this process uses for the work itself are imported before the clock starts,
-    # as run_bare imports them before its clock: what is timed is the work and the orchestration.
-    import pyarrow  # noqa: F401
-    from pyiceberg.catalog.sql import SqlCatalog  # noqa: F401
-
-    from aiplane.assets import ASSETS, AiplaneResource
-    from aiplane.core.plugins import Registry
-
+def run_aiplane(home: Path, model_dir: Path, steps: int) -> float:
+    """Seconds of ``aiplane up`` in a new process on a new home, until it exits; then stop the endpoint."""
     (home / "models").mkdir(parents=True)
     os.symlink(model_dir, home / "models" / "tiny-granite")
-    resource = AiplaneResource(deployment=str(_deployment(home, steps)), home=str(home))
-    if prestart:
-        Registry().engine("local").prestart(TRAIN_ENTRYPOINT, preload=TRAIN_PRELOAD, wait_s=300)
+    deployment = _deployment(home, steps)
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"} | {"AIPLANE_HOME": str(home)}
+    aiplane = [sys.executable, "-m", "aiplane.assets.cli", "--deployment", str(deployment)]
     started = time.perf_counter()
-    result = dg.materialize(ASSETS, instance=dg.DagsterInstance.ephemeral(), resources={"aiplane": resource})
+    done = subprocess.run([*aiplane, "up"], env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - started
-    endpoint = result.asset_value("served_endpoint")
-    settings = resource.config.serving.settings
-    Registry().create("serving target", "kserve-local", settings).stop(endpoint)
+    subprocess.run([*aiplane, "stop"], env=env, capture_output=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"aiplane up failed:\n{done.stderr[-3000:]}")
     return elapsed
 
 
 def run_bare(home: Path, model_dir: Path, steps: int) -> float:
-    import peft  # noqa: F401  (train() imports it; imported here so the clock does not count it)
+    """Seconds of the bare script (:func:`bare`) in a new process, until it says it is done; then stop it."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--bare", str(home), str(model_dir), str(steps)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    line = proc.stdout.readline()
+    elapsed = time.perf_counter() - started
+    proc.stdin.close()  # the script stops its server and exits
+    proc.wait(timeout=60)
+    if line.strip() != "done":
+        raise RuntimeError(f"the bare script failed (exit {proc.returncode})")
+    return elapsed
+
+
+def bare(home: Path, model_dir: Path, steps: int) -> None:
+    """The same work as ``aiplane up``, directly, in this process; prints ``done``, then waits for stdin to close."""
     import pyarrow as pa
     from pyiceberg.catalog.sql import SqlCatalog
 
@@ -102,7 +100,6 @@ def run_bare(home: Path, model_dir: Path, steps: int) -> float:
 
     settings = yaml.safe_load((ROOT / "deployments" / "local.yaml").read_text())["trainer"]["settings"]
     settings["max_steps"] = steps
-    started = time.perf_counter()
 
     # Features: write the table, read it back at its snapshot.
     (home / "warehouse").mkdir(parents=True)
@@ -142,9 +139,16 @@ def run_bare(home: Path, model_dir: Path, steps: int) -> float:
                 if proc.poll() is not None:
                     raise RuntimeError("bare server died") from None
                 time.sleep(0.2)
-        # Factsheet: just the JSON.
+        # One completion, as `aiplane up` prints; then the factsheet: just the JSON.
+        body = json.dumps({"model": "bare", "prompt": "Ticket: VPN down\nLabel:", "max_tokens": 8, "temperature": 0})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions", body.encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            json.loads(response.read())
         (home / "factsheet.json").write_text(json.dumps({"adapter": adapter.digest, "metrics": adapter.metrics}))
-        return time.perf_counter() - started
+        print("done", flush=True)
+        sys.stdin.read()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -152,12 +156,13 @@ def run_bare(home: Path, model_dir: Path, steps: int) -> float:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--bare"]:
+        home, model_dir, steps = sys.argv[2:5]
+        bare(Path(home), Path(model_dir), int(steps))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150, help="training steps (local.yaml uses 150)")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds of each side")
-    parser.add_argument(
-        "--prestart", action="store_true", help="start aiplane's training worker (and its imports) before the clock"
-    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="aiplane-bench-") as tmp:
         tmp = Path(tmp)
@@ -166,16 +171,12 @@ def main() -> None:
         for r in range(args.rounds):
             order = ("aiplane", "bare") if r % 2 == 0 else ("bare", "aiplane")
             for side in order:
-                home = tmp / f"{side}-{r}"
-                if side == "aiplane":
-                    times[side].append(run_aiplane(home, model_dir, args.steps, args.prestart))
-                else:
-                    times[side].append(run_bare(home, model_dir, args.steps))
+                run = run_aiplane if side == "aiplane" else run_bare
+                times[side].append(run(tmp / f"{side}-{r}", model_dir, args.steps))
                 print(f"round {r + 1} {side:8} {times[side][-1]:7.2f} s", flush=True)
     a, b = min(times["aiplane"]), min(times["bare"])
-    prestarted = ", training worker prestarted" if args.prestart else ""
-    print(f"\nwhole chain, {args.steps} training steps, best of {args.rounds}{prestarted}:")
-    print(f"  aiplane (Dagster + workloads) {a:7.2f} s")
+    print(f"\nwhole chain, {args.steps} training steps, best of {args.rounds}, each side a new process:")
+    print(f"  aiplane up                    {a:7.2f} s")
     print(f"  bare script                   {b:7.2f} s")
     print(f"  ratio aiplane / bare          {a / b:7.2f}x  (overhead {a - b:+.2f} s)")
 

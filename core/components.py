@@ -12,7 +12,7 @@ never at module import, so listing plugins stays cheap everywhere.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -53,6 +53,12 @@ class Component:
     """Unknown keys are rejected at every level, whatever the model's own ``extra`` says."""
     engines: ClassVar[tuple[str, ...] | None] = None
     """Engines this component's workloads can run on; ``None`` means any."""
+    preload: ClassVar[tuple[str, ...]] = ()
+    """Modules this component's workloads import before they work (``torch``, a table reader).
+
+    An engine that can start a workload's process ahead of time (:meth:`Engine.prestart`)
+    imports them while the orchestrator is busy with something else.
+    """
 
     def __init__(self, settings: Mapping[str, Any] | BaseModel | None = None):
         if isinstance(settings, BaseModel):
@@ -100,6 +106,16 @@ class Engine(Component):
         """
         raise NotImplementedError
 
+    def prestart(self, entrypoint: str, preload: Sequence[str] = (), wait_s: float = 0.0) -> bool:
+        """Get ready, now, to run the next workload with ``entrypoint`` sooner (start its process, import ``preload``).
+
+        A hint, never required: the orchestrator calls it when it knows a workload
+        is coming and has other things to do first. The workload must run exactly
+        as without it. Return whether the engine is ready within ``wait_s`` seconds;
+        engines that cannot prepare ahead return ``False`` (the default).
+        """
+        return False
+
 
 class FeatureStore(Component):
     """Versioned tables of training features."""
@@ -128,6 +144,10 @@ class FeatureStore(Component):
 class Trainer(Component):
     """A training method (``lora`` now; full SFT and distillation are other trainers)."""
 
+    entrypoint: ClassVar[str] = ""
+    """The training workload's entry point (``module:function``), known before the workload is built,
+    so an engine can prestart it."""
+
     def validate(self, base_model: "BaseModelRecord") -> None:
         """Check the settings against the model (e.g. LoRA target modules); raise ConfigError. No side effects."""
 
@@ -138,6 +158,17 @@ class Trainer(Component):
         returned, so a trainer setting the model cannot honour fails before any
         model is built or row is written. Raise ConfigError; no side effects.
         """
+
+    def check_weights(self, weights: Mapping[str, Sequence[int]], model_name: str) -> bool:
+        """Whether the model's weights (shape by parameter name) alone show the settings fit it.
+
+        A fast path for the preflight when the weights are on this machine
+        (:func:`~aiplane.core.hookspecs.aiplane_base_model_weights`): ``True`` means
+        nothing more to check; ``False`` (the default, and the answer whenever
+        in doubt) makes the preflight call :meth:`check_model`, which decides and
+        says what is wrong. No side effects.
+        """
+        return False
 
     def workload(self, base_model: "BaseModelRecord", features: "FeaturesRecord", artifact_root: str) -> "Workload":
         """The training workload; its result has one output, ``adapter``, an AdapterRecord."""

@@ -114,6 +114,19 @@ def aiplane_base_model_config(uri: str, home: str, s3: S3Settings | None) -> dic
     """
 
 
+@hookspec(firstresult=True)
+def aiplane_base_model_weights(uri: str, home: str, s3: S3Settings | None) -> dict[str, tuple[int, ...]] | None:
+    """The shape of every weight of the model at ``uri``, by parameter name, if its weight files are here.
+
+    Read from the files' headers (safetensors), nothing loaded, so the preflight
+    can let a trainer check its settings against the model in milliseconds
+    (:meth:`~aiplane.core.components.Trainer.check_weights`) instead of building
+    it. Return ``None`` when this plugin does not handle ``uri`` or the weights
+    are not on this machine yet (the preflight then checks the config). Must have
+    no side effects. Stops at the first non-None result.
+    """
+
+
 # ---------------------------------------------------------------- lifecycle
 
 

@@ -109,6 +109,14 @@ def _base_model_problems(deployment: Deployment, registry: Registry, trainer) ->
     if trainer is None:
         return []
     try:
+        weights = registry.pm.hook.aiplane_base_model_weights(uri=uri, home=str(deployment.home), s3=deployment.storage.s3)
+    except (AiplaneError, OSError, ValueError):
+        weights = None  # unreadable headers: the config check below decides
+    try:
+        # Building even an empty model needs torch and transformers (seconds to import);
+        # the weights' names, when they are here, settle the common case without them.
+        if weights and trainer.check_weights(weights, uri):
+            return []
         trainer.check_model(config, uri)
     except AiplaneError as exc:
         message = str(exc)

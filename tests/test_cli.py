@@ -155,6 +155,15 @@ def test_after_a_killed_up_the_next_up_fails_the_orphaned_run_closes_its_lineage
     assert "adapter_weights" in second.stdout and "Endpoint:" in second.stdout
 
 
+def test_up_trains_in_the_worker_it_started_while_checking_and_refreshing_the_sources(recovered):
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(recovered["home"] / "dagster")) as instance:
+        event = instance.get_latest_materialization_event(dg.AssetKey("adapter_weights"))
+    execution = event.asset_materialization.metadata["execution"].value
+    assert execution["engine"] == "local" and execution["prestarted"] is True, execution
+
+
 def test_a_second_up_with_nothing_changed_materializes_nothing_new_and_keeps_the_url(recovered):
     home, second = recovered["home"], recovered["second"]
     third = aiplane_up(home)

@@ -95,6 +95,25 @@ def test_a_changed_environment_retires_the_standby(workload_path, monkeypatch):
     assert "environment changed" in note and "AIPLANE_TEST_PRESTART" in note and "changed)" not in note
 
 
+def test_a_cache_variable_torch_sets_in_the_orchestrator_on_import_does_not_retire_the_standby(workload_path, monkeypatch):
+    # Importing transformers in the orchestrator sets TORCHINDUCTOR_CACHE_DIR to the default the worker computes too.
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    engine = Registry().engine("local")
+    engine.prestart(WHERE, preload=PRELOAD, wait_s=60)
+    standby = _standby_pid(WHERE)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_someone")
+    assert _where(engine).metrics["pid"] == standby
+
+
+def test_engines_that_cannot_prepare_ahead_say_so():
+    from aiplane.core.components import Engine
+
+    class Plain(Engine):
+        name = "plain"
+
+    assert Plain().prestart("x:y", preload=["torch"], wait_s=1) is False
+
+
 def test_a_standby_that_died_is_replaced_by_a_fresh_worker(workload_path):
     engine = Registry().engine("local")
     engine.prestart(WHERE, preload=PRELOAD, wait_s=60)

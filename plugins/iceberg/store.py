@@ -98,6 +98,8 @@ class IcebergFeatureStore(FeatureStore):
     """Feature tables in Apache Iceberg, one SQL catalog, full refresh per publish, reads pinned to a snapshot."""
 
     name: ClassVar[str] = "iceberg"
+    # What a workload reading a table imports (the catalog module pulls in the table, scan and IO code).
+    preload: ClassVar[tuple[str, ...]] = ("pyarrow.dataset", "pyiceberg.catalog")
 
     class Settings(BaseModel):
         """The ``feature_store.settings`` of a deployment that uses ``iceberg``."""

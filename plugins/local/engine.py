@@ -130,6 +130,12 @@ class LocalEngine(Engine):
 _WORKER = "aiplane.core.worker"
 
 
+# Variables a library sets in the orchestrator's own environment, on import, to the default it would
+# compute in the worker too (torch: its inductor cache under the temp dir): their appearance after a
+# standby started does not make it differ from a new worker.
+_SELF_SET = frozenset({"TORCHINDUCTOR_CACHE_DIR"})
+
+
 def _environment() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -166,8 +172,10 @@ class _Standby:
             return f"it exited with code {self.proc.returncode}"
         if self.cwd != cwd:
             return f"the working directory changed from {self.cwd} to {cwd}"
-        if self.env != env:
-            changed = sorted(k for k in {*self.env, *env} if self.env.get(k) != env.get(k))
+        changed = sorted(
+            k for k in {*self.env, *env} if self.env.get(k) != env.get(k) and not (k in _SELF_SET and k not in self.env)
+        )
+        if changed:
             return f"the environment changed since it started ({', '.join(changed)})"
         return ""
 

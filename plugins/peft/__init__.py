@@ -2,7 +2,7 @@
 
 from aiplane.core.hookspecs import hookimpl
 
-__all__ = ["aiplane_resolve_base_model", "aiplane_base_model_config", "aiplane_trainers"]
+__all__ = ["aiplane_resolve_base_model", "aiplane_base_model_config", "aiplane_base_model_weights", "aiplane_trainers"]
 
 
 @hookimpl
@@ -17,6 +17,13 @@ def aiplane_base_model_config(uri, home, s3):
     from .base_model import config
 
     return config(uri, home, s3)
+
+
+@hookimpl
+def aiplane_base_model_weights(uri, home):
+    from .base_model import weights
+
+    return weights(uri, home)
 
 
 @hookimpl

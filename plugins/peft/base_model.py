@@ -67,12 +67,12 @@ def _train_tokenizer(vocab_size: int):
 
 def build_tiny_granite(directory: str | Path, seed: int = 0) -> Path:
     """Build the tiny Granite into ``directory`` (atomically) and return it. Deterministic for a seed."""
+    directory = Path(directory)
+    if (directory / "config.json").is_file():
+        return directory  # before the imports: the orchestrator needs neither torch nor transformers otherwise
     import torch
     from transformers import GraniteConfig, GraniteForCausalLM
 
-    directory = Path(directory)
-    if (directory / "config.json").is_file():
-        return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
@@ -136,6 +136,32 @@ def config(uri: str, home: str, s3=None) -> dict | None:
         # What build_tiny_granite writes, less the special-token ids the tokenizer assigns.
         return {**TINY_CONFIG, "model_type": "granite", "architectures": ["GraniteForCausalLM"]}
     return json.loads((_local_path(uri) / "config.json").read_text())
+
+
+def weights(uri: str, home: str) -> dict[str, tuple[int, ...]] | None:
+    """Shape by parameter name of the model at ``uri``, from its safetensors headers; ``None`` when not here.
+
+    A model in object storage, a built-in model not built yet and a directory
+    without safetensors files all give ``None``: the caller checks the config instead.
+    """
+    if not _ours(uri) or uri.startswith("s3://"):
+        return None
+    if uri.startswith("builtin:"):
+        _check_builtin(uri)
+        path = Path(home) / "models" / "tiny-granite"
+    else:
+        path = _local_path(uri)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        return None
+    from safetensors import safe_open  # reads the JSON header only; no torch
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(file, framework="numpy") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
 
 
 def resolve(uri: str, home: str, s3=None) -> BaseModelRecord | None:

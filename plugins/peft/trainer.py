@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -154,6 +154,9 @@ class LoraTrainer(Trainer):
 
     name: ClassVar[str] = "lora"
     Settings: ClassVar[type[BaseModel]] = LoraSettings
+    entrypoint: ClassVar[str] = ENTRYPOINT
+    # modeling_utils, not just `transformers`: the top-level package is lazy, and the seconds go in modeling_utils.
+    preload: ClassVar[tuple[str, ...]] = ("torch", "transformers.modeling_utils", "peft")
 
     def validate(self, base_model: "BaseModelRecord") -> None:
         """Check that the base model is there and every target module exists in it. No side effects.
@@ -163,7 +166,12 @@ class LoraTrainer(Trainer):
         """
         if base_model.uri.startswith("s3://"):
             return
+        from .base_model import weights
+
         path = model_path(base_model)
+        shapes = weights(str(path), "")
+        if shapes and self.check_weights(shapes, base_model.name):
+            return  # settled from the files' headers, without importing torch into the orchestrator
         self.check_model(json.loads((path / "config.json").read_text()), base_model.name)
 
     def check_model(self, config: Mapping[str, Any], model_name: str) -> None:
@@ -179,6 +187,15 @@ class LoraTrainer(Trainer):
                 f"{'does' if len(missing) == 1 else 'do'} not match any module of base model {model_name!r} "
                 f"({arch}). Available Linear modules: {', '.join(linear) or '(none)'}."
             )
+
+    def check_weights(self, weights: Mapping[str, Sequence[int]], model_name: str) -> bool:
+        """True when every target module owns a 2-D ``weight`` (a Linear, Conv1D or Embedding: what LoRA wraps).
+
+        Only confirms: a target not found here (a tied ``lm_head`` has no weight
+        of its own in the file) is left to :meth:`check_model`, which builds the model.
+        """
+        modules = {name.removesuffix(".weight") for name, shape in weights.items() if name.endswith(".weight") and len(shape) == 2}
+        return all(any(m == t or m.endswith("." + t) for m in modules) for t in self.settings.target_modules)
 
     def workload(self, base_model: "BaseModelRecord", features: "FeaturesRecord", artifact_root: str) -> Workload:
         """The ``train-adapter`` workload; its result's ``adapter`` output is an AdapterRecord."""
