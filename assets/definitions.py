@@ -301,7 +301,8 @@ def factsheet(
 
     d = aiplane.config
     with materialization(aiplane.registry.pm, "factsheet", context.run.run_id, [served_endpoint], d) as m:
-        publisher, decision = aiplane.placed("factsheet", "publish-factsheet", pin=config.target)
+        # The factsheet describes a model trained on these rows: their residency holds for it too.
+        publisher, decision = aiplane.placed("factsheet", "publish-factsheet", _residency(served_endpoint), config.target)
         document = build_factsheet(
             served_endpoint,
             extra={

@@ -8,9 +8,9 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 from aiplane.core.config import Deployment, load_deployment
-from aiplane.core.errors import AiplaneError
+from aiplane.core.errors import AiplaneError, ConfigError
 from aiplane.core.placement import Requirements, place
-from aiplane.core.preflight import preflight, raise_for_problems
+from aiplane.core.preflight import location_problems, preflight, raise_for_problems
 from aiplane.core.plugins import DEPLOYMENT_KINDS, Registry, get_plugin_manager
 from aiplane.core.records import PlacementDecision
 from aiplane.core.workload import Event, Workload, WorkloadResult
@@ -105,7 +105,16 @@ def _placed(
         engines=type(component).engines,
         target=pin or spec.target,
     )
-    return component, place(requirements, deployment.targets, deployment.residency, registry.components("engine"))
+    decision = place(requirements, deployment.targets, deployment.residency, registry.components("engine"))
+    # Fail closed before any side effect: what is made in the chosen region is written only there.
+    target = deployment.target(decision.target)
+    problems = location_problems(deployment, component, decision.region, f"{spec_key}.settings")
+    problems += location_problems(
+        deployment, registry.engine(target.engine, target.settings), decision.region, f"targets[{target.name}].settings"
+    )
+    if problems:
+        raise ConfigError(f"{workload} placed on {target.name!r} in region {decision.region!r}, but: " + "; ".join(problems))
+    return component, decision
 
 
 def prestart_training(deployment: Deployment, registry: Registry, pin: str = "") -> None:

@@ -74,6 +74,16 @@ class Component:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.settings!r})"
 
+    def locations(self) -> dict[str, str]:
+        """Where this component writes on its own, by setting name (``{"results_dir": "s3://..."}``).
+
+        With per-region storage (``storage.regions``), each must lie under the
+        storage location of the region the component's work is placed in: the
+        preflight and placement refuse it otherwise, so what is derived from data
+        placed in a region is never written outside it. Default: none.
+        """
+        return {}
+
     def check(self, deployment: "Deployment") -> list[str]:
         """Problems this component can see before anything runs: a port in use, a path that is missing.
 

@@ -18,7 +18,7 @@ from .errors import AiplaneError, ConfigError
 from .placement import Requirements, place
 from .plugins import DEPLOYMENT_KINDS, Registry
 
-__all__ = ["preflight", "raise_for_problems"]
+__all__ = ["preflight", "raise_for_problems", "location_problems"]
 
 # The workloads each component places, as the assets name them.
 _WORKLOADS = {"trainer": "train-adapter", "serving": "serve-endpoint", "factsheet": "publish-factsheet"}
@@ -62,6 +62,7 @@ def preflight(deployment: Deployment, registry: Registry, pins: Mapping[str, str
         except AiplaneError as exc:
             problems.append(f"{key}: {exc}")
     problems += _storage_problems(deployment)
+    problems += _region_location_problems(deployment, registry, components, pins)
     problems += _base_model_problems(deployment, registry, components.get("trainer"))
     for key, component in components.items():
         try:
@@ -93,6 +94,60 @@ def _storage_problems(deployment: Deployment) -> list[str]:
                     "there stays there"
                 )
     return problems
+
+
+def location_problems(deployment: Deployment, component, region: str, where: str) -> list[str]:
+    """Where ``component`` writes on its own (:meth:`~aiplane.core.components.Component.locations`) that is
+    outside the storage location of ``region``; nothing when the deployment has no per-region storage."""
+    from .storage import within
+
+    regions = deployment.storage.regions
+    if not regions or region not in regions:
+        return []  # no per-region storage; or a region without a location, which _storage_problems reports
+    root = regions[region]
+    problems = []
+    for key, uri in component.locations().items():
+        if not uri:
+            problems.append(
+                f"{where}.{key} is not set, so it writes where aiplane cannot hold it to region {region!r}; "
+                f"set it under {root}"
+            )
+            continue
+        try:
+            inside = within(uri, root)
+        except AiplaneError as exc:
+            problems.append(f"{where}.{key}: {exc}")
+            continue
+        if not inside:
+            problems.append(
+                f"{where}.{key}: {uri} is outside the storage location of region {region!r} ({root}); "
+                f"what is made in {region!r} stays there, so put it under {root}"
+            )
+    return problems
+
+
+def _region_location_problems(deployment: Deployment, registry: Registry, components: dict, pins: Mapping[str, str]) -> list[str]:
+    """Each target's engine writes within its region's location; each component within those of the regions it may run in."""
+    if not deployment.storage.regions:
+        return []
+    problems = []
+    for target in deployment.targets:
+        try:
+            engine = registry.engine(target.engine, target.settings)
+        except AiplaneError:
+            continue  # reported with the targets
+        problems += location_problems(deployment, engine, target.region, f"targets[{target.name}].settings")
+    for key, component in components.items():
+        spec = getattr(deployment, key)
+        pin = pins.get(key) or getattr(spec, "target", "")
+        allowed = type(component).engines
+        regions = {
+            t.region for t in deployment.targets
+            if (t.name == pin if pin else allowed is None or t.engine in allowed)
+        }  # fmt: skip
+        for region in sorted(regions):
+            problems += location_problems(deployment, component, region, f"{key}.settings")
+    return list(dict.fromkeys(problems))
 
 
 def _base_model_problems(deployment: Deployment, registry: Registry, trainer) -> list[str]:

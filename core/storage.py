@@ -56,6 +56,12 @@ def normalize_uri(uri: str | os.PathLike) -> str:
     return f"s3://{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
 
 
+def within(uri: str, root: str) -> bool:
+    """Whether ``uri`` is ``root`` or lies under it (both normalized; ``ConfigError`` for a scheme nobody handles)."""
+    uri, root = normalize_uri(uri), normalize_uri(root)
+    return uri == root or uri.startswith(root.rstrip("/") + "/")
+
+
 def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 

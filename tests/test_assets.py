@@ -11,6 +11,7 @@ from aiplane.assets import ASSETS, AiplaneResource
 from aiplane.assets.sources import seed_tickets
 from aiplane.core.config import load_deployment
 from aiplane.core.errors import ConfigError
+from conftest import stop_endpoints
 
 UPSTREAM = ["base_model", "features", "adapter_weights"]
 
@@ -92,17 +93,27 @@ US_FIRST = {
 }
 
 
-def test_rows_tagged_EU_with_odd_case_and_space_never_train_on_a_us_target(tmp_path):
+def test_rows_tagged_EU_with_odd_case_and_space_never_train_serve_or_publish_on_a_us_target(tmp_path):
     source = _tickets(tmp_path, ["EU ", "us"])
     deployment = _deployment(tmp_path, **US_FIRST, **{"trainer.settings.max_steps": 2, "trainer.settings.eval_limit": 0})
-    result = _materialize(
-        tmp_path, deployment, UPSTREAM, run_config={"ops": {"features": {"config": {"source": str(source)}}}}
-    )
+    try:
+        result = _materialize(
+            tmp_path, deployment, "*", run_config={"ops": {"features": {"config": {"source": str(source)}}}}
+        )
+    finally:
+        stop_endpoints(tmp_path)
     assert result.success, [e.message for e in result.all_events if e.is_failure]
     assert result.asset_value("features").residency == ("eu", "us")
-    adapter = result.asset_value("adapter_weights")
-    assert adapter.placement.target == "eu-local" and adapter.placement.region == "eu"
-    assert adapter.placement.rejected["us-local"].startswith("residency: region 'us' is outside")
+    # The adapter, its endpoint and its factsheet are EU data too: residency travels with lineage.
+    sheet = json.loads(Path(result.asset_value("factsheet").uri).read_text())
+    placements = {
+        "adapter_weights": result.asset_value("adapter_weights").placement.model_dump(),
+        "served_endpoint": result.asset_value("served_endpoint").placement.model_dump(),
+        "factsheet": sheet["extra"]["publish_placement"],
+    }
+    for asset, placement in placements.items():
+        assert placement["target"] == "eu-local" and placement["region"] == "eu", asset
+        assert placement["rejected"]["us-local"].startswith("residency: region 'us' is outside"), asset
 
 
 def test_an_unknown_residency_tag_stops_features_and_nothing_trains(tmp_path):

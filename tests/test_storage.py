@@ -182,6 +182,53 @@ def test_the_preflight_finds_target_regions_without_storage_and_bad_schemes(tmp_
     assert "storage.regions.ap: Storage URI 'gs://nope/x': no storage handles the scheme 'gs'" in problems
 
 
+def test_a_location_is_within_a_root_only_below_it_not_beside_it():
+    from aiplane.core.storage import within
+
+    assert within("s3://eu/aiplane/factsheets", "s3://eu/aiplane") and within("s3://eu/aiplane/", "s3://eu/aiplane")
+    assert not within("s3://eu/aiplane-us/factsheets", "s3://eu/aiplane")
+    assert not within("s3://us/aiplane", "s3://eu/aiplane")
+    assert within("/data/eu/x", "file:///data/eu") and not within("/data/euro", "/data/eu")
+
+
+def test_with_per_region_storage_every_location_a_target_or_component_writes_stays_in_its_region(tmp_path):
+    from aiplane.core.plugins import Registry
+    from aiplane.core.preflight import preflight
+
+    # local.yaml writes Ray checkpoints, kfp.local outputs and factsheets under {home}, outside the EU location.
+    d = _deployment_with_storage(tmp_path, {"regions": {"eu": str(tmp_path / "eu")}})
+    problems = [p for p in preflight(d, Registry()) if "outside the storage location" in p]
+    assert sorted(p.split(":")[0] for p in problems) == [
+        "factsheet.settings.directory", "targets[kfp-local].settings.pipeline_root", "targets[ray-local].settings.storage_path",
+    ]  # fmt: skip
+    assert f"put it under {tmp_path / 'eu'}" in problems[0]
+
+
+def test_placement_refuses_a_region_whose_location_a_component_would_write_outside_of(tmp_path):
+    from aiplane.assets.resource import _placed
+    from aiplane.core.plugins import Registry
+
+    eu = tmp_path / "eu"
+    d = _deployment_with_storage(tmp_path, {"regions": {"eu": str(eu)}})
+    with pytest.raises(ConfigError) as err:
+        _placed(d, Registry(), "factsheet", "publish-factsheet", ("eu",))
+    assert "publish-factsheet placed on 'local' in region 'eu'" in str(err.value)
+    assert f"factsheet.settings.directory: {tmp_path / 'factsheets'} is outside" in str(err.value)
+    trainer, decision = _placed(d, Registry(), "trainer", "train-adapter", ("eu",))  # the trainer writes nothing itself
+    assert decision.target == "local"
+
+
+def test_a_remote_pipelines_target_must_say_where_its_task_outputs_go_when_storage_is_per_region(tmp_path):
+    from aiplane.core.preflight import location_problems
+    from aiplane.plugins.kfp.engine import KfpEngine
+
+    d = _deployment_with_storage(tmp_path, {"regions": {"eu": "s3://eu/aiplane"}})
+    remote = {"mode": "remote", "host": "https://dsp.example.com", "base_image": "quay.io/x/y:1", "results_dir": "s3://eu/aiplane/r"}
+    (problem,) = location_problems(d, KfpEngine(remote), "eu", "targets[kfp].settings")
+    assert problem.startswith("targets[kfp].settings.pipeline_root is not set") and "s3://eu/aiplane" in problem
+    assert location_problems(d, KfpEngine({**remote, "pipeline_root": "s3://eu/aiplane/p"}), "eu", "t") == []
+
+
 def test_without_storage_settings_artifacts_stay_under_home(tmp_path):
     d = _deployment_with_storage(tmp_path, {})
     assert d.artifact_root("eu") == (tmp_path / "artifacts").as_uri()

@@ -40,6 +40,9 @@ class LocalFactsheetPublisher(FactsheetPublisher):
     engines: ClassVar[tuple[str, ...] | None] = ("local",)
     Settings: ClassVar[type[BaseModel]] = _Settings
 
+    def locations(self) -> dict[str, str]:
+        return {"directory": self.settings.directory}  # type: ignore[attr-defined]
+
     def workload(self, endpoint: EndpointRecord, document: Mapping[str, Any]) -> Workload:
         """The ``publish-factsheet`` workload; its one output, ``factsheet``, is a FactsheetRecord."""
         if not isinstance(endpoint, EndpointRecord):

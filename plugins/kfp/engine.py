@@ -61,6 +61,13 @@ class KfpEngine(Engine):
     name = "kfp"
     Settings = KfpSettings
 
+    def locations(self) -> dict[str, str]:
+        s: KfpSettings = self.settings  # type: ignore[assignment]
+        if s.mode != "remote":
+            return {"pipeline_root": s.pipeline_root} if s.pipeline_root else {}
+        # Unset, the server's default bucket gets the task outputs: somewhere aiplane cannot hold to a region.
+        return {"results_dir": s.results_dir or "", "pipeline_root": s.pipeline_root or ""}
+
     def run(
         self,
         workload: Workload,

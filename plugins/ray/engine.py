@@ -147,6 +147,11 @@ class RayEngine(Engine):
     name = "ray"
     Settings = RaySettings
 
+    def locations(self) -> dict[str, str]:
+        # Unset, checkpoints stay on the cluster's own nodes (local mode: this run's temp dir), in its region.
+        storage_path = self.settings.storage_path  # type: ignore[attr-defined]
+        return {"storage_path": storage_path} if storage_path else {}
+
     def run(
         self,
         workload: Workload,
