@@ -99,6 +99,13 @@ class S3Settings(_Strict):
     secret_access_key: SecretRef | None = None
     path_style: bool = True
     """``http://host/bucket/key`` (what MinIO, COS and loopback servers need) instead of ``http://bucket.host/key``."""
+    checksums: Literal["when_required", "when_supported"] = "when_required"
+    """When the S3 clients add integrity checksums to a request. ``when_required``: plain bodies,
+    which every S3-compatible store accepts, and what aiplane's content-addressed artifacts need
+    (each is checked against its sha256 when fetched). ``when_supported``: the AWS SDKs' default
+    since 2025, a CRC trailer in an ``aws-chunked`` body, which not every S3-compatible store takes.
+    Set for the process (``AWS_REQUEST_CHECKSUM_CALCULATION``, read by every AWS SDK when it makes
+    a client) unless that variable is already set."""
 
     @field_validator("endpoint")
     @classmethod
@@ -108,7 +115,13 @@ class S3Settings(_Strict):
         return value or None
 
     def pyarrow_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`pyarrow.fs.S3FileSystem`, secrets resolved now."""
+        """Keyword arguments of :class:`pyarrow.fs.S3FileSystem`, secrets resolved now.
+
+        Also applies :attr:`checksums` to the clients made after this call: pyarrow has no
+        argument for it, so it goes where the AWS SDKs read it, the environment.
+        """
+        # The first setting in a process wins, and an explicit variable wins over it.
+        os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", self.checksums.upper())
         kwargs: dict[str, Any] = {"region": self.region, "force_virtual_addressing": not self.path_style}
         if self.endpoint:
             kwargs["endpoint_override"] = self.endpoint  # its scheme chooses http or https

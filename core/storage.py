@@ -35,6 +35,7 @@ __all__ = ["S3Settings", "Storage", "ArtifactStore", "normalize_uri", "is_local"
 COMPLETE_SUFFIX = ".complete"
 """An artifact ``<kind>/<hex>`` is complete when the object ``<kind>/<hex>.complete`` exists; it is written last."""
 _SCHEMES = ("file", "s3")
+_DOWNLOAD_CHUNK = 16 << 20
 _CHUNK = 8 << 20
 
 
@@ -99,7 +100,9 @@ class Storage:
         filesystem, path = self.filesystem(uri)
 
         def read() -> bytes:
-            with filesystem.open_input_stream(path) as f:
+            # A random-access file knows its size, so S3 answers one GET for the whole object;
+            # a stream reads it in growing chunks, a request each (nearly 10x slower for 10 MB).
+            with filesystem.open_input_file(path) as f:
                 return f.read()
 
         return self._call(uri, read)
@@ -158,11 +161,23 @@ class Storage:
 
     def download_dir(self, uri: str, local: Path) -> None:
         """Copy everything under ``uri`` into the (new) directory ``local``."""
-        from pyarrow import fs
-
         filesystem, path = self.filesystem(uri)
         local.mkdir(parents=True, exist_ok=True)
-        self._call(uri, lambda: fs.copy_files(path, str(local), source_filesystem=filesystem))
+
+        def copy(name: str) -> None:
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+            # A random-access file, read in large chunks: one ranged GET per chunk. pyarrow's
+            # copy_files reads S3 as a stream, about 10x slower (8.6 s vs 0.8 s for 128 MiB on moto).
+            with filesystem.open_input_file(f"{path}/{name}") as src, open(local / name, "wb") as dst:
+                while chunk := src.read(_DOWNLOAD_CHUNK):
+                    dst.write(chunk)
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        names = [name for name, _, _ in self.list_files(uri)]
+        with ThreadPoolExecutor(max(1, min(8, len(names))), thread_name_prefix="aiplane-download") as pool:
+            for done in [pool.submit(self._call, uri, lambda n=name: copy(n)) for name in names]:
+                done.result()
 
     def fetch_tree(self, uri: str, digest: str, cache: str | os.PathLike) -> Path:
         """A local copy of the directory at ``uri``, kept in ``cache`` under its digest.

@@ -183,6 +183,40 @@ def test_read_of_old_record_returns_old_rows_after_refresh(store, features):
     assert sorted(r["id"] for r in new_rows.to_pylist()) == sorted(r["id"] for r in grown)
 
 
+def _without(record: FeaturesRecord, key: str) -> FeaturesRecord:
+    return record.model_copy(update={"store": {k: v for k, v in record.store.items() if k != key}})
+
+
+def test_a_record_pinning_its_files_has_them_fetched_while_the_catalog_confirms_the_snapshot(
+    backend, store, features, monkeypatch
+):
+    from aiplane.plugins.iceberg import store as store_module
+
+    store.publish(_table(features), TABLE)
+    record = store.current(TABLE)
+    (path, size), = record.store["snapshot_files"]["files"]
+    assert path.endswith(".parquet") and size > 0
+    used = []
+    result = store_module._Prefetch.result
+    monkeypatch.setattr(store_module._Prefetch, "result", lambda self: used.append(1) or result(self))
+    rows = store.read(record)
+    # Fetched ahead where the files are in S3 and the keys are the store's own; the same rows as a planned scan.
+    assert used == ([] if store._ice.s3 is None else [1])
+    assert rows.equals(store.read(_without(record, "snapshot_files")))
+    assert sorted(rows.column("id").to_pylist()) == sorted(r["id"] for r in features)
+
+
+def test_a_pinned_file_list_the_catalogs_snapshot_does_not_have_is_ignored(store, features, monkeypatch):
+    from aiplane.plugins.iceberg import store as store_module
+
+    store.publish(_table(features), TABLE)
+    record = store.current(TABLE)
+    stale = {"manifest_list": "s3://elsewhere/snap-1.avro", "files": [["s3://elsewhere/data.parquet", 10]]}
+    tampered = record.model_copy(update={"store": {**record.store, "snapshot_files": stale}})
+    monkeypatch.setattr(store_module._Prefetch, "result", lambda self: pytest.fail("a stale list was trusted"))
+    assert sorted(store.read(tampered).column("id").to_pylist()) == sorted(r["id"] for r in features)
+
+
 def test_read_of_missing_table_says_to_materialize_features(backend, store, features, tmp_path):
     record = store.publish(_table(features), TABLE)
     elsewhere = backend(tmp_path / "other")

@@ -1,6 +1,7 @@
 """The storage seam: content-addressed artifacts on local disk and on a real S3 endpoint (moto's server)."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,22 @@ def test_a_remote_pipelines_target_must_say_where_its_task_outputs_go_when_stora
     (problem,) = location_problems(d, KfpEngine(remote), "eu", "targets[kfp].settings")
     assert problem.startswith("targets[kfp].settings.pipeline_root is not set") and "s3://eu/aiplane" in problem
     assert location_problems(d, KfpEngine({**remote, "pipeline_root": "s3://eu/aiplane/p"}), "eu", "t") == []
+
+
+def test_s3_clients_send_plain_bodies_unless_told_otherwise_and_an_explicit_variable_wins(monkeypatch):
+    from aiplane.core.config import S3Settings
+
+    monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
+    S3Settings().pyarrow_kwargs()
+    assert os.environ["AWS_REQUEST_CHECKSUM_CALCULATION"] == "WHEN_REQUIRED"
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "WHEN_SUPPORTED")
+    S3Settings().pyarrow_kwargs()
+    assert os.environ["AWS_REQUEST_CHECKSUM_CALCULATION"] == "WHEN_SUPPORTED"
+    monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION")
+    S3Settings(checksums="when_supported").pyiceberg_properties()
+    assert os.environ["AWS_REQUEST_CHECKSUM_CALCULATION"] == "WHEN_SUPPORTED"
+    with pytest.raises(ValueError, match="checksums"):
+        S3Settings(checksums="always")
 
 
 def test_without_storage_settings_artifacts_stay_under_home(tmp_path):

@@ -11,6 +11,7 @@ pyiceberg and pyarrow are imported inside the methods: importing this module is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -244,8 +245,6 @@ class IcebergFeatureStore(FeatureStore):
 
     def read(self, features: FeaturesRecord) -> "pyarrow.Table":
         """The rows of ``features``, read at its pinned snapshot (never the latest), in :data:`FEATURE_COLUMNS` order."""
-        import pyarrow as pa
-
         store = features.store.get("name")
         if store not in (None, self.name):
             raise InputError(
@@ -258,6 +257,13 @@ class IcebergFeatureStore(FeatureStore):
                 f"Feature table {features.table!r} is not in namespace {self._ice.namespace!r} of "
                 f"Iceberg catalog {self._ice.catalog_name!r}; configure the feature store the record names"
             )
+        # The snapshot's files are immutable: fetch them while the catalog is asked for the snapshot.
+        with self._prefetch(features) as prefetch:
+            return self._read(features, table, prefetch)
+
+    def _read(self, features: FeaturesRecord, table: str, prefetch: "_Prefetch | None") -> "pyarrow.Table":
+        import pyarrow as pa
+
         catalog = self._catalog(create=False)
         loaded = self._load(catalog, table) if catalog is not None else None
         if loaded is None:
@@ -274,7 +280,15 @@ class IcebergFeatureStore(FeatureStore):
             )
         schema = loaded.schemas().get(snapshot.schema_id) if snapshot.schema_id is not None else None
         self._check_schema(table, schema or loaded.schema(), what="cannot be read")
-        result = loaded.scan(snapshot_id=snapshot.snapshot_id, selected_fields=FEATURE_COLUMNS).to_arrow()
+        pinned = features.store.get("snapshot_files") or {}
+        if prefetch is not None and pinned.get("manifest_list") == snapshot.manifest_list:
+            import pyarrow.parquet as pq
+
+            # The same manifest list: the catalog's snapshot is the one whose files were fetched.
+            parts = [pq.read_table(pa.BufferReader(data), columns=list(FEATURE_COLUMNS)) for data in prefetch.result()]
+            result = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+        else:
+            result = loaded.scan(snapshot_id=snapshot.snapshot_id, selected_fields=FEATURE_COLUMNS).to_arrow()
         return result.select(list(FEATURE_COLUMNS)).cast(_arrow_schema(pa))
 
     def current(self, table: str) -> FeaturesRecord | None:
@@ -415,6 +429,34 @@ class IcebergFeatureStore(FeatureStore):
                 "drop the table or publish to another table name"
             )
 
+    def _prefetch(self, features: FeaturesRecord) -> "contextlib.AbstractContextManager[_Prefetch | None]":
+        """Fetching of the record's snapshot files (see :meth:`_snapshot_files`), started now; ``None`` when
+        there is nothing to fetch ahead: no list, files that are not in S3, or keys only the catalog hands out."""
+        pinned = features.store.get("snapshot_files") or {}
+        paths = [path for path, _ in pinned.get("files", [])]
+        if not paths or self._ice.s3 is None or not all(p.startswith("s3://") for p in paths):
+            return contextlib.nullcontext()
+        return _Prefetch(paths, self._ice.s3)
+
+    def _snapshot_files(self, loaded: "Table", snapshot: Any) -> dict[str, Any] | None:
+        """The data files of a snapshot this store wrote, for readers to fetch while they ask the catalog.
+
+        Only a few whole files with no delete files (what a publish writes); a
+        reader trusts the list only if the catalog's snapshot has the same manifest list.
+        """
+        from pyiceberg.table import StagedTable
+
+        if isinstance(loaded, StagedTable):
+            return None  # the table this publish created: it cannot be scanned until loaded again
+        tasks = list(loaded.scan(snapshot_id=snapshot.snapshot_id).plan_files())
+        size = sum(t.file.file_size_in_bytes for t in tasks)
+        if not tasks or len(tasks) > _PREFETCH_FILES or size > _PREFETCH_BYTES or any(t.delete_files for t in tasks):
+            return None
+        return {
+            "manifest_list": snapshot.manifest_list,
+            "files": [[t.file.file_path, t.file.file_size_in_bytes] for t in tasks],
+        }
+
     def _record(self, loaded: "Table", snapshot: Any, table: str) -> FeaturesRecord:
         props = snapshot.summary.additional_properties
         row_count = props.get("total-records")
@@ -426,6 +468,9 @@ class IcebergFeatureStore(FeatureStore):
             residency_values = sorted({v for v in column.column("residency").to_pylist() if v is not None})
         else:
             residency_values = sorted(json.loads(residency))
+        extra: dict[str, Any] = {}
+        if residency is not None and (files := self._snapshot_files(loaded, snapshot)) is not None:
+            extra["snapshot_files"] = files
         qualified = self._qualified(table)
         snapshot_id = snapshot.snapshot_id
         return FeaturesRecord(
@@ -436,8 +481,35 @@ class IcebergFeatureStore(FeatureStore):
             row_count=int(row_count),
             columns=FEATURE_COLUMNS,
             residency=tuple(residency_values),
-            store={"name": self.name, "settings": self.settings.model_dump(mode="json")},
+            store={"name": self.name, "settings": self.settings.model_dump(mode="json"), **extra},
         )
+
+
+# Prefetched whole, so bounded: beyond these, pyiceberg streams the scan.
+_PREFETCH_FILES = 64
+_PREFETCH_BYTES = 256 << 20
+
+
+class _Prefetch:
+    """Whole data files fetched in background threads; the bytes are dropped if the read ends otherwise."""
+
+    def __init__(self, paths: list[str], s3: S3Settings):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from aiplane.core.storage import Storage
+
+        storage = Storage(s3)
+        self._pool = ThreadPoolExecutor(max_workers=min(8, len(paths)), thread_name_prefix="aiplane-prefetch")
+        self._futures = [self._pool.submit(storage.read_bytes, path) for path in paths]
+
+    def result(self) -> list[bytes]:
+        return [future.result() for future in self._futures]
+
+    def __enter__(self) -> "_Prefetch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _feature_schema() -> "Schema":

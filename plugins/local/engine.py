@@ -130,10 +130,11 @@ class LocalEngine(Engine):
 _WORKER = "aiplane.core.worker"
 
 
-# Variables a library sets in the orchestrator's own environment, on import, to the default it would
-# compute in the worker too (torch: its inductor cache under the temp dir): their appearance after a
+# Variables set in the orchestrator's own environment, as it runs, to what the worker sets itself too:
+# torch's inductor cache (on import, a default under the temp dir) and the S3 checksum policy (when
+# storage is first opened, from the same settings the workload carries). Their appearance after a
 # standby started does not make it differ from a new worker.
-_SELF_SET = frozenset({"TORCHINDUCTOR_CACHE_DIR"})
+_SELF_SET = frozenset({"TORCHINDUCTOR_CACHE_DIR", "AWS_REQUEST_CHECKSUM_CALCULATION"})
 
 
 def _environment() -> dict[str, str]:
