@@ -13,6 +13,9 @@ from typing import Any
 import dagster as dg
 
 from aiplane.core.components import FEATURE_COLUMNS
+from aiplane.core.errors import GovernanceError, InputError
+from aiplane.core.factsheet import build_factsheet
+from aiplane.core.governance import judge
 from aiplane.core.placement import normalize_tag, unknown_tags
 from aiplane.core.plugins import materialization, notify_error
 from aiplane.core.records import (
@@ -203,6 +206,13 @@ def _placed(record, decision, execution: dict):
     return record.model_copy(update={"placement": decision, "execution": execution})
 
 
+def _adapter_of(record: Record) -> AdapterRecord:
+    adapter = next((r for r in lineage(record) if isinstance(r, AdapterRecord)), None)
+    if adapter is None:
+        raise InputError(f"{record.kind} {record.uri!r} records no adapter in its lineage")
+    return adapter
+
+
 def _residency(record: Record) -> tuple[str, ...]:
     """Residency travels with lineage: a model trained on EU rows is EU data too."""
     tags: set[str] = set()
@@ -219,7 +229,13 @@ def _residency(record: Record) -> tuple[str, ...]:
     check_specs=[
         dg.AssetCheckSpec(
             "loss_decreased", asset="adapter_weights", description="Training loss at the end is below the start."
-        )
+        ),
+        dg.AssetCheckSpec(
+            "governance_gate",
+            asset="adapter_weights",
+            blocking=True,
+            description="The adapter's draft factsheet meets the deployment's governance thresholds and required facts.",
+        ),
     ],
     description="LoRA adapter weights trained on the features, in the content-addressed store.",
 )
@@ -258,6 +274,17 @@ def adapter_weights(
         severity=dg.AssetCheckSeverity.WARN,
         metadata={k: v for k, v in {"train_loss_first": first, "train_loss_last": last}.items() if v is not None},
     )
+    # Blocking: an adapter that fails the gate is never promoted in this run (served_endpoint judges again).
+    draft = build_factsheet(record)
+    verdict = judge(d.governance, draft)
+    yield dg.AssetCheckResult(
+        check_name="governance_gate",
+        passed=verdict.passed,
+        description=verdict.summary()
+        if verdict.passed
+        else "; ".join(verdict.problems) + ". Not served: retrain, or change `governance:` in the deployment.",
+        metadata={"rules": dg.MetadataValue.json(verdict.to_json()["rules"]), "draft_factsheet": dg.MetadataValue.json(draft)},
+    )
 
 
 class EndpointConfig(TargetConfig):
@@ -276,6 +303,14 @@ def served_endpoint(
 ) -> dg.Output[EndpointRecord]:
     d = aiplane.config
     with materialization(aiplane.registry.pm, "served_endpoint", context.run.run_id, [adapter_weights], d) as m:
+        # Judged again here, whatever launched this step: a run of this asset alone, from the UI or
+        # a later `aiplane up`, must not promote an adapter the blocking check failed.
+        verdict = judge(d.governance, build_factsheet(adapter_weights))
+        if not verdict.passed:
+            raise GovernanceError(
+                f"Adapter {adapter_weights.digest} is not served: {verdict.summary()}. Whatever the endpoint "
+                f"served before still serves. Retrain, or change `governance:` in {d.source or 'the deployment'}."
+            )
         serving, decision = aiplane.placed("serving", "serve-endpoint", _residency(adapter_weights), config.target)
         result = aiplane.run(context, serving.workload(adapter_weights, config.name, str(d.home)), decision)
         record = m["output"] = _placed(result.outputs["endpoint"], decision, result.engine)
@@ -297,8 +332,6 @@ def served_endpoint(
 def factsheet(
     context: dg.AssetExecutionContext, config: TargetConfig, aiplane: AiplaneResource, served_endpoint: EndpointRecord
 ) -> dg.Output[FactsheetRecord]:
-    from aiplane.core.factsheet import build_factsheet
-
     d = aiplane.config
     with materialization(aiplane.registry.pm, "factsheet", context.run.run_id, [served_endpoint], d) as m:
         # The factsheet describes a model trained on these rows: their residency holds for it too.
@@ -309,6 +342,11 @@ def factsheet(
                 "deployment": d.name,
                 "dagster_run_id": context.run.run_id,
                 "publish_placement": decision.model_dump(mode="json"),
+                # The gate the served adapter passed, with the values it was judged on.
+                "governance": {
+                    "policy": d.governance.model_dump(mode="json"),
+                    **judge(d.governance, build_factsheet(_adapter_of(served_endpoint))).to_json(),
+                },
             },
         )
         result = aiplane.run(context, publisher.workload(served_endpoint, document), decision)

@@ -182,6 +182,41 @@ class ComponentSpec(_Strict):
     """Pin this component's workloads to one target (still checked by placement)."""
 
 
+class Threshold(_Strict):
+    """A bound on one training metric; a bare number in YAML is a minimum."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_number(cls, value: Any) -> Any:
+        return {"min": value} if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> "Threshold":
+        if self.min is None and self.max is None:
+            raise ValueError("give min, max or both (a bare number is a minimum)")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+        return self
+
+
+class GovernanceSettings(_Strict):
+    """The governance gate: what an adapter must show before it serves. Empty: no gate."""
+
+    thresholds: dict[str, Threshold] = Field(default_factory=dict)
+    """Training metric -> bound: ``eval_accuracy: 0.6`` (a minimum), ``eval_loss: {max: 2.5}``.
+    A metric the adapter does not have fails the gate: a rule cannot pass on missing evidence."""
+    required_facts: tuple[str, ...] = ()
+    """Dotted paths into the draft factsheet that must be present and not empty, e.g.
+    ``training.metrics.eval_accuracy``, ``features.snapshot_id``, ``training.execution.target``."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.thresholds or self.required_facts)
+
+
 class BaseModelSpec(_Strict):
     uri: str = "builtin:tiny-granite"
     """``builtin:tiny-granite`` (built locally) or a local directory of a Hugging Face model."""
@@ -206,6 +241,8 @@ class Deployment(_Strict):
     serving: ComponentSpec
     factsheet: ComponentSpec
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    governance: GovernanceSettings = Field(default_factory=GovernanceSettings)
+    """What an adapter must show before it serves (thresholds on its evaluation, facts on record)."""
     observers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Settings for observer plugins, keyed by plugin name (e.g. ``openlineage``)."""
     source: str | None = None

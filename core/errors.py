@@ -14,6 +14,7 @@ __all__ = [
     "WorkloadError",
     "WorkloadCancelled",
     "InputError",
+    "GovernanceError",
     "unknown_name",
     "validation_problems",
 ]
@@ -37,6 +38,10 @@ class PlacementError(AiplaneError):
 
 class InputError(AiplaneError):
     """An input record or the data it points to is not usable."""
+
+
+class GovernanceError(AiplaneError):
+    """An adapter did not pass the deployment's governance gate, so it is not served."""
 
 
 class WorkloadError(AiplaneError):

@@ -38,7 +38,7 @@ _REQUIRED: tuple[tuple[str, str], ...] = (
 
 
 def build_factsheet(
-    endpoint: EndpointRecord,
+    endpoint: EndpointRecord | AdapterRecord,
     *,
     who: str | None = None,
     extra: Mapping[str, Any] | None = None,
@@ -51,15 +51,22 @@ def build_factsheet(
     -> endpoint, each ``{kind, uri, digest}``), ``generated_by`` and ``extra``.
     ``who`` defaults to ``$AIPLANE_USER``, then the login name.
 
-    Raises :class:`InputError` when ``endpoint`` is not an endpoint record, when
+    Given an :class:`AdapterRecord` instead, the document is the *draft* the
+    governance gate judges before the adapter serves: ``endpoint`` is ``None``
+    and the lineage ends at the adapter. ``stage`` says which: ``draft`` or ``served``.
+
+    Raises :class:`InputError` when ``endpoint`` is not an endpoint or adapter record, when
     its lineage lacks the adapter, base model or features record, or when
     ``extra`` is not JSON-serializable.
     """
-    if not isinstance(endpoint, EndpointRecord):
+    if not isinstance(endpoint, (EndpointRecord, AdapterRecord)):
         raise InputError(
-            f"A factsheet describes a served endpoint; got a {type(endpoint).__name__} "
+            f"A factsheet describes a served endpoint (or, as a draft, an adapter); got a {type(endpoint).__name__} "
             f"({getattr(endpoint, 'kind', '?')}). Pass the EndpointRecord of the served_endpoint asset."
         )
+    served = isinstance(endpoint, EndpointRecord)
+    name = endpoint.model_name if served else "(not served yet)"
+    where = endpoint.url if served else endpoint.uri
     chain = list(lineage(endpoint))
     found: dict[str, Record] = {}
     for rec in chain:
@@ -67,7 +74,7 @@ def build_factsheet(
     missing = [f"{kind} ({what})" for kind, what in _REQUIRED if kind not in found]
     if missing:
         raise InputError(
-            f"Cannot build a factsheet for endpoint {endpoint.model_name!r} ({endpoint.url}): its lineage has no "
+            f"Cannot build a factsheet for endpoint {name!r} ({where}): its lineage has no "
             f"{', no '.join(missing)} record. Deploy the endpoint from an adapter whose sources are the base model "
             "and the features it was trained on, so the whole chain is recorded."
         )
@@ -79,7 +86,8 @@ def build_factsheet(
     adapter_json = adapter.model_dump(mode="json")
     document: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
-        "model": endpoint.model_name,
+        "stage": "served" if served else "draft",
+        "model": endpoint.model_name if served else None,
         "base_model": {
             "name": base.name,
             "uri": base.uri,
@@ -114,7 +122,9 @@ def build_factsheet(
             "protocols": list(endpoint.protocols),
             "serving": endpoint.serving,
             "execution": endpoint.model_dump(mode="json")["execution"],
-        },
+        }
+        if served
+        else None,
         "placement": [
             {"record": rec.kind, **rec.placement.model_dump(mode="json")}
             for rec in reversed(chain)
@@ -131,7 +141,7 @@ def build_factsheet(
                 "execution": {k: v for k, v in sorted(adapter.execution.items()) if isinstance(v, (str, int, float, bool))},
             },
             {"kind": "adapter_weights", "uri": adapter.uri, "digest": adapter.digest},
-            {"kind": "served_endpoint", "uri": endpoint.url, "digest": endpoint.digest},
+            *([{"kind": "served_endpoint", "uri": endpoint.url, "digest": endpoint.digest}] if served else []),
         ],
         "generated_by": {
             "who": who or os.environ.get("AIPLANE_USER") or _login_name(),

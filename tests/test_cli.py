@@ -90,6 +90,16 @@ def test_a_failure_inside_the_run_prints_aiplanes_message_once_and_last(tmp_path
     assert not (tmp_path / "artifacts").exists()
 
 
+def test_up_with_an_adapter_that_fails_the_governance_gate_says_why_exits_1_and_serves_nothing(tmp_path):
+    _deployment(tmp_path, trainer=TINY_TRAINING, governance={"thresholds": {"eval_accuracy": 1.01}})
+    out = aiplane(tmp_path, "up")
+    assert out.returncode == 1, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-3:]
+    assert any("governance_gate" in line and "below the minimum 1.01" in line for line in last), last
+    assert "Traceback" not in out.stdout + out.stderr
+    assert not (tmp_path / "serving").exists() and not (tmp_path / "factsheets").exists()
+
+
 def test_usage_errors_exit_2():
     out = subprocess.run([sys.executable, "-m", "aiplane.assets.cli", "up", "--no-such-flag"], capture_output=True, text=True)
     assert out.returncode == 2 and "unrecognized arguments: --no-such-flag" in out.stderr
