@@ -76,8 +76,16 @@ def _prepare(tmp: Path) -> dict[str, str]:
     deployment_file = tmp / "ui-smoke.yaml"
     deployment_file.write_text(yaml.safe_dump(deployment, sort_keys=False))
     venv_bin = str(Path(sys.executable).parent)
+    # A throw-away home too, as on a fresh machine: matplotlib's font cache, Chromium's crash
+    # reports and dconf land there, not in the caller's HOME (CI fails a run that writes to it).
+    home = tmp / "home"
+    home.mkdir()
     return {
         **os.environ,
+        "HOME": str(home),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "MPLCONFIGDIR": str(home / ".config" / "matplotlib"),
         "DAGSTER_HOME": str(dagster_home),
         "AIPLANE_HOME": str(aiplane_home),
         "AIPLANE_DEPLOYMENT": str(deployment_file),
@@ -142,7 +150,7 @@ def _check_results(base: str, run_id: str) -> list[str]:
     return [f"{s['stepKey']}={s['status']}" for s in data.get("stepStats") or []]
 
 
-def _browser():
+def _browser(env: dict[str, str]):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -150,9 +158,9 @@ def _browser():
     opts.binary_location = _CHROMIUM
     for flag in _CHROMIUM_FLAGS:
         opts.add_argument(flag)
-    opts.add_argument("--user-data-dir=" + tempfile.mkdtemp(prefix="ui-smoke-chromium-"))
+    opts.add_argument("--user-data-dir=" + str(Path(env["HOME"]) / "chromium-profile"))
     # An explicit Service keeps selenium-manager from trying to download a driver.
-    return webdriver.Chrome(service=Service(_CHROMEDRIVER), options=opts)
+    return webdriver.Chrome(service=Service(_CHROMEDRIVER, env=env), options=opts)
 
 
 def _buttons(driver, text: str) -> list:
@@ -307,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _wait_for_server(base, proc, 180)
         _log(f"dagster dev up after {time.monotonic() - started:.1f}s")
-        driver = _browser()
+        driver = _browser(env)
         before = {r["runId"] for r in _runs(base)}
         run_id = _launch_from_ui(driver, base, tmp, before)
         run_started = time.monotonic()
