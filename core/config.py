@@ -212,10 +212,6 @@ class GovernanceSettings(_Strict):
     """Dotted paths into the draft factsheet that must be present and not empty, e.g.
     ``training.metrics.eval_accuracy``, ``features.snapshot_id``, ``training.execution.target``."""
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.thresholds or self.required_facts)
-
 
 class BaseModelSpec(_Strict):
     uri: str = "builtin:tiny-granite"

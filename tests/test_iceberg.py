@@ -217,6 +217,20 @@ def test_a_pinned_file_list_the_catalogs_snapshot_does_not_have_is_ignored(store
     assert sorted(store.read(tampered).column("id").to_pylist()) == sorted(r["id"] for r in features)
 
 
+def test_pinned_files_the_stores_keys_cannot_fetch_are_read_through_the_catalog_instead(store, features, monkeypatch):
+    from aiplane.core.errors import InputError as StorageError
+    from aiplane.plugins.iceberg import store as store_module
+
+    store.publish(_table(features), TABLE)
+    record = store.current(TABLE)
+
+    def refused(self):
+        raise StorageError("Storage 's3://...': AccessDenied")
+
+    monkeypatch.setattr(store_module._Prefetch, "result", refused)
+    assert sorted(store.read(record).column("id").to_pylist()) == sorted(r["id"] for r in features)
+
+
 def test_read_of_missing_table_says_to_materialize_features(backend, store, features, tmp_path):
     record = store.publish(_table(features), TABLE)
     elsewhere = backend(tmp_path / "other")

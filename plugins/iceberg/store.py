@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from aiplane.core.components import FEATURE_COLUMNS, FeatureStore
 from aiplane.core.config import S3Settings, SecretRef
-from aiplane.core.errors import ConfigError, InputError
+from aiplane.core.errors import AiplaneError, ConfigError, InputError
 from aiplane.core.records import FeaturesRecord
 
 if TYPE_CHECKING:
@@ -281,11 +281,17 @@ class IcebergFeatureStore(FeatureStore):
         schema = loaded.schemas().get(snapshot.schema_id) if snapshot.schema_id is not None else None
         self._check_schema(table, schema or loaded.schema(), what="cannot be read")
         pinned = features.store.get("snapshot_files") or {}
+        fetched = None
         if prefetch is not None and pinned.get("manifest_list") == snapshot.manifest_list:
+            # The same manifest list: the catalog's snapshot is the one whose files were fetched.
+            try:
+                fetched = prefetch.result()
+            except AiplaneError:
+                fetched = None  # e.g. the store's keys may not read what the catalog's may: its own scan decides
+        if fetched is not None:
             import pyarrow.parquet as pq
 
-            # The same manifest list: the catalog's snapshot is the one whose files were fetched.
-            parts = [pq.read_table(pa.BufferReader(data), columns=list(FEATURE_COLUMNS)) for data in prefetch.result()]
+            parts = [pq.read_table(pa.BufferReader(data), columns=list(FEATURE_COLUMNS)) for data in fetched]
             result = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
         else:
             result = loaded.scan(snapshot_id=snapshot.snapshot_id, selected_fields=FEATURE_COLUMNS).to_arrow()
