@@ -55,11 +55,15 @@ def test_all_five_assets_materialize_with_data_versions_and_lineage_metadata(cha
     assert "eval_accuracy" in adapter.metrics and "eval_loss" in adapter.metrics
 
 
-def test_feature_checks_and_the_training_loss_check_pass(chain):
-    checks = {e.check_name: e.passed for e in chain["result"].get_asset_check_evaluations()}
+def test_feature_checks_the_training_loss_check_and_the_open_governance_gate_pass(chain):
+    evaluations = chain["result"].get_asset_check_evaluations()
+    checks = {e.check_name: e.passed for e in evaluations}
     assert checks == {
         "schema": True, "not_empty": True, "residency_tagged": True, "residency_known": True, "loss_decreased": True,
+        "governance_gate": True,
     }  # fmt: skip
+    (gate,) = [e for e in evaluations if e.check_name == "governance_gate"]
+    assert gate.description == "no governance gate configured"  # local.yaml states none
 
 
 def test_endpoint_answers_a_completion_over_http(chain):
