@@ -17,13 +17,15 @@ import sys
 import urllib.request
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from aiplane.core.config import load_deployment
 from aiplane.core.errors import AiplaneError
 from aiplane.core.plugins import Registry
 from aiplane.core.records import EndpointRecord, FactsheetRecord, record_from_json
+from aiplane.core.worker import exit_now
 
-__all__ = ["main"]
+__all__ = ["main", "console"]
 
 SAMPLE_PROMPT = "Ticket: VPN keeps disconnecting. Hello, the VPN client times out; blocking my work today.\nLabel:"
 
@@ -384,5 +386,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def console() -> NoReturn:
+    """The ``aiplane`` command: :func:`main`, then out without the interpreter's teardown.
+
+    After a chain, freeing every object of Dagster, pyarrow and SQLAlchemy one by one
+    takes most of a second, spent after the answer is printed; ``exit_now`` still
+    joins threads, runs ``atexit`` handlers and flushes the streams first.
+    """
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
