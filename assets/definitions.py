@@ -406,6 +406,10 @@ def build_definitions(resource: AiplaneResource | None = None, loggers: dict | N
         sensors=[automation_sensor, orphaned_steps_sensor],
         resources={"aiplane": resource or default_resource(), "io_manager": RecordIOManager()},
         loggers=loggers,
+        # One process per run, as `aiplane up` runs: the steps form a chain (each waits for the one
+        # before) and each hands its work to an engine, so the multiprocess default would buy no
+        # parallelism and cost a Python process importing Dagster and this code location per step.
+        executor=dg.in_process_executor,
     )
 
 

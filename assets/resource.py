@@ -33,6 +33,11 @@ class AiplaneResource(dg.ConfigurableResource):
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._load()
+        run = context.dagster_run
+        if run is not None and _trains(run):
+            # The run's other steps (sources, Dagster's own set-up) overlap the trainer's imports.
+            config = ((run.run_config or {}).get("ops") or {}).get("adapter_weights") or {}
+            prestart_training(self.config, self.registry, (config.get("config") or {}).get("target", ""))
 
     def _load(self) -> None:
         if self._deployment is None:
@@ -90,6 +95,13 @@ class AiplaneResource(dg.ConfigurableResource):
                 context.log.info(f"[{workload.name}] {event}")
 
         return engine.run(workload, target, on_event)
+
+
+def _trains(run: "dg.DagsterRun") -> bool:
+    """Whether ``run`` executes the ``adapter_weights`` step."""
+    if run.step_keys_to_execute is not None:
+        return "adapter_weights" in run.step_keys_to_execute
+    return run.asset_selection is not None and dg.AssetKey("adapter_weights") in run.asset_selection
 
 
 def _placed(

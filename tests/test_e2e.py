@@ -55,6 +55,26 @@ def test_all_five_assets_materialize_with_data_versions_and_lineage_metadata(cha
     assert "eval_accuracy" in adapter.metrics and "eval_loss" in adapter.metrics
 
 
+def test_a_run_that_trains_starts_the_trainer_while_its_sources_materialize(chain):
+    # dg.materialize selects all five assets: the resource prestarts the training worker when the run begins.
+    assert chain["result"].asset_value("adapter_weights").execution["prestarted"] is True
+
+
+def test_a_run_that_does_not_train_starts_no_trainer(chain):
+    from aiplane.plugins.local import engine as local_engine
+
+    local_engine._discard_standbys()
+    result = dg.materialize(
+        ASSETS, selection=["features"], instance=chain["instance"], resources={"aiplane": chain["resource"]}
+    )
+    assert result.success and local_engine._STANDBYS == {}
+
+
+def test_the_code_location_runs_each_run_in_one_process():
+    job = build_definitions().resolve_implicit_global_asset_job_def()
+    assert job.executor_def.name == "in_process"
+
+
 def test_feature_checks_the_training_loss_check_and_the_open_governance_gate_pass(chain):
     evaluations = chain["result"].get_asset_check_evaluations()
     checks = {e.check_name: e.passed for e in evaluations}
