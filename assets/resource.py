@@ -33,7 +33,7 @@ class AiplaneResource(dg.ConfigurableResource):
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._load()
-        run = context.dagster_run
+        run = context.run
         if run is not None and _trains(run):
             # The run's other steps (sources, Dagster's own set-up) overlap the trainer's imports.
             config = ((run.run_config or {}).get("ops") or {}).get("adapter_weights") or {}
