@@ -80,7 +80,9 @@ class Component:
         With per-region storage (``storage.regions``), each must lie under the
         storage location of the region the component's work is placed in: the
         preflight and placement refuse it otherwise, so what is derived from data
-        placed in a region is never written outside it. Default: none.
+        placed in a region is never written outside it. An empty value says the
+        component writes somewhere its settings do not name (a server's default
+        bucket), which per-region storage refuses. Default: none.
         """
         return {}
 
