@@ -150,13 +150,7 @@ class Storage:
             with open(local / name, "rb") as src, filesystem.open_output_stream(f"{path}/{name}") as dst:
                 shutil.copyfileobj(src, dst, _CHUNK)
 
-        # Concurrently: the small files (config, tokenizer) then ride along with the weights'
-        # upload instead of each waiting a round trip after it. pyarrow releases the GIL.
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max(1, min(8, len(names))), thread_name_prefix="aiplane-upload") as pool:
-            for done in [pool.submit(self._call, uri, lambda n=name: copy(n)) for name in names]:
-                done.result()
+        self._each(uri, names, copy)
         return names
 
     def download_dir(self, uri: str, local: Path) -> None:
@@ -172,12 +166,7 @@ class Storage:
                 while chunk := src.read(_DOWNLOAD_CHUNK):
                     dst.write(chunk)
 
-        from concurrent.futures import ThreadPoolExecutor
-
-        names = [name for name, _, _ in self.list_files(uri)]
-        with ThreadPoolExecutor(max(1, min(8, len(names))), thread_name_prefix="aiplane-download") as pool:
-            for done in [pool.submit(self._call, uri, lambda n=name: copy(n)) for name in names]:
-                done.result()
+        self._each(uri, [name for name, _, _ in self.list_files(uri)], copy)
 
     def fetch_tree(self, uri: str, digest: str, cache: str | os.PathLike) -> Path:
         """A local copy of the directory at ``uri``, kept in ``cache`` under its digest.
@@ -208,6 +197,18 @@ class Storage:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return final
+
+    def _each(self, uri: str, names: list[str], copy) -> None:
+        """``copy(name)`` for every name, concurrently; the first failure is raised, explained.
+
+        Concurrently: the small files (config, tokenizer) ride along with the weights'
+        transfer instead of each waiting a round trip after it. pyarrow releases the GIL.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max(1, min(8, len(names))), thread_name_prefix="aiplane-storage") as pool:
+            for done in [pool.submit(self._call, uri, lambda n=name: copy(n)) for name in names]:
+                done.result()
 
     def _call(self, uri: str, fn):
         try:
