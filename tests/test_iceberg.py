@@ -206,6 +206,18 @@ def test_a_record_pinning_its_files_has_them_fetched_while_the_catalog_confirms_
     assert sorted(rows.column("id").to_pylist()) == sorted(r["id"] for r in features)
 
 
+def test_a_refresh_that_changes_nothing_reads_the_snapshots_manifests_once(backend, tmp_path, features, monkeypatch):
+    backend(tmp_path).publish(_table(features), TABLE)
+    store = backend(tmp_path)  # a new store, as each refresh makes
+    planned = []
+    plan = IcebergFeatureStore._plan_files
+    monkeypatch.setattr(IcebergFeatureStore, "_plan_files", staticmethod(lambda *a: planned.append(1) or plan(*a)))
+    before = store.current(TABLE)
+    after = store.publish(_table(features), TABLE)
+    assert after.snapshot_id == before.snapshot_id and after.store["snapshot_files"] == before.store["snapshot_files"]
+    assert planned == [1]
+
+
 def test_a_pinned_file_list_the_catalogs_snapshot_does_not_have_is_ignored(store, features, monkeypatch):
     from aiplane.plugins.iceberg import store as store_module
 

@@ -174,6 +174,9 @@ class IcebergFeatureStore(FeatureStore):
         super().__init__(settings)
         self._ice = self._iceberg_settings()
         self._catalog_cache: Catalog | None = catalog
+        # Snapshot files by manifest list (immutable): a refresh asks for the current record, then
+        # publishes, and a no-op publish records the same snapshot; its manifests are read once.
+        self._files_cache: dict[str, dict[str, Any] | None] = {}
 
     def _iceberg_settings(self) -> "IcebergFeatureStore.Settings":
         """The settings in this class's own terms; a store with friendlier settings (watsonx-data) maps them."""
@@ -454,6 +457,12 @@ class IcebergFeatureStore(FeatureStore):
 
         if isinstance(loaded, StagedTable):
             return None  # the table this publish created: it cannot be scanned until loaded again
+        if snapshot.manifest_list not in self._files_cache:
+            self._files_cache[snapshot.manifest_list] = self._plan_files(loaded, snapshot)
+        return self._files_cache[snapshot.manifest_list]
+
+    @staticmethod
+    def _plan_files(loaded: "Table", snapshot: Any) -> dict[str, Any] | None:
         tasks = list(loaded.scan(snapshot_id=snapshot.snapshot_id).plan_files())
         size = sum(t.file.file_size_in_bytes for t in tasks)
         if not tasks or len(tasks) > _PREFETCH_FILES or size > _PREFETCH_BYTES or any(t.delete_files for t in tasks):
