@@ -21,6 +21,7 @@ from typing import Any
 
 from aiplane.core.config import Target
 from aiplane.core.errors import ConfigError
+from aiplane.core.kube import cpu_quantity, memory_quantity, pod_gpus
 from aiplane.core.workload import Workload
 
 from .settings import KfpSettings
@@ -59,25 +60,6 @@ def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def _gpus(workload: Workload, target: Target) -> int:
-    wanted = workload.resources.gpus
-    if wanted > target.gpus:
-        raise ConfigError(
-            f"Workload {workload.name} asks for {wanted} GPU(s) but target {target.name!r} has {target.gpus}; "
-            "raise the target's gpus or run the workload on a GPU target."
-        )
-    # A trainer placed on a GPU target by the deployment's `gpus:` gets the target's GPUs.
-    return wanted or target.gpus
-
-
-def _cpu(cpus: float) -> str:
-    return str(int(cpus)) if float(cpus).is_integer() else f"{round(cpus * 1000)}m"
-
-
-def _memory(gb: float) -> str:
-    return f"{int(gb)}G" if float(gb).is_integer() else f"{round(gb * 1024)}Mi"
-
-
 def _secret_env(workload: Workload) -> dict[str, list[tuple[str, str]]]:
     """Secret name -> (key, env var) of every credential the workload reads where it runs.
 
@@ -114,14 +96,10 @@ def _kubernetes_config(settings: KfpSettings, secret_env: dict[str, list[tuple[s
     if settings.node_selector:
         config["nodeSelector"] = {"labels": dict(sorted(settings.node_selector.items()))}
     if settings.tolerations:
-        tolerations = []
-        for t in settings.tolerations:
-            item = {"key": t.key, "operator": t.operator, "value": t.value, "effect": t.effect}
-            if t.toleration_seconds is not None:
-                # int64 travels as a string in protobuf JSON, as kfp-kubernetes writes it.
-                item["tolerationSeconds"] = str(t.toleration_seconds)
-            tolerations.append({k: v for k, v in item.items() if v is not None})
-        config["tolerations"] = tolerations
+        # int64 travels as a string in protobuf JSON, as kfp-kubernetes writes it.
+        config["tolerations"] = [
+            {k: str(v) if k == "tolerationSeconds" else v for k, v in t.manifest().items()} for t in settings.tolerations
+        ]
     if settings.pvc_mounts:
         config["pvcMount"] = [
             # Both the current field and the deprecated `constant`, as kfp-kubernetes writes a fixed claim name.
@@ -142,13 +120,13 @@ def compile_workload(
 
     from .component import aiplane_workload
 
-    gpus = _gpus(workload, target)
+    gpus = pod_gpus(workload, target)
     baked = {k: v for k, v in workload.params.items() if k not in settings.run_params}
     run_params = {k: v for k, v in workload.params.items() if k in settings.run_params}
     image = settings.base_image or f"python:{sys.version_info.major}.{sys.version_info.minor}"
     res = workload.resources
-    cpu_request = settings.cpu_request or _cpu(res.cpus)
-    memory_request = settings.memory_request or (_memory(res.memory_gb) if res.memory_gb else None)
+    cpu_request = settings.cpu_request or cpu_quantity(res.cpus)
+    memory_request = settings.memory_request or (memory_quantity(res.memory_gb) if res.memory_gb else None)
     k8s = _kubernetes_config(settings, _secret_env(workload))
     name = pipeline_name(workload)
 

@@ -5,34 +5,22 @@ Imports only pydantic and :mod:`aiplane.core`, so validating a deployment never 
 
 from __future__ import annotations
 
-import re
 import string
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from aiplane.core.config import SecretRef
+from aiplane.core.kube import Toleration, check_cpu, check_memory
 
 __all__ = ["KfpSettings", "Toleration"]
 
 # The patterns kfp's PipelineTask applies; checked here so a typo fails when the deployment loads.
-_CPU = re.compile(r"^([0-9]*[.])?[0-9]+m?$")
-_MEMORY = re.compile(r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$")
 _RUN_URL_FIELDS = {"host", "namespace", "experiment_id", "run_id"}
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Toleration(_Strict):
-    """A Kubernetes toleration for the workload's pod."""
-
-    key: str | None = None
-    operator: Literal["Equal", "Exists"] = "Equal"
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
 
 
 class KfpSettings(_Strict):
@@ -99,16 +87,12 @@ class KfpSettings(_Strict):
     @field_validator("cpu_request", "cpu_limit")
     @classmethod
     def _cpu(cls, v: str | None, info) -> str | None:
-        if v is not None and not _CPU.match(v):
-            raise ValueError(f"{info.field_name} {v!r} is not a CPU quantity; write e.g. '2', '0.5' or '500m'")
-        return v
+        return check_cpu(v, info.field_name)
 
     @field_validator("memory_request", "memory_limit")
     @classmethod
     def _memory(cls, v: str | None, info) -> str | None:
-        if v is not None and not _MEMORY.match(v):
-            raise ValueError(f"{info.field_name} {v!r} is not a memory quantity; write an integer with a unit, e.g. '8Gi'")
-        return v
+        return check_memory(v, info.field_name)
 
     @field_validator("host")
     @classmethod

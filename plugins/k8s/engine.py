@@ -1,0 +1,443 @@
+"""The ``k8s-job`` engine: each workload runs as one Kubernetes Job, created and watched through dagster-k8s.
+
+For work that needs neither a pipeline server nor Ray. The Job's pod runs
+:mod:`aiplane.plugins.k8s.task` in the target's image; the workload and where its
+result goes travel in the pod's environment (secrets only as ``secretKeyRef``),
+the result comes back through ``results_dir`` (object storage, or a volume both
+sides mount), as with the ``kfp`` engine's remote mode.
+
+The Job goes through dagster-k8s's :class:`~dagster_k8s.client.DagsterKubernetesClient`
+(creation with its retries, pod lookup), without a Dagster context: the engine
+runs the same inside a Dagster run, a test, or a script. This process watches the
+Job, follows the pod's log (each line an event for ``on_event``), reports the
+pod's phase and Kubernetes events, and deletes the Job and its pods when the
+workload ends, fails, is cancelled or this call is interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from aiplane.core.components import Engine
+from aiplane.core.config import Target
+from aiplane.core.errors import AiplaneError, ConfigError, WorkloadCancelled, WorkloadError
+from aiplane.core.storage import Storage, normalize_uri
+from aiplane.core.workload import Event, Workload, WorkloadResult, parse_event, parse_result
+
+from .manifest import CONTAINER, describe, job_manifest, job_name
+from .settings import K8sJobSettings
+
+if TYPE_CHECKING:
+    import kubernetes.client
+    from dagster_k8s.client import DagsterKubernetesClient
+
+__all__ = ["K8sJobEngine", "default_api_client"]
+
+# Waiting reasons after which the pod never starts by itself: fail now, with the kubelet's message.
+_FATAL_WAITING = {"CreateContainerConfigError", "CreateContainerError", "InvalidImageName", "ErrImageNeverPull", "ImagePullBackOff"}
+_LOG_GRACE_S = 10.0
+_API_RETRIES = 5
+
+
+def default_api_client(settings: K8sJobSettings) -> "kubernetes.client.ApiClient":
+    """The real client: the settings' kubeconfig, else the in-cluster service account, else ``$KUBECONFIG`` / ``~/.kube/config``."""
+    from kubernetes import client, config
+
+    try:
+        if settings.kubeconfig or settings.context:
+            return config.new_client_from_config(config_file=settings.kubeconfig, context=settings.context)
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            configuration = client.Configuration()
+            config.load_incluster_config(client_configuration=configuration)
+            return client.ApiClient(configuration)
+        return config.new_client_from_config()
+    except (config.ConfigException, OSError) as exc:
+        raise ConfigError(
+            f"k8s-job: no Kubernetes cluster to talk to ({exc}). Run inside the cluster, or set the target's "
+            "`kubeconfig` (and `context`), or $KUBECONFIG."
+        ) from None
+
+
+class K8sJobEngine(Engine):
+    """Runs each workload as a Kubernetes Job (through dagster-k8s), in the target's namespace and image.
+
+    ``api_client``: a ``kubernetes.client.ApiClient``; by default :func:`default_api_client`
+    builds one from the settings when the first workload runs.
+    """
+
+    name = "k8s-job"
+    Settings = K8sJobSettings
+
+    def __init__(self, settings: Any = None, *, api_client: "kubernetes.client.ApiClient | None" = None):
+        super().__init__(settings)
+        self._api_client = api_client
+        self._client_lock = threading.Lock()
+
+    def locations(self) -> dict[str, str]:
+        return {"results_dir": self.settings.results_dir}
+
+    def manifest(self, workload: Workload, target: Target) -> dict[str, Any]:
+        """The Job this engine would create for ``workload`` (a fresh name each call); sends nothing."""
+        name = job_name(workload)
+        return job_manifest(workload, target, self.settings, name, self._result_uri(name))
+
+    def _result_uri(self, name: str) -> str:
+        return f"{normalize_uri(self.settings.results_dir).rstrip('/')}/k8s-job-results/{name}.json"
+
+    def _kube(self) -> "DagsterKubernetesClient":
+        from dagster_k8s.client import DagsterKubernetesClient
+        from kubernetes import client
+
+        with self._client_lock:
+            if self._api_client is None:
+                self._api_client = default_api_client(self.settings)
+        return DagsterKubernetesClient(
+            batch_api=client.BatchV1Api(self._api_client),
+            core_api=client.CoreV1Api(self._api_client),
+            logger=lambda message: None,  # what matters goes to on_event
+            sleeper=time.sleep,
+            timer=time.time,
+        )
+
+    def run(
+        self,
+        workload: Workload,
+        target: Target,
+        on_event: Callable[[Event], None],
+        cancel: threading.Event | None = None,
+    ) -> WorkloadResult:
+        from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
+        from kubernetes import client
+
+        cancel = cancel or threading.Event()
+        s: K8sJobSettings = self.settings  # type: ignore[assignment]
+        name = job_name(workload)
+        result_uri = self._result_uri(name)
+        manifest = job_manifest(workload, target, s, name, result_uri)  # ConfigError here: nothing sent yet
+        # Through dagster-k8s's model conversion: a misspelled field fails here, before anything is sent.
+        body = k8s_model_from_dict(client.V1Job, k8s_snake_case_dict(client.V1Job, manifest))
+        kube = self._kube()
+        storage = Storage(workload.s3)
+        started = time.monotonic()
+        kube.create_namespaced_job_with_retries(body, s.namespace, wait_time_between_attempts=1.0)
+        # From here on the Job exists: whatever happens, it is deleted before this call returns.
+        outcome: dict[str, Any] | None = None
+        stop = threading.Event()
+        try:
+            on_event(Event(type="log", message=f"{describe(manifest)} created"))
+            outcome = _wait(kube, s, name, on_event, cancel, stop)
+        finally:
+            stop.set()
+            if outcome is None or not s.keep_finished_jobs:
+                _delete(kube, s, name, on_event)
+        meta = {
+            "engine": self.name,
+            "target": target.name,
+            "namespace": s.namespace,
+            "job": name,
+            "pod": outcome.get("pod"),
+            "image": s.image,
+            "duration_s": round(time.monotonic() - started, 3),
+        }
+        try:
+            if not outcome["succeeded"]:
+                if storage.exists(result_uri):
+                    # The workload itself failed: raise its own aiplane error, as every engine does.
+                    parse_result(storage.read_bytes(result_uri).decode(), workload)
+                raise WorkloadError(f"Workload {workload.name} ({workload.run_id}): {outcome['message']}")
+            if not storage.exists(result_uri):
+                raise WorkloadError(
+                    f"Kubernetes Job {s.namespace}/{name} succeeded but wrote no result to {result_uri}: results_dir "
+                    f"{s.results_dir!r} must be object storage the pod can write (s3://...), or a volume mounted at "
+                    "the same path here and in the pod (pvc_mounts)."
+                )
+            result = parse_result(storage.read_bytes(result_uri).decode(), workload)
+        finally:
+            with contextlib.suppress(AiplaneError):
+                storage.delete(result_uri)
+        return result.model_copy(update={"engine": meta})
+
+
+def _wait(
+    kube: "DagsterKubernetesClient",
+    s: K8sJobSettings,
+    name: str,
+    on_event: Callable[[Event], None],
+    cancel: threading.Event,
+    stop: threading.Event,
+) -> dict[str, Any]:
+    """Watch the Job and follow its log on two threads; hand their events to ``on_event`` here, in this thread.
+
+    Every ``on_event`` call, and so every exception it raises (a Dagster run
+    termination), happens in the caller's thread, and a cancel is seen at once,
+    not when a watch request ends.
+    """
+    inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+    def post_event(event: Event) -> None:
+        inbox.put(("event", event))
+
+    def watch() -> None:
+        try:
+            inbox.put(("done", _JobWatcher(kube, s, name, post_event).wait(stop)))
+        except BaseException as exc:  # raised again in the caller's thread
+            inbox.put(("error", exc))
+
+    def logs() -> None:
+        try:
+            _follow_logs(kube, s.namespace, name, post_event, stop)
+        finally:
+            inbox.put(("logs-done", None))
+
+    for target, label in ((watch, "watch"), (logs, "log")):
+        threading.Thread(target=target, name=f"k8s-{label}-{name}", daemon=True).start()
+    outcome: dict[str, Any] | None = None
+    logs_done = False
+    deadline = None
+    while True:
+        if cancel.is_set():
+            on_event(Event(type="log", message=f"Kubernetes Job {s.namespace}/{name}: cancelled, deleting it and its pods"))
+            raise WorkloadCancelled(f"Kubernetes Job {s.namespace}/{name} was cancelled; it was deleted with its pods.")
+        try:
+            kind, value = inbox.get(timeout=0.2)
+        except queue.Empty:
+            if deadline is not None and time.monotonic() > deadline:
+                return outcome  # type: ignore[return-value]  # the log did not end in time: do not wait for it
+            continue
+        if kind == "event":
+            on_event(value)
+        elif kind == "error":
+            raise value
+        elif kind == "logs-done":
+            logs_done = True
+        elif kind == "done":
+            outcome = value
+            if not outcome.get("ran", True):
+                stop.set()  # the container never started: there is no log to wait for
+            # The log ends with the container; its last lines may still be on the way.
+            deadline = time.monotonic() + _LOG_GRACE_S
+        if outcome is not None and logs_done:
+            # Drain what is left, then done.
+            while not inbox.empty():
+                kind, value = inbox.get_nowait()
+                if kind == "event":
+                    on_event(value)
+            return outcome
+
+
+class _JobWatcher:
+    """Watches one Job to its end, reporting its pod's phase and the Kubernetes events about both."""
+
+    def __init__(self, kube: "DagsterKubernetesClient", settings: K8sJobSettings, name: str, emit: Callable[[Event], None]):
+        self.kube, self.s, self.name, self.emit = kube, settings, name, emit
+        self._seen_events: set[str] = set()
+        self._pod_state: dict[str, str] = {}
+
+    def wait(self, stop: threading.Event) -> dict[str, Any]:
+        """``{"succeeded": bool, "message": str, "pod": name}`` once the Job ends (or ``stop`` is set)."""
+        from kubernetes.client.rest import ApiException
+
+        ns, failures = self.s.namespace, 0
+        while True:
+            if stop.is_set():
+                return {"succeeded": False, "pod": None, "message": "stopped"}
+            try:
+                outcome = self._once(stop)
+                failures = 0
+            except ApiException as exc:
+                if exc.status in (401, 403):
+                    raise WorkloadError(
+                        f"Kubernetes API refused to show Job {ns}/{self.name} ({exc.status} {exc.reason}): the service "
+                        "account needs get, list and watch on jobs, pods, pods/log and events in that namespace."
+                    ) from None
+                failures += 1
+                if failures >= _API_RETRIES:
+                    raise WorkloadError(
+                        f"Kubernetes API: watching Job {ns}/{self.name} failed {failures} times in a row: "
+                        f"{exc.status} {exc.reason}"
+                    ) from None
+                self.emit(Event(type="log", message=f"Kubernetes API: watching failed ({exc.status} {exc.reason}); retrying"))
+                stop.wait(min(0.5 * 2.0**failures, 30.0))
+                continue
+            except (OSError, ValueError) as exc:  # connection reset, a truncated stream: an API server blip
+                failures += 1
+                if failures >= _API_RETRIES:
+                    raise WorkloadError(
+                        f"Kubernetes API: watching Job {ns}/{self.name} failed {failures} times in a row: {exc}"
+                    ) from None
+                self.emit(Event(type="log", message=f"Kubernetes API: watching failed ({type(exc).__name__}); retrying"))
+                stop.wait(min(0.5 * 2.0**failures, 30.0))
+                continue
+            if outcome is not None:
+                return outcome
+
+    def _once(self, stop: threading.Event) -> dict[str, Any] | None:
+        """One watch request (up to ``watch_timeout_s``) and a look at the pods; the outcome once the Job ended."""
+        from kubernetes import watch
+
+        s, ns = self.s, self.s.namespace
+        w = watch.Watch()
+        job = None
+        for event in w.stream(
+            self.kube.batch_api.list_namespaced_job,
+            ns,
+            field_selector=f"metadata.name={self.name}",
+            timeout_seconds=s.watch_timeout_s,
+        ):
+            if event["type"] == "DELETED":
+                w.stop()
+                return {"succeeded": False, "pod": None,
+                        "message": f"Kubernetes Job {ns}/{self.name} was deleted by someone else before it finished"}
+            job = event["object"]
+            if _finished(job) or stop.is_set():
+                w.stop()
+                break
+        pods = self.kube.get_pods_in_job(self.name, ns)
+        self._report(pods)
+        if stop.is_set():
+            return None
+        fatal = _fatal_waiting(pods)
+        if fatal:
+            return {"succeeded": False, "pod": pods[0].metadata.name, "message": fatal, "ran": False}
+        if job is None or not _finished(job):
+            return None
+        # The last state of the pod (its termination message) may land after the Job's condition.
+        pods = self.kube.get_pods_in_job(self.name, ns)
+        self._report(pods)
+        succeeded = _finished(job) == "Complete"
+        return {
+            "succeeded": succeeded,
+            "pod": pods[0].metadata.name if pods else None,
+            "message": "" if succeeded else _failure(ns, self.name, job, pods),
+        }
+
+    def _report(self, pods: list) -> None:
+        for pod in pods:
+            state = _pod_state(pod)
+            if self._pod_state.get(pod.metadata.name) != state:
+                self._pod_state[pod.metadata.name] = state
+                self.emit(Event(type="log", message=f"pod {pod.metadata.name}: {state}"))
+        events = []
+        for involved in (self.name, *(p.metadata.name for p in pods)):
+            try:
+                events += self.kube.core_api.list_namespaced_event(
+                    self.s.namespace, field_selector=f"involvedObject.name={involved}"
+                ).items
+            except Exception:
+                return  # events are a courtesy; a Role without them must not fail the workload
+        for e in sorted(events, key=lambda e: str(e.last_timestamp or e.event_time or e.first_timestamp or "")):
+            if e.metadata.uid in self._seen_events:
+                continue
+            self._seen_events.add(e.metadata.uid)
+            self.emit(Event(
+                type="log",
+                message=f"k8s event {e.type or 'Normal'} {e.reason} ({e.involved_object.kind} {e.involved_object.name}): {e.message}",
+            ))
+
+
+def _finished(job) -> str | None:
+    for condition in (job.status.conditions if job.status else None) or ():
+        if condition.type in ("Complete", "Failed") and condition.status == "True":
+            return condition.type
+    return None
+
+
+def _container(pod):
+    for status in (pod.status.container_statuses if pod.status else None) or ():
+        if status.name == CONTAINER:
+            return status
+    return None
+
+
+def _pod_state(pod) -> str:
+    phase = (pod.status.phase if pod.status else None) or "Pending"
+    status = _container(pod)
+    if status is not None and status.state is not None:
+        if status.state.waiting is not None and status.state.waiting.reason:
+            return f"{phase} ({status.state.waiting.reason})"
+        if status.state.terminated is not None:
+            return f"{phase} (exit code {status.state.terminated.exit_code})"
+    return phase
+
+
+def _fatal_waiting(pods: list) -> str | None:
+    for pod in pods:
+        status = _container(pod)
+        waiting = status.state.waiting if status is not None and status.state is not None else None
+        if waiting is not None and waiting.reason in _FATAL_WAITING:
+            return f"pod {pod.metadata.name} cannot start: {waiting.reason}: {waiting.message or 'no message'}"
+    return None
+
+
+def _failure(namespace: str, name: str, job, pods: list) -> str:
+    """What the cluster says went wrong: the container's termination message first, then the Job's condition."""
+    parts = [f"Kubernetes Job {namespace}/{name} failed"]
+    for condition in (job.status.conditions if job.status else None) or ():
+        if condition.type == "Failed" and condition.status == "True":
+            parts.append(f"{condition.reason or 'Failed'}: {condition.message or ''}".rstrip(": "))
+    for pod in pods:
+        status = _container(pod)
+        terminated = status.state.terminated if status is not None and status.state is not None else None
+        if terminated is not None:
+            detail = f"pod {pod.metadata.name}: container exited {terminated.exit_code} ({terminated.reason})"
+            parts.append(f"{detail}: {terminated.message.strip()}" if terminated.message else detail)
+        elif pod.status is not None and (pod.status.reason or pod.status.message):
+            parts.append(f"pod {pod.metadata.name}: {pod.status.reason}: {pod.status.message}")
+    return "; ".join(parts)
+
+
+def _follow_logs(
+    kube: "DagsterKubernetesClient", namespace: str, name: str, emit: Callable[[Event], None], stop: threading.Event
+) -> None:
+    """Follow the Job's pod's log to its end, one event per line; quietly gives up when stopped."""
+    from kubernetes import watch
+    from kubernetes.client.rest import ApiException
+
+    pod = None
+    while not stop.is_set():
+        try:
+            if pod is None:
+                pods = [
+                    p for p in kube.get_pods_in_job(name, namespace)
+                    if p.status is not None and p.status.phase in ("Running", "Succeeded", "Failed")
+                ]
+                pod = pods[0].metadata.name if pods else None
+            if pod is not None:
+                for line in watch.Watch().stream(
+                    kube.core_api.read_namespaced_pod_log, pod, namespace, container=CONTAINER
+                ):
+                    emit(parse_event(line))
+                return
+        except ApiException as exc:
+            if exc.status == 404:
+                return  # the pod is gone (deleted, cancelled)
+        except Exception:
+            if stop.is_set():
+                return
+        stop.wait(0.5)
+
+
+def _delete(kube: "DagsterKubernetesClient", s: K8sJobSettings, name: str, emit: Callable[[Event], None]) -> None:
+    """Delete the Job with its pods; best effort, never raises (we may be on the way out with an error)."""
+    from kubernetes.client.rest import ApiException
+
+    try:
+        try:
+            kube.batch_api.delete_namespaced_job(name, s.namespace, propagation_policy=s.propagation_policy)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        # The garbage collector deletes the pods in the background; do it now, so nothing outlives the call.
+        for pod in kube.get_pod_names_in_job(name, s.namespace):
+            with contextlib.suppress(ApiException):
+                kube.core_api.delete_namespaced_pod(pod, s.namespace)
+    except BaseException as exc:
+        with contextlib.suppress(BaseException):
+            emit(Event(type="log", message=f"Kubernetes Job {s.namespace}/{name}: delete failed "
+                                           f"({type(exc).__name__}); delete it with kubectl delete job {name} -n {s.namespace}"))
