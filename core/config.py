@@ -25,6 +25,8 @@ __all__ = [
     "Deployment",
     "S3Settings",
     "StorageSettings",
+    "DagsterSettings",
+    "DagsterPostgres",
     "load_deployment",
     "deployment_path",
     "DEFAULT_DEPLOYMENT",
@@ -158,6 +160,26 @@ class StorageSettings(_Strict):
     """Local directory where objects fetched from storage are kept, by digest; empty: ``<home>/cache``."""
 
 
+class DagsterPostgres(_Strict):
+    """Dagster's run, event-log and schedule storage on PostgreSQL (``dagster-postgres``); the password by reference."""
+
+    hostname: str
+    port: int = Field(default=5432, gt=0, lt=65536)
+    db_name: str = "dagster"
+    username: str = "dagster"
+    password: SecretRef
+    """Read by Dagster from the reference's environment variable (``dagster.yaml`` names the variable, never the value)."""
+    params: dict[str, str] = Field(default_factory=dict)
+    """libpq connection parameters, e.g. ``sslmode: verify-full``."""
+
+
+class DagsterSettings(_Strict):
+    """The orchestrator's own state, the Dagster instance aiplane opens (``$DAGSTER_HOME/dagster.yaml``)."""
+
+    postgres: DagsterPostgres | None = None
+    """Runs, events and schedules on PostgreSQL; empty: SQLite under ``DAGSTER_HOME`` (the embedded default)."""
+
+
 class Target(_Strict):
     """Somewhere workloads can run: an engine in a region, with capabilities."""
 
@@ -237,6 +259,8 @@ class Deployment(_Strict):
     serving: ComponentSpec
     factsheet: ComponentSpec
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    dagster: DagsterSettings = Field(default_factory=DagsterSettings)
+    """Where the orchestrator keeps its runs, events and schedules."""
     governance: GovernanceSettings = Field(default_factory=GovernanceSettings)
     """What an adapter must show before it serves (thresholds on its evaluation, facts on record)."""
     observers: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -334,7 +334,7 @@ class IcebergFeatureStore(FeatureStore):
         if create and not s3_warehouse:
             os.makedirs(self._ice.warehouse, exist_ok=True)
         from pyiceberg.catalog.sql import SqlCatalog
-        from sqlalchemy.exc import OperationalError, ProgrammingError
+        from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
         warehouse = self._ice.warehouse if s3_warehouse else Path(self._ice.warehouse).as_uri()
         properties = {"uri": self._ice.catalog_uri, "warehouse": warehouse, **self._file_io()}
@@ -342,9 +342,11 @@ class IcebergFeatureStore(FeatureStore):
             try:
                 catalog = SqlCatalog(self._ice.catalog_name, **properties)
                 break
-            except (OperationalError, ProgrammingError):
+            except (OperationalError, ProgrammingError, IntegrityError):
                 # Processes opening a new catalog together all try to create its tables
-                # (one at a time); a loser finds them made when it opens again.
+                # (one at a time); a loser finds them made when it opens again. SQLite says
+                # OperationalError; PostgreSQL, whose CREATE TABLE races on its catalog's
+                # unique type name, says IntegrityError (or ProgrammingError: DuplicateTable).
                 if attempt == _COMMIT_ATTEMPTS - 1:
                     raise
                 time.sleep(random.uniform(0.01, 0.05))
