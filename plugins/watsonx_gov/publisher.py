@@ -1,0 +1,144 @@
+"""The ``watsonx-governance`` factsheet publisher: settings, validation, and its workload."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from aiplane.core.components import FactsheetPublisher
+from aiplane.core.config import SecretRef
+from aiplane.core.errors import InputError
+from aiplane.core.records import EndpointRecord
+from aiplane.core.workload import Workload
+
+__all__ = ["WatsonxGovernancePublisher", "WatsonxGovernanceSettings", "ENTRYPOINT"]
+
+ENTRYPOINT = "aiplane.plugins.watsonx_gov.publish:run"
+
+# The IBM Cloud regions the facts client knows by name (its `region` argument); each has its own API host.
+_REGIONS = ("dallas", "frankfurt", "london", "tokyo", "toronto", "sydney")
+
+
+class WatsonxGovernanceSettings(BaseModel):
+    """The ``factsheet.settings`` of a deployment that publishes to watsonx.governance."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    platform: Literal["ibm-cloud", "cpd"] = "ibm-cloud"
+    """``ibm-cloud``: the SaaS service (an IBM Cloud API key, exchanged at IAM); ``cpd``: watsonx.governance
+    on Cloud Pak for Data / IBM Software Hub (``url``, ``username`` and that user's API key)."""
+    api_key: SecretRef
+    """The IBM Cloud API key (``ibm-cloud``) or the CPD user's API key (``cpd``), by reference:
+    ``{env: WATSONX_APIKEY}`` or ``{secret: watsonx, key: apikey}``."""
+    url: str | None = None
+    """The Cloud Pak for Data address, ``https://cpd-host`` (``cpd`` only)."""
+    username: str | None = None
+    """The CPD user the API key belongs to (``cpd`` only)."""
+    region: Literal["dallas", "frankfurt", "london", "tokyo", "toronto", "sydney"] = "dallas"
+    """The IBM Cloud region of the watsonx.governance instance (``ibm-cloud`` only)."""
+    service_instance_id: str | None = None
+    """The watsonx.governance instance (``ibm-cloud``); empty: the account's default instance."""
+    disable_ssl_verification: bool = False
+    """Accept a CPD cluster's self-signed certificate (``cpd`` only). Prefer installing its CA."""
+    inventory_id: str | None = None
+    """The AI use case inventory (its catalog id) the use case is found in, or created in; empty: find
+    the use case in any inventory the key can read, and never create one."""
+    use_case: str = "aiplane"
+    """The AI use case each endpoint's adapters are tracked in, found by name or created."""
+    approach: str = "aiplane"
+    """The approach within the use case; each new adapter is a new version of it."""
+    attachments: bool = True
+    """Attach the factsheet page (HTML) and the loss chart (PNG) to the model entry."""
+    state_dir: str = ""
+    """Where IBM's client keeps its local files (logs, MLflow store, settings); empty:
+    ``<cache>/watsonx-governance`` under the deployment's home. Never the working directory or ``~``."""
+    attempts: int = Field(default=4, ge=1, le=10)
+    """How often a call that finds the service unavailable is tried before publishing fails."""
+    backoff_s: float = Field(default=2.0, ge=0.0, le=60.0)
+    """Seconds before the second attempt; doubled for each one after."""
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("https://", "http://")):
+            raise ValueError(f"url {value!r} needs its scheme, e.g. 'https://{value}'")
+        return value.rstrip("/") if value else None
+
+    @field_validator("use_case", "approach")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty: it is the name the use case or approach is found by")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _platform(self) -> "WatsonxGovernanceSettings":
+        if self.platform == "cpd":
+            missing = [k for k in ("url", "username") if not getattr(self, k)]
+            if missing:
+                raise ValueError(
+                    f"platform 'cpd' needs {' and '.join(missing)}: the cluster's address and the user the API key belongs to"
+                )
+        elif self.url or self.username:
+            raise ValueError(
+                "url and username are for platform 'cpd'; on IBM Cloud the service is found by region "
+                f"({', '.join(_REGIONS)}) and the API key alone"
+            )
+        return self
+
+    def service_url(self) -> str:
+        """Where the facts go: the CPD address, or the region's IBM Cloud API host."""
+        if self.platform == "cpd":
+            return self.url or ""
+        from .client import cloud_api_url
+
+        return cloud_api_url(self.region)
+
+
+class WatsonxGovernancePublisher(FactsheetPublisher):
+    """Publishes each served adapter to watsonx.governance: model entry, custom facts, attachments, AI use case."""
+
+    name: ClassVar[str] = "watsonx-governance"
+    engines: ClassVar[tuple[str, ...] | None] = ("local",)
+    Settings: ClassVar[type[BaseModel]] = WatsonxGovernanceSettings
+
+    def locations(self) -> dict[str, str]:
+        # The facts leave aiplane's storage for IBM's service, which no storage location holds:
+        # per-region storage must refuse this publisher rather than pretend the service is in a region.
+        s: Any = self.settings
+        return {"url": ""} | ({"state_dir": s.state_dir} if s.state_dir else {})
+
+    def check(self, deployment) -> list[str]:
+        import os
+
+        s: Any = self.settings
+        if not os.environ.get(s.api_key.env_var):
+            return [
+                f"factsheet.settings.api_key: {s.api_key!r} is not set; export {s.api_key.env_var}=... "
+                "(or mount the Secret as that variable) before publishing to watsonx.governance"
+            ]
+        return []
+
+    def workload(self, endpoint: EndpointRecord, document: Mapping[str, Any]) -> Workload:
+        """The ``publish-factsheet`` workload; its one output, ``factsheet``, is a FactsheetRecord."""
+        if not isinstance(endpoint, EndpointRecord):
+            raise InputError(f"A factsheet is published for an EndpointRecord; got {type(endpoint).__name__}")
+        if not isinstance(document, Mapping):
+            raise InputError(
+                "The factsheet document must be a mapping (see aiplane.core.factsheet.build_factsheet); "
+                f"got {type(document).__name__}"
+            )
+        try:
+            doc = json.loads(json.dumps(dict(document)))
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"The factsheet document is not JSON-serializable: {exc}") from None
+        # The settings travel as JSON; the API key as its reference only, resolved in the workload.
+        return Workload(
+            name="publish-factsheet",
+            entrypoint=ENTRYPOINT,
+            inputs={"endpoint": endpoint},
+            params={"document": doc, "settings": self.settings.model_dump(mode="json")},
+        )
