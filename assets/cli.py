@@ -11,6 +11,7 @@ without a traceback (``--debug`` or ``AIPLANE_DEBUG=1`` shows them).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -58,15 +59,45 @@ def _dagster_home(home: Path) -> Path:
     return Path(os.environ["DAGSTER_HOME"])
 
 
-def _instance(home: Path):
+# Heads the storage block aiplane writes from the deployment's `dagster.postgres`.
+_PG_MARK = "# storage: from the deployment's dagster.postgres; aiplane rewrites this file while this line is here\n"
+
+
+def _instance_yaml(postgres=None) -> str:
+    """``dagster.yaml`` as aiplane writes it; with ``postgres`` (a ``DagsterPostgres``), runs, events and
+    schedules on PostgreSQL, the password read from the environment variable its reference names."""
+    if postgres is None:
+        return _INSTANCE_YAML
+    import yaml
+
+    db = {
+        "username": postgres.username,
+        "password": {"env": postgres.password.env_var},
+        "hostname": postgres.hostname,
+        "db_name": postgres.db_name,
+        "port": postgres.port,
+        # psycopg2, the driver the `postgres` extra installs: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3.
+        "scheme": "postgresql+psycopg2",
+    }
+    if postgres.params:
+        db["params"] = dict(postgres.params)
+    return _INSTANCE_YAML + _PG_MARK + yaml.safe_dump({"storage": {"postgres": {"postgres_db": db}}}, sort_keys=False)
+
+
+def _instance(home: Path, postgres=None):
     from dagster import DagsterInstance
 
     dagster_home = _dagster_home(home)
     dagster_home.mkdir(parents=True, exist_ok=True)
     config = dagster_home / "dagster.yaml"
-    if not config.exists() or not config.read_text().strip():
-        # The default instance (SQLite under DAGSTER_HOME) with telemetry off; a user's own file is kept.
-        config.write_text(_INSTANCE_YAML)
+    text = config.read_text() if config.exists() else ""
+    wanted = _instance_yaml(postgres)
+    # The default instance (SQLite under DAGSTER_HOME), or PostgreSQL when the deployment says so, with
+    # telemetry off. aiplane's own file follows the deployment; a user's own file is kept.
+    if text != wanted and (not text.strip() or text == _INSTANCE_YAML or _PG_MARK in text):
+        if postgres is not None and importlib.util.find_spec("dagster_postgres") is None:
+            raise AiplaneError("dagster.postgres needs dagster-postgres: pip install 'aiplane[postgres]'")
+        config.write_text(wanted)
     return DagsterInstance.get()
 
 
@@ -163,7 +194,7 @@ def _up(args: argparse.Namespace) -> int:
     # Training's process and imports get ready while the deployment is checked and the sources refreshed.
     prestart_training(deployment, registry, args.train_target)
     raise_for_problems(deployment, preflight(deployment, registry, _pins(args)))
-    instance = _instance(deployment.home)
+    instance = _instance(deployment.home, deployment.dagster.postgres)
     _recover(instance, deployment, registry)
 
     defs = build_definitions(
@@ -184,20 +215,7 @@ def _up(args: argparse.Namespace) -> int:
     tags = {PID_TAG: pid_tag()}
 
     def execute(selection: list[str]) -> str:
-        wanted = set(selection)
-        ops = {k: v for k, v in run_config["ops"].items() if k in wanted}
-        result = job.execute_in_process(
-            instance=instance,
-            raise_on_error=False,
-            run_config={**run_config, "ops": ops},
-            asset_selection=[dg.AssetKey(k) for k in selection],
-            tags=tags,
-        )
-        if not result.success:
-            if _interrupted(result):
-                raise KeyboardInterrupt  # Ctrl-C reached Dagster first; the run is already stopped
-            raise _RunFailed(_failure_message(result, _debug(args)))
-        return result.run_id
+        return _execute(job, instance, run_config, selection, tags, _debug(args))
 
     def version(key: str) -> str | None:
         entry = instance.get_latest_materialization_event(dg.AssetKey(key))
@@ -250,6 +268,66 @@ def _up(args: argparse.Namespace) -> int:
     for step in json.loads(Storage(deployment.storage.s3).read_bytes(sheet.uri))["lineage"]:
         print(f"  {step['kind']:16} {step['digest']:80} {step['uri']}")
     print(f"  {'factsheet':16} {sheet.digest:80} {sheet.uri}")
+    return 0
+
+
+def _execute(job, instance, run_config: dict, selection: list[str], tags: dict, debug: bool) -> str:
+    """Run ``selection`` of the asset job in this process (each asset's config from ``run_config``); its run id."""
+    import dagster as dg
+
+    wanted = set(selection)
+    ops = {k: v for k, v in run_config["ops"].items() if k in wanted}
+    result = job.execute_in_process(
+        instance=instance,
+        raise_on_error=False,
+        run_config={**run_config, "ops": ops},
+        asset_selection=[dg.AssetKey(k) for k in selection],
+        tags=tags,
+    )
+    if not result.success:
+        if _interrupted(result):
+            raise KeyboardInterrupt  # Ctrl-C reached Dagster first; the run is already stopped
+        raise _RunFailed(_failure_message(result, debug))
+    return result.run_id
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    """Serve an earlier adapter on the endpoint: a materialization of served_endpoint and factsheet like any other."""
+    from .definitions import EndpointConfig, TargetConfig, _adapter_of, build_definitions
+    from .resource import AiplaneResource
+    from .state import PID_TAG, latest_record, pid_tag, records
+
+    deployment = load_deployment(args.deployment or None)
+    _dagster_home(deployment.home)
+    instance = _instance(deployment.home, deployment.dagster.postgres)
+    current = latest_record(instance, "served_endpoint")
+    if not isinstance(current, EndpointRecord):
+        raise AiplaneError("No endpoint has been materialized on this instance, so there is nothing to roll back.")
+    serving = _adapter_of(current).digest
+    wanted = args.to
+    if not wanted:
+        # The adapter the endpoint served before the current one.
+        earlier = (_adapter_of(r).digest for r in records(instance, "served_endpoint") if isinstance(r, EndpointRecord))
+        wanted = next((d for d in earlier if d != serving), "")
+        if not wanted:
+            raise AiplaneError(f"{current.model_name} has served only adapter {serving}; there is nothing to roll back to.")
+    defs = build_definitions(
+        AiplaneResource(deployment=args.deployment, home=str(deployment.home)),
+        loggers={"console": _console_logger(_debug(args))},
+    )
+    run_config = {
+        "loggers": {"console": {"config": {"log_level": "INFO"}}},
+        "ops": {
+            "served_endpoint": {"config": EndpointConfig(name=current.model_name, rollback_to=wanted).model_dump()},
+            "factsheet": {"config": TargetConfig().model_dump()},
+        },
+    }
+    job = defs.resolve_implicit_global_asset_job_def()
+    run_id = _execute(job, instance, run_config, ["served_endpoint", "factsheet"], {PID_TAG: pid_tag()}, _debug(args))
+    endpoint, sheet = latest_record(instance, "served_endpoint"), latest_record(instance, "factsheet")
+    print(f"Rolled back {endpoint.model_name} at {endpoint.url}: adapter {serving} -> {_adapter_of(endpoint).digest}")
+    print(f"Dagster run:  {run_id}")
+    print(f"Factsheet:    {sheet.uri}")
     return 0
 
 
@@ -342,7 +420,7 @@ def _stop(args: argparse.Namespace) -> int:
     from dagster import AssetKey
 
     deployment = load_deployment(args.deployment or None)
-    instance = _instance(deployment.home)
+    instance = _instance(deployment.home, deployment.dagster.postgres)
     event = instance.get_latest_materialization_event(AssetKey("served_endpoint"))
     if event is None or event.asset_materialization is None:
         print("No endpoint has been materialized on this instance.")
@@ -371,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     up.set_defaults(fn=_up)
     sub.add_parser("plugins", help="list installed plugins and the components they provide").set_defaults(fn=_plugins)
     sub.add_parser("stop", help="stop the served endpoint").set_defaults(fn=_stop)
+    rollback = sub.add_parser("rollback", help="serve an earlier adapter on the endpoint (default: the one before)")
+    rollback.add_argument("--to", default="", help="the adapter's digest, or 12 or more of its first hex digits")
+    rollback.set_defaults(fn=_rollback)
     args = parser.parse_args(argv)
     # Output(data_version=...) is how the assets version their data; Dagster's beta label is noise here.
     warnings.filterwarnings("ignore", message=".*data_version.*beta", category=Warning)

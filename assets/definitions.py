@@ -31,7 +31,7 @@ from aiplane.core.records import (
 
 from .resource import AiplaneResource
 from .sources import load_tickets
-from .state import ORPHAN_NOTIFIED_TAG, RecordIOManager, spec_digest, unfinished_steps
+from .state import ORPHAN_NOTIFIED_TAG, RecordIOManager, latest_record, records, spec_digest, unfinished_steps
 
 __all__ = ["defs", "ASSETS", "features_refresh_schedule", "on_upstream_data_change"]
 
@@ -213,6 +213,22 @@ def _adapter_of(record: Record) -> AdapterRecord:
     return adapter
 
 
+def _rollback(instance: dg.DagsterInstance, wanted: str) -> tuple[AdapterRecord, dict[str, str | None]]:
+    """The earlier adapter ``wanted`` names (a digest or its first 12+ hex digits), and what it replaces."""
+    prefix = wanted.removeprefix("sha256:").lower()
+    if len(prefix) < 12:
+        raise InputError(f"rollback_to {wanted!r} is too short to name one adapter: give 12 or more hex digits of its digest.")
+    found = {r.digest: r for r in records(instance, "adapter_weights") if r.digest.removeprefix("sha256:").startswith(prefix)}
+    if len(found) != 1:
+        known = ", ".join(dict.fromkeys(r.digest[7:19] for r in records(instance, "adapter_weights"))) or "none"
+        how = "names more than one adapter" if found else "names no adapter this instance has trained"
+        raise InputError(f"rollback_to {wanted!r} {how}; adapters trained here (newest first): {known}.")
+    (adapter,) = found.values()
+    current = latest_record(instance, "served_endpoint")
+    served = _adapter_of(current).digest if current is not None else None
+    return adapter, {"to": adapter.digest, "from": served}
+
+
 def _residency(record: Record) -> tuple[str, ...]:
     """Residency travels with lineage: a model trained on EU rows is EU data too."""
     tags: set[str] = set()
@@ -289,12 +305,15 @@ def adapter_weights(
 
 class EndpointConfig(TargetConfig):
     name: str = "support-tickets"
-    """Endpoint name; re-materializing replaces this endpoint's server blue/green."""
+    """Endpoint name; the URL and the name clients use stay the same when the adapter behind it changes."""
+    rollback_to: str = ""
+    """Serve an earlier adapter instead of the latest: its digest, or 12 or more of its first hex digits
+    (``aiplane rollback`` sets this). It stays served until adapter_weights changes."""
 
 
 @dg.asset(
     group_name=GROUP,
-    kinds={"kserve"},
+    kinds={"vllm"},
     automation_condition=on_upstream_data_change(),
     description="A running model server for the base model plus adapter.",
 )
@@ -302,19 +321,26 @@ def served_endpoint(
     context: dg.AssetExecutionContext, config: EndpointConfig, aiplane: AiplaneResource, adapter_weights: AdapterRecord
 ) -> dg.Output[EndpointRecord]:
     d = aiplane.config
-    with materialization(aiplane.registry.pm, "served_endpoint", context.run.run_id, [adapter_weights], d) as m:
+    adapter, rollback = adapter_weights, None
+    if config.rollback_to:
+        adapter, rollback = _rollback(context.instance, config.rollback_to)
+    with materialization(aiplane.registry.pm, "served_endpoint", context.run.run_id, [adapter], d) as m:
         # Judged again here, whatever launched this step: a run of this asset alone, from the UI or
         # a later `aiplane up`, must not promote an adapter the blocking check failed.
-        verdict = judge(d.governance, build_factsheet(adapter_weights))
+        verdict = judge(d.governance, build_factsheet(adapter))
         if not verdict.passed:
             raise GovernanceError(
-                f"Adapter {adapter_weights.digest} is not served: {verdict.summary()}. Whatever the endpoint "
+                f"Adapter {adapter.digest} is not served: {verdict.summary()}. Whatever the endpoint "
                 f"served before still serves. Retrain, or change `governance:` in {d.source or 'the deployment'}."
             )
-        serving, decision = aiplane.placed("serving", "serve-endpoint", _residency(adapter_weights), config.target)
-        result = aiplane.run(context, serving.workload(adapter_weights, config.name, str(d.home)), decision)
-        record = m["output"] = _placed(result.outputs["endpoint"], decision, result.engine)
-    context.log.info(f"endpoint {record.model_name} serving at {record.url}")
+        serving, decision = aiplane.placed("serving", "serve-endpoint", _residency(adapter), config.target)
+        result = aiplane.run(context, serving.workload(adapter, config.name, str(d.home)), decision)
+        execution = {**result.engine, **({"rollback": rollback} if rollback else {})}
+        record = m["output"] = _placed(result.outputs["endpoint"], decision, execution)
+    context.log.info(
+        f"endpoint {record.model_name} serving at {record.url}"
+        + (f" (rolled back from adapter {rollback['from']} to {rollback['to']})" if rollback else "")
+    )
     return _output(
         record,
         spec_digest=spec_digest(d, "served_endpoint", config.model_dump()),

@@ -22,6 +22,7 @@ from aiplane.core.records import Record, record_from_json
 __all__ = [
     "RecordIOManager",
     "latest_record",
+    "records",
     "latest_materialization",
     "spec_digest",
     "ASSET_COMPONENTS",
@@ -66,6 +67,13 @@ def latest_record(instance: dg.DagsterInstance, key: dg.AssetKey | str) -> Recor
     return _record_of(instance.get_latest_materialization_event(key))
 
 
+def records(instance: dg.DagsterInstance, key: dg.AssetKey | str, limit: int = 1000) -> list[Record]:
+    """The records of an asset's materializations, newest first (at most ``limit``)."""
+    key = dg.AssetKey(key) if isinstance(key, str) else key
+    entries = instance.fetch_materializations(key, limit=limit).records
+    return [r for r in (_record_of(e.event_log_entry) for e in entries) if r is not None]
+
+
 class RecordIOManager(dg.ConfigurableIOManager):
     """Stores nothing: an asset's record is already in its materialization's metadata, which this reads back."""
 
@@ -97,8 +105,10 @@ def spec_digest(deployment, asset: str, config: Mapping[str, Any]) -> str:
     from aiplane.core import __version__
 
     spec = getattr(deployment, ASSET_COMPONENTS[asset]).model_dump(mode="json")
+    # A rollback is not a settings change: the rolled-back adapter stays served until adapter_weights changes.
+    config = {k: v for k, v in config.items() if k != "rollback_to"}
     canonical = json.dumps(
-        {"aiplane": __version__, "spec": spec, "config": dict(config)}, sort_keys=True, separators=(",", ":"), default=str
+        {"aiplane": __version__, "spec": spec, "config": config}, sort_keys=True, separators=(",", ":"), default=str
     )
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 

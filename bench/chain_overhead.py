@@ -2,7 +2,7 @@
 
 Both sides use the same base model directory (built once, before timing), the
 same sample tickets, the same trainer settings and the same LoRA training
-function; both start the same KServe server, wait for its readiness and ask it
+function; both start the same vLLM server, wait for its readiness and ask it
 for one completion. The bare side is one Python process calling everything
 directly: no Dagster, no workload subprocesses, no placement, no preflight, no
 lineage hooks, no factsheet page. Each side is timed from starting its process
@@ -120,25 +120,27 @@ def bare(home: Path, model_dir: Path, steps: int) -> None:
     quiet = WorkloadContext(Workload(name="bare", entrypoint="bare:train"), emit=lambda event: None)
     adapter = train(base, features, rows, settings, str(home / "artifacts"), quiet)
 
-    # Serving: the same server, started directly; wait until it answers.
+    # Serving: the same vLLM server (runtime, flags, environment), started directly; wait until it answers.
+    from aiplane.plugins.vllm.runtime import SERVER_MODULE, ensure_vllm, server_args, server_env
+
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "aiplane.plugins.kserve.server", "--base-model", str(model_dir), "--adapter", _local(adapter.uri),
-         "--model-name", "bare", "--port", str(port), "--socket-fd", str(sock.fileno())],
-        pass_fds=(sock.fileno(),), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
     sock.close()
+    args = server_args(str(model_dir), "base", host="127.0.0.1", port=port, extra=["--lora-modules", f"bare={_local(adapter.uri)}"])
+    proc = subprocess.Popen(
+        [str(ensure_vllm(lambda line: None)), "-m", SERVER_MODULE, *args], env=server_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
     try:
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/bare/ready", timeout=2):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
                     break
             except OSError:
                 if proc.poll() is not None:
                     raise RuntimeError("bare server died") from None
-                time.sleep(0.2)
+                time.sleep(0.5)
         # One completion, as `aiplane up` prints; then the factsheet: just the JSON.
         body = json.dumps({"model": "bare", "prompt": "Ticket: VPN down\nLabel:", "max_tokens": 8, "temperature": 0})
         request = urllib.request.Request(

@@ -246,6 +246,11 @@ class WorkloadContext:
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
+    @property
+    def cancel_event(self) -> threading.Event:
+        """Set when the workload is cancelled: for blocking helpers that take one (``stream_process``)."""
+        return self._cancel
+
     def check_cancelled(self) -> None:
         """Long loops call this between steps so in-process cancellation is prompt."""
         if self._cancel.is_set():

@@ -80,8 +80,12 @@ def _prepare(tmp: Path) -> dict[str, str]:
     # reports and dconf land there, not in the caller's HOME (CI fails a run that writes to it).
     home = tmp / "home"
     home.mkdir()
+    from aiplane.core.runtimes import runtimes_dir
+
     return {
         **os.environ,
+        # The caller's runtime cache (vLLM's environment), not one in the throw-away home: provisioned once.
+        "AIPLANE_RUNTIMES": str(runtimes_dir()),
         "HOME": str(home),
         "XDG_CACHE_HOME": str(home / ".cache"),
         "XDG_CONFIG_HOME": str(home / ".config"),
@@ -288,7 +292,7 @@ def _stop_endpoints(env: dict[str, str]) -> list[str]:
             settings = deployment.serving.settings if deployment.serving.name == endpoint.serving else None
             Registry().create("serving target", endpoint.serving, settings).stop(endpoint)
             stopped.append(f"{endpoint.model_name} pid {endpoint.handle.get('pid')}")
-    leftovers = sorted(str(p) for p in (Path(env["AIPLANE_HOME"]) / "serving").glob("*/current.json"))
+    leftovers = sorted(str(p) for p in (Path(env["AIPLANE_HOME"]) / "serving").glob("vllm/*/server.json"))
     if leftovers:
         _log(f"WARNING: endpoint state still names a server: {', '.join(leftovers)}")
     return stopped

@@ -97,9 +97,10 @@ def crd_validator(filename: str, version: str | None = None):
 
 def stop_endpoints(home: Path) -> None:
     """Stop every model server a chain under ``home`` started, even when a later step failed."""
-    import json
+    from aiplane.plugins.vllm import _server
 
-    from aiplane.plugins.kserve._process import terminate
-
-    for current in (home / "serving").glob("*/current.json"):
-        terminate(json.loads(current.read_text())["pid"], current.parent.name)
+    for directory in (home / "serving" / "vllm").glob("*"):
+        info = _server.server_info(directory)
+        if info is not None:
+            _server.terminate(info)
+            _server.forget(directory)

@@ -184,6 +184,45 @@ def test_a_second_up_with_nothing_changed_materializes_nothing_new_and_keeps_the
     assert url and url == [line for line in third.stdout.splitlines() if line.startswith("Endpoint:")]
 
 
+def _endpoint_state(home: Path) -> dict:
+    state = json.loads((home / "serving" / "support-tickets" / "endpoint.json").read_text())
+    (server,) = (home / "serving" / "vllm").glob("*/server.json")
+    return {**state, "pid": json.loads(server.read_text())["pid"]}
+
+
+def test_a_new_adapter_takes_over_the_running_server_and_rollback_brings_the_one_before_back(recovered):
+    home = recovered["home"]
+    first = _endpoint_state(home)
+    _deployment(home, trainer={**TINY_TRAINING, "seed": 1})
+    retrained = aiplane_up(home)
+    assert retrained.returncode == 0, retrained.stderr[-3000:]
+    second = _endpoint_state(home)
+    assert second["current"] != first["current"]
+    assert (second["url"], second["pid"]) == (first["url"], first["pid"]), "same server, same URL, no restart"
+
+    back = aiplane(home, "rollback")
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert f"adapter {second['current']} -> {first['current']}" in back.stdout
+    after = _endpoint_state(home)
+    assert (after["current"], after["url"], after["pid"]) == (first["current"], first["url"], first["pid"])
+    # Recorded like any deploy: in the factsheet, and as the served endpoint's input in the lineage.
+    document = json.loads((home / "factsheets" / "latest.json").read_text())
+    assert document["endpoint"]["execution"]["rollback"] == {"to": first["current"], "from": second["current"]}
+    assert document["adapter"]["digest"] == first["current"]
+    served = [e for e in _lineage(home) if e["job"]["name"] == "served_endpoint" and e["eventType"] == "COMPLETE"][-1]
+    assert [i["facets"]["version"]["datasetVersion"] for i in served["inputs"]] == [first["current"]]
+    # It stays: nothing upstream changed, so the next `up` leaves the rolled-back adapter serving.
+    again = aiplane_up(home)
+    assert again.returncode == 0 and f"{'served_endpoint':16} up to date" in again.stdout, again.stdout
+    assert _endpoint_state(home)["current"] == first["current"]
+
+
+def test_rollback_to_an_adapter_never_trained_here_names_the_ones_that_were(recovered):
+    out = aiplane(recovered["home"], "rollback", "--to", "0123456789abcdef")
+    assert out.returncode == 1 and "names no adapter this instance has trained" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_the_dagster_instance_aiplane_creates_sends_no_telemetry(tmp_path, monkeypatch):
     from aiplane.assets.cli import _instance
 

@@ -56,7 +56,7 @@ def test_bad_keys_and_values_are_named_with_allowed_values(tmp_path):
             gpu: 1
         feature_store: {name: iceberg}
         trainer: {name: lora}
-        serving: {name: kserve-local}
+        serving: {name: vllm}
         """,
     )
     with pytest.raises(ConfigError) as err:
@@ -121,12 +121,12 @@ def test_deployment_repr_holds_no_secret_value(tmp_path, monkeypatch):
 def test_secret_scan_accepts_references_and_innocent_names(tmp_path):
     text = open(load_deployment("local").source).read()
     text = text.replace(
-        "    readiness_timeout_s: 120",
-        "    readiness_timeout_s: 120\n    max_new_tokens: 16\n    api_key: {secret: watsonx, key: apikey}\n    token: {env: KFP_TOKEN}",
+        "    readiness_timeout_s: 300",
+        "    readiness_timeout_s: 300\n    max_loras: 4\n    api_key: {secret: watsonx, key: apikey}\n    token: {env: KFP_TOKEN}",
     )
     d = load_deployment(_write(tmp_path, text, "refs.yaml"), home=tmp_path)
     assert d.serving.settings["api_key"] == {"secret": "watsonx", "key": "apikey"}
-    assert d.serving.settings["max_new_tokens"] == 16
+    assert d.serving.settings["max_loras"] == 4
 
 
 @pytest.mark.parametrize("key", ["api_key", "apikey", "password", "hmac-secret", "client_credentials", "TOKEN"])

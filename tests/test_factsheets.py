@@ -89,7 +89,7 @@ def chain(tmp_path):
         url="http://127.0.0.1:38123",
         model_name="tickets",
         protocols=("v1", "v2"),
-        serving="kserve-local",
+        serving="vllm",
         handle={"pid": 424242, "state_file": "/secret/handle/state.json"},
         placement=PlacementDecision(
             workload="deploy-tickets", target="local", engine="local", region="eu", reason=SERVE_REASON

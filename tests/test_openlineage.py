@@ -127,7 +127,7 @@ def test_endpoint_dataset_is_named_by_scheme_host_port_and_model(records):
     def endpoint(url: str) -> EndpointRecord:
         return EndpointRecord(
             uri=url, digest=records["adapter"].digest, url=url, model_name="tickets",
-            protocols=("v1",), serving="kserve-local",
+            protocols=("v1",), serving="vllm",
         )
 
     assert dataset_name(endpoint("http://127.0.0.1:38123/v1/models/tickets")) == ("http://127.0.0.1:38123", "tickets")

@@ -312,7 +312,7 @@ def test_adapter_digest_does_not_depend_on_where_the_base_model_sat(base_model, 
 def _training_run_digest(adapter: AdapterRecord) -> str:
     endpoint = EndpointRecord(
         uri="http://127.0.0.1:1/v1", digest="sha256:e", url="http://127.0.0.1:1", model_name="m",
-        protocols=("openai-completions",), serving="kserve-local", sources=(adapter,),
+        protocols=("openai-completions",), serving="vllm", sources=(adapter,),
     )  # fmt: skip
     return next(step["digest"] for step in build_factsheet(endpoint)["lineage"] if step["kind"] == "training_run")
 

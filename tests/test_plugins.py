@@ -15,7 +15,7 @@ from aiplane.core.placement import Requirements, place
 from aiplane.core.plugins import Registry, get_plugin_manager
 from aiplane.core.workload import Workload
 
-BUILTINS = {"local", "iceberg", "peft", "kserve", "factsheets", "openlineage", "ray", "kfp"}
+BUILTINS = {"local", "iceberg", "peft", "kserve", "vllm", "factsheets", "watsonx_gov", "openlineage", "ray", "kfp", "k8s"}
 EXAMPLE = Path(__file__).parents[1] / "examples" / "aiplane-example-cloud"
 
 
@@ -82,7 +82,7 @@ def test_disabled_plugins_are_listed_as_disabled_with_what_they_would_provide(mo
     monkeypatch.setenv("AIPLANE_DISABLE_PLUGINS", "kserve")
     infos = {p.name: p for p in Registry().plugins()}
     assert infos["kserve"].disabled_by == "AIPLANE_DISABLE_PLUGINS"
-    assert infos["kserve"].components == (("serving target", "kserve-local"),)
+    assert infos["kserve"].components == (("serving target", "kserve"),)
     assert infos["kserve"].distribution == "aiplane" and infos["kserve"].hooks == ("aiplane_serving_targets",)
     assert infos["local"].disabled_by is None
 
@@ -226,7 +226,7 @@ def test_aiplane_plugins_command_lists_components_and_disabled_plugins(example_c
     assert lines[i + 1].split() == ["provides", "engine", "'example-cloud'"]
     kserve = next(n for n, line in enumerate(lines) if line.startswith("kserve "))
     assert lines[kserve].endswith("aiplane_serving_targets  DISABLED: AIPLANE_DISABLE_PLUGINS names it")
-    assert lines[kserve + 1].split() == ["provides", "serving", "target", "'kserve-local'"]
+    assert lines[kserve + 1].split() == ["provides", "serving", "target", "'kserve'"]
     assert any(line.split()[:3] == ["provides", "trainer", "'lora'"] for line in lines)
 
 

@@ -216,10 +216,12 @@ def _page(document: Mapping[str, Any], png: bytes) -> str:
     endpoint, by = _section(document, "endpoint"), _section(document, "generated_by")
     metrics = _metrics(document)
     model = document.get("model") or endpoint.get("model_name") or "model"
+    rollback = (endpoint.get("execution") or {}).get("rollback") or {}
 
     headline = _table(
         [
             ("Endpoint", endpoint.get("url")),
+            *([("Rolled back", f"from adapter {rollback.get('from')} to {rollback.get('to')}")] if rollback else []),
             ("Protocols", ", ".join(map(str, endpoint.get("protocols") or ())) or None),
             ("Serving", endpoint.get("serving")),
             ("Base model", f"{base.get('name')} ({base.get('architecture')}, {base.get('parameters')} parameters)"),

@@ -1,25 +1,21 @@
-"""The ``kserve`` plugin: serves an adapter with a KServe model server.
+"""The ``kserve`` plugin: serving on OpenShift AI, as a KServe InferenceService on a vLLM ServingRuntime.
 
-``kserve-local`` starts the server as a detached process on this machine and
-re-deploys blue/green. The server speaks the KServe v2 protocol and an
-OpenAI-style ``/v1/completions`` (what vLLM on OpenShift AI serves), so
-:func:`complete` works against either.
-
-Importing this module is cheap: kserve, torch and transformers load only in the
-server process.
+The runtime's flags and environment are the local ``vllm`` target's
+(:mod:`aiplane.plugins.vllm.runtime`), so what is served on a laptop is served
+the same way on the cluster. Importing this module is cheap: the ``kubernetes``
+client loads only when a deploy, a status check or a stop talks to a cluster.
 """
 
 from __future__ import annotations
 
 from aiplane.core.hookspecs import hookimpl
 
-from .client import complete
-from .target import KServeLocal
+from .target import KServe
 
-__all__ = ["KServeLocal", "complete", "aiplane_serving_targets"]
+__all__ = ["KServe", "aiplane_serving_targets"]
 
 
 @hookimpl
-def aiplane_serving_targets() -> list[type[KServeLocal]]:
+def aiplane_serving_targets() -> list[type[KServe]]:
     """This plugin's serving targets."""
-    return [KServeLocal]
+    return [KServe]

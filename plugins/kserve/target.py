@@ -1,131 +1,151 @@
-"""The ``kserve-local`` serving target: a KServe model server process on this machine."""
+"""The ``kserve`` serving target: an InferenceService on a vLLM ServingRuntime (OpenShift AI's model serving)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from aiplane.core.components import ServingTarget
 from aiplane.core.errors import ConfigError, InputError
+from aiplane.core.kube import Toleration, check_cpu, check_memory
 from aiplane.core.workload import Workload
-
-from . import _port
-from ._process import (
-    CURRENT,
-    check_endpoint_name,
-    is_our_server,
-    live_current,
-    locked,
-    read_current,
-    remove_quietly,
-    terminate,
-)
+from aiplane.plugins.vllm.runtime import ServerSettings
 
 if TYPE_CHECKING:
     from aiplane.core.config import Deployment
     from aiplane.core.records import AdapterRecord, EndpointRecord
 
-__all__ = ["KServeLocal"]
+__all__ = ["KServe"]
+
+_DNS_1123 = re.compile(r"[a-z0-9]([-a-z0-9]{0,43}[a-z0-9])?")
+"""An InferenceService name: KServe derives longer names (``<name>-predictor-...``) from it, hence 45 characters."""
 
 
-class KServeLocal(ServingTarget):
-    """Serves the adapter with a KServe ``ModelServer`` started as a detached process on this machine.
+class KServe(ServingTarget):
+    """Serves adapters from a KServe InferenceService on a vLLM ServingRuntime, through the Kubernetes API.
 
-    An endpoint keeps its URL for its life. Re-deploying it is blue/green behind
-    that URL: the new server must answer a real completion before it becomes
-    current and takes the endpoint's connections; the old one then finishes the
-    requests it has and stops.
+    The base model comes from object storage (``storageUri``), each adapter
+    version too (``storageUris``); the endpoint name routes to the newest, the
+    ``keep_previous`` before it stay served for rollback. ``Serverless`` mode
+    rolls a new adapter out as a canary and promotes it after a completion;
+    ``RawDeployment`` mode rolls it out as a Deployment update. A failed rollout
+    puts the previous spec back. The Kubernetes client is built from
+    ``kubeconfig`` (or the pod's service account); pass ``api_client`` to use
+    another.
     """
 
-    name = "kserve-local"
+    name = "kserve"
     engines = ("local",)
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
+    class Settings(ServerSettings):
+        namespace: str
+        """Where the InferenceService and ServingRuntime live (the data science project)."""
+        image: str
+        """The vLLM serving image, pinned (a tag or digest), e.g. OpenShift AI's vLLM image for your accelerator."""
+        deployment_mode: Literal["Serverless", "RawDeployment"] = "Serverless"
+        canary_traffic_percent: int = Field(10, ge=1, le=99)
+        """Serverless only: the share of traffic a new adapter's revision gets until its first completion succeeds."""
+        runtime_name: str = "aiplane-vllm"
+        cpu: str = "2"
+        """The predictor's CPU request."""
+        memory: str = "16Gi"
+        """The predictor's memory, requested and its limit."""
+        gpus: int = Field(1, ge=0)
+        gpu_type: str = "nvidia.com/gpu"
+        min_replicas: int = Field(1, ge=0)
+        max_replicas: int = Field(1, ge=1)
+        node_selector: dict[str, str] = Field(default_factory=dict)
+        tolerations: tuple[Toleration, ...] = ()
+        service_account: str | None = None
+        """The ServiceAccount whose Secret gives the storage initializer the bucket's keys (KServe's S3 convention)."""
+        smoke: bool = True
+        """Send one completion to the new revision before it is promoted (the orchestrator must reach the cluster's URLs)."""
+        readiness_timeout_s: float = Field(1800.0, gt=0)
+        poll_s: float = Field(2.0, gt=0)
+        kubeconfig: str | None = None
+        """A kubeconfig file; unset: the service account of the pod this runs in."""
+        context: str | None = None
 
-        host: str = "127.0.0.1"
-        """Address the server listens on; the default keeps it off the network."""
-        port: int = Field(0, ge=0, le=65535)
-        """0 picks a free port when the endpoint is first deployed; re-deploys keep the endpoint's port either way."""
-        readiness_timeout_s: float = Field(120.0, gt=0)
-        """How long a new server may take to load and answer its first completion."""
-        max_new_tokens: int = Field(16, ge=1)
-        """Generation length for v2 infer requests that do not say ``max_tokens``."""
+        @field_validator("cpu")
+        @classmethod
+        def _cpu(cls, v: str) -> str:
+            return check_cpu(v, "cpu")
+
+        @field_validator("memory")
+        @classmethod
+        def _memory(cls, v: str) -> str:
+            return check_memory(v, "memory")
+
+        @model_validator(mode="after")
+        def _pinned_image(self):
+            if ":" not in self.image.rsplit("/", 1)[-1] and "@" not in self.image or self.image.endswith(":latest"):
+                raise ValueError(f"image {self.image!r} must be pinned to a tag or digest (not latest)")
+            return self
+
+    def __init__(self, settings: Mapping[str, Any] | BaseModel | None = None, api_client: Any = None):
+        super().__init__(settings)
+        self._api_client = api_client
 
     def workload(self, adapter: "AdapterRecord", endpoint_name: str, home: str) -> Workload:
         """The ``deploy-endpoint`` workload; its result's ``endpoint`` output is the new EndpointRecord."""
-        check_endpoint_name(endpoint_name)
-        try:
-            adapter.source("base_model")
-        except LookupError:
-            raise InputError(
-                f"Adapter {adapter.uri!r} records no base_model source, so there is nothing to apply it to; "
-                "re-train it so its record carries the base model."
-            ) from None
+        from aiplane.plugins.vllm.deploy import base_model_of
+
+        _check_name(endpoint_name)
+        base_model_of(adapter)
         return Workload(
             name="deploy-endpoint",
-            entrypoint="aiplane.plugins.kserve.deploy:run",
+            entrypoint="aiplane.plugins.kserve.rollout:run",
             inputs={"adapter": adapter},
-            params={
-                "endpoint_name": endpoint_name,
-                "home": str(Path(home).expanduser().absolute()),
-                "settings": self.settings.model_dump(),
-            },
+            params={"endpoint_name": endpoint_name, "settings": self.settings.model_dump(mode="json")},
         )
 
     def check(self, deployment: "Deployment", endpoint_name: str = "support-tickets") -> list[str]:
-        """Problems deploying ``endpoint_name`` would meet: a host that does not resolve, a port someone else holds.
-
-        A fixed ``port`` (or, with ``port: 0``, the port of the endpoint's live
-        server) may be held only by the endpoint's current server, found through
-        ``deployment.home``. ``endpoint_name`` defaults to the Dagster asset's
-        endpoint name. No side effects: nothing is bound, started or written.
-        """
         try:
-            state_dir = Path(deployment.home) / "serving" / check_endpoint_name(endpoint_name)
+            _check_name(endpoint_name)
         except ConfigError as exc:
             return [str(exc)]
-        return _port.problems(
-            self.settings.host, self.settings.port, live_current(state_dir, endpoint_name), endpoint_name
-        )
+        return []
 
     def running(self, endpoint: "EndpointRecord") -> bool | None:
-        """Whether the server behind ``endpoint`` is alive and still the endpoint's current one.
+        """Whether the InferenceService is Ready and still serves ``endpoint``'s adapter; None if it cannot tell."""
+        from .render import ADAPTER_ANNOTATION
 
-        ``False`` for a record a later deploy replaced, even though its URL
-        answers; ``None`` for a record this target did not deploy. No side effects.
-        """
-        try:
-            pid, state = self._server(endpoint)
-        except InputError:
+        if endpoint.serving != self.name:
             return None
-        current = read_current(state)
-        return current is not None and current["pid"] == pid and is_our_server(pid, endpoint.model_name)
+        try:
+            current = self._cluster(endpoint).get("inferenceservices", endpoint.model_name)
+        except Exception:  # noqa: BLE001 - no cluster reachable from here: it cannot tell
+            return None
+        if current is None:
+            return False
+        ready = any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in (current.get("status") or {}).get("conditions") or []
+        )
+        return ready and current["metadata"].get("annotations", {}).get(ADAPTER_ANNOTATION) == endpoint.handle.get("adapter")
 
     def stop(self, endpoint: "EndpointRecord") -> bool:
-        """Stop the server behind ``endpoint``: True if it was running, False if there was none to stop.
+        """Delete the endpoint's InferenceService (and the ServingRuntime once no InferenceService uses it)."""
+        from .rollout import stop
 
-        Clears ``current.json`` when it names this server, so a later deploy
-        starts fresh rather than trying to replace it.
-        """
-        pid, state = self._server(endpoint)
-        if not state.is_dir():
-            return terminate(pid, endpoint.model_name)
-        with locked(state):
-            stopped = terminate(pid, endpoint.model_name)
-            current = read_current(state)
-            if current is not None and current["pid"] == pid:
-                remove_quietly(state / CURRENT)
-        return stopped
+        if endpoint.serving != self.name:
+            raise InputError(f"Endpoint {endpoint.uri!r} was served by {endpoint.serving!r}, not by {self.name!r}.")
+        return stop(self._cluster(endpoint), endpoint.model_name, endpoint.handle.get("runtime", self.settings.runtime_name))
 
-    def _server(self, endpoint: "EndpointRecord") -> tuple[int, Path]:
-        """The pid and state directory in ``endpoint``'s handle; InputError if this target did not deploy it."""
-        pid, state_dir = endpoint.handle.get("pid"), endpoint.handle.get("state_dir")
-        if endpoint.serving != self.name or not isinstance(pid, int) or not state_dir:
-            raise InputError(
-                f"Endpoint {endpoint.uri!r} was served by {endpoint.serving!r}, not deployed by {self.name!r} "
-                "(its handle has no pid and state_dir); stop it with the serving target that deployed it."
-            )
-        return pid, Path(state_dir)
+    def _cluster(self, endpoint: "EndpointRecord"):
+        from .rollout import Cluster, api_client
+
+        client = self._api_client or api_client(self.settings)
+        return Cluster(client, endpoint.handle.get("namespace", self.settings.namespace))
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not _DNS_1123.fullmatch(name):
+        raise ConfigError(
+            f"Endpoint name {name!r} cannot name an InferenceService: use 1-45 lowercase letters, digits or '-', "
+            "starting and ending with a letter or digit (e.g. 'support-tickets')."
+        )
+    return name

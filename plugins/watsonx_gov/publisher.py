@@ -4,45 +4,26 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator
 
 from aiplane.core.components import FactsheetPublisher
-from aiplane.core.config import SecretRef
 from aiplane.core.errors import InputError
 from aiplane.core.records import EndpointRecord
 from aiplane.core.workload import Workload
+
+from .connection import WatsonxConnection
 
 __all__ = ["WatsonxGovernancePublisher", "WatsonxGovernanceSettings", "ENTRYPOINT"]
 
 ENTRYPOINT = "aiplane.plugins.watsonx_gov.publish:run"
 
-# The IBM Cloud regions the facts client knows by name (its `region` argument); each has its own API host.
-_REGIONS = ("dallas", "frankfurt", "london", "tokyo", "toronto", "sydney")
 
 
-class WatsonxGovernanceSettings(BaseModel):
+class WatsonxGovernanceSettings(WatsonxConnection):
     """The ``factsheet.settings`` of a deployment that publishes to watsonx.governance."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    platform: Literal["ibm-cloud", "cpd"] = "ibm-cloud"
-    """``ibm-cloud``: the SaaS service (an IBM Cloud API key, exchanged at IAM); ``cpd``: watsonx.governance
-    on Cloud Pak for Data / IBM Software Hub (``url``, ``username`` and that user's API key)."""
-    api_key: SecretRef
-    """The IBM Cloud API key (``ibm-cloud``) or the CPD user's API key (``cpd``), by reference:
-    ``{env: WATSONX_APIKEY}`` or ``{secret: watsonx, key: apikey}``."""
-    url: str | None = None
-    """The Cloud Pak for Data address, ``https://cpd-host`` (``cpd`` only)."""
-    username: str | None = None
-    """The CPD user the API key belongs to (``cpd`` only)."""
-    region: Literal["dallas", "frankfurt", "london", "tokyo", "toronto", "sydney"] = "dallas"
-    """The IBM Cloud region of the watsonx.governance instance (``ibm-cloud`` only)."""
-    service_instance_id: str | None = None
-    """The watsonx.governance instance (``ibm-cloud``); empty: the account's default instance."""
-    disable_ssl_verification: bool = False
-    """Accept a CPD cluster's self-signed certificate (``cpd`` only). Prefer installing its CA."""
     inventory_id: str | None = None
     """The AI use case inventory (its catalog id) the use case is found in, or created in; empty: find
     the use case in any inventory the key can read, and never create one."""
@@ -60,13 +41,6 @@ class WatsonxGovernanceSettings(BaseModel):
     backoff_s: float = Field(default=2.0, ge=0.0, le=60.0)
     """Seconds before the second attempt; doubled for each one after."""
 
-    @field_validator("url")
-    @classmethod
-    def _scheme(cls, value: str | None) -> str | None:
-        if value and not value.startswith(("https://", "http://")):
-            raise ValueError(f"url {value!r} needs its scheme, e.g. 'https://{value}'")
-        return value.rstrip("/") if value else None
-
     @field_validator("use_case", "approach")
     @classmethod
     def _named(cls, value: str) -> str:
@@ -74,20 +48,6 @@ class WatsonxGovernanceSettings(BaseModel):
             raise ValueError("must not be empty: it is the name the use case or approach is found by")
         return value.strip()
 
-    @model_validator(mode="after")
-    def _platform(self) -> "WatsonxGovernanceSettings":
-        if self.platform == "cpd":
-            missing = [k for k in ("url", "username") if not getattr(self, k)]
-            if missing:
-                raise ValueError(
-                    f"platform 'cpd' needs {' and '.join(missing)}: the cluster's address and the user the API key belongs to"
-                )
-        elif self.url or self.username:
-            raise ValueError(
-                "url and username are for platform 'cpd'; on IBM Cloud the service is found by region "
-                f"({', '.join(_REGIONS)}) and the API key alone"
-            )
-        return self
 
     def service_url(self) -> str:
         """Where the facts go: the CPD address, or the region's IBM Cloud API host."""

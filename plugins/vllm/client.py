@@ -1,4 +1,4 @@
-"""A small client for the OpenAI-style completions route (this plugin's server, or vLLM on OpenShift AI)."""
+"""A small client for vLLM's OpenAI completions route: the local ``vllm`` target's server, or KServe's on OpenShift AI."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def complete(
 
     ``model`` defaults to the first model the server lists at ``GET /v1/models``.
     Raises :class:`~aiplane.core.errors.InputError` when the server does not
-    answer or answers with an error.
+    answer or answers with an error; for an unknown model, it names the ones served.
     """
     base = url.rstrip("/")
     if model is None:
@@ -49,7 +49,14 @@ def complete(
             raise InputError(f"{base}/v1/models lists no model; pass model= explicitly")
         model = listed[0]["id"]
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}
-    answer = _call(f"{base}/v1/completions", timeout, body)
+    try:
+        answer = _call(f"{base}/v1/completions", timeout, body)
+    except InputError as exc:
+        if " answered HTTP 404" not in str(exc):
+            raise
+        # vLLM's 404 names only the base model; the adapters are models too.
+        names = [m["id"] for m in _call(f"{base}/v1/models", timeout).get("data") or []]
+        raise InputError(f"{base} serves no model {model!r}; it serves: {', '.join(names) or 'nothing'}") from None
     try:
         return answer["choices"][0]["text"]
     except (KeyError, IndexError, TypeError):

@@ -1,0 +1,153 @@
+"""The KServe objects an endpoint is: a ServingRuntime (vLLM) and an InferenceService, as plain dicts.
+
+Pure functions of the target's settings and what is served, so the tests can
+validate exactly what would be sent against the real CRDs. The runtime's flags
+and environment come from :mod:`aiplane.plugins.vllm.runtime`, the same place
+the local ``vllm`` target takes them from.
+
+The base model is the InferenceService's ``storageUri`` (mounted at
+``/mnt/models``); each adapter version is one of ``storageUris``, mounted at
+``/mnt/adapters/<digest>``, and named on vLLM's command line: the endpoint name
+for the current one, ``<endpoint>@<digest>`` for those kept for rollback.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from aiplane.plugins.vllm.runtime import SERVER_ENV, SERVER_MODULE, server_args, version_name
+
+__all__ = [
+    "MANAGED_BY",
+    "ADAPTER_ANNOTATION",
+    "VERSIONS_ANNOTATION",
+    "MODEL_DIR",
+    "ADAPTERS_DIR",
+    "runtime_object",
+    "inference_service",
+    "served_versions",
+]
+
+MANAGED_BY = {"app.kubernetes.io/managed-by": "aiplane"}
+"""On everything aiplane creates: stop deletes what carries it, and nothing else."""
+ADAPTER_ANNOTATION = "aiplane.io/adapter"
+VERSIONS_ANNOTATION = "aiplane.io/versions"
+MODEL_DIR = "/mnt/models"
+ADAPTERS_DIR = "/mnt/adapters"
+_PORT = 8080
+
+
+def runtime_object(name: str, namespace: str, settings: Any) -> dict[str, Any]:
+    """The vLLM ServingRuntime: the image, vLLM's server with adapters on, the port KServe routes to."""
+    args = server_args(MODEL_DIR, "base", port=_PORT, **settings.flags())
+    env = [{"name": k, "value": v} for k, v in sorted(SERVER_ENV.items())]
+    # Caches in the pod's writable scratch space: OpenShift runs the image as an arbitrary UID.
+    env += [{"name": "HF_HOME", "value": "/tmp/hf_home"}, {"name": "HOME", "value": "/tmp"}]
+    return {
+        "apiVersion": "serving.kserve.io/v1alpha1",
+        "kind": "ServingRuntime",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {**MANAGED_BY, "opendatahub.io/dashboard": "true"},
+            "annotations": {
+                "openshift.io/display-name": "vLLM (aiplane)",
+                "opendatahub.io/recommended-accelerators": json.dumps([settings.gpu_type]),
+            },
+        },
+        "spec": {
+            "supportedModelFormats": [{"name": "vLLM", "autoSelect": True}],
+            "multiModel": False,
+            "annotations": {"prometheus.io/port": str(_PORT), "prometheus.io/path": "/metrics"},
+            "containers": [
+                {
+                    "name": "kserve-container",
+                    "image": settings.image,
+                    "command": ["python", "-m", SERVER_MODULE],
+                    "args": args,
+                    "env": env,
+                    "ports": [{"containerPort": _PORT, "protocol": "TCP"}],
+                }
+            ],
+        },
+    }
+
+
+def inference_service(
+    name: str,
+    namespace: str,
+    settings: Any,
+    runtime: str,
+    base_uri: str,
+    versions: Sequence[Mapping[str, str]],
+    canary_percent: int | None = None,
+) -> dict[str, Any]:
+    """The InferenceService serving ``versions`` (newest first, each ``{"digest", "uri"}``) of endpoint ``name``.
+
+    The first version is what the endpoint name routes to.
+    """
+    if not versions:
+        raise ValueError("an InferenceService serves at least one adapter version")
+    lora_modules = [f"{name}={_mount(versions[0]['digest'])}"]
+    lora_modules += [f"{version_name(name, v['digest'])}={_mount(v['digest'])}" for v in versions]
+    resources: dict[str, Any] = {
+        "requests": {"cpu": settings.cpu, "memory": settings.memory},
+        "limits": {"memory": settings.memory},
+    }
+    if settings.gpus:
+        resources["requests"][settings.gpu_type] = str(settings.gpus)
+        resources["limits"][settings.gpu_type] = str(settings.gpus)
+    predictor: dict[str, Any] = {
+        "minReplicas": settings.min_replicas,
+        "maxReplicas": max(settings.min_replicas, settings.max_replicas),
+        "model": {
+            "modelFormat": {"name": "vLLM"},
+            "runtime": runtime,
+            "storageUri": base_uri,
+            "args": ["--lora-modules", *lora_modules],
+            "resources": resources,
+        },
+        "storageUris": [{"uri": v["uri"], "mountPath": _mount(v["digest"])} for v in versions],
+    }
+    if settings.service_account:
+        predictor["serviceAccountName"] = settings.service_account  # how the storage initializer gets its keys
+    if settings.node_selector:
+        predictor["nodeSelector"] = dict(settings.node_selector)
+    if settings.tolerations:
+        predictor["tolerations"] = [t.manifest() for t in settings.tolerations]
+    if canary_percent is not None:
+        predictor["canaryTrafficPercent"] = canary_percent
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {**MANAGED_BY, "opendatahub.io/dashboard": "true"},
+            "annotations": {
+                "serving.kserve.io/deploymentMode": settings.deployment_mode,
+                "openshift.io/display-name": name,
+                ADAPTER_ANNOTATION: versions[0]["digest"],
+                VERSIONS_ANNOTATION: json.dumps([dict(v) for v in versions], separators=(",", ":")),
+            },
+        },
+        "spec": {"predictor": predictor},
+    }
+
+
+def served_versions(isvc: Mapping[str, Any] | None) -> list[dict[str, str]]:
+    """The adapter versions an InferenceService aiplane rendered serves, newest (current) first."""
+    if not isvc:
+        return []
+    raw = (isvc.get("metadata", {}).get("annotations") or {}).get(VERSIONS_ANNOTATION)
+    try:
+        versions = json.loads(raw) if raw else []
+    except ValueError:
+        return []
+    return [v for v in versions if isinstance(v, dict) and {"digest", "uri"} <= set(v)]
+
+
+def _mount(digest: str) -> str:
+    return f"{ADAPTERS_DIR}/{digest.split(':')[-1][:12]}"

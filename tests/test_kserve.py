@@ -1,0 +1,331 @@
+"""The ``kserve`` target against a loopback Kubernetes API (contract tests).
+
+The real ``kubernetes`` client, unmodified, loads a kubeconfig and talks to
+``_k8s_api_double``, which validates every object against the real CRDs in
+``shared/crds`` and lets each test play KServe's controller: Ready, failed with
+a message, a canary then promoted, or never ready. The vLLM server behind an
+InferenceService is a loopback stub of ``/v1/completions`` that records which
+model each request named, so the canary's smoke request is real HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from _k8s_api_double import KubernetesApiDouble
+from aiplane.core.errors import ConfigError, InputError, WorkloadError
+from aiplane.core.records import AdapterRecord, BaseModelRecord
+from aiplane.core.workload import execute
+from aiplane.plugins.kserve import KServe
+from aiplane.plugins.kserve.render import inference_service, runtime_object
+from conftest import CRDS, crd_validator
+
+NS = "aiplane"
+NAME = "support-tickets"
+IMAGE = "quay.io/modh/vllm:rhoai-2.19-cuda"
+BASE = BaseModelRecord(
+    uri="s3://aiplane-eu/models/granite-3.3-2b-instruct", digest="sha256:" + "b" * 64, name="granite",
+    architecture="GraniteForCausalLM", parameters=2_000_000_000,
+)  # fmt: skip
+
+
+def _adapter(n: int, r: int = 16, base: BaseModelRecord = BASE) -> AdapterRecord:
+    digest = f"sha256:{n:064x}"
+    return AdapterRecord(
+        uri=f"s3://aiplane-eu/aiplane/adapters/{digest[7:]}", digest=digest, method="lora", config={"r": r},
+        metrics={}, run_id=f"run{n}", sources=(base,),
+    )  # fmt: skip
+
+
+class _Vllm:
+    """A loopback stand-in for the pods' vLLM: answers /v1/completions, or fails while ``failing``."""
+
+    def __init__(self):
+        self.models: list[str] = []
+        self.failing = False
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.models.append(body["model"])
+                code, answer = (500, {"error": {"message": "CUDA out of memory"}}) if outer.failing else (
+                    200, {"choices": [{"text": " ok", "index": 0}]})  # fmt: skip
+                data = json.dumps(answer).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+class _KServeController:
+    """Plays KServe for InferenceServices: ``outcome`` decides what the next generation does."""
+
+    def __init__(self, vllm: _Vllm):
+        self.vllm = vllm
+        self.outcome = "ready"  # or "fail", "never"
+
+    def __call__(self, api: KubernetesApiDouble, event: str, obj: dict) -> None:
+        if event == "DELETED" or self.outcome == "never":
+            return
+        meta, predictor = obj["metadata"], obj["spec"]["predictor"]
+        generation, name = meta["generation"], meta["name"]
+        status = obj.get("status") or {}
+        old = (status.get("components") or {}).get("predictor") or {}
+        revision = f"{name}-predictor-{generation:05d}"
+        if self.outcome == "fail":
+            api.set_status("InferenceService", meta["namespace"], name, {
+                "observedGeneration": generation,
+                "conditions": [{"type": "Ready", "status": "False", "reason": "RevisionFailed",
+                                "message": f"Revision \"{revision}\" failed with message: 0/3 nodes are available: "
+                                           "3 Insufficient nvidia.com/gpu."}],
+            })  # fmt: skip
+            return
+        canary = predictor.get("canaryTrafficPercent")
+        previous = old.get("latestReadyRevision")
+        if canary is not None and canary < 100 and previous:
+            traffic = [
+                {"revisionName": revision, "percent": canary, "latestRevision": True, "tag": "latest",
+                 "url": self.vllm.url},
+                {"revisionName": previous, "percent": 100 - canary, "latestRevision": False, "tag": "prev"},
+            ]  # fmt: skip
+        else:
+            traffic = [{"revisionName": revision, "percent": 100, "latestRevision": True}]
+        api.set_status("InferenceService", meta["namespace"], name, {
+            "observedGeneration": generation,
+            "url": self.vllm.url,
+            "conditions": [{"type": "Ready", "status": "True"}, {"type": "PredictorReady", "status": "True"}],
+            "components": {"predictor": {"latestCreatedRevision": revision, "latestReadyRevision": revision,
+                                         "traffic": traffic}},
+        }, merge=False)  # fmt: skip
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    vllm = _Vllm()
+    controller = _KServeController(vllm)
+    with KubernetesApiDouble(
+        crds=[CRDS / "serving.kserve.io_inferenceservices.yaml", CRDS / "serving.kserve.io_servingruntimes.yaml"]
+    ) as api:
+        api.add_controller("InferenceService", controller)
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump(api.kubeconfig(NS)))
+        yield {"api": api, "kubeconfig": str(kubeconfig), "controller": controller, "vllm": vllm}
+    vllm.server.shutdown()
+
+
+def _settings(cluster, **more):
+    return {"namespace": NS, "image": IMAGE, "kubeconfig": cluster["kubeconfig"], "poll_s": 0.05, **more}
+
+
+def _deploy(cluster, adapter: AdapterRecord, **more):
+    lines: list[str] = []
+    workload = KServe(_settings(cluster, **more)).workload(adapter, NAME, "/unused")
+    result = execute(workload, emit=lambda e: lines.append(str(e)))
+    return result.outputs["endpoint"], lines
+
+
+def _isvc(cluster) -> dict:
+    return cluster["api"].get("InferenceService", NS, NAME)
+
+
+def _writes(cluster, plural: str) -> list[dict]:
+    """The changes the client sent for ``plural`` (dry runs excluded), in order."""
+    return [
+        r for r in cluster["api"].requests
+        if r.method in ("POST", "PUT", "PATCH", "DELETE") and f"/{plural}" in r.path and r.query.get("dryRun") != "All"
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- the rendered objects
+
+
+@pytest.mark.parametrize("mode", ["Serverless", "RawDeployment"])
+def test_rendered_runtime_and_inference_service_are_valid_against_the_crds(mode):
+    settings = KServe({"namespace": NS, "image": IMAGE, "deployment_mode": mode, "gpus": 2,
+                       "node_selector": {"nvidia.com/gpu.present": "true"},
+                       "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                       "service_account": "aiplane-models"}).settings  # fmt: skip
+    runtime = runtime_object("aiplane-vllm", NS, settings)
+    versions = [{"digest": _adapter(2).digest, "uri": _adapter(2).uri}, {"digest": _adapter(1).digest, "uri": _adapter(1).uri}]
+    isvc = inference_service(NAME, NS, settings, "aiplane-vllm", BASE.uri, versions, canary_percent=10)
+    crd_validator("serving.kserve.io_servingruntimes.yaml").validate(runtime)
+    crd_validator("serving.kserve.io_inferenceservices.yaml").validate(isvc)
+    args = runtime["spec"]["containers"][0]["args"]
+    assert {"--enable-lora", "--max-lora-rank=16", "--model=/mnt/models"} <= set(args)
+    assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in runtime["spec"]["containers"][0]["env"]
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["storageUri"] == BASE.uri and model["runtime"] == "aiplane-vllm"
+    d1, d2 = _adapter(1).digest[7:19], _adapter(2).digest[7:19]
+    assert model["args"] == ["--lora-modules", f"{NAME}=/mnt/adapters/{d2}", f"{NAME}@{d2}=/mnt/adapters/{d2}",
+                             f"{NAME}@{d1}=/mnt/adapters/{d1}"]  # fmt: skip
+    assert [s["mountPath"] for s in isvc["spec"]["predictor"]["storageUris"]] == [f"/mnt/adapters/{d2}", f"/mnt/adapters/{d1}"]
+    assert model["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == mode
+
+
+def test_the_double_rejects_what_the_crd_forbids_so_validation_can_fail():
+    settings = KServe({"namespace": NS, "image": IMAGE}).settings
+    isvc = inference_service(NAME, NS, settings, "aiplane-vllm", BASE.uri, [{"digest": "sha256:1", "uri": "s3://b/a"}])
+    isvc["spec"]["predictor"]["storageUris"][0]["mountPath"] = "relative/path"
+    with pytest.raises(Exception, match="mountPath"):
+        crd_validator("serving.kserve.io_inferenceservices.yaml").validate(isvc)
+
+
+def test_settings_refuse_an_unpinned_image_and_a_rank_vllm_does_not_allow():
+    with pytest.raises(ConfigError, match="must be pinned"):
+        KServe({"namespace": NS, "image": "quay.io/modh/vllm:latest"})
+    with pytest.raises(ConfigError, match="max_lora_rank"):
+        KServe({"namespace": NS, "image": IMAGE, "max_lora_rank": 24})
+
+
+def test_an_endpoint_name_kubernetes_would_refuse_is_refused_first():
+    with pytest.raises(ConfigError, match="cannot name an InferenceService"):
+        KServe({"namespace": NS, "image": IMAGE}).workload(_adapter(1), "Support_Tickets", "/unused")
+
+
+# ---------------------------------------------------------------- rollouts
+
+
+def test_first_deploy_creates_the_runtime_and_the_service_and_waits_for_ready(cluster):
+    endpoint, lines = _deploy(cluster, _adapter(1))
+    assert endpoint.serving == "kserve" and endpoint.url == cluster["vllm"].url and endpoint.model_name == NAME
+    assert endpoint.handle["revision"] == f"{NAME}-predictor-00001"
+    runtime = cluster["api"].get("ServingRuntime", NS, "aiplane-vllm")
+    assert runtime["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "aiplane"
+    assert [r.method for r in _writes(cluster, "inferenceservices")] == ["POST"]
+    # Both objects went through a server-side dry run before anything was stored.
+    dry = [r.path.rsplit("/", 1)[-1] for r in cluster["api"].requests if r.query.get("dryRun") == "All"]
+    assert dry == ["servingruntimes", "inferenceservices"]
+    assert cluster["vllm"].models == [NAME]  # the smoke completion, by endpoint name
+    assert KServe(_settings(cluster)).running(endpoint) is True
+
+
+def test_a_new_adapter_rolls_out_as_a_canary_and_is_promoted_after_a_completion(cluster):
+    first, _ = _deploy(cluster, _adapter(1))
+    second, lines = _deploy(cluster, _adapter(2))
+    puts = [r.body for r in _writes(cluster, "inferenceservices") if r.method == "PUT"]
+    assert [p["spec"]["predictor"].get("canaryTrafficPercent") for p in puts] == [10, 100]
+    assert second.url == first.url and second.handle["revision"] == f"{NAME}-predictor-00003"
+    isvc = _isvc(cluster)
+    args = isvc["spec"]["predictor"]["model"]["args"]
+    assert f"{NAME}=/mnt/adapters/{_adapter(2).digest[7:19]}" in args
+    assert f"{NAME}@{_adapter(1).digest[7:19]}=/mnt/adapters/{_adapter(1).digest[7:19]}" in args  # kept for rollback
+    assert any("promoted the new revision" in line for line in lines)
+    assert KServe(_settings(cluster)).running(first) is False and KServe(_settings(cluster)).running(second) is True
+    # The runtime did not change, so it was written once.
+    assert len(_writes(cluster, "servingruntimes")) == 1
+
+
+def test_raw_deployment_mode_updates_without_a_canary(cluster):
+    _deploy(cluster, _adapter(1), deployment_mode="RawDeployment")
+    _deploy(cluster, _adapter(2), deployment_mode="RawDeployment")
+    puts = [r.body for r in _writes(cluster, "inferenceservices") if r.method == "PUT"]
+    assert len(puts) == 1 and "canaryTrafficPercent" not in puts[0]["spec"]["predictor"]
+    assert puts[0]["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+
+
+def test_a_failed_rollout_names_the_condition_and_leaves_the_previous_adapter_serving(cluster):
+    _deploy(cluster, _adapter(1))
+    cluster["controller"].outcome = "fail"
+    with pytest.raises(WorkloadError, match=r"failed to roll out: Ready: RevisionFailed: .*Insufficient nvidia.com/gpu.*"
+                                            r"previous spec .* was put back"):  # fmt: skip
+        _deploy(cluster, _adapter(2))
+    annotations = _isvc(cluster)["metadata"]["annotations"]
+    assert annotations["aiplane.io/adapter"] == _adapter(1).digest
+    assert "canaryTrafficPercent" not in _isvc(cluster)["spec"]["predictor"]
+
+
+def test_a_canary_that_fails_its_completion_is_not_promoted(cluster):
+    _deploy(cluster, _adapter(1))
+    cluster["vllm"].failing = True
+    with pytest.raises(WorkloadError, match="HTTP 500.*CUDA out of memory.*was put back"):
+        _deploy(cluster, _adapter(2))
+    puts = [r.body["spec"]["predictor"].get("canaryTrafficPercent") for r in _writes(cluster, "inferenceservices")
+            if r.method == "PUT"]  # fmt: skip
+    assert puts == [10, None]  # the canary, then the previous spec; never 100
+    assert _isvc(cluster)["metadata"]["annotations"]["aiplane.io/adapter"] == _adapter(1).digest
+
+
+def test_a_service_that_never_becomes_ready_is_a_bounded_wait_and_a_first_deploy_leaves_nothing(cluster):
+    cluster["controller"].outcome = "never"
+    with pytest.raises(WorkloadError, match=r"not Ready within readiness_timeout_s=0.5 s.*was deleted"):
+        _deploy(cluster, _adapter(1), readiness_timeout_s=0.5)
+    assert _isvc(cluster) is None
+
+
+def test_adapters_outside_object_storage_are_refused_before_any_request(cluster):
+    local = _adapter(1).model_copy(update={"uri": "/var/lib/aiplane/artifacts/adapters/1"})
+    with pytest.raises(InputError, match="a KServe pod cannot read: the kserve target serves from object storage"):
+        _deploy(cluster, local)
+    assert cluster["api"].requests == []
+
+
+def test_a_rank_above_the_runtimes_max_is_refused_before_any_request(cluster):
+    with pytest.raises(ConfigError, match="rank 32, above the kserve target's max_lora_rank 16"):
+        _deploy(cluster, _adapter(1, r=32))
+    assert cluster["api"].requests == []
+
+
+def test_an_adapter_of_another_base_model_is_refused_and_nothing_changes(cluster):
+    _deploy(cluster, _adapter(1))
+    before = _isvc(cluster)
+    other = BASE.model_copy(update={"uri": "s3://aiplane-eu/models/other", "digest": "sha256:" + "c" * 64})
+    with pytest.raises(InputError, match="one endpoint, one base model"):
+        _deploy(cluster, _adapter(2, base=other))
+    assert _isvc(cluster)["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+
+def test_an_inference_service_aiplane_did_not_create_is_left_alone(cluster):
+    theirs = inference_service(NAME, NS, KServe(_settings(cluster)).settings, "theirs", BASE.uri,
+                               [{"digest": "sha256:9", "uri": "s3://b/9"}])  # fmt: skip
+    theirs["metadata"]["labels"] = {}
+    cluster["api"].create(theirs)
+    with pytest.raises(InputError, match="was not created by aiplane"):
+        _deploy(cluster, _adapter(1))
+    assert _writes(cluster, "inferenceservices") == []
+
+
+def test_stop_deletes_what_aiplane_created_and_nothing_else(cluster):
+    endpoint, _ = _deploy(cluster, _adapter(1))
+    other_settings = KServe(_settings(cluster)).settings
+    unrelated = inference_service("someone-else", NS, other_settings, "their-runtime", BASE.uri,
+                                  [{"digest": "sha256:9", "uri": "s3://b/9"}])  # fmt: skip
+    unrelated["metadata"]["labels"] = {}
+    cluster["api"].create(unrelated)
+    target = KServe(_settings(cluster))
+    assert target.stop(endpoint) is True
+    assert _isvc(cluster) is None and cluster["api"].get("ServingRuntime", NS, "aiplane-vllm") is None
+    assert cluster["api"].get("InferenceService", NS, "someone-else") is not None
+    assert target.stop(endpoint) is False and target.running(endpoint) is False
+
+
+def test_the_target_uses_an_injected_client(cluster):
+    endpoint, _ = _deploy(cluster, _adapter(1))
+    with cluster["api"].api_client() as client:
+        # No kubeconfig: only the injected client can reach the double.
+        target = KServe({"namespace": NS, "image": IMAGE}, api_client=client)
+        assert target.running(endpoint) is True
+
+
+def test_openshift_ai_deployment_serves_through_kserve():
+    from aiplane.core.config import load_deployment
+
+    deployment = load_deployment(Path(__file__).parents[1] / "deployments" / "openshift-ai.yaml")
+    assert deployment.serving.name == "kserve"
+    settings = KServe(deployment.serving.settings).settings
+    assert settings.namespace and settings.image

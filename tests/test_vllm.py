@@ -1,0 +1,361 @@
+"""The ``vllm`` target: a real vLLM server (the CPU build, in its own environment) serving the tiny Granite.
+
+One endpoint (``tickets``) is deployed once for the module through the local
+engine (a worker process that exits afterwards) and shared. Tests run in file
+order: the cheap checks first, then what reads the live endpoint, then what
+changes it (new adapters, a second endpoint, a rollback, a killed server),
+and stop last. The vLLM runtime is provisioned by the first deploy when this
+machine has none (``$AIPLANE_RUNTIMES``, else a cache under the session's
+temporary directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from aiplane.core.artifacts import sha256_path
+from aiplane.core.config import Target
+from aiplane.core.errors import ConfigError, InputError, WorkloadError
+from aiplane.core.plugins import Registry
+from aiplane.core.records import AdapterRecord, BaseModelRecord, EndpointRecord
+from aiplane.plugins.vllm import VllmLocal
+from aiplane.plugins.vllm import _server as server
+from aiplane.plugins.vllm.runtime import SERVER_MODULE
+
+NAME = "tickets"
+PROMPT = "Subject: printer offline"
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+def _make_adapter(base_dir: Path, out: Path, seed: int, r: int = 4) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    # Random (not zero) LoRA B, so each adapter visibly changes what the model generates.
+    config = LoraConfig(r=r, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+def _adapter_record(path: Path, base: BaseModelRecord, r: int = 4) -> AdapterRecord:
+    return AdapterRecord(
+        uri=str(path), digest=sha256_path(path), method="lora", config={"r": r}, metrics={}, run_id=path.name,
+        sources=(base,),
+    )  # fmt: skip
+
+
+def _base_record(path: Path) -> BaseModelRecord:
+    return BaseModelRecord(
+        uri=str(path), digest=sha256_path(path), name=path.name, architecture="GraniteForCausalLM", parameters=1
+    )
+
+
+def _servers_under(root: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and SERVER_MODULE in cmdline and any(str(root) in a for a in cmdline):
+            found.append(proc)
+    return found
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from aiplane.plugins.peft.base_model import build_tiny_granite
+
+    root = tmp_path_factory.mktemp("vllm")
+    base_dir = build_tiny_granite(root / "base")
+    base = _base_record(base_dir)
+    adapters = {
+        key: _adapter_record(_make_adapter(base_dir, root / f"adapter-{key}", seed=seed), base)
+        for key, seed in (("a", 1), ("b", 2), ("c", 3))
+    }
+    other_base_dir = build_tiny_granite(root / "other-base", seed=7)
+    other = _adapter_record(_make_adapter(other_base_dir, root / "adapter-other", seed=4), _base_record(other_base_dir))
+    wide = _adapter_record(_make_adapter(base_dir, root / "adapter-wide", seed=5, r=32), base, r=32)
+    yield {"root": root, "home": root / "home", "base": base, **adapters, "other": other, "wide": wide}
+    # Whatever the tests did, no server of ours (nor its scratch directory) outlives the module.
+    for proc in _servers_under(root):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    for directory in (root / "home" / "serving" / "vllm").glob("*"):
+        server.forget(directory)
+
+
+def _deploy(models, adapter: AdapterRecord, name: str = NAME, **settings) -> tuple[EndpointRecord, list[str]]:
+    """Deploy through the local engine, as the asset does; returns the record and the workload's log lines."""
+    lines: list[str] = []
+    workload = VllmLocal(settings).workload(adapter, name, str(models["home"]))
+    result = Registry().engine("local").run(
+        workload, Target(name="local", engine="local", region="eu"), on_event=lambda e: lines.append(str(e))
+    )
+    return result.outputs["endpoint"], lines
+
+
+@pytest.fixture(scope="module")
+def live(models):
+    endpoint, lines = _deploy(models, models["a"])
+    state = {"endpoint": endpoint, "lines": lines}
+    yield state
+    VllmLocal().stop(state["endpoint"])
+
+
+def _complete(url: str, model: str, prompt: str = PROMPT, tokens: int = 6) -> httpx.Response:
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+
+
+def _text(url: str, model: str) -> str:
+    response = _complete(url, model)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"]
+
+
+def _models(url: str) -> dict[str, str | None]:
+    return {m["id"]: m["parent"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]}
+
+
+def _state(models, name: str = NAME) -> dict:
+    return json.loads((models["home"] / "serving" / name / server.ENDPOINT_STATE).read_text())
+
+
+# ---------------------------------------------------------------- cheap checks
+
+
+def test_importing_the_plugin_loads_no_heavy_library_and_registers_vllm():
+    code = (
+        "import sys, aiplane.plugins.vllm\n"
+        "heavy = {'torch', 'transformers', 'vllm', 'kserve', 'psutil'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "from aiplane.core.plugins import Registry\n"
+        "assert 'vllm' in Registry().components('serving target')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_unknown_setting_and_a_rank_vllm_does_not_allow_are_rejected():
+    with pytest.raises(ConfigError, match="keep_previous"):
+        VllmLocal({"keep_prevoius": 2})
+    with pytest.raises(ConfigError, match="max_lora_rank.*one of 1, 8, 16"):
+        VllmLocal({"max_lora_rank": 12})
+
+
+def test_endpoint_name_that_is_not_a_safe_path_segment_is_rejected(models):
+    with pytest.raises(ConfigError, match="Endpoint name '../x' is not usable"):
+        VllmLocal().workload(models["a"], "../x", str(models["home"]))
+
+
+def test_the_server_flags_are_the_ones_the_cluster_runtime_gets():
+    from aiplane.plugins.vllm.runtime import server_args
+
+    args = server_args("/mnt/models", "base", max_lora_rank=32, max_loras=2)
+    assert args == ["--model=/mnt/models", "--served-model-name=base", "--enable-lora", "--max-lora-rank=32", "--max-loras=2"]
+    with pytest.raises(ValueError, match="max_lora_rank"):
+        server_args("/m", "base", max_lora_rank=12)
+
+
+def test_adapter_without_adapter_config_is_rejected_before_any_server_starts(models, tmp_path):
+    empty = tmp_path / "not-an-adapter"
+    empty.mkdir()
+    broken = models["a"].model_copy(update={"uri": str(empty)})
+    with pytest.raises(InputError, match="has no adapter_config.json"):
+        _deploy({**models, "home": tmp_path / "home"}, broken)
+    assert not (tmp_path / "home" / "serving").exists()
+
+
+def test_an_adapter_above_the_servers_max_rank_is_refused_before_any_server_starts(models, tmp_path):
+    with pytest.raises(ConfigError, match=r"LoRA rank 32, above the vllm target's max_lora_rank 16"):
+        _deploy({**models, "home": tmp_path / "home"}, models["wide"])
+    assert not (tmp_path / "home" / "serving").exists() and not _servers_under(tmp_path)
+
+
+# ---------------------------------------------------------------- the live endpoint
+
+
+def test_v1_models_is_vllms_and_lists_the_base_the_endpoint_and_its_version(models, live):
+    endpoint = live["endpoint"]
+    version = server.version_name(NAME, models["a"].digest)
+    assert _models(endpoint.url) == {"base": None, NAME: "base", version: "base"}
+    assert httpx.get(f"{endpoint.url}/version", timeout=10).json()["version"] == "0.32.0"
+
+
+def test_endpoint_record_pins_what_is_served(models, live):
+    endpoint: EndpointRecord = live["endpoint"]
+    assert endpoint.serving == "vllm" and endpoint.model_name == NAME
+    assert set(endpoint.protocols) == {"openai-completions", "openai-chat-completions"}
+    assert endpoint.source("adapter_weights").digest == models["a"].digest
+    state = _state(models)
+    assert (state["current"], state["url"]) == (models["a"].digest, endpoint.url)
+    assert endpoint.handle["pid"] == server.server_info(Path(endpoint.handle["server_dir"]))["pid"]
+
+
+def test_the_endpoint_name_answers_with_its_adapter_not_the_base_model(live):
+    url = live["endpoint"].url
+    assert _text(url, NAME) == _text(url, server.version_name(NAME, live["endpoint"].handle["adapter"]))
+    assert _text(url, NAME) != _text(url, "base")
+
+
+def test_chat_completions_and_streaming_answer_through_the_endpoint_name(live):
+    url = live["endpoint"].url
+    chat = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": NAME, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 3, "ignore_eos": True},
+        timeout=60,
+    )
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["role"] == "assistant"
+    body = {"model": NAME, "prompt": PROMPT, "max_tokens": 4, "stream": True, "ignore_eos": True, "temperature": 0}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and len(events) >= 3
+    streamed = "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1])
+    assert streamed == _text(url, NAME)[: len(streamed)] and streamed
+
+
+def test_an_unknown_model_name_is_a_404_and_the_client_names_what_exists(live):
+    from aiplane.plugins.vllm import complete
+
+    response = _complete(live["endpoint"].url, "ticket")
+    assert response.status_code == 404
+    with pytest.raises(InputError, match=r"serves no model 'ticket'; it serves: base, .*tickets"):
+        complete(live["endpoint"].url, PROMPT, model="ticket")
+
+
+def test_the_server_outlives_the_process_that_deployed_it_and_is_running(live):
+    pid = live["endpoint"].handle["pid"]
+    assert psutil.Process(pid).is_running()
+    assert VllmLocal().running(live["endpoint"]) is True
+
+
+def test_the_server_listens_on_loopback_only(live):
+    proc = psutil.Process(live["endpoint"].handle["pid"])
+    connections = getattr(proc, "net_connections", proc.connections)(kind="inet")
+    listening = {c.laddr.ip for c in connections if c.status == psutil.CONN_LISTEN}
+    assert listening == {"127.0.0.1"}
+
+
+# ---------------------------------------------------------------- changing what is served
+
+
+def test_a_second_adapter_is_served_by_the_same_process_at_the_same_url(models, live):
+    before = live["endpoint"]
+    old_text = _text(before.url, NAME)
+    after, lines = _deploy(models, models["b"])
+    assert (after.url, after.handle["pid"]) == (before.url, before.handle["pid"])
+    assert not any("starting the vLLM server" in line for line in lines)
+    assert _text(after.url, NAME) != old_text
+    # The previous version stays loaded for rollback and still answers as it did.
+    assert _text(after.url, server.version_name(NAME, models["a"].digest)) == old_text
+    assert VllmLocal().running(before) is False and VllmLocal().running(after) is True
+    live["endpoint"] = after
+
+
+def test_older_versions_than_keep_previous_are_unloaded(models, live):
+    after, lines = _deploy(models, models["c"], keep_previous=1)
+    loaded = _models(after.url)
+    assert server.version_name(NAME, models["a"].digest) not in loaded
+    assert {server.version_name(NAME, models[k].digest) for k in "bc"} <= set(loaded)
+    assert [v["digest"] for v in _state(models)["versions"]] == [models["c"].digest, models["b"].digest]
+    assert any("unloaded tickets@" in line for line in lines)
+    live["endpoint"] = after
+
+
+def test_rolling_back_to_a_still_loaded_adapter_needs_no_restart(models, live):
+    pid = live["endpoint"].handle["pid"]
+    b_text = _text(live["endpoint"].url, server.version_name(NAME, models["b"].digest))
+    after, lines = _deploy(models, models["b"])
+    assert after.handle["pid"] == pid and after.handle["rolled_back"] is True
+    assert _text(after.url, NAME) == b_text
+    assert any("a rollback to an earlier version" in line for line in lines)
+    live["endpoint"] = after
+
+
+def test_an_adapter_the_server_refuses_leaves_the_endpoint_serving_the_previous_one(models, live, tmp_path):
+    broken_dir = tmp_path / "broken"
+    broken_dir.mkdir()
+    (broken_dir / "adapter_config.json").write_bytes((Path(models["c"].uri) / "adapter_config.json").read_bytes())
+    (broken_dir / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    broken = _adapter_record(broken_dir, models["base"])
+    before = _text(live["endpoint"].url, NAME)
+    with pytest.raises(InputError, match="refused adapter"):
+        _deploy(models, broken)
+    assert _text(live["endpoint"].url, NAME) == before
+    assert _state(models)["current"] == live["endpoint"].handle["adapter"]
+    assert server.version_name(NAME, broken.digest) not in _models(live["endpoint"].url)
+
+
+def test_an_adapter_of_another_base_model_is_refused_and_nothing_changes(models, live):
+    before = _state(models)
+    with pytest.raises(InputError, match="one endpoint, one base model"):
+        _deploy(models, models["other"])
+    assert _state(models) == before
+
+
+def test_a_second_endpoint_of_the_same_base_shares_the_server(models, live):
+    other, _ = _deploy(models, models["a"], name="tickets-eu")
+    assert (other.url, other.handle["pid"]) == (live["endpoint"].url, live["endpoint"].handle["pid"])
+    assert {"tickets-eu", NAME} <= set(_models(other.url))
+    assert VllmLocal().stop(other) is True
+    # The shared server keeps serving the first endpoint.
+    assert "tickets-eu" not in _models(other.url) and VllmLocal().running(live["endpoint"]) is True
+
+
+def test_changed_server_settings_restart_it_on_the_same_url_with_every_endpoint_loaded_back(models, live):
+    before = live["endpoint"]
+    expected = _text(before.url, NAME)
+    after, lines = _deploy(models, models["b"], max_loras=2)
+    assert after.url == before.url and after.handle["pid"] != before.handle["pid"]
+    assert any("restarting the vLLM server" in line and "settings changed" in line for line in lines)
+    assert _text(after.url, NAME) == expected
+    assert server.version_name(NAME, models["c"].digest) in _models(after.url)
+    live["endpoint"] = after
+
+
+def test_a_killed_server_reports_not_running_and_a_deploy_restarts_it_on_the_same_url(models, live):
+    endpoint = live["endpoint"]
+    expected = _text(endpoint.url, NAME)
+    os.killpg(endpoint.handle["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while server.alive(server.server_info(Path(endpoint.handle["server_dir"]))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert VllmLocal().running(endpoint) is False
+    after, lines = _deploy(models, models["b"])
+    assert after.url == endpoint.url and after.handle["pid"] != endpoint.handle["pid"]
+    assert any("is gone; starting it again on the same port" in line for line in lines)
+    # Restored: the endpoint and the version kept for rollback are loaded again.
+    assert {NAME, server.version_name(NAME, models["c"].digest)} <= set(_models(after.url))
+    assert _text(after.url, NAME) == expected
+    live["endpoint"] = after
+
+
+def test_a_server_that_is_not_ready_in_time_is_stopped_with_its_log(models, live):
+    endpoint = live["endpoint"]
+    assert VllmLocal().stop(endpoint) is True
+    with pytest.raises(WorkloadError, match=r"not ready within readiness_timeout_s=2 s.*Last lines"):
+        _deploy(models, models["a"], readiness_timeout_s=2)
+    assert not _servers_under(models["root"])
+
+
+def test_stop_says_whether_it_stopped_something_and_leaves_nothing_behind(models, live):
+    endpoint, _ = _deploy(models, models["a"], readiness_timeout_s=300)
+    scratch = Path(server.server_info(Path(endpoint.handle["server_dir"]))["scratch"])
+    assert scratch.is_dir() and len(str(scratch)) < 60, "vLLM's unix sockets live there: short paths only"
+    assert VllmLocal().stop(endpoint) is True
+    assert not _servers_under(models["root"]) and not scratch.exists()
+    assert VllmLocal().stop(endpoint) is False
+    live["endpoint"] = endpoint
