@@ -6,8 +6,9 @@
 Each round sends ``--requests`` completions of ``--tokens`` new tokens (``ignore_eos``, so
 every request generates exactly that many) with N clients at once, and reports requests per
 second, p50/p99 latency, errors, and the ratio to 1 client. Rounds of every concurrency are
-interleaved and the median kept. Before measuring, a few requests warm the server. The issue's reference: the retired torch server (kserve-local)
-served 99-101 req/s at every concurrency on this machine.
+interleaved and the median kept. Before measuring, a few requests warm the server. The last
+column compares with the retired torch server (kserve-local), which served 99-101 req/s at every
+concurrency on this machine with the same requests (issue 9).
 """
 
 from __future__ import annotations

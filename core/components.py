@@ -193,9 +193,10 @@ class ServingTarget(Component):
     def workload(self, adapter: "AdapterRecord", endpoint_name: str, home: str) -> "Workload":
         """The deploy workload; its result has one output, ``endpoint``, an EndpointRecord.
 
-        Re-deploying an endpoint name replaces its server blue/green: the new one
-        must be ready before the old one stops, and a new one that fails leaves
-        the old one serving.
+        Re-deploying an endpoint name changes what it serves without a gap and
+        keeps its URL: the new adapter must answer before the endpoint routes to
+        it, and one that fails leaves the endpoint serving what it served.
+        Deploying an adapter the endpoint served before is a rollback.
         """
         raise NotImplementedError
 

@@ -9,10 +9,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-
-kubernetes = pytest.importorskip("kubernetes")
-
-from kubernetes import client, watch  # noqa: E402
+from kubernetes import client, watch
 from kubernetes.client.rest import ApiException  # noqa: E402
 
 from _k8s_api_double import KubernetesApiDouble, job_controller  # noqa: E402
@@ -278,41 +275,8 @@ def test_a_following_log_read_streams_until_the_pod_ends(k8s, api):
     assert lines == ["first", "second"]
 
 
-def test_the_kserve_sdk_creates_an_inference_service_that_a_controller_makes_ready(api):
-    kserve = pytest.importorskip("kserve")
-    saved = client.Configuration.get_default_copy()
-    try:
-        # KServeClient loads a kubeconfig into the process-wide default configuration.
-        sdk = kserve.KServeClient(config_dict=api.kubeconfig(NS))
-
-        def ready(api, event, obj):
-            if event == "ADDED":
-                api.set_status("InferenceService", NS, obj["metadata"]["name"], {
-                    "url": "http://m.aiplane.example.com",
-                    "conditions": [{"type": "Ready", "status": "True"},
-                                   {"type": "PredictorReady", "status": "True"}],
-                })
-
-        api.add_controller("InferenceService", ready)
-        sdk.create(kserve.V1beta1InferenceService(
-            api_version="serving.kserve.io/v1beta1", kind="InferenceService",
-            metadata=client.V1ObjectMeta(name="m", namespace=NS),
-            spec=kserve.V1beta1InferenceServiceSpec(predictor=kserve.V1beta1PredictorSpec(
-                model=kserve.V1beta1ModelSpec(
-                    model_format=kserve.V1beta1ModelFormat(name="huggingface"), storage_uri="s3://b/m"),
-            )),
-        ), namespace=NS)
-        api.wait_for(lambda: api.get("InferenceService", NS, "m").get("status"))
-        assert sdk.is_isvc_ready("m", namespace=NS)
-        assert sdk.get("m", namespace=NS)["status"]["url"] == "http://m.aiplane.example.com"
-        sdk.delete("m", namespace=NS)
-        assert api.list("InferenceService") == []
-    finally:
-        client.Configuration.set_default(saved)
-
-
 def test_dagster_k8s_creates_a_job_and_sees_it_succeed(k8s, api):
-    dagster_k8s_client = pytest.importorskip("dagster_k8s.client")
+    from dagster_k8s import client as dagster_k8s_client
     api.add_controller("Job", job_controller(lambda pod: 0))
     dk = dagster_k8s_client.DagsterKubernetesClient(
         batch_api=client.BatchV1Api(k8s), core_api=client.CoreV1Api(k8s),

@@ -21,10 +21,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("kubernetes")
-pytest.importorskip("dagster_k8s")
-
-from _k8s_api_double import KubernetesApiDouble, PodRun, job_controller  # noqa: E402
+from _k8s_api_double import KubernetesApiDouble, PodRun, job_controller
 from conftest import TESTS  # noqa: E402
 
 from aiplane.core.config import S3Settings, SecretRef, Target  # noqa: E402
@@ -263,7 +260,7 @@ def test_results_travel_through_object_storage_with_credentials_from_a_secret(cl
 
 
 def test_the_job_carries_placement_resources_and_secrets_by_reference_and_validates(tmp_path):
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    import kubernetes_validate
     engine = K8sJobEngine({
         "image": "registry.example.com/aiplane:1.0", "namespace": NS, "results_dir": "s3://results/aiplane",
         "service_account": "aiplane-runner", "memory_limit": "64Gi",

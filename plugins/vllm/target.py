@@ -36,7 +36,8 @@ class VllmLocal(ServingTarget):
 
     class Settings(ServerSettings):
         host: str = "127.0.0.1"
-        """Address the server listens on; the default keeps it off the network."""
+        """Address the server listens on. The default keeps it off the network: the server takes adapters
+        by request (``/v1/load_lora_adapter``), so whoever reaches it can load one from any path it can read."""
         port: int = Field(0, ge=0, le=65535)
         """0 picks a free port when the server first starts; it keeps that port for its life, restarts included."""
         readiness_timeout_s: float = Field(300.0, gt=0)
