@@ -339,6 +339,9 @@ def _endpoint_down(instance, deployment, registry: Registry) -> str | None:
     if not isinstance(record, EndpointRecord):
         return "never materialized"
     settings = deployment.serving.settings if deployment.serving.name == record.serving else None
+    if record.serving not in registry.components("serving target"):
+        # Served by a target this installation no longer has (kserve-local, retired): serve it anew.
+        return f"it was served by {record.serving!r}, which is not installed"
     running = registry.create("serving target", record.serving, settings).running(record)
     return "its server is not running" if running is False else None
 

@@ -10,9 +10,10 @@ import contextlib
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["sha256_path", "atomic_write_text", "atomic_write_bytes"]
+__all__ = ["sha256_path", "atomic_write_text", "atomic_write_bytes", "file_lock"]
 
 _CHUNK = 1 << 20
 
@@ -36,6 +37,24 @@ def sha256_path(path: str | os.PathLike) -> str:
                 h.update(chunk)
         h.update(b"\0")
     return "sha256:" + h.hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if need be) across processes, until the block ends.
+
+    The file is opened without inheritance (Python's default), so a process started
+    under the lock, a server that outlives it, never holds it.
+    """
+    import fcntl
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -13,16 +13,16 @@ never an upgrade in place.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .artifacts import file_lock
 from .errors import PluginError
 from .processes import stream_process
 
@@ -76,7 +76,7 @@ def ensure_runtime(spec: RuntimeSpec, log: Callable[[str], None], cancel: thread
         raise PluginError(
             f"Cannot create the runtime cache {root} ({exc}); set AIPLANE_RUNTIMES to a writable directory."
         ) from None
-    with _locked(root / f".{env.name}.lock"):
+    with file_lock(root / f".{env.name}.lock"):
         if (env / _MARKER).is_file():
             return python
         log(f"provisioning the {spec.name} runtime ({' '.join(spec.requirements)}) in {env}: once per machine")
@@ -134,13 +134,3 @@ def runtime_env() -> dict[str, str]:
     return env
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)

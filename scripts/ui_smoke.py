@@ -292,7 +292,7 @@ def _stop_endpoints(env: dict[str, str]) -> list[str]:
             settings = deployment.serving.settings if deployment.serving.name == endpoint.serving else None
             Registry().create("serving target", endpoint.serving, settings).stop(endpoint)
             stopped.append(f"{endpoint.model_name} pid {endpoint.handle.get('pid')}")
-    leftovers = sorted(str(p) for p in (Path(env["AIPLANE_HOME"]) / "serving").glob("vllm/*/server.json"))
+    leftovers = sorted(str(p) for p in (Path(env["AIPLANE_HOME"]) / "serving").glob("_vllm/*/server.json"))
     if leftovers:
         _log(f"WARNING: endpoint state still names a server: {', '.join(leftovers)}")
     return stopped

@@ -99,7 +99,7 @@ def stop_endpoints(home: Path) -> None:
     """Stop every model server a chain under ``home`` started, even when a later step failed."""
     from aiplane.plugins.vllm import _server
 
-    for directory in (home / "serving" / "vllm").glob("*"):
+    for directory in _server.servers_dir(home).glob("*"):
         info = _server.server_info(directory)
         if info is not None:
             _server.terminate(info)

@@ -13,6 +13,7 @@ import yaml
 
 from aiplane.assets.sources import seed_tickets
 from aiplane.core.config import load_deployment
+from aiplane.plugins.vllm._server import servers_dir
 from conftest import stop_endpoints
 
 TINY_TRAINING = {"max_steps": 12, "batch_size": 4, "seq_len": 64, "eval_limit": 8, "log_every": 4}
@@ -186,7 +187,7 @@ def test_a_second_up_with_nothing_changed_materializes_nothing_new_and_keeps_the
 
 def _endpoint_state(home: Path) -> dict:
     state = json.loads((home / "serving" / "support-tickets" / "endpoint.json").read_text())
-    (server,) = (home / "serving" / "vllm").glob("*/server.json")
+    (server,) = servers_dir(home).glob("*/server.json")
     return {**state, "pid": json.loads(server.read_text())["pid"]}
 
 
@@ -259,3 +260,23 @@ def test_ctrl_c_during_training_says_cancelled_and_exits_130(tmp_path):
     assert err.rstrip().splitlines()[-1].startswith("aiplane: cancelled (Ctrl-C)")
     assert "Traceback" not in err
     assert [e["eventType"] for e in _lineage(tmp_path) if e["job"]["name"] == "adapter_weights"] == ["START", "FAIL"]
+
+
+def test_an_endpoint_served_by_a_target_no_longer_installed_is_served_anew(tmp_path):
+    import dagster as dg
+
+    from aiplane.assets.cli import _endpoint_down
+    from aiplane.core.plugins import Registry
+    from aiplane.core.records import EndpointRecord, record_to_json
+
+    # What a home served by the retired kserve-local target recorded.
+    old = EndpointRecord(
+        uri="http://127.0.0.1:1", digest="sha256:e", url="http://127.0.0.1:1", model_name="support-tickets",
+        protocols=("kserve-v2", "openai-completions"), serving="kserve-local", handle={"pid": 1},
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization("served_endpoint", metadata={"record": dg.MetadataValue.json(record_to_json(old))})
+    )
+    deployment = load_deployment(_deployment(tmp_path), home=tmp_path)
+    assert _endpoint_down(instance, deployment, Registry()) == "it was served by 'kserve-local', which is not installed"

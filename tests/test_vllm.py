@@ -93,7 +93,7 @@ def models(tmp_path_factory):
     for proc in _servers_under(root):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
-    for directory in (root / "home" / "serving" / "vllm").glob("*"):
+    for directory in server.servers_dir(root / "home").glob("*"):
         server.forget(directory)
 
 

@@ -2,7 +2,7 @@
 
 State, under the aiplane home:
 
-* ``serving/vllm/<base>/server.json``: the live server (pid, port, url, flags);
+* ``serving/_vllm/<base>/server.json``: the live server (pid, port, url, flags);
   ``<base>`` is the base model's digest, shortened. ``.lock`` beside it
   serializes starting the server, changing its adapters and stopping it across
   processes; ``server.log`` is its output.
@@ -27,12 +27,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from aiplane.core.artifacts import atomic_write_text
+from aiplane.core.artifacts import atomic_write_text, file_lock
 from aiplane.core.errors import ConfigError, InputError, WorkloadError
 
 from .runtime import SERVER_MODULE, server_args, server_env, version_name
@@ -41,6 +41,7 @@ __all__ = [
     "ENDPOINT_STATE",
     "check_endpoint_name",
     "server_dir",
+    "servers_dir",
     "endpoint_dir",
     "read_json",
     "locked",
@@ -87,7 +88,13 @@ def check_endpoint_name(name: Any) -> str:
 
 
 def server_dir(home: Path, base_digest: str) -> Path:
-    return home / "serving" / "vllm" / base_digest.split(":")[-1][:16]
+    """Where the base model's server is recorded: beside the endpoints' directories, under a name no
+    endpoint can have (they start with a letter or digit)."""
+    return servers_dir(home) / base_digest.split(":")[-1][:16]
+
+
+def servers_dir(home: Path) -> Path:
+    return home / "serving" / "_vllm"
 
 
 def endpoint_dir(home: Path, name: str) -> Path:
@@ -106,18 +113,9 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-@contextlib.contextmanager
-def locked(directory: Path) -> Iterator[None]:
-    """Hold ``directory``'s lock (created if need be); the server and everything loaded on it change under it."""
-    import fcntl
-
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def locked(directory: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold a server directory's lock: the server and everything loaded on it change under it."""
+    return file_lock(directory / ".lock")
 
 
 def server_info(directory: Path) -> dict[str, Any] | None:

@@ -71,7 +71,7 @@ class VllmLocal(ServingTarget):
             return []
         ours = any(
             server.alive(info) and info["port"] == self.settings.port
-            for info in map(server.server_info, (Path(deployment.home) / "serving" / "vllm").glob("*"))
+            for info in map(server.server_info, server.servers_dir(Path(deployment.home)).glob("*"))
         )
         if ours:
             return []
@@ -109,7 +109,7 @@ class VllmLocal(ServingTarget):
             if state is None or state.get("server") != sdir.name:
                 return False
             running = server.alive(info)
-            home = sdir.parents[2]  # <home>/serving/vllm/<server>
+            home = sdir.parents[2]  # <home>/serving/_vllm/<server>
             others = [s for s in server.endpoints_on(home, sdir.name) if s["endpoint"] != state["endpoint"]]
             if running and others:
                 for version in state.get("versions", []):
