@@ -253,7 +253,7 @@ def _residency(record: Record) -> tuple[str, ...]:
             description="The adapter's draft factsheet meets the deployment's governance thresholds and required facts.",
         ),
     ],
-    description="LoRA adapter weights trained on the features, in the content-addressed store.",
+    description="The trained weights (a LoRA adapter, or a whole model for sft), in the content-addressed store.",
 )
 def adapter_weights(
     context: dg.AssetExecutionContext,

@@ -154,7 +154,12 @@ class FeatureStore(Component):
 
 
 class Trainer(Component):
-    """A training method (``lora`` now; full SFT and distillation are other trainers)."""
+    """A training method (``lora``, ``sft``, ``distill``, or a plugin's).
+
+    Its workload's ``adapter`` output is an :class:`~aiplane.core.records.AdapterRecord`
+    whatever it trains; ``config["full_model"]`` says when the published directory is a
+    whole model rather than an adapter on the base model.
+    """
 
     entrypoint: ClassVar[str] = ""
     """The training workload's entry point (``module:function``), known before the workload is built,

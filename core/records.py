@@ -92,7 +92,9 @@ class FeaturesRecord(Record):
 
 
 class AdapterRecord(Record):
-    """Trained adapter weights in the content-addressed artifact store."""
+    """Trained weights in the content-addressed artifact store: an adapter on the base model (``lora``), or,
+    where ``config["full_model"]`` is true, a whole model (``sft``, a full ``distill`` student) whose base
+    model stays in ``sources`` for lineage."""
 
     kind: Literal["adapter_weights"] = "adapter_weights"
     method: str

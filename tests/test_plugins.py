@@ -38,7 +38,7 @@ def test_builtin_plugins_load_through_entry_points_with_distribution_hooks_and_c
     assert "aiplane_resolve_base_model" in infos["peft"].hooks
     assert infos["local"].components == (("engine", "local"),)
     assert infos["iceberg"].components == (("feature store", "iceberg"), ("feature store", "watsonx-data"))
-    assert infos["peft"].components == (("trainer", "lora"),)
+    assert infos["peft"].components == (("trainer", "lora"), ("trainer", "sft"), ("trainer", "distill"))
     assert infos["openlineage"].components == ()  # an observer: hooks only
 
 
@@ -227,7 +227,7 @@ def test_aiplane_plugins_command_lists_components_and_disabled_plugins(example_c
     kserve = next(n for n, line in enumerate(lines) if line.startswith("kserve "))
     assert lines[kserve].endswith("aiplane_serving_targets  DISABLED: AIPLANE_DISABLE_PLUGINS names it")
     assert lines[kserve + 1].split() == ["provides", "serving", "target", "'kserve'"]
-    assert any(line.split()[:3] == ["provides", "trainer", "'lora'"] for line in lines)
+    assert any(line.split() == ["provides", "trainer", "'lora',", "trainer", "'sft',", "trainer", "'distill'"] for line in lines)
 
 
 def test_unknown_names_in_plugin_lists_warn_with_a_suggestion(monkeypatch, caplog):

@@ -142,6 +142,11 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     if not isinstance(adapter, AdapterRecord):
         raise InputError("deploy-endpoint needs an adapter_weights record as its 'adapter' input")
     base = base_model_of(adapter)
+    if adapter.config.get("full_model"):
+        raise InputError(
+            f"{adapter.method} record {adapter.digest} is a whole model, not an adapter; the kserve target serves "
+            "adapters on their base model and does not serve whole models yet."
+        )
     for what, uri in (("base model", base.uri), ("adapter", adapter.uri)):
         if not uri.startswith(("s3://", "gs://", "hf://", "pvc://", "oci://", "https://")):
             raise InputError(

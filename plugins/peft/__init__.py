@@ -1,4 +1,4 @@
-"""The ``peft`` plugin: the built-in base model and the ``lora`` trainer."""
+"""The ``peft`` plugin: the built-in base model and the ``lora``, ``sft`` and ``distill`` trainers (one training loop)."""
 
 from aiplane.core.hookspecs import hookimpl
 
@@ -29,6 +29,6 @@ def aiplane_base_model_weights(uri, home):
 @hookimpl
 def aiplane_trainers():
     # trainer.py imports only pydantic and aiplane.core, so listing trainers stays cheap.
-    from .trainer import LoraTrainer
+    from .trainer import DistillTrainer, LoraTrainer, SftTrainer
 
-    return [LoraTrainer]
+    return [LoraTrainer, SftTrainer, DistillTrainer]

@@ -1,9 +1,12 @@
-"""The ``train-adapter`` workload: LoRA fine-tuning with PEFT and a plain PyTorch loop.
+"""The ``train-adapter`` workload: one plain PyTorch loop for the ``lora``, ``sft`` and ``distill`` trainers.
 
-:func:`run` is the workload entry point (``aiplane.plugins.peft.train:run``); it
-reads the feature rows through the feature store named in the features record and
-calls :func:`train`, which tests and other callers can use directly with rows in
-hand. The same code trains the built-in tiny Granite on a CPU and a real Granite
+:func:`run`, :func:`run_sft` and :func:`run_distill` are the trainers' workload
+entry points; each reads the feature rows through the feature store named in
+the features record and calls :func:`train`, which tests and other callers can
+use directly with rows in hand. What differs between the trainers (how the
+model is prepared, hence what trains; the loss; what is saved) is a
+:class:`~aiplane.plugins.peft.methods.Method`; everything else is here, once.
+The same code trains the built-in tiny Granite on a CPU and a real Granite
 directory on a GPU.
 
 Distributed and recoverable without knowing the engine: when the engine has set
@@ -11,10 +14,11 @@ up ``torch.distributed`` (Ray Train does), the model is wrapped in
 DistributedDataParallel and every global batch of ``batch_size`` packed blocks
 is split across the ranks, with the loss normalised over the whole batch, so
 one worker and N workers take the same optimisation steps. Every
-``ctx.checkpoint_every`` steps the trainable weights, optimizer, schedule and
-step go to ``ctx.report``; a restarted run resumes from
-``ctx.latest_checkpoint()`` and, the batch order being a function of the step,
-ends with the same adapter. Only rank 0 logs progress, evaluates and publishes.
+``ctx.checkpoint_every`` steps the trainable weights (the adapter's, or the
+model's), optimizer, schedule and step go to ``ctx.report``; a restarted run
+resumes from ``ctx.latest_checkpoint()`` and, the batch order being a function
+of the step, ends with the same weights. Only rank 0 logs progress, evaluates
+and publishes.
 """
 
 from __future__ import annotations
@@ -23,8 +27,7 @@ import math
 import shutil
 import tempfile
 import time
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,32 +36,45 @@ from aiplane.core.errors import ConfigError, InputError, WorkloadError
 from aiplane.core.records import AdapterRecord, BaseModelRecord, FeaturesRecord
 from aiplane.core.workload import WorkloadContext
 
-from .trainer import LoraSettings, LoraTrainer, model_path
+from .methods import Method, label_loss, method_for
+from .packing import IGNORE, Packed, batches, example, pack
+from .trainer import DistillTrainer, LoopSettings, LoraTrainer, SftTrainer, model_path
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["run", "train"]
+__all__ = ["run", "run_sft", "run_distill", "train"]
 
-_IGNORE = -100
 _REQUIRED = ("prompt", "completion", "split")
-# Files PEFT writes besides the adapter itself (a generated model card); left out so
-# the published directory, and so its digest, is exactly config + weights.
-_NOT_PUBLISHED = ("README.md",)
 _CHECKPOINT_FILE = "train_state.pt"
+_TRAINERS = {t.name: t for t in (LoraTrainer, SftTrainer, DistillTrainer)}
 
 
 def run(ctx: WorkloadContext) -> dict[str, AdapterRecord]:
-    """Workload entry point: read the features through their store, train, return ``{"adapter": ...}``.
+    """The ``lora`` trainer's workload entry point: read the features through their store, train, return ``{"adapter": ...}``.
 
     Ranks other than the primary return no outputs: the primary publishes the one adapter.
     """
+    return _run(ctx, LoraTrainer.name)
+
+
+def run_sft(ctx: WorkloadContext) -> dict[str, AdapterRecord]:
+    """The ``sft`` trainer's workload entry point; as :func:`run`, the output a full model's record."""
+    return _run(ctx, SftTrainer.name)
+
+
+def run_distill(ctx: WorkloadContext) -> dict[str, AdapterRecord]:
+    """The ``distill`` trainer's workload entry point; as :func:`run`, with the ``teacher`` input record."""
+    return _run(ctx, DistillTrainer.name)
+
+
+def _run(ctx: WorkloadContext, trainer: str) -> dict[str, AdapterRecord]:
     from aiplane.core.plugins import Registry
 
     base_model, features = ctx.inputs.get("base_model"), ctx.inputs.get("features")
     if not isinstance(base_model, BaseModelRecord) or not isinstance(features, FeaturesRecord):
         raise InputError("The train-adapter workload needs a 'base_model' and a 'features' input record.")
-    settings = LoraTrainer(ctx.params.get("settings")).settings
+    settings = _TRAINERS[trainer](ctx.params.get("settings")).settings
     store = features.store or {}
     if not store.get("name"):
         raise InputError(
@@ -67,11 +83,12 @@ def run(ctx: WorkloadContext) -> dict[str, AdapterRecord]:
         )
     artifact_root = ctx.params.get("artifact_root")
     if not artifact_root:
-        raise InputError("The train-adapter workload has no 'artifact_root' parameter; build it with LoraTrainer.workload().")
+        raise InputError("The train-adapter workload has no 'artifact_root' parameter; build it with the trainer's workload().")
     table = Registry().create("feature store", store["name"], store.get("settings")).read(features)
     if ctx.is_primary:
         ctx.log(f"read {table.num_rows} rows of {features.table} at snapshot {features.snapshot_id}")
-    adapter = train(base_model, features, table.to_pylist(), settings, artifact_root, ctx)
+    teacher = ctx.inputs.get("teacher")
+    adapter = train(base_model, features, table.to_pylist(), settings, artifact_root, ctx, trainer=trainer, teacher=teacher)
     return {"adapter": adapter} if adapter is not None else {}
 
 
@@ -79,29 +96,42 @@ def train(
     base_model: BaseModelRecord,
     features: FeaturesRecord,
     rows: Sequence[Mapping[str, Any]],
-    settings: LoraSettings | Mapping[str, Any],
+    settings: LoopSettings | Mapping[str, Any],
     artifact_root: str,
     ctx: WorkloadContext,
+    *,
+    trainer: str = LoraTrainer.name,
+    teacher: BaseModelRecord | None = None,
 ) -> AdapterRecord | None:
-    """Train a LoRA adapter on the ``train`` rows, evaluate on the ``eval`` rows, publish it.
+    """Train with ``trainer`` (``lora``, ``sft`` or ``distill``) on the ``train`` rows, evaluate on the ``eval`` rows, publish.
 
     ``rows`` are feature rows (prompt, completion, split, ...). Progress goes to
     ``ctx`` (``train_loss`` and ``tokens_per_s`` metrics, log lines) and
     ``ctx.check_cancelled()`` is called every step. Every input is checked
-    before anything is written; the adapter is published atomically under
-    ``<artifact_root>/adapters/<sha256>`` only after training and evaluation
-    succeeded, so a failed or cancelled run leaves nothing behind. On several
-    workers every rank trains its share; the primary returns the record, the
-    others ``None``.
+    before anything is written; the adapter (or, for a full model, the model
+    directory) is published atomically under ``<artifact_root>/adapters/<sha256>``
+    only after training and evaluation succeeded, so a failed or cancelled run
+    leaves nothing behind. On several workers every rank trains its share; the
+    primary returns the record, the others ``None``. ``teacher`` (``distill``
+    only) is the record the trainer's ``workload()`` resolved; resolved here when
+    not given.
     """
     started = time.perf_counter()
-    trainer = LoraTrainer(settings)
-    s: LoraSettings = trainer.settings  # type: ignore[assignment]
+    if trainer not in _TRAINERS:
+        raise ConfigError(f"Unknown trainer {trainer!r} for the train-adapter workload; known: {', '.join(_TRAINERS)}.")
+    component = _TRAINERS[trainer](settings)
+    s: LoopSettings = component.settings  # type: ignore[assignment]
+    method = method_for(trainer, s)
     train_rows, eval_rows = _split_rows(rows, features)
     # A base model in object storage is fetched once per digest; the rest reads it from disk.
     base_model = base_model.model_copy(update={"uri": str(ctx.local(base_model.uri, base_model.digest))})
-    trainer.validate(base_model)
+    component.validate(base_model)
+    if isinstance(component, DistillTrainer):
+        teacher = teacher if teacher is not None else component.teacher(base_model)
+        teacher = teacher.model_copy(update={"uri": str(ctx.local(teacher.uri))})
     eval_rows = eval_rows[: s.eval_limit]
+    if s.evaluation is not None and ctx.is_primary:
+        s.evaluation.check_secrets()
     rank, world = _world(ctx)
     if s.batch_size < world:
         raise ConfigError(
@@ -109,44 +139,39 @@ def train(
             f"it must be at least the number of workers. Raise batch_size or use fewer workers."
         )
 
-    from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
     set_seed(s.seed)
     model, tokenizer, device = _load(str(model_path(base_model)))
-    lora = LoraConfig(
-        task_type="CAUSAL_LM",
-        r=s.r,
-        lora_alpha=s.alpha,
-        lora_dropout=s.dropout,
-        target_modules=list(s.target_modules),
-    )
-    with warnings.catch_warnings():
-        # peft 0.21 probes an attribute transformers 5 deprecated; the warning is noise for users.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = get_peft_model(model, lora)
+    if teacher is not None:
+        method.teacher = _load_teacher(teacher, s, device, ctx)
+        method.extra_config["teacher_digest"] = teacher.digest
+    model = method.prepare(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    inputs, labels, dataset_tokens = _pack(tokenizer, train_rows, s.seq_len)
+    packed = pack(tokenizer, train_rows, s.seq_len)
     if ctx.is_primary:
         ctx.log(
-            f"lora r={s.r} alpha={s.alpha:g} on {', '.join(s.target_modules)}: {trainable:,} trainable parameters; "
-            f"{len(train_rows)} train rows -> {dataset_tokens:,} tokens in {inputs.shape[0]} blocks of {s.seq_len}; "
+            f"{method.describe(trainable)}; "
+            f"{len(train_rows)} train rows -> {packed.tokens:,} tokens in {packed.inputs.shape[0]} blocks of {s.seq_len}; "
             f"{s.max_steps} steps of batch {s.batch_size} on {device}"
             + (f" split across {world} workers" if world > 1 else "")
         )
 
-    curve, train_s, resumed_from = _optimize(model, inputs, labels, s, device, ctx, rank, world)
+    curve, train_s, resumed_from = _optimize(model, method, packed, s, device, ctx, rank, world)
     train_tokens = s.max_steps * s.batch_size * s.seq_len
     if not ctx.is_primary:
         return None
-    eval_loss, eval_accuracy = _evaluate(model, tokenizer, eval_rows, s, device, ctx)
+    eval_loss, eval_accuracy, predictions = _evaluate(model, tokenizer, eval_rows, s, device, ctx)
+    more_metrics: dict[str, float] = {}
+    if s.evaluation is not None:
+        from aiplane.plugins.watsonx_gov.evaluate import evaluate_generations
+
+        # Before publishing: an adapter whose evaluation failed is never published.
+        more_metrics = evaluate_generations(s.evaluation, eval_rows, predictions, ctx)
 
     store = ctx.artifacts(artifact_root)
     with store.staging() as staged:
-        model.save_pretrained(staged)
-        for name in _NOT_PUBLISHED:
-            (staged / name).unlink(missing_ok=True)
-        _stable_config(staged / "adapter_config.json", base_model)
+        method.save(model, tokenizer, staged, base_model)
         uri, digest = store.publish(staged, "adapters")
 
     k = max(1, min(10, len(curve) // 5))
@@ -156,12 +181,13 @@ def train(
         "train_loss_last": sum(loss for _, loss in curve[-k:]) / k,
         "tokens_per_s": train_tokens / train_s if train_s > 0 else 0.0,
         "train_tokens": train_tokens,
-        "dataset_tokens": dataset_tokens,
+        "dataset_tokens": packed.tokens,
         "steps": s.max_steps,
         "train_rows": len(train_rows),
         "eval_rows": len(eval_rows),
         "eval_loss": eval_loss,
         "eval_accuracy": eval_accuracy,
+        **more_metrics,
         "trainable_parameters": trainable,
         "duration_s": time.perf_counter() - started,
         "device": _device_name(device),
@@ -173,37 +199,38 @@ def train(
         metrics["resumed_from_step"] = resumed_from
     ctx.metrics = {name: v for name, v in metrics.items() if not isinstance(v, list)}
     ctx.log(
-        f"published adapter {digest} to {uri}: train loss {metrics['train_loss_first']:.3f} -> "
-        f"{metrics['train_loss_last']:.3f}, eval loss {_fmt(eval_loss)}, eval accuracy {_fmt(eval_accuracy)}"
+        f"published {'model' if method.full_model else 'adapter'} {digest} to {uri}: train loss "
+        f"{metrics['train_loss_first']:.3f} -> {metrics['train_loss_last']:.3f}, eval loss {_fmt(eval_loss)}, "
+        f"eval accuracy {_fmt(eval_accuracy)}"
     )
     return AdapterRecord(
         uri=uri,
         digest=digest,
-        method=LoraTrainer.name,
-        config=s.model_dump(mode="json"),
+        method=trainer,
+        config=method.record_config(s),
         metrics=metrics,
         run_id=ctx.run_id,
-        sources=(base_model, features),
+        # The base model first: consumers take the first base_model source as what was trained from.
+        sources=(base_model, features, *((teacher,) if teacher is not None else ())),
     )
 
 
-def _stable_config(path: Path, base_model: BaseModelRecord) -> None:
-    """Make the adapter config depend only on the training, never on the process or machine that ran it.
+def _load_teacher(teacher: BaseModelRecord, s: LoopSettings, device: "torch.device", ctx: WorkloadContext) -> Any:
+    """The teacher in eval mode without gradients, its adapter (if any) merged in, on the student's device."""
+    model, _, _ = _load(str(model_path(teacher)))
+    adapter = getattr(s, "teacher_adapter", None)
+    if adapter is not None:
+        import warnings
 
-    PEFT keeps ``target_modules`` in a set, whose order changes with every
-    interpreter's string hash seed: they are sorted. It writes the directory the
-    base model was loaded from as ``base_model_name_or_path``: that becomes the
-    base model's digest, which names exactly the weights the adapter applies to
-    wherever they sit. Whoever loads the adapter passes the base model itself
-    (``PeftModel.from_pretrained(model, adapter)``), as the serving target does.
-    """
-    import json
+        from peft import PeftModel
 
-    config = json.loads(path.read_text())
-    if isinstance(config.get("target_modules"), list):
-        config["target_modules"] = sorted(config["target_modules"])
-    config["base_model_name_or_path"] = base_model.digest
-    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(model, str(ctx.local(adapter))).merge_and_unload()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(device)
 
 
 def _fmt(value: float | None) -> str:
@@ -263,7 +290,9 @@ def _load(path: str) -> tuple[Any, Any, "torch.device"]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    # SDPA, named rather than left to the default or the model's config: it takes the per-example mask that
+    # packing derives from position ids for a batch of blocks (flash attention does so only for one flattened row).
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, device
@@ -275,68 +304,11 @@ def _device_name(device: "torch.device") -> str:
     return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
 
 
-def _example(tokenizer: Any, row: Mapping[str, Any]) -> tuple[list[int], list[int]]:
-    """Token ids of prompt + completion + eos and labels that score only the completion and eos."""
-    # Prompt and completion are tokenized apart, as generation sees them: the
-    # model continues the prompt's own tokens.
-    prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-    completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt + completion, [_IGNORE] * len(prompt) + completion
-
-
-def _pack(tokenizer: Any, rows: Sequence[Mapping[str, Any]], seq_len: int) -> tuple["torch.Tensor", "torch.Tensor", int]:
-    """All examples concatenated and cut into ``seq_len`` blocks; no padding anywhere.
-
-    The last partial block is completed with tokens from the start of the
-    stream (training cycles over the data anyway), so every block is full.
-    """
-    import torch
-
-    ids: list[int] = []
-    labels: list[int] = []
-    for row in rows:
-        x, y = _example(tokenizer, row)
-        ids += x
-        labels += y
-    total = len(ids)
-    n_blocks = max(1, math.ceil(total / seq_len))
-    reps = math.ceil(n_blocks * seq_len / total)
-    ids, labels = (ids * reps)[: n_blocks * seq_len], (labels * reps)[: n_blocks * seq_len]
-    return (
-        torch.tensor(ids, dtype=torch.long).view(n_blocks, seq_len),
-        torch.tensor(labels, dtype=torch.long).view(n_blocks, seq_len),
-        total,
-    )
-
-
-def _batches(n_blocks: int, batch_size: int, seed: int) -> Iterator[list[int]]:
-    """Endless batches of block indices: shuffled epochs, one after another."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    while True:
-        while len(order) < batch_size:
-            order += torch.randperm(n_blocks, generator=gen).tolist()
-        batch, order = order[:batch_size], order[batch_size:]
-        yield batch
-
-
-def _completion_loss(model: Any, input_ids: "torch.Tensor", labels: "torch.Tensor", attention_mask=None):
-    """(summed cross-entropy over labelled next tokens, number of labelled tokens)."""
-    import torch.nn.functional as F
-
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    target = labels[:, 1:]
-    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=_IGNORE, reduction="sum")
-    return total, int((target != _IGNORE).sum())
-
-
 def _optimize(
     model: Any,
-    inputs: "torch.Tensor",
-    labels: "torch.Tensor",
-    s: LoraSettings,
+    method: Method,
+    packed: Packed,
+    s: LoopSettings,
     device: "torch.device",
     ctx: WorkloadContext,
     rank: int = 0,
@@ -373,18 +345,18 @@ def _optimize(
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
         )
     model.train()
-    batches = _batches(inputs.shape[0], s.batch_size, s.seed)
+    order = batches(packed.inputs.shape[0], s.batch_size, s.seed)
     for _ in range(start):
         # The batch order is a function of the step, so a resumed run sees what the first attempt would have.
-        next(batches)
+        next(order)
     tokens_per_step = s.batch_size * s.seq_len
     every = ctx.checkpoint_every
     started = window_start = time.perf_counter()
     for step in range(start + 1, s.max_steps + 1):
         ctx.check_cancelled()
-        idx = next(batches)[rank::world]
-        x, y = inputs[idx].to(device), labels[idx].to(device)
-        total, count = _completion_loss(net, x, y)
+        idx = next(order)[rank::world]
+        x, y, pos = packed.inputs[idx].to(device), packed.labels[idx].to(device), packed.positions[idx].to(device)
+        total, count = method.loss(net, x, y, pos)
         if world > 1:
             sums = torch.tensor([float(total.detach()), float(count)], dtype=torch.float64, device=device)
             dist.all_reduce(sums)
@@ -418,7 +390,7 @@ def _optimize(
     return curve, done_s + time.perf_counter() - started, (start if checkpoint is not None else None)
 
 
-def _checkpoint(ctx: WorkloadContext, model: Any, optimizer: Any, scheduler: Any, s: LoraSettings,
+def _checkpoint(ctx: WorkloadContext, model: Any, optimizer: Any, scheduler: Any, s: LoopSettings,
                 step: int, curve: list[tuple[int, float]], train_s: float) -> None:
     """Hand the training state at ``step`` to the engine; every rank calls this, the primary writes it."""
     import torch
@@ -445,7 +417,7 @@ def _checkpoint(ctx: WorkloadContext, model: Any, optimizer: Any, scheduler: Any
         ctx.log(f"checkpoint at step {step}/{s.max_steps}")
 
 
-def _restore(directory: Path, model: Any, optimizer: Any, scheduler: Any, s: LoraSettings) -> tuple[int, list[tuple[int, float]], float]:
+def _restore(directory: Path, model: Any, optimizer: Any, scheduler: Any, s: LoopSettings) -> tuple[int, list[tuple[int, float]], float]:
     """Load a checkpoint written by :func:`_checkpoint` into the model and optimizer; (step, curve, seconds)."""
     import torch
 
@@ -468,43 +440,42 @@ def _restore(directory: Path, model: Any, optimizer: Any, scheduler: Any, s: Lor
 
 
 def _evaluate(
-    model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]], s: LoraSettings, device: "torch.device", ctx: WorkloadContext
-) -> tuple[float | None, float | None]:
-    """Completion-token loss and exact-match accuracy of the greedily generated label on ``rows``."""
+    model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]], s: LoopSettings, device: "torch.device", ctx: WorkloadContext
+) -> tuple[float | None, float | None, list[str]]:
+    """Completion-token loss and exact-match accuracy of the greedily generated label on ``rows``, and the labels."""
     import torch
 
     if not rows:
         ctx.log("no eval rows (split == 'eval'): eval_loss and eval_accuracy are not measured")
-        return None, None
+        return None, None, []
     model.eval()
     pad = tokenizer.pad_token_id
-    loss_sum, loss_tokens, correct = 0.0, 0, 0
+    loss_sum, loss_tokens = 0.0, 0
+    predictions: list[str] = []
     batch_size = max(1, s.batch_size)
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             ctx.check_cancelled()
             chunk = rows[start : start + batch_size]
-            examples = [_example(tokenizer, r) for r in chunk]
+            examples = [example(tokenizer, r) for r in chunk]
             width = max(len(x) for x, _ in examples)
             # Right padding for scoring: padded positions are masked out and unlabelled.
             ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in examples], device=device)
-            lab = torch.tensor([y + [_IGNORE] * (width - len(y)) for _, y in examples], device=device)
+            lab = torch.tensor([y + [IGNORE] * (width - len(y)) for _, y in examples], device=device)
             mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in examples], device=device)
-            total, count = _completion_loss(model, ids, lab, mask)
+            total, count = label_loss(model, ids, lab, attention_mask=mask)
             loss_sum += float(total)
             loss_tokens += count
-            correct += sum(
-                pred == r["completion"].strip() for pred, r in zip(_generate(model, tokenizer, chunk, s, device), chunk)
-            )
+            predictions += _generate(model, tokenizer, chunk, s, device)
     eval_loss = loss_sum / max(loss_tokens, 1)
-    accuracy = correct / len(rows)
+    accuracy = sum(pred == r["completion"].strip() for pred, r in zip(predictions, rows)) / len(rows)
     ctx.metric("eval_loss", eval_loss)
     ctx.metric("eval_accuracy", accuracy)
     ctx.log(f"eval on {len(rows)} rows: loss {eval_loss:.4f}, exact-match accuracy {accuracy:.3f}")
-    return eval_loss, accuracy
+    return eval_loss, accuracy, predictions
 
 
-def _generate(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]], s: LoraSettings, device: "torch.device") -> list[str]:
+def _generate(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]], s: LoopSettings, device: "torch.device") -> list[str]:
     """Greedy continuations of the prompts, cut at end-of-sequence and newline, stripped."""
     import torch
 

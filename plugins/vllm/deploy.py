@@ -49,6 +49,12 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     if not isinstance(adapter, AdapterRecord):
         raise InputError("deploy-endpoint needs an adapter_weights record as its 'adapter' input")
     base = base_model_of(adapter)
+    if adapter.config.get("full_model"):
+        raise InputError(
+            f"{adapter.method} record {adapter.digest} is a whole model, not an adapter; the vllm target serves "
+            "adapters on their base model and does not serve whole models yet. Train with lora (or distill "
+            "with student: lora) to serve it."
+        )
     adapter_dir = _local_dir(str(ctx.local(adapter.uri)), "Adapter", "adapter_config.json")
     base_dir = _local_dir(str(ctx.local(base.uri, base.digest)), "Base model", "config.json")
     rank = adapter_rank(adapter_dir)
