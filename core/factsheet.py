@@ -24,7 +24,7 @@ from typing import Any
 from .errors import InputError
 from .records import AdapterRecord, BaseModelRecord, EndpointRecord, FeaturesRecord, Record, lineage
 
-__all__ = ["build_factsheet", "SCHEMA_VERSION"]
+__all__ = ["build_factsheet", "publishable", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 """Bumped when a key of the document changes meaning or disappears."""
@@ -231,3 +231,28 @@ def _code_version() -> str | None:
         return None
     commit = head.stdout.strip()
     return commit or None
+
+
+def publishable(endpoint: Any, document: Any) -> dict[str, Any]:
+    """``document`` as plain JSON data for a publisher's workload, after checking what it is published for.
+
+    Every :class:`~aiplane.core.components.FactsheetPublisher` calls this in ``workload()``, so a wrong
+    argument fails there, before anything runs, with the same message whatever the publisher.
+    """
+    import json
+    from collections.abc import Mapping
+
+    from .errors import InputError
+    from .records import EndpointRecord
+
+    if not isinstance(endpoint, EndpointRecord):
+        raise InputError(f"A factsheet is published for an EndpointRecord; got {type(endpoint).__name__}")
+    if not isinstance(document, Mapping):
+        raise InputError(
+            "The factsheet document must be a mapping (see aiplane.core.factsheet.build_factsheet); "
+            f"got {type(document).__name__}"
+        )
+    try:
+        return json.loads(json.dumps(dict(document)))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"The factsheet document is not JSON-serializable: {exc}") from None

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, field_validator
 
 from aiplane.core.components import FactsheetPublisher
-from aiplane.core.errors import InputError
+from aiplane.core.factsheet import publishable
 from aiplane.core.records import EndpointRecord
 from aiplane.core.workload import Workload
 
@@ -84,17 +83,7 @@ class WatsonxGovernancePublisher(FactsheetPublisher):
 
     def workload(self, endpoint: EndpointRecord, document: Mapping[str, Any]) -> Workload:
         """The ``publish-factsheet`` workload; its one output, ``factsheet``, is a FactsheetRecord."""
-        if not isinstance(endpoint, EndpointRecord):
-            raise InputError(f"A factsheet is published for an EndpointRecord; got {type(endpoint).__name__}")
-        if not isinstance(document, Mapping):
-            raise InputError(
-                "The factsheet document must be a mapping (see aiplane.core.factsheet.build_factsheet); "
-                f"got {type(document).__name__}"
-            )
-        try:
-            doc = json.loads(json.dumps(dict(document)))
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"The factsheet document is not JSON-serializable: {exc}") from None
+        doc = publishable(endpoint, document)
         # The settings travel as JSON; the API key as its reference only, resolved in the workload.
         return Workload(
             name="publish-factsheet",
