@@ -7,7 +7,6 @@ hosts through the double acting as an HTTPS proxy (see ``_factsheets_service_dou
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -20,10 +19,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-# Found, not imported: importing IBM's client writes ./logs, and the tests check it writes nowhere but aiplane's home.
-if importlib.util.find_spec("ibm_aigov_facts_client") is None:
-    pytest.skip("needs IBM's facts client: pip install 'aiplane[governance]'", allow_module_level=True)
-
+# IBM's client (the test extra installs it) is not imported here: importing it writes ./logs, and the tests
+# check it writes nowhere but aiplane's home.
 from _factsheets_service_double import factsheets_service  # noqa: E402
 
 from aiplane.core.components import FEATURE_COLUMNS  # noqa: E402
@@ -87,7 +84,7 @@ def _endpoint(tmp: Path, digest_char: str = "a", eval_accuracy: float = 0.625) -
     )
     return EndpointRecord(
         uri="http://127.0.0.1:38123/v1/models/tickets", digest=adapter.digest, url="http://127.0.0.1:38123",
-        model_name="tickets", protocols=("v1", "v2"), serving="kserve-local", handle={"pid": 1},
+        model_name="tickets", protocols=("openai-completions",), serving="vllm", handle={"pid": 1},
         sources=(adapter,),
     )
 
@@ -391,6 +388,50 @@ def test_an_api_key_given_by_reference_appears_nowhere_but_the_auth_calls(home, 
     assert SENTINEL not in repr(publisher)
     for path in home["aiplane"].rglob("*"):
         if path.is_file():
+            assert SENTINEL.encode() not in path.read_bytes(), f"{path} holds the API key"
+
+
+def test_a_chain_publishing_to_watsonx_governance_keeps_the_key_out_of_dagster_lineage_and_files(home, tmp_path):
+    """The whole asset graph with this publisher: the key reaches the service's login and nothing else."""
+    import dagster as dg
+    import yaml
+    from dagster._serdes import serialize_value
+
+    from aiplane.assets import ASSETS, AiplaneResource
+    from aiplane.assets.sources import seed_tickets
+    from aiplane.core.config import load_deployment
+    from conftest import stop_endpoints
+
+    state = home["aiplane"]
+    raw = yaml.safe_load(Path(load_deployment("local").source).read_text())
+    raw["trainer"]["settings"].update({"max_steps": 6, "batch_size": 4, "seq_len": 64, "eval_limit": 4, "log_every": 2})
+    with factsheets_service(users={USER: SENTINEL}, api_keys=(SENTINEL,)) as service:
+        raw["factsheet"] = {"name": "watsonx-governance", "settings": {
+            "platform": "cpd", "url": service.url, "username": USER, "inventory_id": service.inventory_id,
+            "backoff_s": 0, "api_key": {"env": KEY_ENV},
+        }}  # fmt: skip
+        deployment = tmp_path / "wxgov.yaml"
+        deployment.write_text(yaml.safe_dump(raw))
+        seed_tickets(state / "sources" / "tickets.jsonl", n=120)
+        instance = dg.DagsterInstance.ephemeral()
+        try:
+            result = dg.materialize(
+                ASSETS, instance=instance, raise_on_error=False,
+                resources={"aiplane": AiplaneResource(deployment=str(deployment), home=str(state))},
+            )  # fmt: skip
+        finally:
+            stop_endpoints(state)
+        assert result.success, [e.message for e in result.all_events if e.is_failure]
+        assert result.asset_value("factsheet").publisher == "watsonx-governance" and service.models
+        assert any(r.path == "/icp4d-api/v1/authorize" for r in service.requests), "the key was used, at the login"
+
+    logs = "".join(serialize_value(entry) for entry in instance.all_logs(result.run_id))
+    assert "watsonx-governance" in logs and "factsheet" in logs, "the records are in the run's metadata"
+    assert SENTINEL not in logs, "no Dagster event or metadata holds the key"
+    lineage = (state / "lineage" / "events.jsonl").read_text()
+    assert lineage.count('"eventType": "COMPLETE"') >= 5 and SENTINEL not in lineage
+    for path in state.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
             assert SENTINEL.encode() not in path.read_bytes(), f"{path} holds the API key"
 
 
