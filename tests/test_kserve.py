@@ -270,6 +270,21 @@ def test_a_service_that_never_becomes_ready_is_a_bounded_wait_and_a_first_deploy
     assert _isvc(cluster) is None
 
 
+def test_a_cancelled_rollout_puts_the_previous_spec_back(cluster):
+    from aiplane.core.errors import WorkloadCancelled
+
+    _deploy(cluster, _adapter(1))
+    cluster["controller"].outcome = "never"
+    cancel = threading.Event()
+    workload = KServe(_settings(cluster)).workload(_adapter(2), NAME, "/unused")
+    threading.Timer(0.5, cancel.set).start()
+    with pytest.raises(WorkloadCancelled):
+        execute(workload, cancel=cancel)
+    isvc = _isvc(cluster)
+    assert isvc["metadata"]["annotations"]["aiplane.io/adapter"] == _adapter(1).digest
+    assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
+
+
 def test_adapters_outside_object_storage_are_refused_before_any_request(cluster):
     local = _adapter(1).model_copy(update={"uri": "/var/lib/aiplane/artifacts/adapters/1"})
     with pytest.raises(InputError, match="a KServe pod cannot read: the kserve target serves from object storage"):

@@ -28,7 +28,7 @@ import urllib.error
 import urllib.request
 from typing import TYPE_CHECKING, Any
 
-from aiplane.core.errors import ConfigError, InputError, PluginError, WorkloadError
+from aiplane.core.errors import ConfigError, InputError, PluginError, WorkloadCancelled, WorkloadError
 from aiplane.core.records import AdapterRecord, EndpointRecord
 from aiplane.core.workload import WorkloadContext
 
@@ -203,19 +203,22 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
             applied = cluster.apply(promoted, cluster.get("inferenceservices", name))
             status = _wait_ready(ctx, cluster, name, applied["metadata"]["generation"], settings, False)
             ctx.log(f"promoted the new revision of {name!r} to all traffic")
-    except (WorkloadError, InputError) as exc:
+    except BaseException as exc:
+        # Failed or cancelled (Dagster's run termination too): what served before serves again.
         if current is None:
             cluster.delete("inferenceservices", name)
-            raise WorkloadError(f"{exc}; the new InferenceService {name!r} was deleted.") from None
-        restore = copy.deepcopy(current)
-        restore["spec"]["predictor"].pop("canaryTrafficPercent", None)
-        for key in ("uid", "creationTimestamp", "generation", "managedFields"):
-            restore["metadata"].pop(key, None)
-        restore.pop("status", None)
-        cluster.apply(restore, cluster.get("inferenceservices", name))
-        raise WorkloadError(
-            f"{exc}; the previous spec of {name!r} was put back, so adapter {previous[0]['digest']} keeps serving."
-        ) from None
+            undone = f"the new InferenceService {name!r} was deleted"
+        else:
+            restore = copy.deepcopy(current)
+            restore["spec"]["predictor"].pop("canaryTrafficPercent", None)
+            for key in ("uid", "creationTimestamp", "generation", "managedFields"):
+                restore["metadata"].pop(key, None)
+            restore.pop("status", None)
+            cluster.apply(restore, cluster.get("inferenceservices", name))
+            undone = f"the previous spec of {name!r} was put back, so adapter {previous[0]['digest']} keeps serving"
+        if isinstance(exc, (WorkloadError, InputError)) and not isinstance(exc, WorkloadCancelled):
+            raise WorkloadError(f"{exc}; {undone}.") from None
+        raise
     url = status.get("url") or ""
     return {
         "endpoint": EndpointRecord(
