@@ -1,7 +1,10 @@
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+
+from aiplane.core.workload import Runtime
 
 TESTS = Path(__file__).parent
 
@@ -104,3 +107,21 @@ def stop_endpoints(home: Path) -> None:
         if info is not None:
             _server.terminate(info)
             _server.forget(directory)
+
+
+class CheckpointingRuntime(Runtime):
+    """A workload runtime, as an engine that restarts work gives one: it keeps the last checkpoint in
+    ``store`` and can crash right after the report of step ``crash_at``, so resuming is tested without an engine."""
+
+    def __init__(self, store: Path, crash_at: int | None = None, every: int = 5):
+        self.store, self.crash_at, self.checkpoint_every = store, crash_at, every
+
+    def report(self, metrics, checkpoint_dir=None):
+        if checkpoint_dir is not None:
+            shutil.rmtree(self.store, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, self.store)
+        if metrics["step"] == self.crash_at:
+            raise RuntimeError("worker lost")
+
+    def latest_checkpoint(self):
+        return self.store if self.store.exists() else None

@@ -35,7 +35,7 @@ from aiplane.core.sample import generate_tickets, to_features
 from aiplane.core.workload import Event, Runtime, Workload, WorkloadContext
 from aiplane.plugins.peft.base_model import build_tiny_granite, resolve
 from aiplane.plugins.peft.train import train
-from conftest import crd_validator
+from conftest import CheckpointingRuntime, crd_validator
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = Target(name="ray", engine="ray", region="eu")
@@ -489,21 +489,6 @@ def test_invalid_settings_are_config_errors_before_anything_runs(settings, messa
         Registry().engine("ray", settings)
 
 
-class _Checkpoints(Runtime):
-    """A runtime that keeps checkpoints in a directory and can crash right after keeping one."""
-
-    def __init__(self, store: Path, crash_at: int | None = None):
-        self.store, self.crash_at, self.checkpoint_every = store, crash_at, 5
-
-    def report(self, metrics, checkpoint_dir=None):
-        if checkpoint_dir is not None:
-            shutil.rmtree(self.store, ignore_errors=True)
-            shutil.copytree(checkpoint_dir, self.store)
-        if metrics["step"] == self.crash_at:
-            raise RuntimeError("worker lost")
-
-    def latest_checkpoint(self):
-        return self.store if self.store.exists() else None
 
 
 def test_training_resumed_from_a_checkpoint_ends_with_the_uninterrupted_adapter(inputs, tmp_path):
@@ -514,11 +499,11 @@ def test_training_resumed_from_a_checkpoint_ends_with_the_uninterrupted_adapter(
     def run(runtime: Runtime, root: Path) -> AdapterRecord:
         return train(base, features, rows, settings, str(root), WorkloadContext(workload, lambda e: None, runtime=runtime))
 
-    whole = run(_Checkpoints(tmp_path / "a"), tmp_path / "whole")
+    whole = run(CheckpointingRuntime(tmp_path / "a", every=5), tmp_path / "whole")
     with pytest.raises(RuntimeError, match="worker lost"):
-        run(_Checkpoints(tmp_path / "b", crash_at=10), tmp_path / "resumed")
+        run(CheckpointingRuntime(tmp_path / "b", crash_at=10, every=5), tmp_path / "resumed")
     assert not (tmp_path / "resumed" / "adapters").exists()
-    resumed = run(_Checkpoints(tmp_path / "b"), tmp_path / "resumed")
+    resumed = run(CheckpointingRuntime(tmp_path / "b", every=5), tmp_path / "resumed")
     assert resumed.metrics["resumed_from_step"] == 10
     assert resumed.digest == whole.digest
     assert resumed.metrics["loss_curve"] == whole.metrics["loss_curve"]

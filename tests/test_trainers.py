@@ -27,6 +27,7 @@ from aiplane.core.plugins import Registry
 from aiplane.core.records import AdapterRecord, BaseModelRecord, FeaturesRecord
 from aiplane.core.sample import generate_tickets, to_features
 from aiplane.core.storage import local_path
+from conftest import CheckpointingRuntime
 from aiplane.core.workload import Runtime, Workload, WorkloadContext
 from aiplane.plugins.peft.base_model import BUILTIN, build_tiny_granite, resolve
 from aiplane.plugins.peft.train import train
@@ -302,31 +303,16 @@ def test_distill_workload_carries_the_teacher_as_an_input_record(base_model, row
 # ---------------------------------------------------------------- shared loop
 
 
-class _Checkpoints(Runtime):
-    """A runtime that keeps the last checkpoint in a directory and can crash right after keeping one."""
-
-    def __init__(self, store: Path, crash_at: int | None = None):
-        self.store, self.crash_at, self.checkpoint_every = store, crash_at, 4
-
-    def report(self, metrics, checkpoint_dir=None):
-        if checkpoint_dir is not None:
-            shutil.rmtree(self.store, ignore_errors=True)
-            shutil.copytree(checkpoint_dir, self.store)
-        if metrics["step"] == self.crash_at:
-            raise RuntimeError("worker lost")
-
-    def latest_checkpoint(self):
-        return self.store if self.store.exists() else None
 
 
 @pytest.mark.parametrize("trainer", ["sft", "distill"])
 def test_training_resumed_from_a_checkpoint_ends_with_the_uninterrupted_weights(trainer, base_model, rows, tmp_path, teacher_adapter):
     settings = {**SFT, "max_steps": 8} if trainer == "sft" else _distill_settings(teacher_adapter, max_steps=8)
-    whole = _train(base_model, rows, tmp_path / "whole", trainer, settings, _Checkpoints(tmp_path / "a"))
+    whole = _train(base_model, rows, tmp_path / "whole", trainer, settings, CheckpointingRuntime(tmp_path / "a", every=4))
     with pytest.raises(RuntimeError, match="worker lost"):
-        _train(base_model, rows, tmp_path / "resumed", trainer, settings, _Checkpoints(tmp_path / "b", crash_at=4))
+        _train(base_model, rows, tmp_path / "resumed", trainer, settings, CheckpointingRuntime(tmp_path / "b", crash_at=4, every=4))
     assert not (tmp_path / "resumed" / "adapters").exists()
-    resumed = _train(base_model, rows, tmp_path / "resumed", trainer, settings, _Checkpoints(tmp_path / "b"))
+    resumed = _train(base_model, rows, tmp_path / "resumed", trainer, settings, CheckpointingRuntime(tmp_path / "b", every=4))
     assert resumed.metrics["resumed_from_step"] == 4
     assert resumed.digest == whole.digest and resumed.metrics["loss_curve"] == whole.metrics["loss_curve"]
 
