@@ -23,7 +23,7 @@ from typing import NoReturn
 from aiplane.core.config import load_deployment
 from aiplane.core.errors import AiplaneError
 from aiplane.core.plugins import Registry
-from aiplane.core.records import EndpointRecord, FactsheetRecord, record_from_json
+from aiplane.core.records import EndpointRecord, FactsheetRecord
 from aiplane.core.worker import exit_now
 
 __all__ = ["main", "console"]
@@ -140,10 +140,11 @@ class _RunFailed(Exception):
 
 
 def _check(args: argparse.Namespace) -> int:
-    from aiplane.core.preflight import preflight
+    from aiplane.core.preflight import preflight, region_plan
 
     deployment = load_deployment(args.deployment or None)
-    problems = preflight(deployment, Registry(), _pins(args))
+    registry = Registry()
+    problems = preflight(deployment, registry, _pins(args), offline=args.offline)
     if problems:
         print(f"{deployment.source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}:", file=sys.stderr)
         for problem in problems:
@@ -154,6 +155,21 @@ def _check(args: argparse.Namespace) -> int:
         f"({', '.join(t.name for t in deployment.targets)}); feature store {deployment.feature_store.name}, "
         f"trainer {deployment.trainer.name}, serving {deployment.serving.name}, factsheet {deployment.factsheet.name}"
     )
+    # Per region, where its partition would run each workload: a region without a target fails alone at run
+    # time, so `up` is not refused for it, but the check says so and fails.
+    unplaceable = 0
+    for region, placed in region_plan(deployment, registry).items():
+        regional = deployment.in_region(region)
+        print(f"region {region}: feature store {regional.feature_store.name}; " + "; ".join(
+            f"{key} {regional.spec(key).name} on {where}" for key, where in placed.items() if not where.startswith("no target:")
+        ))  # fmt: skip
+        for key, where in placed.items():
+            if where.startswith("no target:"):
+                unplaceable += 1
+                print(f"  - {key}: {where}", file=sys.stderr)
+    if unplaceable:
+        print(f"{unplaceable} workload(s) of some regions have no target: `aiplane up` fails those regions' partitions.", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -181,18 +197,17 @@ def _up(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from aiplane.core.preflight import preflight, raise_for_problems
-    from aiplane.core.storage import Storage
 
     from .definitions import EndpointConfig, TargetConfig, build_definitions
     from .resource import AiplaneResource, prestart_training
-    from .state import PID_TAG, latest_record, pid_tag, spec_digest, staleness
+    from .state import PARTITIONED, PID_TAG, latest_materialization, latest_record, pid_tag, spec_digest, staleness
 
     deployment = load_deployment(args.deployment or None)
     registry = Registry()
     # The environment is final before anything starts with it (a prestarted worker must match the run's).
     _dagster_home(deployment.home)
     # Training's process and imports get ready while the deployment is checked and the sources refreshed.
-    prestart_training(deployment, registry, args.train_target)
+    prestart_training(deployment, registry, args.train_target, next(iter(deployment.regions), None))
     raise_for_problems(deployment, preflight(deployment, registry, _pins(args)))
     instance = _instance(deployment.home, deployment.dagster.postgres)
     _recover(instance, deployment, registry)
@@ -213,45 +228,84 @@ def _up(args: argparse.Namespace) -> int:
         "ops": {name: {"config": config} for name, config in configs.items()},
     }
     tags = {PID_TAG: pid_tag()}
+    regions: list[str | None] = list(deployment.regions) or [None]
 
-    def execute(selection: list[str]) -> str:
-        return _execute(job, instance, run_config, selection, tags, _debug(args))
+    def chain(region: str | None, sources: list[str]) -> tuple[dict[str, str], list[str]]:
+        """Materialize ``sources``, then what is missing or stale downstream, of one region's partition
+        (or of the unpartitioned chain)."""
 
-    def version(key: str) -> str | None:
-        entry = instance.get_latest_materialization_event(dg.AssetKey(key))
-        return (entry.tags or {}).get("dagster/data_version") if entry else None
+        def execute(selection: list[str]) -> str:
+            return _execute(job, instance, run_config, selection, tags, _debug(args), region)
 
-    status: dict[str, str] = {}
-    run_ids = []
-    if args.force:
-        run_ids.append(execute([*_SOURCES, *(a for a, _ in _DOWNSTREAM)]))
-        status = {a: "materialized (--force)" for a in (*_SOURCES, *(a for a, _ in _DOWNSTREAM))}
-    else:
+        def version(key: str) -> str | None:
+            entry = latest_materialization(instance, dg.AssetKey(key), partition=region)
+            return (entry.tags or {}).get("dagster/data_version") if entry else None
+
+        downstream = [a for a, _ in _DOWNSTREAM]
+        if args.force:
+            return {a: "materialized (--force)" for a in (*sources, *downstream)}, [execute([*sources, *downstream])]
         # The sources are cheap and idempotent: the base model is resolved, the features
         # published (identical rows make no new snapshot). Their data versions then say
         # what downstream must be redone.
-        before = {k: version(k) for k in _SOURCES}
-        run_ids.append(execute(list(_SOURCES)))
-        for key in _SOURCES:
-            status[key] = "up to date (data version unchanged)" if version(key) == before[key] else "new data version"
+        before = {k: version(k) for k in sources}
+        run_ids = [execute(sources)]
+        status = {k: "up to date (data version unchanged)" if version(k) == before[k] else "new data version" for k in sources}
+        regional = deployment.in_region(region)
         stale: dict[str, str] = {}
         for asset, deps in _DOWNSTREAM:
             upstream = next((d for d in deps if d in stale), None)
             why = f"{upstream} is re-materialized" if upstream else staleness(
-                instance, asset, deps, spec_digest(deployment, asset, configs[asset])
+                instance, asset, deps, spec_digest(regional, asset, configs[asset]), region
             )
             if why is None and asset == "served_endpoint":
-                why = _endpoint_down(instance, deployment, registry)
+                why = _endpoint_down(instance, deployment, registry, region)
             if why:
                 stale[asset] = why
         if stale:
             run_ids.append(execute(list(stale)))
-        for asset, _ in _DOWNSTREAM:
+        for asset in downstream:
             status[asset] = f"materialized ({stale[asset]})" if asset in stale else "up to date (inputs and settings unchanged)"
+        return status, run_ids
 
-    endpoint = latest_record(instance, "served_endpoint")
-    sheet = latest_record(instance, "factsheet")
+    sources = list(_SOURCES)
+    if deployment.regions:
+        # The base model is one for every region: resolved once, before the regions' runs.
+        before = latest_record(instance, "base_model")
+        base_run = _execute(job, instance, run_config, ["base_model"], tags, _debug(args))
+        after = latest_record(instance, "base_model")
+        base_status = "up to date (data version unchanged)" if before and before.digest == after.digest else "new data version"
+        print(f"{'base_model':16} {base_status} (run {base_run}, one for every region)")
+        sources = [k for k in _SOURCES if k in PARTITIONED]
+    failed: dict[str | None, str] = {}
+    for region in regions:
+        try:
+            status, run_ids = chain(region, sources)
+        except _RunFailed as exc:
+            if region is None:
+                raise
+            # One region's failure (no target there, a failed check) stops that partition only.
+            failed[region] = str(exc)
+            continue
+        _report(instance, deployment, status, run_ids, region)
+    if failed:
+        raise _RunFailed(
+            "\n".join(f"region {region}: {why}" for region, why in failed.items())
+            + f"\n{len(failed)} of {len(regions)} regions failed; the others are up."
+        )
+    return 0
+
+
+def _report(instance, deployment, status: dict[str, str], run_ids: list[str], region: str | None) -> None:
+    """What ``aiplane up`` made of one chain: each asset's status, the endpoint, a sample completion, the factsheet, the lineage."""
+    from aiplane.core.storage import Storage
+
+    from .state import latest_record
+
+    endpoint = latest_record(instance, "served_endpoint", region)
+    sheet = latest_record(instance, "factsheet", region)
     assert isinstance(endpoint, EndpointRecord) and isinstance(sheet, FactsheetRecord)
+    if region is not None:
+        print(f"Region {region}")
     for key, what in status.items():
         print(f"{key:16} {what}")
     print(f"Dagster run:  {', '.join(run_ids)} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
@@ -268,11 +322,11 @@ def _up(args: argparse.Namespace) -> int:
     for step in json.loads(Storage(deployment.storage.s3).read_bytes(sheet.uri))["lineage"]:
         print(f"  {step['kind']:16} {step['digest']:80} {step['uri']}")
     print(f"  {'factsheet':16} {sheet.digest:80} {sheet.uri}")
-    return 0
 
 
-def _execute(job, instance, run_config: dict, selection: list[str], tags: dict, debug: bool) -> str:
-    """Run ``selection`` of the asset job in this process (each asset's config from ``run_config``); its run id."""
+def _execute(job, instance, run_config: dict, selection: list[str], tags: dict, debug: bool, region: str | None = None) -> str:
+    """Run ``selection`` of the asset job in this process (each asset's config from ``run_config``), of region
+    ``region``'s partition when given; its run id."""
     import dagster as dg
 
     wanted = set(selection)
@@ -283,6 +337,7 @@ def _execute(job, instance, run_config: dict, selection: list[str], tags: dict, 
         run_config={**run_config, "ops": ops},
         asset_selection=[dg.AssetKey(k) for k in selection],
         tags=tags,
+        partition_key=region,
     )
     if not result.success:
         if _interrupted(result):
@@ -298,16 +353,26 @@ def _rollback(args: argparse.Namespace) -> int:
     from .state import PID_TAG, latest_record, pid_tag, records
 
     deployment = load_deployment(args.deployment or None)
+    region = args.region or None
+    if region is not None:
+        _check_region(deployment, region)
+    elif deployment.regions:
+        raise AiplaneError(
+            f"{deployment.source} serves one endpoint per region: say which with --region "
+            f"({', '.join(deployment.regions)})."
+        )
     _dagster_home(deployment.home)
     instance = _instance(deployment.home, deployment.dagster.postgres)
-    current = latest_record(instance, "served_endpoint")
+    current = latest_record(instance, "served_endpoint", region)
     if not isinstance(current, EndpointRecord):
-        raise AiplaneError("No endpoint has been materialized on this instance, so there is nothing to roll back.")
+        here = f" for region {region}" if region else ""
+        raise AiplaneError(f"No endpoint has been materialized{here} on this instance, so there is nothing to roll back.")
     serving = _adapter_of(current).digest
     wanted = args.to
     if not wanted:
         # The adapter the endpoint served before the current one.
-        earlier = (_adapter_of(r).digest for r in records(instance, "served_endpoint") if isinstance(r, EndpointRecord))
+        served = records(instance, "served_endpoint", partition=region)
+        earlier = (_adapter_of(r).digest for r in served if isinstance(r, EndpointRecord))
         wanted = next((d for d in earlier if d != serving), "")
         if not wanted:
             raise AiplaneError(f"{current.model_name} has served only adapter {serving}; there is nothing to roll back to.")
@@ -315,34 +380,41 @@ def _rollback(args: argparse.Namespace) -> int:
         AiplaneResource(deployment=args.deployment, home=str(deployment.home)),
         loggers={"console": _console_logger(_debug(args))},
     )
+    # The endpoint's name as configured: a region's partition adds its region to it.
+    name = current.model_name.removesuffix(f"-{region}") if region else current.model_name
     run_config = {
         "loggers": {"console": {"config": {"log_level": "INFO"}}},
         "ops": {
-            "served_endpoint": {"config": EndpointConfig(name=current.model_name, rollback_to=wanted).model_dump()},
+            "served_endpoint": {"config": EndpointConfig(name=name, rollback_to=wanted).model_dump()},
             "factsheet": {"config": TargetConfig().model_dump()},
         },
     }
     job = defs.resolve_implicit_global_asset_job_def()
-    run_id = _execute(job, instance, run_config, ["served_endpoint", "factsheet"], {PID_TAG: pid_tag()}, _debug(args))
-    endpoint, sheet = latest_record(instance, "served_endpoint"), latest_record(instance, "factsheet")
+    run_id = _execute(job, instance, run_config, ["served_endpoint", "factsheet"], {PID_TAG: pid_tag()}, _debug(args), region)
+    endpoint, sheet = latest_record(instance, "served_endpoint", region), latest_record(instance, "factsheet", region)
     print(f"Rolled back {endpoint.model_name} at {endpoint.url}: adapter {serving} -> {_adapter_of(endpoint).digest}")
     print(f"Dagster run:  {run_id}")
     print(f"Factsheet:    {sheet.uri}")
     return 0
 
 
-def _endpoint_down(instance, deployment, registry: Registry) -> str | None:
-    """Why the last endpoint must be deployed again (its server is gone), or ``None``."""
+def _serving_target(deployment, registry: Registry, record: EndpointRecord, region: str | None):
+    """The serving target that serves ``record``, with the settings the deployment (its region) gives it."""
+    spec = deployment.spec("serving", region)
+    return registry.create("serving target", record.serving, spec.settings if spec.name == record.serving else None)
+
+
+def _endpoint_down(instance, deployment, registry: Registry, region: str | None = None) -> str | None:
+    """Why the last endpoint (of ``region``) must be deployed again (its server is gone), or ``None``."""
     from .state import latest_record
 
-    record = latest_record(instance, "served_endpoint")
+    record = latest_record(instance, "served_endpoint", region)
     if not isinstance(record, EndpointRecord):
         return "never materialized"
-    settings = deployment.serving.settings if deployment.serving.name == record.serving else None
     if record.serving not in registry.components("serving target"):
         # Served by a target this installation no longer has (kserve-local, retired): serve it anew.
         return f"it was served by {record.serving!r}, which is not installed"
-    running = registry.create("serving target", record.serving, settings).running(record)
+    running = _serving_target(deployment, registry, record, region).running(record)
     return "its server is not running" if running is False else None
 
 
@@ -420,22 +492,36 @@ def _plugins(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    from dagster import AssetKey
+    from .state import latest_record
 
     deployment = load_deployment(args.deployment or None)
     instance = _instance(deployment.home, deployment.dagster.postgres)
-    event = instance.get_latest_materialization_event(AssetKey("served_endpoint"))
-    if event is None or event.asset_materialization is None:
-        print("No endpoint has been materialized on this instance.")
-        return 0
-    record = record_from_json(event.asset_materialization.metadata["record"].value)
-    settings = deployment.serving.settings if deployment.serving.name == record.serving else None
-    # A target that predates stop()'s bool return answers None: it stopped, as far as it can tell.
-    if Registry().create("serving target", record.serving, settings).stop(record) is False:
-        print(f"{record.model_name} at {record.url} was not running; nothing to stop.")
-    else:
-        print(f"Stopped {record.model_name} at {record.url}")
+    registry = Registry()
+    regions: list[str | None] = list(deployment.regions) or [None]
+    if args.region:
+        _check_region(deployment, args.region)
+        regions = [args.region]
+    for region in regions:
+        where = f"region {region}: " if region else ""
+        record = latest_record(instance, "served_endpoint", region)
+        if not isinstance(record, EndpointRecord):
+            print(f"{where}No endpoint has been materialized on this instance.")
+            continue
+        # A target that predates stop()'s bool return answers None: it stopped, as far as it can tell.
+        if _serving_target(deployment, registry, record, region).stop(record) is False:
+            print(f"{where}{record.model_name} at {record.url} was not running; nothing to stop.")
+        else:
+            print(f"{where}Stopped {record.model_name} at {record.url}")
     return 0
+
+
+def _check_region(deployment, region: str) -> None:
+    from aiplane.core.errors import unknown_name
+
+    if region not in deployment.regions:
+        if not deployment.regions:
+            raise AiplaneError(f"--region {region}: {deployment.source} has no `regions:`, so its assets are not partitioned.")
+        raise AiplaneError("--region: " + unknown_name("region", region, list(deployment.regions), known_as="the deployment's"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,15 +531,19 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="check the deployment, pins, ports and model before anything runs")
     check.add_argument("--train-target", default="", help="check training pinned to this deployment target")
+    check.add_argument("--offline", action="store_true", help="reach nothing outside this machine (a base model in a bucket is not read)")
     check.set_defaults(fn=_check)
     up = sub.add_parser("up", help="materialize what is missing or stale and show the result")
     up.add_argument("--train-target", default="", help="pin training to this deployment target (placement still checks it)")
     up.add_argument("--force", action="store_true", help="materialize every asset, even those up to date")
     up.set_defaults(fn=_up)
     sub.add_parser("plugins", help="list installed plugins and the components they provide").set_defaults(fn=_plugins)
-    sub.add_parser("stop", help="stop the served endpoint").set_defaults(fn=_stop)
+    stop = sub.add_parser("stop", help="stop the served endpoint (every region's, unless --region)")
+    stop.add_argument("--region", default="", help="stop only this region's endpoint")
+    stop.set_defaults(fn=_stop)
     rollback = sub.add_parser("rollback", help="serve an earlier adapter on the endpoint (default: the one before)")
     rollback.add_argument("--to", default="", help="the adapter's digest, or 12 or more of its first hex digits")
+    rollback.add_argument("--region", default="", help="the region whose endpoint to roll back (deployments with regions)")
     rollback.set_defaults(fn=_rollback)
     args = parser.parse_args(argv)
     # Output(data_version=...) is how the assets version their data; Dagster's beta label is noise here.

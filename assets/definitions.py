@@ -4,9 +4,16 @@ Each asset wraps its work in the aiplane lifecycle hooks, records its lineage
 record, placement decision and key metrics as metadata, and sets its data
 version from the record's digest, so downstream assets re-run only when what
 they read really changed.
+
+A deployment with ``regions`` gets the same assets partitioned by region (all
+but ``base_model``): partition ``eu`` publishes only the rows whose residency
+allows ``eu``, places every workload on a target in ``eu`` with the components
+``eu`` sets, and serves ``<endpoint>-eu``. A region without a qualifying target
+fails its own partition, before any side effect; the others go on.
 """
 
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +23,7 @@ from aiplane.core.components import FEATURE_COLUMNS
 from aiplane.core.errors import GovernanceError, InputError
 from aiplane.core.factsheet import build_factsheet
 from aiplane.core.governance import judge
-from aiplane.core.placement import normalize_tag, unknown_tags
+from aiplane.core.placement import allows_region, normalize_tag, unknown_tags
 from aiplane.core.plugins import materialization, notify_error
 from aiplane.core.records import (
     AdapterRecord,
@@ -33,7 +40,7 @@ from .resource import AiplaneResource
 from .sources import load_tickets
 from .state import ORPHAN_NOTIFIED_TAG, RecordIOManager, latest_record, records, spec_digest, unfinished_steps
 
-__all__ = ["defs", "ASSETS", "features_refresh_schedule", "on_upstream_data_change"]
+__all__ = ["defs", "ASSETS", "build_assets", "build_definitions", "features_refresh_schedule", "on_upstream_data_change", "region_table"]
 
 GROUP = "aiplane"
 
@@ -81,7 +88,6 @@ def _output(record: Record, **extra: Any) -> dg.Output:
     return dg.Output(record, data_version=dg.DataVersion(record.digest), metadata=_metadata(record, **extra))
 
 
-@dg.asset(group_name=GROUP, kinds={"huggingface"}, description="The pretrained model adapters start from.")
 def base_model(context: dg.AssetExecutionContext, aiplane: AiplaneResource) -> dg.Output[BaseModelRecord]:
     d = aiplane.config
     with materialization(aiplane.registry.pm, "base_model", context.run.run_id, [], d) as m:
@@ -98,6 +104,21 @@ class FeaturesConfig(dg.Config):
     eval_fraction: float = 0.1
 
 
+def _region(context: dg.AssetExecutionContext) -> str | None:
+    """The region of a per-region partition's run; ``None`` unpartitioned."""
+    return context.partition_key if context.has_partition_key else None
+
+
+def region_table(table: str, region: str | None) -> str:
+    """The feature table of ``region``'s partition: each region's rows in a table of their own."""
+    return table if region is None else f"{table}_{region.replace('-', '_')}"
+
+
+def endpoint_name(name: str, region: str | None) -> str:
+    """The endpoint a region's partition serves: one per region, so each serves its own adapter."""
+    return name if region is None else f"{name}-{region}"
+
+
 _CHECKS = [
     dg.AssetCheckSpec("schema", asset="features", blocking=True, description=f"Columns are exactly {', '.join(FEATURE_COLUMNS)}."),
     dg.AssetCheckSpec("not_empty", asset="features", blocking=True, description="Both train and eval splits have rows."),
@@ -111,29 +132,38 @@ _CHECKS = [
 ]
 
 
-@dg.asset(
-    group_name=GROUP,
-    kinds={"iceberg"},
-    check_specs=_CHECKS,
-    description="Training features in the feature store, pinned to a snapshot.",
+_REGION_CHECK = dg.AssetCheckSpec(
+    "residency_allows_region",
+    asset="features",
+    blocking=True,
+    description="Every row of the partition's table has a residency that allows the partition's region.",
 )
+
+
 def features(context: dg.AssetExecutionContext, config: FeaturesConfig, aiplane: AiplaneResource):
     import pyarrow as pa
 
     from aiplane.core.sample import to_features
 
     d = aiplane.config
-    store = aiplane.component("feature_store")
+    region = _region(context)
+    store = aiplane.component("feature_store", region)
+    table = region_table(config.table, region)
     source = Path(config.source) if config.source else d.home / "sources" / "tickets.jsonl"
     with materialization(aiplane.registry.pm, "features", context.run.run_id, [], d) as m:
         tickets = load_tickets(source, seed_if_missing=not config.source, log=context.log.info)
-        rows = pa.Table.from_pylist(to_features(tickets, config.eval_fraction))
-        before = store.current(config.table)
-        record: FeaturesRecord = store.publish(rows, config.table)
+        every = to_features(tickets, config.eval_fraction)
+        # A region's table holds only the rows it may process; a tag the policy lacks goes nowhere
+        # (and fails residency_known below, which judges every row of the source).
+        kept = every if region is None else [r for r in every if allows_region(r["residency"], d.residency, region)]
+        columns = {c: pa.array([row[c] for row in kept], pa.string()) for c in FEATURE_COLUMNS}
+        before = store.current(table)
+        record: FeaturesRecord = store.publish(pa.table(columns), table)
         m["output"] = record
     changed = before is None or before.snapshot_id != record.snapshot_id
     context.log.info(
-        f"features {record.table}: snapshot {record.snapshot_id} ({record.row_count} rows) "
+        f"features {record.table}: snapshot {record.snapshot_id} ({record.row_count} rows"
+        + (f" of {len(every)}, those allowed in region {region}) " if region else ") ")
         + ("new snapshot" if changed else "unchanged: no new data, no new snapshot")
     )
     yield _output(
@@ -144,14 +174,33 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, aiplane:
         residency=", ".join(record.residency),
         new_snapshot=changed,
         source=str(source),
+        region=region,
     )
-    yield from _feature_checks(store.read(record), d.residency)
+    published = store.read(record)
+    yield from _feature_checks(published, d.residency, pa.Table.from_pylist(every) if region else None)
+    if region is not None:
+        yield _residency_allows(published, d.residency, region)
 
 
 _SHOWN_ROWS = 20
 
 
-def _feature_checks(table, policy) -> list[dg.AssetCheckResult]:
+def _residency_allows(table, policy, region: str) -> dg.AssetCheckResult:
+    """Read back, not assumed: a row in the region's table whose tag does not allow the region stops the partition."""
+    ids, tags = table.column("id").to_pylist(), table.column("residency").to_pylist()
+    outside = [i for i, tag in zip(ids, tags) if not allows_region(tag, policy, region)]
+    return dg.AssetCheckResult(
+        check_name="residency_allows_region",
+        passed=not outside,
+        description=f"{len(outside)} row(s) may not be processed in region {region!r}: {', '.join(outside[:_SHOWN_ROWS])}"
+        if outside
+        else None,
+        metadata={"region": region, "rows_outside": len(outside), "tags": sorted(set(tags))},
+    )
+
+
+def _feature_checks(table, policy, source=None) -> list[dg.AssetCheckResult]:
+    """The table's checks; ``residency_known`` judges ``source`` (every row read) when given, not only those kept."""
     columns = list(table.column_names)
     missing = [c for c in FEATURE_COLUMNS if c not in columns]
     extra = [c for c in columns if c not in FEATURE_COLUMNS]
@@ -171,7 +220,9 @@ def _feature_checks(table, policy) -> list[dg.AssetCheckResult]:
             passed=bool(residency) and untagged == 0,
             metadata={"untagged_rows": untagged, "tags": sorted({r for r in residency if r})},
         ),
-        _residency_known(table, residency, policy),
+        _residency_known(table, residency, policy)
+        if source is None
+        else _residency_known(source, source.column("residency").to_pylist(), policy),
     ]
 
 
@@ -213,18 +264,23 @@ def _adapter_of(record: Record) -> AdapterRecord:
     return adapter
 
 
-def _rollback(instance: dg.DagsterInstance, wanted: str) -> tuple[AdapterRecord, dict[str, str | None]]:
-    """The earlier adapter ``wanted`` names (a digest or its first 12+ hex digits), and what it replaces."""
+def _rollback(
+    instance: dg.DagsterInstance, wanted: str, region: str | None = None
+) -> tuple[AdapterRecord, dict[str, str | None]]:
+    """The earlier adapter ``wanted`` names (a digest or its first 12+ hex digits), and what it replaces;
+    for a region's partition, one trained for that region."""
     prefix = wanted.removeprefix("sha256:").lower()
     if len(prefix) < 12:
         raise InputError(f"rollback_to {wanted!r} is too short to name one adapter: give 12 or more hex digits of its digest.")
-    found = {r.digest: r for r in records(instance, "adapter_weights") if r.digest.removeprefix("sha256:").startswith(prefix)}
+    trained = records(instance, "adapter_weights", partition=region)
+    found = {r.digest: r for r in trained if r.digest.removeprefix("sha256:").startswith(prefix)}
     if len(found) != 1:
-        known = ", ".join(dict.fromkeys(r.digest[7:19] for r in records(instance, "adapter_weights"))) or "none"
+        known = ", ".join(dict.fromkeys(r.digest[7:19] for r in trained)) or "none"
         how = "names more than one adapter" if found else "names no adapter this instance has trained"
-        raise InputError(f"rollback_to {wanted!r} {how}; adapters trained here (newest first): {known}.")
+        here = f" for region {region}" if region else ""
+        raise InputError(f"rollback_to {wanted!r} {how}{here}; adapters trained here{here} (newest first): {known}.")
     (adapter,) = found.values()
-    current = latest_record(instance, "served_endpoint")
+    current = latest_record(instance, "served_endpoint", region)
     served = _adapter_of(current).digest if current is not None else None
     return adapter, {"to": adapter.digest, "from": served}
 
@@ -238,23 +294,17 @@ def _residency(record: Record) -> tuple[str, ...]:
     return tuple(sorted(tags))
 
 
-@dg.asset(
-    group_name=GROUP,
-    kinds={"pytorch"},
-    automation_condition=on_upstream_data_change(),
-    check_specs=[
-        dg.AssetCheckSpec(
-            "loss_decreased", asset="adapter_weights", description="Training loss at the end is below the start."
-        ),
-        dg.AssetCheckSpec(
-            "governance_gate",
-            asset="adapter_weights",
-            blocking=True,
-            description="The adapter's draft factsheet meets the deployment's governance thresholds and required facts.",
-        ),
-    ],
-    description="The trained weights (a LoRA adapter, or a whole model for sft), in the content-addressed store.",
-)
+_ADAPTER_CHECKS = [
+    dg.AssetCheckSpec("loss_decreased", asset="adapter_weights", description="Training loss at the end is below the start."),
+    dg.AssetCheckSpec(
+        "governance_gate",
+        asset="adapter_weights",
+        blocking=True,
+        description="The adapter's draft factsheet meets the deployment's governance thresholds and required facts.",
+    ),
+]
+
+
 def adapter_weights(
     context: dg.AssetExecutionContext,
     config: TargetConfig,
@@ -263,9 +313,10 @@ def adapter_weights(
     features: FeaturesRecord,
 ):
     d = aiplane.config
+    region = _region(context)
     inputs = [base_model, features]
     with materialization(aiplane.registry.pm, "adapter_weights", context.run.run_id, inputs, d) as m:
-        trainer, decision = aiplane.placed("trainer", "train-adapter", features.residency, config.target)
+        trainer, decision = aiplane.placed("trainer", "train-adapter", features.residency, config.target, region)
         trainer.validate(base_model)
         result = aiplane.run(context, trainer.workload(base_model, features, d.artifact_root(decision.region)), decision)
         record = m["output"] = _placed(result.outputs["adapter"], decision, result.engine)
@@ -273,7 +324,7 @@ def adapter_weights(
     first, last = metrics.get("train_loss_first"), metrics.get("train_loss_last")
     yield _output(
         record,
-        spec_digest=spec_digest(d, "adapter_weights", config.model_dump()),
+        spec_digest=spec_digest(d.in_region(region), "adapter_weights", config.model_dump()),
         run_id=record.run_id,
         method=record.method,
         train_loss_first=first,
@@ -311,19 +362,14 @@ class EndpointConfig(TargetConfig):
     (``aiplane rollback`` sets this). It stays served until adapter_weights changes."""
 
 
-@dg.asset(
-    group_name=GROUP,
-    kinds={"vllm"},
-    automation_condition=on_upstream_data_change(),
-    description="A running model server for the base model plus adapter.",
-)
 def served_endpoint(
     context: dg.AssetExecutionContext, config: EndpointConfig, aiplane: AiplaneResource, adapter_weights: AdapterRecord
 ) -> dg.Output[EndpointRecord]:
     d = aiplane.config
+    region = _region(context)
     adapter, rollback = adapter_weights, None
     if config.rollback_to:
-        adapter, rollback = _rollback(context.instance, config.rollback_to)
+        adapter, rollback = _rollback(context.instance, config.rollback_to, region)
     with materialization(aiplane.registry.pm, "served_endpoint", context.run.run_id, [adapter], d) as m:
         # Judged again here, whatever launched this step: a run of this asset alone, from the UI or
         # a later `aiplane up`, must not promote an adapter the blocking check failed.
@@ -333,8 +379,8 @@ def served_endpoint(
                 f"Adapter {adapter.digest} is not served: {verdict.summary()}. Whatever the endpoint "
                 f"served before still serves. Retrain, or change `governance:` in {d.source or 'the deployment'}."
             )
-        serving, decision = aiplane.placed("serving", "serve-endpoint", _residency(adapter), config.target)
-        result = aiplane.run(context, serving.workload(adapter, config.name, str(d.home)), decision)
+        serving, decision = aiplane.placed("serving", "serve-endpoint", _residency(adapter), config.target, region)
+        result = aiplane.run(context, serving.workload(adapter, endpoint_name(config.name, region), str(d.home)), decision)
         execution = {**result.engine, **({"rollback": rollback} if rollback else {})}
         record = m["output"] = _placed(result.outputs["endpoint"], decision, execution)
     context.log.info(
@@ -343,29 +389,25 @@ def served_endpoint(
     )
     return _output(
         record,
-        spec_digest=spec_digest(d, "served_endpoint", config.model_dump()),
+        spec_digest=spec_digest(d.in_region(region), "served_endpoint", config.model_dump()),
         url=dg.MetadataValue.url(record.url),
         model_name=record.model_name,
     )
 
 
-@dg.asset(
-    group_name=GROUP,
-    kinds={"json"},
-    automation_condition=on_upstream_data_change(),
-    description="The factsheet: lineage, training, evaluation and placement of the served model.",
-)
 def factsheet(
     context: dg.AssetExecutionContext, config: TargetConfig, aiplane: AiplaneResource, served_endpoint: EndpointRecord
 ) -> dg.Output[FactsheetRecord]:
     d = aiplane.config
+    region = _region(context)
     with materialization(aiplane.registry.pm, "factsheet", context.run.run_id, [served_endpoint], d) as m:
         # The factsheet describes a model trained on these rows: their residency holds for it too.
-        publisher, decision = aiplane.placed("factsheet", "publish-factsheet", _residency(served_endpoint), config.target)
+        publisher, decision = aiplane.placed("factsheet", "publish-factsheet", _residency(served_endpoint), config.target, region)
         document = build_factsheet(
             served_endpoint,
             extra={
                 "deployment": d.name,
+                **({"region": region} if region else {}),
                 "dagster_run_id": context.run.run_id,
                 "publish_placement": decision.model_dump(mode="json"),
                 # The gate the served adapter passed, with the values it was judged on.
@@ -381,21 +423,78 @@ def factsheet(
     context.log.info(f"factsheet at {record.uri} (page {record.page_uri})")
     return _output(
         record,
-        spec_digest=spec_digest(d, "factsheet", config.model_dump()),
+        spec_digest=spec_digest(d.in_region(region), "factsheet", config.model_dump()),
         path=dg.MetadataValue.path(record.uri),
         page=dg.MetadataValue.path(record.page_uri),
     )
 
 
-ASSETS = [base_model, features, adapter_weights, served_endpoint, factsheet]
+def build_assets(regions: Sequence[str] = ()) -> list[dg.AssetsDefinition]:
+    """The five assets; with ``regions``, all but ``base_model`` partitioned by them (one partition per region)."""
+    parts = dg.StaticPartitionsDefinition(list(regions)) if regions else None
+    checks = [*_CHECKS, _REGION_CHECK] if regions else _CHECKS
+    automated = on_upstream_data_change()
+    return [
+        dg.asset(group_name=GROUP, kinds={"huggingface"}, description="The pretrained model adapters start from.")(base_model),
+        dg.asset(
+            group_name=GROUP,
+            kinds={"iceberg"},
+            partitions_def=parts,
+            check_specs=checks,
+            description="Training features in the feature store, pinned to a snapshot"
+            + (": per region, the rows its residency allows." if regions else "."),
+        )(features),
+        dg.asset(
+            group_name=GROUP,
+            kinds={"pytorch"},
+            partitions_def=parts,
+            automation_condition=automated,
+            check_specs=_ADAPTER_CHECKS,
+            description="The trained weights (a LoRA adapter, or a whole model for sft), in the content-addressed store.",
+        )(adapter_weights),
+        dg.asset(
+            group_name=GROUP,
+            kinds={"vllm"},
+            partitions_def=parts,
+            automation_condition=automated,
+            description="A running model server for the base model plus adapter.",
+        )(served_endpoint),
+        dg.asset(
+            group_name=GROUP,
+            kinds={"json"},
+            partitions_def=parts,
+            automation_condition=automated,
+            description="The factsheet: lineage, training, evaluation and placement of the served model.",
+        )(factsheet),
+    ]
 
-refresh_features_job = dg.define_asset_job("refresh_features", selection=[features])
+
+ASSETS = build_assets()
+"""The unpartitioned assets (a deployment without ``regions``)."""
+
+refresh_features_job = dg.define_asset_job("refresh_features", selection=["features"])
 features_refresh_schedule = dg.ScheduleDefinition(
     name="refresh_features_daily",
     job=refresh_features_job,
     cron_schedule="0 3 * * *",
     default_status=dg.DefaultScheduleStatus.RUNNING,
 )
+
+
+def _regional_refresh(regions: Sequence[str]) -> dg.ScheduleDefinition:
+    """The daily refresh of every region's features: one run per partition, so each region fails alone."""
+
+    @dg.schedule(
+        name="refresh_features_daily",
+        job=dg.define_asset_job("refresh_features", selection=["features"]),
+        cron_schedule="0 3 * * *",
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+    )
+    def refresh_features_daily(context: dg.ScheduleEvaluationContext):
+        tick = context.scheduled_execution_time.isoformat()
+        return [dg.RunRequest(partition_key=region, run_key=f"{region}@{tick}") for region in regions]
+
+    return refresh_features_daily
 
 
 # Declarative automation needs a running sensor to evaluate the conditions.
@@ -422,15 +521,30 @@ def orphaned_steps_sensor(context: dg.RunFailureSensorContext, aiplane: AiplaneR
         notify_error(aiplane.registry.pm, step, context.dagster_run.run_id, error, aiplane.config)
 
 
+def deployment_regions(resource: AiplaneResource) -> tuple[str, ...]:
+    """The regions of the resource's deployment: the partitions of the code location."""
+    from aiplane.core.config import load_deployment
+    from aiplane.core.errors import AiplaneError
+
+    try:
+        return tuple(load_deployment(resource.deployment or None, home=resource.home or None).regions)
+    except AiplaneError:
+        return ()  # the resource reports what is wrong with the deployment when a run starts
+
+
 def build_definitions(resource: AiplaneResource | None = None, loggers: dict | None = None) -> dg.Definitions:
-    """The code location; ``aiplane up`` passes its own resource and console logger."""
+    """The code location; ``aiplane up`` passes its own resource and console logger.
+
+    Partitioned by region when the deployment names ``regions``."""
     from .resource import default_resource
 
+    resource = resource or default_resource()
+    regions = deployment_regions(resource)
     return dg.Definitions(
-        assets=ASSETS,
-        schedules=[features_refresh_schedule],
+        assets=build_assets(regions) if regions else ASSETS,
+        schedules=[_regional_refresh(regions) if regions else features_refresh_schedule],
         sensors=[automation_sensor, orphaned_steps_sensor],
-        resources={"aiplane": resource or default_resource(), "io_manager": RecordIOManager()},
+        resources={"aiplane": resource, "io_manager": RecordIOManager()},
         loggers=loggers,
         # One process per run, as `aiplane up` runs: the steps form a chain (each waits for the one
         # before) and each hands its work to an engine, so the multiprocess default would buy no

@@ -37,7 +37,8 @@ class AiplaneResource(dg.ConfigurableResource):
         if run is not None and _trains(run):
             # The run's other steps (sources, Dagster's own set-up) overlap the trainer's imports.
             config = ((run.run_config or {}).get("ops") or {}).get("adapter_weights") or {}
-            prestart_training(self.config, self.registry, (config.get("config") or {}).get("target", ""))
+            region = run.tags.get("dagster/partition") if self.config.regions else None
+            prestart_training(self.config, self.registry, (config.get("config") or {}).get("target", ""), region)
 
     def _load(self) -> None:
         if self._deployment is None:
@@ -59,18 +60,22 @@ class AiplaneResource(dg.ConfigurableResource):
         assert self._registry is not None
         return self._registry
 
-    def component(self, spec_key: str) -> Any:
-        """The component a deployment key (``trainer``, ``serving``, ...) names, with its settings."""
-        spec = getattr(self.config, spec_key)
+    def component(self, spec_key: str, region: str | None = None) -> Any:
+        """The component a deployment key (``trainer``, ``serving``, ...) names, with its settings
+        (as region ``region`` sets them, for a per-region partition)."""
+        spec = self.config.spec(spec_key, region)
         return self.registry.create(DEPLOYMENT_KINDS[spec_key], spec.name, spec.settings)
 
-    def placed(self, spec_key: str, workload: str, residency: tuple[str, ...] = (), pin: str = "") -> tuple[Any, PlacementDecision]:
+    def placed(
+        self, spec_key: str, workload: str, residency: tuple[str, ...] = (), pin: str = "", region: str | None = None
+    ) -> tuple[Any, PlacementDecision]:
         """The component for ``spec_key`` and where its workload runs.
 
         Placement is pure, so it runs, and fails, before any side effect. ``pin``
         (asset config) wins over the deployment's own ``target`` for the component.
+        ``region`` (a per-region partition's) admits only targets in that region.
         """
-        return _placed(self.config, self.registry, spec_key, workload, residency, pin)
+        return _placed(self.config, self.registry, spec_key, workload, residency, pin, region)
 
     def run(self, context: dg.AssetExecutionContext, workload: Workload, decision: PlacementDecision) -> WorkloadResult:
         """Run ``workload`` on the engine of the chosen target, streaming its events into the run log."""
@@ -105,9 +110,15 @@ def _trains(run: "dg.DagsterRun") -> bool:
 
 
 def _placed(
-    deployment: Deployment, registry: Registry, spec_key: str, workload: str, residency: tuple[str, ...] = (), pin: str = ""
+    deployment: Deployment,
+    registry: Registry,
+    spec_key: str,
+    workload: str,
+    residency: tuple[str, ...] = (),
+    pin: str = "",
+    region: str | None = None,
 ) -> tuple[Any, PlacementDecision]:
-    spec = getattr(deployment, spec_key)
+    spec = deployment.spec(spec_key, region)
     component = registry.create(DEPLOYMENT_KINDS[spec_key], spec.name, spec.settings)
     requirements = Requirements(
         workload=workload,
@@ -116,6 +127,7 @@ def _placed(
         sla=spec.sla,
         engines=type(component).engines,
         target=pin or spec.target,
+        region=region,
     )
     decision = place(requirements, deployment.targets, deployment.residency, registry.components("engine"))
     # Fail closed before any side effect: what is made in the chosen region is written only there.
@@ -129,7 +141,7 @@ def _placed(
     return component, decision
 
 
-def prestart_training(deployment: Deployment, registry: Registry, pin: str = "") -> None:
+def prestart_training(deployment: Deployment, registry: Registry, pin: str = "", region: str | None = None) -> None:
     """Ask the engine the training workload will probably run on to start it now (see ``Engine.prestart``).
 
     For where the orchestrator has seconds of its own work before ``adapter_weights``
@@ -140,11 +152,12 @@ def prestart_training(deployment: Deployment, registry: Registry, pin: str = "")
     different run. Problems are left to the preflight and the real placement.
     """
     try:
-        trainer, decision = _placed(deployment, registry, "trainer", "train-adapter", pin=pin)
+        trainer, decision = _placed(deployment, registry, "trainer", "train-adapter", pin=pin, region=region)
         if not trainer.entrypoint:
             return
         target = deployment.target(decision.target)
-        store = registry.create(DEPLOYMENT_KINDS["feature_store"], deployment.feature_store.name, deployment.feature_store.settings)
+        store_spec = deployment.spec("feature_store", region)
+        store = registry.create(DEPLOYMENT_KINDS["feature_store"], store_spec.name, store_spec.settings)
         engine = registry.engine(target.engine, target.settings)
     except AiplaneError:
         return

@@ -33,12 +33,15 @@ __all__ = [
     "ORPHAN_NOTIFIED_TAG",
     "pid_tag",
     "SPEC_DIGEST_KEY",
+    "PARTITIONED",
 ]
 
 PID_TAG = "aiplane/pid"
 """Run tag: ``<pid>:<start time>`` of the process executing the run in process (``aiplane up``)."""
 ORPHAN_NOTIFIED_TAG = "aiplane/orphan_notified"
 """Run tag: the observers were told of this orphaned run's unfinished steps."""
+PARTITIONED = frozenset({"features", "adapter_weights", "served_endpoint", "factsheet"})
+"""The assets a deployment with ``regions`` partitions by region; ``base_model`` is one for all."""
 SPEC_DIGEST_KEY = "spec_digest"
 """Metadata key: digest of the deployment settings an asset was made with (see :func:`spec_digest`)."""
 
@@ -50,27 +53,45 @@ def _record_of(entry: dg.EventLogEntry | None) -> Record | None:
     return record_from_json(materialization.metadata["record"].value)
 
 
-def latest_materialization(instance: dg.DagsterInstance, key: dg.AssetKey, run_id: str | None = None) -> dg.EventLogEntry | None:
-    """The newest materialization of ``key``: of run ``run_id`` when it made one, else of any run."""
+def _key(key: dg.AssetKey | str) -> dg.AssetKey:
+    return dg.AssetKey(key) if isinstance(key, str) else key
+
+
+def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None) -> dg.EventLogEntry | None:
+    """The newest materialization of ``key``, of its partition ``partition`` when it is partitioned."""
+    if partition is None or key.to_user_string() not in PARTITIONED:
+        return instance.get_latest_materialization_event(key)
+    found = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1)
+    return found.records[0].event_log_entry if found.records else None
+
+
+def latest_materialization(
+    instance: dg.DagsterInstance, key: dg.AssetKey, run_id: str | None = None, partition: str | None = None
+) -> dg.EventLogEntry | None:
+    """The newest materialization of ``key`` (of ``partition``, for a partitioned asset): of run
+    ``run_id`` when it made one, else of any run."""
     if run_id is not None:
         records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
         mine = [r.event_log_entry for r in records if r.event_log_entry.asset_materialization
-                and r.event_log_entry.asset_materialization.asset_key == key]
+                and r.event_log_entry.asset_materialization.asset_key == key
+                and (partition is None or r.event_log_entry.asset_materialization.partition in (None, partition))]
         if mine:
             return mine[-1]
-    return instance.get_latest_materialization_event(key)
+    return _latest(instance, key, partition)
 
 
-def latest_record(instance: dg.DagsterInstance, key: dg.AssetKey | str) -> Record | None:
-    """The record of the newest materialization of an asset, or ``None`` if it was never materialized."""
-    key = dg.AssetKey(key) if isinstance(key, str) else key
-    return _record_of(instance.get_latest_materialization_event(key))
+def latest_record(instance: dg.DagsterInstance, key: dg.AssetKey | str, partition: str | None = None) -> Record | None:
+    """The record of the newest materialization of an asset (of its region ``partition``), or ``None``."""
+    return _record_of(_latest(instance, _key(key), partition))
 
 
-def records(instance: dg.DagsterInstance, key: dg.AssetKey | str, limit: int = 1000) -> list[Record]:
-    """The records of an asset's materializations, newest first (at most ``limit``)."""
-    key = dg.AssetKey(key) if isinstance(key, str) else key
-    entries = instance.fetch_materializations(key, limit=limit).records
+def records(instance: dg.DagsterInstance, key: dg.AssetKey | str, limit: int = 1000, partition: str | None = None) -> list[Record]:
+    """The records of an asset's materializations (of its region ``partition``), newest first (at most ``limit``)."""
+    key = _key(key)
+    if partition is not None and key.to_user_string() in PARTITIONED:
+        entries = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=limit).records
+    else:
+        entries = instance.fetch_materializations(key, limit=limit).records
     return [r for r in (_record_of(e.event_log_entry) for e in entries) if r is not None]
 
 
@@ -83,11 +104,13 @@ class RecordIOManager(dg.ConfigurableIOManager):
 
     def load_input(self, context: dg.InputContext) -> Record:
         key = context.asset_key
-        entry = latest_materialization(context.instance, key, context.step_context.run_id)
+        partition = context.asset_partition_key if context.has_asset_partitions else None
+        entry = latest_materialization(context.instance, key, context.step_context.run_id, partition)
         record = _record_of(entry)
         if record is None:
+            what = key.to_user_string() + (f" (region {partition})" if partition else "")
             raise InputError(
-                f"{key.to_user_string()} has never been materialized on this Dagster instance; "
+                f"{what} has never been materialized on this Dagster instance; "
                 "materialize it first (or materialize everything: `aiplane up`)."
             )
         return record
@@ -114,21 +137,24 @@ def spec_digest(deployment, asset: str, config: Mapping[str, Any]) -> str:
 
 
 def staleness(
-    instance: dg.DagsterInstance, key: str, deps: Iterable[str], spec: str | None = None
+    instance: dg.DagsterInstance, key: str, deps: Iterable[str], spec: str | None = None, partition: str | None = None
 ) -> str | None:
-    """Why ``key`` must be materialized again, or ``None`` when it is up to date.
+    """Why ``key`` (its region ``partition``) must be materialized again, or ``None`` when it is up to date.
 
     Up to date means: materialized before, from the same data versions of its
     upstream assets as they have now, and with the same settings (``spec``).
     The same rule Dagster's automation applies, plus settings.
     """
-    entry = instance.get_latest_materialization_event(dg.AssetKey(key))
+    entry = _latest(instance, dg.AssetKey(key), partition)
     if entry is None or entry.asset_materialization is None:
         return "never materialized"
     provenance = dg.DataProvenance.from_tags(entry.tags or {})
     for dep in deps:
-        dep_entry = instance.get_latest_materialization_event(dg.AssetKey(dep))
+        dep_entry = _latest(instance, dg.AssetKey(dep), partition)
         now = (dep_entry.tags or {}).get("dagster/data_version") if dep_entry else None
+        if now is not None and partition is not None and dep in PARTITIONED:
+            # Dagster records a partitioned input's version as the sha256 of its partitions' versions, joined.
+            now = hashlib.sha256(now.encode()).hexdigest()
         used = provenance.input_data_versions.get(dg.AssetKey(dep)) if provenance else None
         if now is None or used is None or used.value != now:
             return f"{dep} has a new data version"

@@ -27,6 +27,7 @@ __all__ = [
     "StorageSettings",
     "DagsterSettings",
     "DagsterPostgres",
+    "COMPONENT_KEYS",
     "load_deployment",
     "deployment_path",
     "DEFAULT_DEPLOYMENT",
@@ -240,6 +241,20 @@ class BaseModelSpec(_Strict):
     """``builtin:tiny-granite`` (built locally) or a local directory of a Hugging Face model."""
 
 
+COMPONENT_KEYS = ("feature_store", "trainer", "serving", "factsheet")
+"""The deployment keys that name a component; a region may set its own (``regions.<region>.<key>``)."""
+
+
+def _merged_spec(base: ComponentSpec, override: dict[str, Any]) -> ComponentSpec:
+    """``base`` with a region's keys, each given replacing the base's; ``settings`` key by key, unless the
+    region names another component, whose settings start empty (the base's are for another plugin)."""
+    fields = base.model_dump()
+    if override.get("name", base.name) != base.name:
+        fields["settings"] = {}
+    settings = {**fields["settings"], **override.get("settings", {})}
+    return ComponentSpec.model_validate({**fields, **override, "settings": settings})
+
+
 class Deployment(_Strict):
     """One deployment file, validated."""
 
@@ -265,6 +280,13 @@ class Deployment(_Strict):
     """What an adapter must show before it serves (thresholds on its evaluation, facts on record)."""
     observers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Settings for observer plugins, keyed by plugin name (e.g. ``openlineage``)."""
+    regions: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)
+    """Per-region adapters: each region named here is a Dagster partition of ``features``,
+    ``adapter_weights``, ``served_endpoint`` and ``factsheet``. A partition holds only the rows
+    whose residency allows its region, and places every workload on a target in it. A region
+    may give its own ``feature_store``, ``trainer``, ``serving`` or ``factsheet`` (another
+    component, or only some settings of the deployment's); a list of names gives none. Empty:
+    one unpartitioned chain, every row placed by residency alone."""
     source: str | None = None
     """The file this deployment was loaded from."""
 
@@ -294,14 +316,65 @@ class Deployment(_Strict):
             out[key] = regions
         return out
 
+    @field_validator("regions", mode="before")
+    @classmethod
+    def _region_list(cls, regions: Any) -> Any:
+        if isinstance(regions, (list, tuple)):
+            names = [str(r) for r in regions]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"regions are listed once each; repeated: {', '.join(dupes)}")
+            return {name: {} for name in names}
+        if isinstance(regions, dict):
+            return {name: overrides or {} for name, overrides in regions.items()}  # `eu:` with nothing under it
+        return regions
+
+    @field_validator("regions")
+    @classmethod
+    def _region_specs(cls, regions: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+        for region, overrides in regions.items():
+            if not re.match(_SLUG, region):
+                raise ValueError(f"region {region!r} is not a lower-case name (letters, digits, '-'), as a partition key must be")
+            unknown = sorted(set(overrides) - set(COMPONENT_KEYS))
+            if unknown:
+                raise ValueError(
+                    f"{region}: {', '.join(unknown)} cannot be set per region; a region sets {', '.join(COMPONENT_KEYS)}"
+                )
+        return regions
+
     @model_validator(mode="after")
     def _pins_exist(self) -> "Deployment":
         names = [t.name for t in self.targets]
-        for key in ("trainer", "serving", "factsheet"):
-            pin = getattr(self, key).target
-            if pin and pin not in names:
-                raise ValueError(f"{key}.target: " + unknown_name("target", pin, names))
+        for region in [None, *self.regions]:
+            where = f"regions.{region}." if region else ""
+            for key in ("trainer", "serving", "factsheet"):
+                try:
+                    pin = self.spec(key, region).target
+                except ConfigError as exc:
+                    raise ValueError(str(exc)) from None
+                if pin and pin not in names:
+                    raise ValueError(f"{where}{key}.target: " + unknown_name("target", pin, names))
         return self
+
+    def spec(self, key: str, region: str | None = None) -> ComponentSpec:
+        """The component spec ``key`` names, as region ``region`` sets it (``None``: the deployment's own)."""
+        base: ComponentSpec = getattr(self, key)
+        override = self.regions.get(region, {}).get(key) if region else None
+        if not override:
+            return base
+        try:
+            return _merged_spec(base, override)
+        except ValidationError as exc:
+            problems = "; ".join(validation_problems(exc, ComponentSpec))
+            raise ConfigError(f"regions.{region}.{key}: {problems}") from None
+
+    def in_region(self, region: str | None) -> "Deployment":
+        """This deployment as region ``region``'s partitions run it: its components as the region sets them."""
+        if region is None:
+            return self
+        if region not in self.regions:
+            raise ConfigError(unknown_name("region", region, list(self.regions), known_as="the deployment's"))
+        return self.model_copy(update={key: self.spec(key, region) for key in COMPONENT_KEYS})
 
     def target(self, name: str) -> Target:
         for t in self.targets:

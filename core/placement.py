@@ -19,7 +19,7 @@ from .config import Target
 from .errors import PlacementError, unknown_name
 from .records import PlacementDecision
 
-__all__ = ["Requirements", "place", "allowed_regions", "normalize_tag", "unknown_tags", "ANY_REGION"]
+__all__ = ["Requirements", "place", "allowed_regions", "allows_region", "normalize_tag", "unknown_tags", "ANY_REGION"]
 
 ANY_REGION = "any"
 """A residency policy value that declares a tag unrestricted."""
@@ -38,6 +38,8 @@ class Requirements(BaseModel):
     """Engines the workload's component supports; ``None`` means any."""
     target: str | None = None
     """A target the workload is pinned to; it still has to qualify."""
+    region: str | None = None
+    """The region the workload is for (a per-region partition): only targets in it qualify."""
 
 
 def normalize_tag(tag: object) -> str:
@@ -75,11 +77,21 @@ def allowed_regions(residency: Collection[str], policy: Mapping[str, Sequence[st
     return allowed
 
 
+def allows_region(tag: str, policy: Mapping[str, Sequence[str] | str], region: str) -> bool:
+    """Whether data tagged ``tag`` may be processed in ``region``; a tag the policy does not know may not (fails closed)."""
+    tag = normalize_tag(tag)
+    if tag not in policy:
+        return False
+    return policy[tag] == ANY_REGION or region in policy[tag]
+
+
 def _rejection(
     req: Requirements, t: Target, allowed: set[str] | None, restricting: str, installed: Collection[str]
 ) -> str | None:
     if req.target and t.name != req.target:
         return f"workload is pinned to target {req.target!r}"
+    if req.region is not None and t.region != req.region:
+        return f"in region {t.region!r}; this workload is for region {req.region!r}"
     if t.engine not in installed:
         return f"engine {t.engine!r} is not installed (installed: {', '.join(sorted(installed)) or 'none'})"
     if req.engines is not None and t.engine not in req.engines:
@@ -124,8 +136,9 @@ def place(
             rejected[t.name] = why
     if chosen is None:
         lines = "\n".join(f"  - {name}: {why}" for name, why in rejected.items())
+        region = f"region {req.region}, " if req.region is not None else ""
         raise PlacementError(
-            f"No target can run {req.workload} (residency {', '.join(req.residency) or 'none'}, "
+            f"No target can run {req.workload} ({region}residency {', '.join(req.residency) or 'none'}, "
             f"{req.gpus} GPU(s), SLA {req.sla}). Candidates:\n{lines}\n"
             "Add a qualifying target to the deployment or change the workload's requirements."
         )
@@ -135,6 +148,8 @@ def place(
         else "residency: no tag of the data restricts the region"
     )
     how = f"pinned to {chosen.name!r}" if req.target else "first qualifying target in deployment order"
+    if req.region is not None:
+        how += f" in region {req.region!r} (the partition's)"
     reason = (
         f"{how}: {region_why}; engine {chosen.engine!r}; "
         f"{chosen.gpus} GPU(s) for {req.gpus} needed; SLA {req.sla!r} served"

@@ -242,6 +242,13 @@ class Registry:
                 self.create(kind, spec.name, spec.settings)
             except AiplaneError as exc:
                 problems.append(f"{key}: {exc}")
+        for region, overrides in deployment.regions.items():
+            for key in overrides:
+                try:
+                    spec = deployment.spec(key, region)
+                    self.create(DEPLOYMENT_KINDS[key], spec.name, spec.settings)
+                except AiplaneError as exc:
+                    problems.append(f"regions.{region}.{key}: {exc}")
         engines = self.components("engine")
         for i, target in enumerate(deployment.targets):
             if target.engine not in engines:

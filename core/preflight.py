@@ -17,18 +17,24 @@ from .config import Deployment
 from .errors import AiplaneError, ConfigError
 from .placement import Requirements, place
 from .plugins import DEPLOYMENT_KINDS, Registry
+from .storage import is_local
 
-__all__ = ["preflight", "raise_for_problems", "location_problems"]
+__all__ = ["preflight", "raise_for_problems", "location_problems", "region_plan"]
 
 # The workloads each component places, as the assets name them.
 _WORKLOADS = {"trainer": "train-adapter", "serving": "serve-endpoint", "factsheet": "publish-factsheet"}
 
 
-def preflight(deployment: Deployment, registry: Registry, pins: Mapping[str, str] | None = None) -> list[str]:
+def preflight(
+    deployment: Deployment, registry: Registry, pins: Mapping[str, str] | None = None, offline: bool = False
+) -> list[str]:
     """Every problem that would stop a run of ``deployment``, one line each, empty when none.
 
     ``pins`` maps a component key (``trainer``, ``serving``, ``factsheet``) to a
-    target the run pins it to (``aiplane up --train-target``).
+    target the run pins it to (``aiplane up --train-target``). ``offline``: reach
+    nothing outside this machine, so a base model in object storage is not read
+    (and the keys to it are not needed): what a deployment for a cluster can be
+    checked for on a laptop or in CI.
     """
     pins = dict(pins or {})
     for key in pins:
@@ -63,13 +69,57 @@ def preflight(deployment: Deployment, registry: Registry, pins: Mapping[str, str
             problems.append(f"{key}: {exc}")
     problems += _storage_problems(deployment)
     problems += _region_location_problems(deployment, registry, components, pins)
-    problems += _base_model_problems(deployment, registry, components.get("trainer"))
+    if not (offline and not is_local(deployment.base_model.uri)):
+        problems += _base_model_problems(deployment, registry, components.get("trainer"))
     for key, component in components.items():
         try:
             problems += [f"{key}: {p}" for p in component.check(deployment)]
         except AiplaneError as exc:
             problems.append(f"{key}: {exc}")
-    return problems
+    for (region, key), component in _regional_components(deployment, registry).items():
+        try:
+            problems += [f"regions.{region}.{key}: {p}" for p in component.check(deployment.in_region(region))]
+        except AiplaneError as exc:
+            problems.append(f"regions.{region}.{key}: {exc}")
+    return list(dict.fromkeys(problems))
+
+
+def _regional_components(deployment: Deployment, registry: Registry) -> dict[tuple[str, str], object]:
+    """The components regions set for themselves (``regions.<region>.<key>``), by (region, key); bad ones left out."""
+    found = {}
+    for region, overrides in deployment.regions.items():
+        for key in overrides:
+            try:
+                spec = deployment.spec(key, region)
+                found[region, key] = registry.create(DEPLOYMENT_KINDS[key], spec.name, spec.settings)
+            except AiplaneError:
+                continue  # registry.problems reports it
+    return found
+
+
+def region_plan(deployment: Deployment, registry: Registry) -> dict[str, dict[str, str]]:
+    """Where each region's partition would place each workload: ``{region: {key: target or problem}}``.
+
+    A problem is a line starting ``no target:``; the region's partition fails with
+    it, and the other regions go on. No residency: a region's rows are those its
+    residency allows, so a target in the region is all a partition asks for.
+    """
+    engines = registry.components("engine")
+    plan: dict[str, dict[str, str]] = {}
+    for region in deployment.regions:
+        plan[region] = {}
+        for key, workload in _WORKLOADS.items():
+            spec = deployment.spec(key, region)
+            try:
+                component = registry.create(DEPLOYMENT_KINDS[key], spec.name, spec.settings)
+                req = Requirements(
+                    workload=workload, gpus=spec.gpus, sla=spec.sla, engines=type(component).engines,
+                    target=spec.target, region=region,
+                )  # fmt: skip
+                plan[region][key] = place(req, deployment.targets, deployment.residency, engines).target
+            except AiplaneError as exc:
+                plan[region][key] = f"no target: {exc}"
+    return plan
 
 
 def _storage_problems(deployment: Deployment) -> list[str]:
@@ -86,6 +136,12 @@ def _storage_problems(deployment: Deployment) -> list[str]:
         except AiplaneError as exc:
             problems.append(f"{where}: {exc}")
     if storage.regions:
+        for region in deployment.regions:
+            if region not in storage.regions:
+                problems.append(
+                    f"storage.regions: region {region!r} (a partition, under `regions:`) has no storage location "
+                    f"(regions with one: {', '.join(sorted(storage.regions))}); add one, so what is made there stays there"
+                )
         for target in deployment.targets:
             if target.region not in storage.regions:
                 problems.append(
@@ -137,6 +193,18 @@ def _region_location_problems(deployment: Deployment, registry: Registry, compon
         except AiplaneError:
             continue  # reported with the targets
         problems += location_problems(deployment, engine, target.region, f"targets[{target.name}].settings")
+    if deployment.regions:
+        # Partitioned: each region's workloads are placed in that region only, with the components it sets.
+        for region in deployment.regions:
+            for key in components:
+                spec = deployment.spec(key, region)
+                try:
+                    component = registry.create(DEPLOYMENT_KINDS[key], spec.name, spec.settings)
+                except AiplaneError:
+                    continue  # reported with the components
+                where = f"regions.{region}.{key}.settings" if key in deployment.regions[region] else f"{key}.settings"
+                problems += location_problems(deployment, component, region, where)
+        return list(dict.fromkeys(problems))
     for key, component in components.items():
         spec = getattr(deployment, key)
         pin = pins.get(key) or getattr(spec, "target", "")

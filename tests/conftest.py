@@ -1,5 +1,7 @@
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,22 @@ def workload_path(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.syspath_prepend(str(TESTS))
     return TESTS
+
+
+EXAMPLE_CLOUD = TESTS.parent / "examples" / "aiplane-example-cloud"
+
+
+@pytest.fixture(scope="session")
+def example_cloud(tmp_path_factory):
+    """The example third-party distribution, pip-installed into its own directory (put it on a path to use it)."""
+    target = tmp_path_factory.mktemp("site")
+    # Build from a copy: an in-tree build would leave build/ and egg-info in examples/.
+    source = shutil.copytree(EXAMPLE_CLOUD, tmp_path_factory.mktemp("src") / EXAMPLE_CLOUD.name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(source)],
+        check=True,
+    )
+    return target
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,6 @@ from aiplane.core.plugins import Registry, get_plugin_manager
 from aiplane.core.workload import Workload
 
 BUILTINS = {"local", "iceberg", "peft", "kserve", "vllm", "factsheets", "watsonx_gov", "openlineage", "ray", "kfp", "k8s"}
-EXAMPLE = Path(__file__).parents[1] / "examples" / "aiplane-example-cloud"
 
 
 class _ThrowawayEngine(Engine):
@@ -175,19 +173,6 @@ def test_broken_plugin_names_its_distribution_and_does_not_take_the_core_down(tm
     assert registry.engine("local").name == "local"
     with pytest.raises(PluginError, match=r"failed to load: broken \(broken-thing\)"):
         registry.engine("nope")
-
-
-@pytest.fixture(scope="module")
-def example_cloud(tmp_path_factory):
-    """The example third-party distribution, pip-installed into its own directory."""
-    target = tmp_path_factory.mktemp("site")
-    # Build from a copy: an in-tree build would leave build/ and egg-info in examples/.
-    source = shutil.copytree(EXAMPLE, tmp_path_factory.mktemp("src") / EXAMPLE.name)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(source)],
-        check=True,
-    )
-    return target
 
 
 def test_third_party_engine_is_listed_and_chosen_by_placement_without_core_changes(example_cloud, monkeypatch, clean_plugin_env, workload_path):

@@ -169,6 +169,12 @@ class IcebergFeatureStore(FeatureStore):
                 raise ValueError(f"{value!r}: the warehouse is a local directory or s3://bucket/prefix")
             return os.path.abspath(os.path.expanduser(value))
 
+    def locations(self) -> dict[str, str]:
+        # A SQL catalog's tables go under its warehouse; a REST catalog's server decides where (per-region
+        # storage then relies on that catalog being the region's own).
+        s: Any = self.settings
+        return {"warehouse": s.warehouse} if getattr(s, "catalog", "rest") == "sql" else {}
+
     def __init__(self, settings: Any = None, catalog: "Catalog | None" = None):
         """``catalog``: a pyiceberg catalog to use instead of opening the one the settings name (tests pass one)."""
         super().__init__(settings)

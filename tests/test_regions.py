@@ -1,0 +1,326 @@
+"""Per-region partitions: one asset graph, an adapter per region, each trained, stored and served in its region."""
+
+import json
+import os
+from datetime import datetime, timezone
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from aiplane.assets.definitions import TargetConfig, build_assets, build_definitions, region_table
+from aiplane.assets.resource import AiplaneResource
+from aiplane.assets.sources import seed_tickets
+from aiplane.assets.state import spec_digest, staleness
+from aiplane.core.config import Deployment, Target, load_deployment
+from aiplane.core.errors import ConfigError, PlacementError
+from aiplane.core.placement import Requirements, allows_region, place
+from aiplane.core.plugins import Registry
+from aiplane.core.preflight import preflight
+from conftest import stop_endpoints
+
+REPO = Path(__file__).parents[1]
+TINY_TRAINING = {"max_steps": 12, "batch_size": 4, "seq_len": 64, "eval_limit": 8, "log_every": 4}
+REGIONS = ("eu", "us", "ap")
+
+
+def _raw(name: str = "local") -> dict:
+    return yaml.safe_load((REPO / "deployments" / f"{name}.yaml").read_text())
+
+
+def _write(raw: dict, home: Path, name: str = "deployment.yaml") -> Path:
+    path = home / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _validated(raw: dict, home: Path) -> Deployment:
+    return load_deployment(_write(raw, home), home=home)
+
+
+# --- the deployment's regions ---------------------------------------------------------------------
+
+
+def test_regions_are_a_list_or_a_mapping_and_each_region_sets_its_own_components(tmp_path):
+    raw = _raw()
+    raw["regions"] = ["eu", "us"]
+    assert list(_validated(raw, tmp_path).regions) == ["eu", "us"]
+    raw["regions"] = {
+        "eu": None,
+        "us": {"factsheet": {"settings": {"directory": "/srv/us/factsheets"}}, "serving": {"name": "kserve", "settings": {"namespace": "x"}}},
+    }
+    d = _validated(raw, tmp_path)
+    # The same component: only the settings given change, the others (and sla) are the deployment's.
+    assert d.spec("factsheet", "us").settings == {"directory": "/srv/us/factsheets"}
+    assert d.spec("serving", "eu") == d.serving
+    # Another component starts from its own settings, not the deployment's vllm ones.
+    assert d.spec("serving", "us").name == "kserve" and d.spec("serving", "us").settings == {"namespace": "x"}
+    assert d.spec("serving", "us").sla == "interactive"
+    assert d.in_region("us").factsheet.settings["directory"] == "/srv/us/factsheets"
+    assert d.in_region(None) is d
+    with pytest.raises(ConfigError, match="Unknown region 'mars'; the deployment's regions: eu, us"):
+        d.in_region("mars")
+
+
+@pytest.mark.parametrize(
+    "regions, message",
+    [
+        (["eu", "eu"], "regions are listed once each; repeated: eu"),
+        (["EU"], "region 'EU' is not a lower-case name"),
+        ({"eu": {"storage": {}}}, "eu: storage cannot be set per region"),
+        ({"eu": {"trainer": {"target": "ray-locl"}}}, "regions.eu.trainer.target: Unknown target 'ray-locl'"),
+        ({"eu": {"trainer": {"gpus": -1}}}, "regions.eu.trainer: gpus"),
+    ],
+)
+def test_a_bad_region_is_refused_with_what_is_wrong(tmp_path, regions, message):
+    raw = _raw()
+    raw["regions"] = regions
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _validated(raw, tmp_path)
+
+
+def test_placement_for_a_region_admits_only_its_targets_and_says_why_the_others_were_not():
+    targets = [Target(name="eu-gpu", engine="local", region="eu"), Target(name="us-gpu", engine="local", region="us")]
+    decision = place(Requirements(workload="train", residency=("us",), region="us"), targets, {"us": "any"}, ["local"])
+    assert decision.target == "us-gpu"
+    assert decision.rejected["eu-gpu"] == "in region 'eu'; this workload is for region 'us'"
+    assert "in region 'us' (the partition's)" in decision.reason
+    with pytest.raises(PlacementError, match=r"(?s)No target can run train \(region ap, .*eu-gpu: in region 'eu'"):
+        place(Requirements(workload="train", region="ap"), targets, {}, ["local"])
+
+
+def test_a_row_goes_to_a_region_only_when_its_tag_allows_it_and_an_unknown_tag_goes_nowhere():
+    policy = {"eu": ("eu",), "us": "any"}
+    assert allows_region("eu", policy, "eu") and not allows_region("eu", policy, "us")
+    assert allows_region(" US ", policy, "ap")
+    assert not allows_region("mars", policy, "eu")
+
+
+# --- the code location ------------------------------------------------------------------------------
+
+
+def test_the_code_location_is_partitioned_by_the_deployments_regions_all_but_the_base_model(tmp_path):
+    raw = _raw()
+    raw["regions"] = ["eu", "us"]
+    defs = build_definitions(AiplaneResource(deployment=str(_write(raw, tmp_path)), home=str(tmp_path)))
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string(): graph.get(k).partitions_def for k in graph.get_all_asset_keys()}
+    assert keys.pop("base_model") is None
+    for partitions in keys.values():
+        assert partitions.get_partition_keys() == ["eu", "us"]
+    checks = {c.name for c in graph.asset_check_keys if c.asset_key == dg.AssetKey("features")}
+    assert "residency_allows_region" in checks
+    # The daily refresh asks for every region's features, each its own run.
+    schedule = defs.resolve_schedule_def("refresh_features_daily")
+    requests = schedule.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=datetime(2026, 11, 30, 3, tzinfo=timezone.utc), repository_def=defs.get_repository_def())).run_requests
+    assert sorted(r.partition_key for r in requests) == ["eu", "us"]
+
+
+def test_a_deployment_without_regions_keeps_one_unpartitioned_chain(tmp_path):
+    defs = build_definitions(AiplaneResource(deployment=str(_write(_raw(), tmp_path)), home=str(tmp_path)))
+    graph = defs.resolve_asset_graph()
+    assert all(graph.get(k).partitions_def is None for k in graph.get_all_asset_keys())
+    assert region_table("support_ticket_features", None) == "support_ticket_features"
+    assert region_table("t", "eu-west") == "t_eu_west"
+
+
+# --- before anything runs ---------------------------------------------------------------------------
+
+
+def test_per_region_storage_needs_a_location_for_every_partition_region(tmp_path):
+    raw = _raw()
+    raw["regions"] = ["eu", "us"]
+    raw["storage"] = {"regions": {"eu": str(tmp_path / "eu")}}
+    problems = preflight(_validated(raw, tmp_path), Registry())
+    assert any("region 'us' (a partition, under `regions:`) has no storage location" in p for p in problems)
+
+
+def test_a_regions_component_writing_outside_its_region_is_refused_before_anything_runs(tmp_path):
+    raw = _raw()
+    raw["regions"] = {
+        "eu": {"factsheet": {"settings": {"directory": str(tmp_path / "eu" / "factsheets")}}, "feature_store": {"settings": {"warehouse": str(tmp_path / "eu" / "w")}}},
+        "us": {"factsheet": {"settings": {"directory": str(tmp_path / "eu" / "factsheets")}}, "feature_store": {"settings": {"warehouse": str(tmp_path / "us" / "w")}}},
+    }
+    raw["targets"] = [
+        {"name": f"{region}-local", "engine": "local", "region": region, "sla": ["batch", "interactive"]} for region in ("eu", "us")
+    ]
+    raw["storage"] = {"regions": {"eu": str(tmp_path / "eu"), "us": str(tmp_path / "us")}}
+    problems = preflight(_validated(raw, tmp_path), Registry())
+    outside = [p for p in problems if "outside the storage location" in p]
+    assert len(outside) == 1 and outside[0].startswith("regions.us.factsheet.settings.directory:"), problems
+
+
+def _check(deployment: Path, example_site: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(example_site)}
+    for name in ("AIPLANE_S3_ACCESS_KEY_ID", "AIPLANE_S3_SECRET_ACCESS_KEY"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "aiplane.assets.cli", "--deployment", str(deployment), "check", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_the_hybrid_deployment_checks_offline_and_places_each_region_on_its_own_cloud(example_cloud, tmp_path):
+    out = _check(REPO / "deployments" / "hybrid.yaml", example_cloud, "--offline")
+    assert out.returncode == 0, out.stderr
+    assert "region eu: feature store watsonx-data; trainer lora on eu-kfp; serving kserve on eu-control" in out.stdout
+    assert "region us: feature store iceberg; trainer lora on us-ray; serving kserve on us-control" in out.stdout
+    assert "region ap: feature store iceberg; trainer lora on ap-gpu; serving kserve on ap-control" in out.stdout
+    # Online, the base model in the bucket is read, and its keys are needed: said, not attempted.
+    online = _check(REPO / "deployments" / "hybrid.yaml", example_cloud)
+    assert online.returncode == 1 and "base_model.uri: Secret SecretRef(secret='aiplane-s3', key='access_key_id') is not set" in online.stderr
+
+
+def test_the_local_twin_has_the_hybrid_deployments_regions_residency_and_targets():
+    hybrid, twin = _raw("hybrid"), _raw("hybrid-local")
+    assert list(twin["regions"]) == list(hybrid["regions"]) == list(REGIONS)
+    assert twin["residency"] == hybrid["residency"]
+    shape = lambda raw: [(t["name"], t["engine"], t["region"], tuple(t.get("sla", ["batch"]))) for t in raw["targets"]]  # noqa: E731
+    assert shape(twin) == shape(hybrid)
+
+
+def test_check_fails_for_a_region_without_a_target_and_says_which_and_why(example_cloud, tmp_path):
+    raw = _raw()
+    raw["regions"] = ["eu", "us"]
+    out = _check(_write(raw, tmp_path), example_cloud)
+    assert out.returncode == 1
+    assert "region eu: feature store iceberg; trainer lora on local" in out.stdout
+    assert "trainer: no target: No target can run train-adapter (region us" in out.stderr
+    assert "local: in region 'eu'; this workload is for region 'us'" in out.stderr
+
+
+def test_a_region_without_a_target_fails_its_own_partition_before_training(tmp_path):
+    raw = _raw()
+    raw["regions"] = ["eu", "us"]
+    resource = AiplaneResource(deployment=str(_write(raw, tmp_path)), home=str(tmp_path))
+    seed_tickets(tmp_path / "sources" / "tickets.jsonl", n=120)
+    instance = dg.DagsterInstance.ephemeral()
+    assets = build_assets(("eu", "us"))
+    result = dg.materialize(
+        assets, selection=["base_model", "features", "adapter_weights"], partition_key="us",
+        instance=instance, resources={"aiplane": resource}, raise_on_error=False,
+    )  # fmt: skip
+    failure = next(e for e in result.all_events if e.is_step_failure and e.step_key == "adapter_weights")
+    message = failure.step_failure_data.error.cause.message if failure.step_failure_data.error.cause else failure.step_failure_data.error.message
+    assert "No target can run train-adapter (region us" in message and "this workload is for region 'us'" in message
+    assert not (tmp_path / "artifacts").exists()  # nothing trained, nothing written
+    # Partition us holds only the rows allowed in us (eu rows are eu-only in local.yaml).
+    features = next(m for m in result.get_asset_materialization_events() if m.asset_key == dg.AssetKey("features"))
+    assert features.partition == "us" and set(features.materialization.metadata["residency"].value.split(", ")) == {"ap", "us"}
+
+
+# --- the local twin, end to end -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory, example_cloud):
+    """`aiplane up` of the local twin of hybrid.yaml, tiny training: three regions, three engines."""
+    home = tmp_path_factory.mktemp("twin")
+    raw = _raw("hybrid-local")
+    raw["trainer"]["settings"].update(TINY_TRAINING)
+    deployment = _write(raw, home)
+    seed_tickets(home / "sources" / "tickets.jsonl", n=300)
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "AIPLANE_DEPLOYMENT")},
+        "AIPLANE_HOME": str(home), "PYTHONPATH": str(example_cloud),
+    }  # fmt: skip
+    cmd = [sys.executable, "-m", "aiplane.assets.cli", "--deployment", str(deployment), "up"]
+    try:
+        up = subprocess.run(cmd, env=env, cwd=home, capture_output=True, text=True, timeout=900)
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        sheets = {r: json.loads(next((home / "regions" / r / "factsheets").glob("*/factsheet.json")).read_text()) for r in REGIONS}
+        yield {"home": home, "up": up, "sheets": sheets, "deployment": deployment, "env": env, "cmd": cmd}
+    finally:
+        stop_endpoints(home)
+
+
+def _training_placement(sheet: dict) -> dict:
+    return next(p for p in sheet["placement"] if p["record"] == "adapter_weights")
+
+
+@pytest.mark.e2e
+def test_the_factsheets_show_three_regions_three_targets_and_three_reasons(twin):
+    trained = {r: _training_placement(twin["sheets"][r]) for r in REGIONS}
+    assert {r: p["target"] for r, p in trained.items()} == {"eu": "eu-kfp", "us": "us-ray", "ap": "ap-gpu"}
+    engines = {r: twin["sheets"][r]["training"]["execution"]["engine"] for r in REGIONS}
+    assert engines == {"eu": "kfp", "us": "ray", "ap": "example-cloud"}
+    for region in REGIONS:
+        sheet = twin["sheets"][region]
+        assert sheet["extra"]["region"] == region
+        assert {p["region"] for p in sheet["placement"]} == {region}
+        assert f"in region '{region}' (the partition's)" in trained[region]["reason"]
+        assert f"residency: region '{region}' is allowed for data tagged {region}" in trained[region]["reason"]
+        assert all(why.endswith(f"this workload is for region '{region}'") for t, why in trained[region]["rejected"].items()
+                   if not t.startswith(region))
+        # Only the region's rows: the features it trained on carry its tag alone.
+        assert sheet["features"]["residency"] == [region]
+        assert sheet["features"]["table"].endswith(f"support_ticket_features_{region}")
+
+
+@pytest.mark.e2e
+def test_each_regions_adapter_and_factsheet_are_under_its_own_storage_location(twin):
+    home = twin["home"]
+    for region in REGIONS:
+        sheet = twin["sheets"][region]
+        root = (home / "regions" / region).as_uri()
+        assert sheet["adapter"]["uri"].startswith(root + "/"), sheet["adapter"]["uri"]
+        others = [r for r in REGIONS if r != region]
+        assert not any(sheet["adapter"]["digest"][7:] in str(p) for r in others for p in (home / "regions" / r).rglob("*"))
+    assert not (home / "artifacts").exists()  # no default root: every artifact has a region
+
+
+@pytest.mark.e2e
+def test_each_region_serves_its_own_adapter_under_its_own_endpoint_name(twin):
+    import urllib.request
+
+    from aiplane.plugins.vllm.client import complete
+
+    served = {r: twin["sheets"][r]["endpoint"] for r in REGIONS}
+    assert {r: e["model_name"] for r, e in served.items()} == {r: f"support-tickets-{r}" for r in REGIONS}
+    for region, endpoint in served.items():
+        with urllib.request.urlopen(endpoint["url"] + "/v1/models", timeout=30) as reply:
+            models = {m["id"]: m for m in json.loads(reply.read())["data"]}
+        # vLLM names the adapter directory each model name serves: the region's own adapter, by digest.
+        digest = twin["sheets"][region]["adapter"]["digest"].removeprefix("sha256:")
+        assert digest in models[endpoint["model_name"]]["root"]
+        assert complete(endpoint["url"], "Ticket: printer jammed\nLabel:", max_tokens=2, model=endpoint["model_name"]) is not None
+    assert len({twin["sheets"][r]["adapter"]["digest"] for r in REGIONS}) == 3
+
+
+@pytest.mark.e2e
+def test_a_second_up_with_nothing_new_materializes_nothing_in_any_region(twin):
+    again = subprocess.run(twin["cmd"], env=twin["env"], cwd=twin["home"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("Region ") == 3
+    assert again.stdout.count("up to date (inputs and settings unchanged)") == 9  # three downstream assets, three regions
+    assert "materialized (" not in again.stdout
+
+
+@pytest.mark.e2e
+def test_new_us_rows_make_only_the_us_adapter_stale_for_automation_and_for_up(twin, example_cloud, monkeypatch):
+    home = twin["home"]
+    monkeypatch.syspath_prepend(str(example_cloud))
+    monkeypatch.setenv("AIPLANE_HOME", str(home))
+    instance = dg.DagsterInstance.from_config(str(home / "dagster"))
+    defs = build_definitions(AiplaneResource(deployment=str(twin["deployment"]), home=str(home)))
+    adapter = dg.AssetKey("adapter_weights")
+    baseline = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    assert baseline.get_requested_partitions(adapter) == set()
+    source = home / "sources" / "tickets.jsonl"
+    row = {"ticket_id": "US-NEW-1", "region": "us", "subject": "Badge", "body": "Badge reader rejects me", "category": "access", "priority": "high"}
+    with source.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    # The daily refresh: every region's features; only us has new rows.
+    features = [a for a in defs.assets if a.key == dg.AssetKey("features")]
+    for region in REGIONS:
+        refreshed = dg.materialize(features, partition_key=region, instance=instance, resources={"aiplane": defs.resources["aiplane"]})
+        snapshot = refreshed.asset_value("features").snapshot_id
+        assert (snapshot == twin["sheets"][region]["features"]["snapshot_id"]) is (region != "us")
+    after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=baseline.cursor)
+    assert after.get_requested_partitions(adapter) == {"us"}
+    # `aiplane up` asks the same of each region: us is stale, eu and ap are up to date.
+    d = load_deployment(twin["deployment"], home=home)
+    why = {r: staleness(instance, "adapter_weights", ("base_model", "features"), spec_digest(d.in_region(r), "adapter_weights", TargetConfig().model_dump()), r)
+           for r in REGIONS}  # fmt: skip
+    assert why == {"eu": None, "us": "features has a new data version", "ap": None}
