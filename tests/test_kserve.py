@@ -43,6 +43,15 @@ def _adapter(n: int, r: int = 16, base: BaseModelRecord = BASE) -> AdapterRecord
     )  # fmt: skip
 
 
+def _model(n: int, base: BaseModelRecord = BASE) -> AdapterRecord:
+    """A whole model (what ``sft`` publishes), in object storage, trained from ``base``."""
+    digest = f"sha256:{0xF000 + n:064x}"
+    return AdapterRecord(
+        uri=f"s3://aiplane-eu/aiplane/adapters/{digest[7:]}", digest=digest, method="sft",
+        config={"max_steps": 24, "full_model": True}, metrics={}, run_id=f"sft{n}", sources=(base,),
+    )  # fmt: skip
+
+
 class _Vllm:
     """A loopback stand-in for the pods' vLLM: answers /v1/completions, or fails while ``failing``."""
 
@@ -180,6 +189,22 @@ def test_rendered_runtime_and_inference_service_are_valid_against_the_crds(mode)
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == mode
 
 
+def test_a_whole_models_inference_service_is_valid_and_serves_it_as_its_own_base_model():
+    settings = KServe({"namespace": NS, "image": IMAGE}).settings
+    model = _model(1)
+    isvc = inference_service(NAME, NS, settings, "aiplane-vllm", model.uri,
+                             [{"digest": model.digest, "uri": model.uri, "full_model": True}], canary_percent=10)  # fmt: skip
+    crd_validator("serving.kserve.io_inferenceservices.yaml").validate(isvc)
+    predictor = isvc["spec"]["predictor"]
+    assert predictor["model"]["storageUri"] == model.uri and "storageUris" not in predictor
+    # The runtime's `--served-model-name=base` comes first on vLLM's command line; the last one wins.
+    assert predictor["model"]["args"] == ["--served-model-name", NAME]
+    assert isvc["metadata"]["annotations"]["aiplane.io/adapter"] == model.digest
+    with pytest.raises(ValueError, match="serves it alone"):
+        inference_service(NAME, NS, settings, "aiplane-vllm", model.uri,
+                          [{"digest": model.digest, "uri": model.uri, "full_model": True}, {"digest": "sha256:1", "uri": "s3://b/a"}])  # fmt: skip
+
+
 def test_the_double_rejects_what_the_crd_forbids_so_validation_can_fail():
     settings = KServe({"namespace": NS, "image": IMAGE}).settings
     isvc = inference_service(NAME, NS, settings, "aiplane-vllm", BASE.uri, [{"digest": "sha256:1", "uri": "s3://b/a"}])
@@ -305,6 +330,63 @@ def test_an_adapter_of_another_base_model_is_refused_and_nothing_changes(cluster
     with pytest.raises(InputError, match="one endpoint, one base model"):
         _deploy(cluster, _adapter(2, base=other))
     assert _isvc(cluster)["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+
+def test_a_whole_model_rolls_out_after_an_adapter_as_a_canary_and_an_adapter_rolls_back_after_it(cluster):
+    first, _ = _deploy(cluster, _adapter(1))
+    served, lines = _deploy(cluster, _model(1))
+    puts = [r.body for r in _writes(cluster, "inferenceservices") if r.method == "PUT"]
+    assert [p["spec"]["predictor"].get("canaryTrafficPercent") for p in puts] == [10, 100]
+    predictor = _isvc(cluster)["spec"]["predictor"]
+    assert predictor["model"]["storageUri"] == _model(1).uri and "storageUris" not in predictor
+    assert predictor["model"]["args"] == ["--served-model-name", NAME]
+    assert cluster["vllm"].models == [NAME, NAME]  # each smoke completion by endpoint name
+    assert any(f"model {_model(1).digest}, canary at 10%" in line for line in lines)
+    assert served.url == first.url and served.handle["full_model"] is True
+    assert [r.digest for r in served.sources] == [_model(1).digest] and served.source("adapter_weights").sources == (BASE,)
+    target = KServe(_settings(cluster))
+    assert target.running(served) is True and target.running(first) is False
+    # Back to an adapter (a rollback): the base model again, and no adapter of before the whole model is carried over.
+    back, _ = _deploy(cluster, _adapter(1))
+    predictor = _isvc(cluster)["spec"]["predictor"]
+    assert predictor["model"]["storageUri"] == BASE.uri
+    assert [s["uri"] for s in predictor["storageUris"]] == [_adapter(1).uri]
+    assert target.running(back) is True and target.running(served) is False
+
+
+def test_from_a_whole_model_an_adapter_of_another_base_model_rolls_out(cluster):
+    _deploy(cluster, _model(1))
+    other = BASE.model_copy(update={"uri": "s3://aiplane-eu/models/other", "digest": "sha256:" + "c" * 64})
+    endpoint, _ = _deploy(cluster, _adapter(2, base=other))
+    assert _isvc(cluster)["spec"]["predictor"]["model"]["storageUri"] == other.uri
+    assert endpoint.handle["adapter"] == _adapter(2).digest and endpoint.handle["full_model"] is False
+
+
+def test_raw_deployment_mode_updates_one_whole_model_to_another_without_a_canary(cluster):
+    _deploy(cluster, _model(1), deployment_mode="RawDeployment")
+    second, _ = _deploy(cluster, _model(2), deployment_mode="RawDeployment")
+    puts = [r.body for r in _writes(cluster, "inferenceservices") if r.method == "PUT"]
+    assert len(puts) == 1 and "canaryTrafficPercent" not in puts[0]["spec"]["predictor"]
+    assert puts[0]["spec"]["predictor"]["model"]["storageUri"] == _model(2).uri
+    assert KServe(_settings(cluster)).running(second) is True
+
+
+def test_a_failed_whole_model_rollout_puts_the_previous_whole_model_back(cluster):
+    _deploy(cluster, _model(1))
+    cluster["controller"].outcome = "fail"
+    with pytest.raises(WorkloadError, match=r"Insufficient nvidia.com/gpu.*so model sha256:0+f001 keeps serving"):
+        _deploy(cluster, _model(2))
+    isvc = _isvc(cluster)
+    assert isvc["spec"]["predictor"]["model"]["storageUri"] == _model(1).uri
+    assert isvc["metadata"]["annotations"]["aiplane.io/adapter"] == _model(1).digest
+    assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
+
+
+def test_a_whole_model_outside_object_storage_is_refused_before_any_request(cluster):
+    local = _model(1).model_copy(update={"uri": "/var/lib/aiplane/artifacts/adapters/1"})
+    with pytest.raises(InputError, match="The model is at '/var/lib.*a KServe pod cannot read"):
+        _deploy(cluster, local)
+    assert cluster["api"].requests == []
 
 
 def test_an_inference_service_aiplane_did_not_create_is_left_alone(cluster):

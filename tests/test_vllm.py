@@ -3,10 +3,10 @@
 One endpoint (``tickets``) is deployed once for the module through the local
 engine (a worker process that exits afterwards) and shared. Tests run in file
 order: the cheap checks first, then what reads the live endpoint, then what
-changes it (new adapters, a second endpoint, a rollback, a killed server),
-and stop last. The vLLM runtime is provisioned by the first deploy when this
-machine has none (``$AIPLANE_RUNTIMES``, else a cache under the session's
-temporary directory).
+changes it (new adapters, a second endpoint, a rollback, a killed server,
+a whole model served as its own base model and back), and stop last. The
+vLLM runtime is provisioned by the first deploy when this machine has none
+(``$AIPLANE_RUNTIMES``, else a cache under the session's temporary directory).
 """
 
 from __future__ import annotations
@@ -27,13 +27,18 @@ from aiplane.core.artifacts import sha256_path
 from aiplane.core.config import Target
 from aiplane.core.errors import ConfigError, InputError, WorkloadError
 from aiplane.core.plugins import Registry
-from aiplane.core.records import AdapterRecord, BaseModelRecord, EndpointRecord
+from aiplane.core.records import AdapterRecord, BaseModelRecord, EndpointRecord, lineage
+from aiplane.core.storage import local_path
 from aiplane.plugins.vllm import VllmLocal
 from aiplane.plugins.vllm import _server as server
 from aiplane.plugins.vllm.runtime import SERVER_MODULE
 
 NAME = "tickets"
 PROMPT = "Subject: printer offline"
+# Settings for deploying a whole model: without LoRA, vLLM compiles the model before its server answers (about
+# 30 s more on 2 cores, with the fresh compile cache every test session has); under test is the switching, not
+# the compiler. A server with LoRA on is not compiled on CPU either way.
+EAGER = {"extra_args": ["--enforce-eager"]}
 
 
 # ---------------------------------------------------------------- fixtures
@@ -74,6 +79,14 @@ def _servers_under(root: Path) -> list[psutil.Process]:
     return found
 
 
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not: the server's parent, the deploy's worker, is gone)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     from aiplane.plugins.peft.base_model import build_tiny_granite
@@ -95,6 +108,34 @@ def models(tmp_path_factory):
         proc.wait(10)
     for directory in server.servers_dir(root / "home").glob("*"):
         server.forget(directory)
+
+
+@pytest.fixture(scope="module")
+def whole(models):
+    """A whole model, as the real ``sft`` trainer publishes it (two steps on the tiny Granite), and a copy of it
+    whose weights vLLM cannot read."""
+    import shutil
+
+    from aiplane.core.components import FEATURE_COLUMNS
+    from aiplane.core.records import FeaturesRecord
+    from aiplane.core.sample import generate_tickets, to_features
+    from aiplane.core.workload import Workload, WorkloadContext
+    from aiplane.plugins.peft.train import train
+
+    rows = to_features(generate_tickets(40))
+    features = FeaturesRecord(
+        uri="iceberg://test/aiplane.tickets?snapshot=1", digest="iceberg-snapshot:1", table="aiplane.tickets",
+        snapshot_id=1, row_count=len(rows), columns=FEATURE_COLUMNS, residency=("eu",),
+    )  # fmt: skip
+    settings = {"max_steps": 2, "batch_size": 4, "seq_len": 64, "eval_limit": 2, "max_new_tokens": 2, "learning_rate": 0.01}
+    ctx = WorkloadContext(Workload(name="train-adapter", entrypoint="x:y"), lambda e: None)
+    model = train(models["base"], features, rows, settings, str(models["root"] / "artifacts"), ctx, trainer="sft")
+    assert model.config["full_model"] is True and model.source("base_model") == models["base"]
+    broken_dir = models["root"] / "whole-broken"
+    shutil.copytree(local_path(model.uri), broken_dir)
+    (broken_dir / "model.safetensors").write_bytes(b"not safetensors")
+    broken = model.model_copy(update={"uri": str(broken_dir), "digest": sha256_path(broken_dir)})
+    return {"model": model, "broken": broken}
 
 
 def _deploy(models, adapter: AdapterRecord, name: str = NAME, **settings) -> tuple[EndpointRecord, list[str]]:
@@ -169,6 +210,26 @@ def test_the_server_flags_are_the_ones_the_cluster_runtime_gets():
         server_args("/m", "base", max_lora_rank=12)
 
 
+def test_a_whole_models_server_takes_no_adapters():
+    from aiplane.plugins.vllm.runtime import server_args, server_env
+
+    flags = VllmLocal({"max_model_len": 256}).settings.flags(lora=False)
+    assert server_args("/m/sft", "tickets", **flags) == ["--model=/m/sft", "--served-model-name=tickets", "--max-model-len=256"]
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in server_env(lora=False)
+
+
+def test_a_whole_model_that_is_not_a_model_directory_is_refused_before_any_server_starts(models, tmp_path):
+    mislabelled = models["a"].model_copy(update={"method": "sft", "config": {"full_model": True}})
+    with pytest.raises(InputError, match=r"has no config.json .* holds a LoRA adapter \(adapter_config.json\)"):
+        _deploy({**models, "home": tmp_path / "home"}, mislabelled)
+    without_weights = tmp_path / "no-weights"
+    without_weights.mkdir()
+    (without_weights / "config.json").write_bytes((Path(models["base"].uri) / "config.json").read_bytes())
+    with pytest.raises(InputError, match=r"has no weights in .*no-weights"):
+        _deploy({**models, "home": tmp_path / "home"}, mislabelled.model_copy(update={"uri": str(without_weights)}))
+    assert not (tmp_path / "home" / "serving").exists() and not _servers_under(tmp_path)
+
+
 def test_adapter_without_adapter_config_is_rejected_before_any_server_starts(models, tmp_path):
     empty = tmp_path / "not-an-adapter"
     empty.mkdir()
@@ -182,6 +243,19 @@ def test_an_adapter_above_the_servers_max_rank_is_refused_before_any_server_star
     with pytest.raises(ConfigError, match=r"LoRA rank 32, above the vllm target's max_lora_rank 16"):
         _deploy({**models, "home": tmp_path / "home"}, models["wide"])
     assert not (tmp_path / "home" / "serving").exists() and not _servers_under(tmp_path)
+
+
+def test_one_endpoint_one_base_model_binds_adapters_only(models):
+    from aiplane.plugins.vllm.deploy import _check_same_base
+
+    other = models["other"]
+    on_base = {"endpoint": NAME, "full_model": False, "base_model_digest": models["base"].digest}
+    with pytest.raises(InputError, match="one endpoint, one base model"):
+        _check_same_base(on_base, NAME, other, other.source("base_model"))
+    # From a whole model (its own server) an adapter of any base model moves the endpoint; none is refused.
+    on_model = {"endpoint": NAME, "full_model": True, "base_model_digest": "sha256:" + "f" * 64}
+    for adapter in (models["a"], other):
+        _check_same_base(on_model, NAME, adapter, adapter.source("base_model"))
 
 
 # ---------------------------------------------------------------- the live endpoint
@@ -198,7 +272,7 @@ def test_endpoint_record_pins_what_is_served(models, live):
     endpoint: EndpointRecord = live["endpoint"]
     assert endpoint.serving == "vllm" and endpoint.model_name == NAME
     assert set(endpoint.protocols) == {"openai-completions", "openai-chat-completions"}
-    assert endpoint.source("adapter_weights").digest == models["a"].digest
+    assert endpoint.source("adapter_weights").digest == models["a"].digest and endpoint.handle["full_model"] is False
     state = _state(models)
     assert (state["current"], state["url"]) == (models["a"].digest, endpoint.url)
     assert endpoint.handle["pid"] == server.server_info(Path(endpoint.handle["server_dir"]))["pid"]
@@ -341,6 +415,71 @@ def test_a_killed_server_reports_not_running_and_a_deploy_restarts_it_on_the_sam
     assert {NAME, server.version_name(NAME, models["c"].digest)} <= set(_models(after.url))
     assert _text(after.url, NAME) == expected
     live["endpoint"] = after
+
+
+def test_a_whole_model_is_served_under_the_endpoint_name_by_a_server_of_its_own(models, live, whole):
+    # Another endpoint keeps the base model's server up, so leaving it unloads this endpoint from it.
+    live["other"], _ = _deploy(models, models["a"], name="tickets-eu")
+    before = live["endpoint"]
+    live["adapter"] = next(models[k] for k in "abc" if models[k].digest == before.handle["adapter"])
+    live["adapter_text"] = _text(before.url, NAME)
+    model = whole["model"]
+    after, lines = _deploy(models, model, **EAGER)
+    assert after.url != before.url and after.model_name == NAME and after.handle["full_model"] is True
+    response = _complete(after.url, NAME)
+    assert response.status_code == 200 and response.json()["model"] == NAME, response.text
+    assert _models(after.url) == {NAME: None}, "the model itself, under the endpoint name, no adapters"
+    # What is served, with its lineage: the whole model, and the base model it was trained from.
+    assert after.source("adapter_weights") == model
+    assert {r.digest for r in lineage(after)} >= {model.digest, models["base"].digest}
+    state = _state(models)
+    assert (state["full_model"], state["current"], state["url"]) == (True, model.digest, after.url)
+    assert state["trained_from"] == models["base"].digest
+    # The base model's server no longer answers to this endpoint, and still serves the other one.
+    names = set(_models(before.url))
+    assert "tickets-eu" in names and not {n for n in names if n == NAME or n.startswith(f"{NAME}@")}
+    assert VllmLocal().running(after) is True and VllmLocal().running(before) is False
+    assert any(f"its URL changed from {before.url}" in line for line in lines)
+    live["endpoint"] = after
+
+
+def test_a_whole_model_whose_server_fails_leaves_the_endpoint_serving_the_previous_one(models, live, whole):
+    endpoint = live["endpoint"]
+    expected = _text(endpoint.url, NAME)
+    broken = whole["broken"]
+    message = rf"was not routed to endpoint 'tickets'; it keeps serving {endpoint.handle['adapter']} at {endpoint.url}"
+    with pytest.raises(WorkloadError, match=message + r"\. The vLLM server exited"):
+        _deploy(models, broken, **EAGER)
+    assert _text(endpoint.url, NAME) == expected and _state(models)["current"] == endpoint.handle["adapter"]
+    assert not _servers_under(Path(broken.uri))
+    assert server.server_info(server.model_server_dir(models["home"], broken.digest, NAME)) is None
+    assert VllmLocal().running(endpoint) is True
+
+
+def test_switching_back_to_an_adapter_moves_the_endpoint_back_and_stops_the_whole_models_server(models, live, whole):
+    full = live["endpoint"]
+    back, lines = _deploy(models, live["adapter"])
+    assert back.url == live["other"].url, "back on the base model's server, which kept running for tickets-eu"
+    assert _text(back.url, NAME) == live["adapter_text"]
+    assert not _servers_under(local_path(whole["model"].uri)) and not _running(full.handle["pid"])
+    assert any(f"stopped the vLLM server on {full.url}" in line for line in lines)
+    assert back.handle["rolled_back"] is True and back.handle["full_model"] is False
+    assert VllmLocal().running(full) is False and VllmLocal().running(back) is True
+    live["endpoint"] = back
+
+
+def test_rolling_back_to_a_whole_model_serves_it_again_and_stop_leaves_nothing_of_it(models, live, whole):
+    again, lines = _deploy(models, whole["model"], **EAGER)
+    assert again.handle["rolled_back"] is True and any("a rollback to an earlier version" in line for line in lines)
+    assert _complete(again.url, NAME).json()["model"] == NAME
+    scratch = Path(server.server_info(Path(again.handle["server_dir"]))["scratch"])
+    assert VllmLocal().stop(again) is True
+    assert not _servers_under(local_path(whole["model"].uri)) and not scratch.exists()
+    assert not (models["home"] / "serving" / NAME / server.ENDPOINT_STATE).exists()
+    assert VllmLocal().stop(again) is False and VllmLocal().running(again) is False
+    # The module's endpoint goes on as it was: adapter b on the base model's server, alone there again.
+    live["endpoint"], _ = _deploy(models, live["adapter"])
+    assert VllmLocal().stop(live["other"]) is True and VllmLocal().running(live["endpoint"]) is True
 
 
 def test_stop_says_whether_it_stopped_something_and_leaves_nothing_behind(models, live):

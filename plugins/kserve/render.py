@@ -9,6 +9,12 @@ The base model is the InferenceService's ``storageUri`` (mounted at
 ``/mnt/models``); each adapter version is one of ``storageUris``, mounted at
 ``/mnt/adapters/<digest>``, and named on vLLM's command line: the endpoint name
 for the current one, ``<endpoint>@<digest>`` for those kept for rollback.
+
+A whole model (an ``sft`` model, a full ``distill`` student) is served as its
+own base model: it is the ``storageUri``, there are no ``storageUris`` and no
+LoRA modules, and vLLM answers to the endpoint name (``--served-model-name``,
+which overrides the runtime's ``base``). Its version entry says
+``"full_model": true``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ __all__ = [
     "runtime_object",
     "inference_service",
     "served_versions",
+    "serves_full_model",
 ]
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "aiplane"}
@@ -80,17 +87,27 @@ def inference_service(
     settings: Any,
     runtime: str,
     base_uri: str,
-    versions: Sequence[Mapping[str, str]],
+    versions: Sequence[Mapping[str, Any]],
     canary_percent: int | None = None,
 ) -> dict[str, Any]:
     """The InferenceService serving ``versions`` (newest first, each ``{"digest", "uri"}``) of endpoint ``name``.
 
-    The first version is what the endpoint name routes to.
+    The first version is what the endpoint name routes to. A whole model's version
+    (``"full_model": True``) is the only one: ``base_uri`` is then its own URI.
     """
     if not versions:
         raise ValueError("an InferenceService serves at least one adapter version")
-    lora_modules = [f"{name}={_mount(versions[0]['digest'])}"]
-    lora_modules += [f"{version_name(name, v['digest'])}={_mount(v['digest'])}" for v in versions]
+    full = bool(versions[0].get("full_model"))
+    if full and (len(versions) != 1 or versions[0]["uri"] != base_uri):
+        raise ValueError("an InferenceService serving a whole model serves it alone, from its own storageUri")
+    if full:
+        args = ["--served-model-name", name]
+        storage_uris: list[dict[str, str]] = []
+    else:
+        lora_modules = [f"{name}={_mount(versions[0]['digest'])}"]
+        lora_modules += [f"{version_name(name, v['digest'])}={_mount(v['digest'])}" for v in versions]
+        args = ["--lora-modules", *lora_modules]
+        storage_uris = [{"uri": v["uri"], "mountPath": _mount(v["digest"])} for v in versions]
     resources: dict[str, Any] = {
         "requests": {"cpu": settings.cpu, "memory": settings.memory},
         "limits": {"memory": settings.memory},
@@ -105,11 +122,12 @@ def inference_service(
             "modelFormat": {"name": "vLLM"},
             "runtime": runtime,
             "storageUri": base_uri,
-            "args": ["--lora-modules", *lora_modules],
+            "args": args,
             "resources": resources,
         },
-        "storageUris": [{"uri": v["uri"], "mountPath": _mount(v["digest"])} for v in versions],
     }
+    if storage_uris:
+        predictor["storageUris"] = storage_uris
     if settings.service_account:
         predictor["serviceAccountName"] = settings.service_account  # how the storage initializer gets its keys
     if settings.node_selector:
@@ -146,6 +164,12 @@ def served_versions(isvc: Mapping[str, Any] | None) -> list[dict[str, str]]:
     except ValueError:
         return []
     return [v for v in versions if isinstance(v, dict) and {"digest", "uri"} <= set(v)]
+
+
+def serves_full_model(isvc: Mapping[str, Any] | None) -> bool:
+    """Whether an InferenceService aiplane rendered serves a whole model (not adapters on a base model)."""
+    versions = served_versions(isvc)
+    return bool(versions and versions[0].get("full_model"))
 
 
 def _mount(digest: str) -> str:

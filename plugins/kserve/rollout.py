@@ -17,6 +17,15 @@ A deploy (``run``, the ``deploy-endpoint`` workload):
 Adapters reach vLLM through the storage initializer, which runs when a pod
 starts: a new adapter is a new revision (a rolling update of the adapter
 list), not a load into running pods.
+
+A whole model (``config["full_model"]``: an ``sft`` model, a full ``distill``
+student) is served as its own base model: the InferenceService's
+``storageUri`` is the model, with no adapters, and vLLM answers to the endpoint
+name. Switching between whole models, or between adapters and a whole model,
+is the same rollout (a canary or an update, the previous spec put back on
+failure), and the endpoint's URL stays. The adapters kept for rollback are not
+carried over a switch to a whole model, and "one endpoint, one base model"
+binds adapters only: from a whole model, an adapter of any base model rolls out.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from .render import (
     inference_service,
     runtime_object,
     served_versions,
+    serves_full_model,
 )
 
 if TYPE_CHECKING:
@@ -131,7 +141,7 @@ def api_client(settings: "KServe.Settings") -> Any:
 
 def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     """Roll ``ctx.inputs["adapter"]`` out as endpoint ``ctx.params["endpoint_name"]``; see the module docstring."""
-    from aiplane.plugins.vllm.deploy import base_model_of, endpoint_digest
+    from aiplane.plugins.vllm.deploy import base_model_of, endpoint_digest, is_full_model
 
     from .target import KServe
 
@@ -142,18 +152,15 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     if not isinstance(adapter, AdapterRecord):
         raise InputError("deploy-endpoint needs an adapter_weights record as its 'adapter' input")
     base = base_model_of(adapter)
-    if adapter.config.get("full_model"):
-        raise InputError(
-            f"{adapter.method} record {adapter.digest} is a whole model, not an adapter; the kserve target serves "
-            "adapters on their base model and does not serve whole models yet."
-        )
-    for what, uri in (("base model", base.uri), ("adapter", adapter.uri)):
+    full = is_full_model(adapter)
+    stored = (("model", adapter.uri),) if full else (("base model", base.uri), ("adapter", adapter.uri))
+    for what, uri in stored:
         if not uri.startswith(("s3://", "gs://", "hf://", "pvc://", "oci://", "https://")):
             raise InputError(
                 f"The {what} is at {uri!r}, which a KServe pod cannot read: the kserve target serves from object "
                 "storage. Set the deployment's storage.root (and base_model.uri) to a bucket."
             )
-    rank = int(adapter.config.get("r") or 0)
+    rank = 0 if full else int(adapter.config.get("r") or 0)
     if rank > settings.max_lora_rank:
         raise ConfigError(
             f"Adapter {adapter.digest} has LoRA rank {rank}, above the kserve target's max_lora_rank "
@@ -169,16 +176,24 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
             "aiplane will not change it. Serve under another endpoint name, or delete it yourself."
         )
     previous = served_versions(current)
-    if previous and current["spec"]["predictor"]["model"].get("storageUri") != base.uri:
+    previous_full = serves_full_model(current)
+    if previous and not previous_full and not full and current["spec"]["predictor"]["model"].get("storageUri") != base.uri:
         raise InputError(
             f"Endpoint {name!r} serves adapters of base model {current['spec']['predictor']['model'].get('storageUri')}, "
             f"and adapter {adapter.digest} was trained on {base.uri}: one endpoint, one base model."
         )
-    entry = {"digest": adapter.digest, "uri": adapter.uri}
-    versions = [entry, *[v for v in previous if v["digest"] != adapter.digest]][: 1 + settings.keep_previous]
+    if full:
+        # Served as its own base model: the model is the storageUri, alone.
+        versions = [{"digest": adapter.digest, "uri": adapter.uri, "full_model": True}]
+        storage_uri = adapter.uri
+    else:
+        entry = {"digest": adapter.digest, "uri": adapter.uri}
+        kept = [] if previous_full else [v for v in previous if v["digest"] != adapter.digest]
+        versions = [entry, *kept][: 1 + settings.keep_previous]
+        storage_uri = base.uri
     canary = settings.canary_traffic_percent if current is not None and settings.deployment_mode == "Serverless" else None
     runtime = runtime_object(runtime_name, settings.namespace, settings)
-    isvc = inference_service(name, settings.namespace, settings, runtime_name, base.uri, versions, canary)
+    isvc = inference_service(name, settings.namespace, settings, runtime_name, storage_uri, versions, canary)
     existing_runtime = cluster.get("servingruntimes", runtime_name)
     # The API server validates both against the cluster's CRDs (and admission webhooks) before anything changes.
     cluster.apply(runtime, existing_runtime, dry_run=True)
@@ -192,14 +207,14 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     applied = cluster.apply(isvc, current)
     ctx.log(
         f"{'created' if current is None else 'updated'} InferenceService {settings.namespace}/{name} "
-        f"(adapter {adapter.digest}{f', canary at {canary}%' if canary is not None else ''})"
+        f"({'model' if full else 'adapter'} {adapter.digest}{f', canary at {canary}%' if canary is not None else ''})"
     )
     try:
         status = _wait_ready(ctx, cluster, name, applied["metadata"]["generation"], settings, canary is not None)
         if settings.smoke:
             _smoke(_candidate_url(status), name, settings.readiness_timeout_s)
         if canary is not None:
-            promoted = inference_service(name, settings.namespace, settings, runtime_name, base.uri, versions, 100)
+            promoted = inference_service(name, settings.namespace, settings, runtime_name, storage_uri, versions, 100)
             applied = cluster.apply(promoted, cluster.get("inferenceservices", name))
             status = _wait_ready(ctx, cluster, name, applied["metadata"]["generation"], settings, False)
             ctx.log(f"promoted the new revision of {name!r} to all traffic")
@@ -215,7 +230,8 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
                 restore["metadata"].pop(key, None)
             restore.pop("status", None)
             cluster.apply(restore, cluster.get("inferenceservices", name))
-            undone = f"the previous spec of {name!r} was put back, so adapter {previous[0]['digest']} keeps serving"
+            was = "model" if previous_full else "adapter"
+            undone = f"the previous spec of {name!r} was put back, so {was} {previous[0]['digest']} keeps serving"
         if isinstance(exc, (WorkloadError, InputError)) and not isinstance(exc, WorkloadCancelled):
             raise WorkloadError(f"{exc}; {undone}.") from None
         raise
@@ -230,7 +246,7 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
             serving="kserve",
             handle={
                 "namespace": settings.namespace, "inference_service": name, "runtime": runtime_name,
-                "adapter": adapter.digest, "revision": _predictor(status).get("latestReadyRevision"),
+                "adapter": adapter.digest, "full_model": full, "revision": _predictor(status).get("latestReadyRevision"),
                 "deployment_mode": settings.deployment_mode,
             },  # fmt: skip
             sources=(adapter,),

@@ -1,4 +1,5 @@
-"""The ``kserve`` serving target: an InferenceService on a vLLM ServingRuntime (OpenShift AI's model serving)."""
+"""The ``kserve`` serving target: an InferenceService on a vLLM ServingRuntime (OpenShift AI's model serving),
+serving adapters on their base model or a whole model as its own."""
 
 from __future__ import annotations
 
@@ -32,7 +33,10 @@ class KServe(ServingTarget):
     ``keep_previous`` before it stay served for rollback. ``Serverless`` mode
     rolls a new adapter out as a canary and promotes it after a completion;
     ``RawDeployment`` mode rolls it out as a Deployment update. A failed rollout
-    puts the previous spec back. The Kubernetes client is built from
+    puts the previous spec back. A whole model (an ``sft`` model, a full
+    ``distill`` student) is served as its own base model: it is the
+    ``storageUri``, with no adapters, and vLLM answers to the endpoint name; it
+    rolls out (and back) the same way. The Kubernetes client is built from
     ``kubeconfig`` (or the pod's service account); pass ``api_client`` to use
     another.
     """
@@ -110,7 +114,8 @@ class KServe(ServingTarget):
         return []
 
     def running(self, endpoint: "EndpointRecord") -> bool | None:
-        """Whether the InferenceService is Ready and still serves ``endpoint``'s adapter; None if it cannot tell."""
+        """Whether the InferenceService is Ready and still serves ``endpoint``'s adapter (or whole model); None if
+        it cannot tell."""
         from .render import ADAPTER_ANNOTATION
 
         if endpoint.serving != self.name:

@@ -1,18 +1,25 @@
-"""A vLLM server on this machine, shared by every endpoint of one base model, and the adapters loaded on it.
+"""The vLLM servers on this machine: one per base model, shared by every endpoint of it and the adapters
+loaded on it, and one per whole model an endpoint serves.
 
 State, under the aiplane home:
 
-* ``serving/_vllm/<base>/server.json``: the live server (pid, port, url, flags);
-  ``<base>`` is the base model's digest, shortened. ``.lock`` beside it
-  serializes starting the server, changing its adapters and stopping it across
-  processes; ``server.log`` is its output.
-* ``serving/<endpoint>/endpoint.json``: the endpoint's adapters, newest first,
-  each loaded on the server under ``<endpoint>@<digest>``, and which one the
-  endpoint name routes to.
+* ``serving/_vllm/<server>/server.json``: the live server (pid, port, url, flags).
+  A base model's server is ``<base>``, the base model's digest, shortened; a
+  whole model's (an ``sft`` model, a full ``distill`` student) is
+  ``<model>-<endpoint>``, as it answers to that endpoint's name only.
+  ``.lock`` beside it serializes starting the server, changing its adapters
+  and stopping it across processes; ``server.log`` is its output.
+* ``serving/<endpoint>/endpoint.json``: which server the endpoint is on and what
+  it serves. On a base model's server: the endpoint's adapters, newest first,
+  each loaded under ``<endpoint>@<digest>``, and which one the endpoint name
+  routes to. On a whole model's server: that model (``full_model: true``).
+  ``.lock`` beside it serializes the endpoint's deploys and its stop.
 
 Requests address the endpoint name. vLLM's in-place load swaps the weights
 behind that name, so a new adapter (or a rollback) never changes the URL or
-the model name clients use, and never restarts the server.
+the model name clients use, and never restarts the server. A whole model is
+served by a server of its own under the endpoint name, so switching to or from
+one moves the endpoint to another server, at another URL.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ __all__ = [
     "ENDPOINT_STATE",
     "check_endpoint_name",
     "server_dir",
+    "model_server_dir",
     "servers_dir",
     "endpoint_dir",
     "read_json",
@@ -61,6 +69,8 @@ __all__ = [
     "tail",
     "url_of",
     "endpoints_on",
+    "held_by_ours",
+    "release",
 ]
 
 ENDPOINT_STATE = "endpoint.json"
@@ -91,6 +101,12 @@ def server_dir(home: Path, base_digest: str) -> Path:
     """Where the base model's server is recorded: beside the endpoints' directories, under a name no
     endpoint can have (they start with a letter or digit)."""
     return servers_dir(home) / base_digest.split(":")[-1][:16]
+
+
+def model_server_dir(home: Path, model_digest: str, endpoint: str) -> Path:
+    """Where the server of a whole model served as ``endpoint`` is recorded: it answers to that endpoint's
+    name only (vLLM's ``--served-model-name``), so another endpoint serving the same model has its own."""
+    return servers_dir(home) / f"{model_digest.split(':')[-1][:16]}-{check_endpoint_name(endpoint)}"
 
 
 def servers_dir(home: Path) -> Path:
@@ -177,6 +193,7 @@ def start(
     python: Path,
     base_dir: Path,
     *,
+    served_name: str = "base",
     host: str,
     port: int,
     flags: dict[str, Any],
@@ -184,8 +201,10 @@ def start(
     log: Callable[[str], None],
     check_cancelled: Callable[[], None],
 ) -> dict[str, Any]:
-    """Start the server for the base model in ``base_dir`` detached, wait until it is healthy, record it.
+    """Start the server for the model in ``base_dir`` detached, wait until it is healthy, record it.
 
+    It answers to ``served_name``: ``base`` for a base model's server, whose
+    endpoints are adapters loaded on it; the endpoint's name for a whole model's.
     ``flags`` are :func:`~.runtime.server_args`'s keyword arguments (recorded, so a
     later deploy can tell whether they changed). ``port`` 0 picks a free one; a
     given port must be free. Raises WorkloadError with the tail of the server's
@@ -203,7 +222,7 @@ def start(
         template = directory / "chat_template.jinja"
         template.write_text(_CHAT_TEMPLATE)
         extra.append(f"--chat-template={template}")
-    args = server_args(str(base_dir), "base", host=host, port=port, **{**flags, "extra": extra})
+    args = server_args(str(base_dir), served_name, host=host, port=port, **{**flags, "extra": extra})
     server_log = directory / "server.log"
     url = url_of(host, port)
     log(f"starting the vLLM server for {base_dir.name} on {url} (log: {server_log})")
@@ -217,10 +236,11 @@ def start(
         proc = subprocess.Popen(
             [str(python), "-m", SERVER_MODULE, *args],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=directory,
-            env={**server_env(), "TMPDIR": str(scratch)}, start_new_session=True,
+            env={**server_env(lora=flags.get("lora", True)), "TMPDIR": str(scratch)}, start_new_session=True,
         )  # fmt: skip
     info = {
         "pid": proc.pid, "host": host, "port": port, "url": url, "base_dir": str(base_dir), "flags": flags,
+        "served_name": served_name,
         "log": str(server_log), "scratch": str(scratch),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }  # fmt: skip
@@ -374,3 +394,24 @@ def tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
         return f"(log unreadable: {exc})"
     kept = [line.rsplit("\r", 1)[-1] for line in text.rstrip("\n").split("\n")]
     return "\n".join(kept[-lines:]) or "(log is empty)"
+
+
+def held_by_ours(home: Path, port: int) -> bool:
+    """Whether one of the live servers recorded under ``home`` listens on ``port``."""
+    return any(alive(info) and info["port"] == port for info in map(server_info, servers_dir(home).glob("*")))
+
+
+def release(home: Path, directory: Path, state: dict[str, Any]) -> bool:
+    """Stop serving endpoint ``state`` from the server in ``directory`` (its lock held): unload the endpoint's
+    adapters when other endpoints still use the server, else stop the server. Whether it was running."""
+    info = server_info(directory)
+    running = alive(info)
+    others = [s for s in endpoints_on(home, directory.name) if s.get("endpoint") != state.get("endpoint")]
+    if not others:
+        terminate(info)
+        forget(directory)
+    elif running and not state.get("full_model"):
+        for version in state.get("versions", []):
+            unload(info["url"], version["lora_name"])
+        unload(info["url"], state["endpoint"])
+    return running

@@ -1,4 +1,7 @@
-"""The ``deploy-endpoint`` workload of the ``vllm`` target: an adapter becomes what an endpoint name serves.
+"""The ``deploy-endpoint`` workload of the ``vllm`` target: an adapter, or a whole model, becomes what an
+endpoint name serves.
+
+An adapter (``lora``, a LoRA ``distill`` student):
 
 1. Check everything first: the adapter and base model are usable here, the
    adapter's rank fits the server, the endpoint is not bound to another base
@@ -13,6 +16,32 @@
 
 Deploying an adapter the endpoint served before (a rollback) is the same path:
 it is still loaded, or is loaded again from its files.
+
+A whole model (``sft``, a ``distill`` student with ``student: full``: the
+record's ``config["full_model"]`` is true) is served as its own base model:
+
+1. Check first that its directory is a Hugging Face model (``config.json`` and
+   weights); then provision the runtime.
+2. Under its server's lock: start a server for the model itself, answering to
+   the endpoint's name (``--served-model-name``), without LoRA; one server per
+   model and endpoint. Send it one completion. If the server does not start,
+   or that completion fails, the server is stopped and the endpoint keeps
+   serving what it served, at the URL it had.
+3. The switch: the endpoint's state names the new server. The endpoint's URL
+   is now that server's: a switch between two whole models, or between an
+   adapter and a whole model, moves the endpoint to another server, so the
+   URL changes (the EndpointRecord carries the new one; the model name clients
+   send stays the endpoint name).
+4. The endpoint's previous server is released: a whole model's is stopped; a
+   base model's unloads the endpoint's adapters, and stops when no other
+   endpoint uses it. Nothing is kept loaded for rollback: deploying an earlier
+   model again (a rollback) is the same path, and starts its server again.
+
+"One endpoint, one base model" binds adapters only: an endpoint serving
+adapters takes adapters of the same base model (switched in place, same URL);
+a switch to a whole model, and from one to adapters of any base model, is a
+move to another server. The endpoint's deploys (and its stop) are serialized by
+its own lock, taken before any server's.
 """
 
 from __future__ import annotations
@@ -23,7 +52,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from aiplane.core.errors import ConfigError, InputError
+from aiplane.core.errors import ConfigError, InputError, WorkloadCancelled, WorkloadError
 from aiplane.core.records import AdapterRecord, BaseModelRecord, EndpointRecord, record_to_json
 from aiplane.core.storage import local_path
 from aiplane.core.workload import WorkloadContext
@@ -31,7 +60,7 @@ from aiplane.core.workload import WorkloadContext
 from . import _server as server
 from .runtime import ensure_vllm
 
-__all__ = ["run", "PROTOCOLS"]
+__all__ = ["run", "PROTOCOLS", "base_model_of", "is_full_model", "model_dir_of", "endpoint_digest"]
 
 PROTOCOLS = ("openai-completions", "openai-chat-completions")
 
@@ -49,38 +78,72 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     if not isinstance(adapter, AdapterRecord):
         raise InputError("deploy-endpoint needs an adapter_weights record as its 'adapter' input")
     base = base_model_of(adapter)
-    if adapter.config.get("full_model"):
-        raise InputError(
-            f"{adapter.method} record {adapter.digest} is a whole model, not an adapter; the vllm target serves "
-            "adapters on their base model and does not serve whole models yet. Train with lora (or distill "
-            "with student: lora) to serve it."
-        )
-    adapter_dir = _local_dir(str(ctx.local(adapter.uri)), "Adapter", "adapter_config.json")
-    base_dir = _local_dir(str(ctx.local(base.uri, base.digest)), "Base model", "config.json")
-    rank = adapter_rank(adapter_dir)
-    if rank > settings.max_lora_rank:
-        raise ConfigError(
-            f"Adapter {adapter.digest} has LoRA rank {rank}, above the vllm target's max_lora_rank "
-            f"{settings.max_lora_rank}; raise max_lora_rank (one of 8, 16, 32, 64, ...) or train with a smaller r."
-        )
+    full = is_full_model(adapter)
     edir = server.endpoint_dir(home, name)
-    state = server.read_json(edir / server.ENDPOINT_STATE)
-    if state is not None and state.get("base_model_digest") != base.digest:
-        raise InputError(
-            f"Endpoint {name!r} serves adapters of base model {state.get('base_model_digest')}, and adapter "
-            f"{adapter.digest} was trained on {base.digest}: one endpoint, one base model. Serve it under another "
-            "endpoint name, or stop this endpoint (`aiplane stop`) first."
-        )
+    if full:
+        model_dir = model_dir_of(str(ctx.local(adapter.uri)), adapter)
+    else:
+        adapter_dir = _local_dir(str(ctx.local(adapter.uri)), "Adapter", "adapter_config.json")
+        base_dir = _local_dir(str(ctx.local(base.uri, base.digest)), "Base model", "config.json")
+        rank = adapter_rank(adapter_dir)
+        if rank > settings.max_lora_rank:
+            raise ConfigError(
+                f"Adapter {adapter.digest} has LoRA rank {rank}, above the vllm target's max_lora_rank "
+                f"{settings.max_lora_rank}; raise max_lora_rank (one of 8, 16, 32, 64, ...) or train with a smaller r."
+            )
+        _check_same_base(server.read_json(edir / server.ENDPOINT_STATE), name, adapter, base)
 
     python = ensure_vllm(ctx.log, ctx.cancel_event)
+    with server.locked(edir):
+        before = server.read_json(edir / server.ENDPOINT_STATE)  # as of now, under the endpoint's lock
+        if full:
+            served = _serve_model(ctx, home, name, adapter, base, model_dir, python, settings, before)
+        else:
+            _check_same_base(before, name, adapter, base)
+            served = _serve_adapter(ctx, home, name, adapter, base, adapter_dir, base_dir, python, settings, before)
+        moved = before is not None and before.get("server") != served["key"]
+        if moved:
+            _release_previous(ctx, home, before)
+    url, info = served["url"], served["info"]
+    what = f"model {adapter.digest} (a whole {adapter.method} model)" if full else f"adapter {adapter.digest}"
+    ctx.log(
+        f"endpoint {name!r} on {url} now serves {what}"
+        + (" (a rollback to an earlier version)" if served["rolled_back"] else "")
+        + (f"; its URL changed from {before['url']}" if moved and before.get("url") != url else "")
+        + (f"; still loaded for rollback: {', '.join(served['kept'])}" if served["kept"] else "")
+    )
+    ctx.metrics["server_startup_s"] = info.get("startup_s", 0.0) if info.get("started_here") else 0.0
+    sdir = served["server_dir"]
+    return {
+        "endpoint": EndpointRecord(
+            uri=f"{url}/v1/models/{name}",
+            url=url,
+            digest=endpoint_digest(adapter, base, name, url),
+            model_name=name,
+            protocols=PROTOCOLS,
+            serving="vllm",
+            handle={
+                "server": sdir.name, "server_dir": str(sdir), "state_dir": str(edir), "pid": info["pid"],
+                "adapter": adapter.digest, "full_model": full, "version": served["version"], "log": info["log"],
+                "rolled_back": served["rolled_back"],
+            },  # fmt: skip
+            sources=(adapter,),
+        )
+    }
+
+
+def _serve_adapter(ctx, home, name, adapter, base, adapter_dir, base_dir, python, settings, before) -> dict[str, Any]:
+    """Steps 2-4 for an adapter, on its base model's shared server; see the module docstring."""
     sdir = server.server_dir(home, base.digest)
     key = sdir.name
+    edir = server.endpoint_dir(home, name)
     with server.locked(sdir):
         info = _running_server(ctx, home, sdir, python, base_dir, settings)
         url = info["url"]
         version = server.version_name(name, adapter.digest)
-        state = server.read_json(edir / server.ENDPOINT_STATE)  # as of now, under the lock
-        versions = [v for v in (state or {}).get("versions", []) if v["digest"] != adapter.digest]
+        # The versions loaded for rollback are those on this server: none when the endpoint comes from a whole model.
+        on_here = before is not None and before.get("server") == key
+        versions = [v for v in (before or {}).get("versions", []) if v["digest"] != adapter.digest] if on_here else []
         was_loaded = version in server.loaded(url)
         if not was_loaded:
             server.load(url, version, adapter_dir)
@@ -89,8 +152,7 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
         except InputError as exc:
             if not was_loaded:
                 server.unload(url, version)
-            still = f"it keeps serving {state['current']}" if state else "it was not serving before"
-            raise InputError(f"Adapter {adapter.digest} was not routed to endpoint {name!r}: {exc}; {still}.") from None
+            raise InputError(f"Adapter {adapter.digest} was not routed to endpoint {name!r}: {exc}; {_still(before)}.") from None
         # The switch: the endpoint name now answers with this adapter's weights. vLLM's prefix cache keys
         # blocks by adapter path too, and ours are content-addressed: no KV of the old weights is reused.
         server.load(url, name, adapter_dir, inplace=True)
@@ -104,37 +166,87 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
             ctx.log(f"unloaded {old['lora_name']}: more than keep_previous={settings.keep_previous} newer versions")
         server.write_json(
             edir / server.ENDPOINT_STATE,
-            {"endpoint": name, "server": key, "server_dir": str(sdir), "url": url,
-             "base_model_digest": base.digest, "current": adapter.digest, "versions": kept},
+            {"endpoint": name, "server": key, "server_dir": str(sdir), "url": url, "full_model": False,
+             "base_model_digest": base.digest, "current": adapter.digest, "versions": kept,
+             "history": _history(before, adapter.digest)},
         )  # fmt: skip
-    rolled_back = any(v["digest"] == adapter.digest for v in (state or {}).get("versions", [])[1:])
-    ctx.log(
-        f"endpoint {name!r} on {url} now serves adapter {adapter.digest}"
-        + (" (a rollback to an earlier version)" if rolled_back else "")
-        + (f"; still loaded for rollback: {', '.join(v['lora_name'] for v in kept[1:])}" if kept[1:] else "")
-    )
-    ctx.metrics["server_startup_s"] = info.get("startup_s", 0.0) if info.get("started_here") else 0.0
     return {
-        "endpoint": EndpointRecord(
-            uri=f"{url}/v1/models/{name}",
-            url=url,
-            digest=endpoint_digest(adapter, base, name, url),
-            model_name=name,
-            protocols=PROTOCOLS,
-            serving="vllm",
-            handle={
-                "server": key, "server_dir": str(sdir), "state_dir": str(edir), "pid": info["pid"],
-                "adapter": adapter.digest, "version": version, "log": info["log"], "rolled_back": rolled_back,
-            },  # fmt: skip
-            sources=(adapter,),
-        )
-    }
+        "key": key, "server_dir": sdir, "url": url, "info": info, "version": version,
+        "rolled_back": _rolled_back(before, adapter.digest), "kept": [v["lora_name"] for v in kept[1:]],
+    }  # fmt: skip
 
 
-def _running_server(ctx, home: Path, sdir: Path, python: Path, base_dir: Path, settings) -> dict[str, Any]:
-    """The base model's live server, started (and its endpoints restored) if it is not running; the lock is held."""
+def _serve_model(ctx, home, name, model, base, model_dir, python, settings, before) -> dict[str, Any]:
+    """Steps 2-3 for a whole model, on a server of its own answering to the endpoint's name; see the module docstring."""
+    sdir = server.model_server_dir(home, model.digest, name)
+    key = sdir.name
+    edir = server.endpoint_dir(home, name)
+    current = before is not None and before.get("server") == key  # the endpoint serves this model already
+    with server.locked(sdir):
+        try:
+            info = _running_server(ctx, home, sdir, python, model_dir, settings, served_name=name)
+        except WorkloadCancelled:
+            raise
+        except WorkloadError as exc:
+            raise WorkloadError(f"Model {model.digest} was not routed to endpoint {name!r}; {_still(before, key)}. {exc}") from None
+        url = info["url"]
+        try:
+            server.smoke(url, name)
+        except (InputError, WorkloadError) as exc:
+            if not current:
+                server.terminate(info)
+                server.forget(sdir)
+                ctx.log(f"stopped the vLLM server of model {model.digest} on {url}: it failed its first completion")
+            raise InputError(f"Model {model.digest} was not routed to endpoint {name!r}: {exc}; {_still(before, key)}.") from None
+        entry = {
+            "digest": model.digest, "full_model": True, "path": str(model_dir),
+            "adapter": record_to_json(model), "deployed_at": _now(),
+        }  # fmt: skip
+        # The switch: from now on the endpoint is this server (its state says so; the record carries its URL).
+        server.write_json(
+            edir / server.ENDPOINT_STATE,
+            {"endpoint": name, "server": key, "server_dir": str(sdir), "url": url, "full_model": True,
+             # Served as its own base model; the model it was trained from is lineage only.
+             "base_model_digest": model.digest, "trained_from": base.digest, "current": model.digest,
+             "versions": [entry], "history": _history(before, model.digest)},
+        )  # fmt: skip
+    return {
+        "key": key, "server_dir": sdir, "url": url, "info": info, "version": None,
+        "rolled_back": _rolled_back(before, model.digest), "kept": [],
+    }  # fmt: skip
+
+
+def _release_previous(ctx, home: Path, before: dict[str, Any]) -> None:
+    """After a switch to another server: the endpoint's previous server stops serving it (step 4)."""
+    sdir = Path(before.get("server_dir") or server.servers_dir(home) / before["server"])
+    with server.locked(sdir):
+        still_used = [s["endpoint"] for s in server.endpoints_on(home, sdir.name) if s.get("endpoint") != before["endpoint"]]
+        try:
+            running = server.release(home, sdir, before)
+        except (InputError, WorkloadError) as exc:  # the switch is done; what is left is reported, not undone
+            ctx.log(f"could not release endpoint {before['endpoint']!r} from the vLLM server on {before.get('url')}: {exc}")
+            return
+    if not running:
+        return
+    if still_used:
+        ctx.log(f"unloaded endpoint {before['endpoint']!r} from the vLLM server on {before.get('url')}, which still "
+                f"serves {', '.join(still_used)}")  # fmt: skip
+    else:
+        ctx.log(f"stopped the vLLM server on {before.get('url')}, which served {before['current']}: no endpoint uses it now")
+
+
+def _running_server(
+    ctx, home: Path, sdir: Path, python: Path, base_dir: Path, settings, served_name: str = "base"
+) -> dict[str, Any]:
+    """The server's live process, started if it is not running; the lock is held.
+
+    ``served_name`` ``base``: a base model's server, with LoRA on, restoring the
+    endpoints it served when it starts. Otherwise a whole model's, answering to
+    that endpoint name, without LoRA.
+    """
     info = server.server_info(sdir)
-    flags = settings.flags()
+    adapters = served_name == "base"
+    flags = settings.flags(lora=adapters)
     if server.alive(info) and server.healthy(info["url"]):
         if info.get("flags") == flags and info["host"] == settings.host:
             return info
@@ -148,18 +260,25 @@ def _running_server(ctx, home: Path, sdir: Path, python: Path, base_dir: Path, s
         ctx.log(f"the vLLM server on {info['url']} (pid {info['pid']}) is gone; starting it again on the same port")
     server.forget(sdir)
     port = info["port"] if info is not None else settings.port
+    if port and server.held_by_ours(home, port):
+        # An endpoint moving between a whole model and adapters: its previous server holds the port until the switch.
+        ctx.log(f"port {port} is held by another aiplane vLLM server on this machine; this one takes a free port")
+        port = 0
     started = server.start(
-        sdir, python, base_dir, host=settings.host, port=port, flags=flags,
+        sdir, python, base_dir, served_name=served_name, host=settings.host, port=port, flags=flags,
         readiness_timeout_s=settings.readiness_timeout_s, log=ctx.log, check_cancelled=ctx.check_cancelled,
     )  # fmt: skip
     started["started_here"] = True
-    _restore(ctx, home, sdir.name, started["url"])
+    if adapters:
+        _restore(ctx, home, sdir.name, started["url"])
     return started
 
 
 def _restore(ctx, home: Path, key: str, url: str) -> None:
     """Load again what every endpoint of this server served before it stopped: versions, then each name."""
     for state in server.endpoints_on(home, key):
+        if state.get("full_model"):
+            continue
         current = None
         for version in state.get("versions", []):
             path = Path(version["path"])
@@ -174,10 +293,63 @@ def _restore(ctx, home: Path, key: str, url: str) -> None:
             ctx.log(f"restored endpoint {state['endpoint']!r} ({state['current']})")
 
 
+def _check_same_base(state: dict[str, Any] | None, name: str, adapter: AdapterRecord, base: BaseModelRecord) -> None:
+    """One endpoint, one base model, for adapters: they switch in place on the base model's server. An endpoint
+    serving a whole model is on a server of its own, so an adapter of any base model moves it."""
+    if state is None or state.get("full_model") or state.get("base_model_digest") == base.digest:
+        return
+    raise InputError(
+        f"Endpoint {name!r} serves adapters of base model {state.get('base_model_digest')}, and adapter "
+        f"{adapter.digest} was trained on {base.digest}: one endpoint, one base model. Serve it under another "
+        "endpoint name, or stop this endpoint (`aiplane stop`) first."
+    )
+
+
+def _still(before: dict[str, Any] | None, key: str | None = None) -> str:
+    """What the endpoint serves after a deploy that failed."""
+    if before is None:
+        return "it was not serving before"
+    if before.get("server") == key:
+        return f"it serves {before['current']} from that very server, which failed: deploy again, or deploy another model"
+    return f"it keeps serving {before['current']} at {before.get('url')}"
+
+
+_HISTORY = 16
+
+
+def _history(before: dict[str, Any] | None, digest: str) -> list[str]:
+    """What the endpoint served before what it serves now, newest first (bounded): the state's ``history``."""
+    if before is None:
+        return []
+    earlier = [before["current"], *_served_before(before)]
+    return list(dict.fromkeys(d for d in earlier if d != digest))[:_HISTORY]
+
+
+def _served_before(state: dict[str, Any]) -> list[str]:
+    # A state written before ``history`` existed: its versions kept for rollback.
+    return state.get("history") or [v["digest"] for v in state.get("versions", [])[1:]]
+
+
+def _rolled_back(before: dict[str, Any] | None, digest: str) -> bool:
+    """Whether ``digest`` is something the endpoint served before what it serves now."""
+    return before is not None and before.get("current") != digest and digest in _served_before(before)
+
+
+def is_full_model(adapter: AdapterRecord) -> bool:
+    """Whether the record is a whole model (``sft``, a full ``distill`` student), not an adapter on its base model."""
+    return bool(adapter.config.get("full_model"))
+
+
 def base_model_of(adapter: AdapterRecord) -> BaseModelRecord:
+    """The base model an adapter applies to; for a whole model, the one it was trained from (its lineage)."""
     try:
         return adapter.source("base_model")
     except LookupError:
+        if is_full_model(adapter):
+            raise InputError(
+                f"Model {adapter.uri!r} ({adapter.method}, full_model) records no base_model source, so its lineage "
+                "is broken; re-train it so its record carries the base model it was trained from."
+            ) from None
         raise InputError(
             f"Adapter {adapter.uri!r} records no base_model source, so there is nothing to apply it to; "
             "re-train it so its record carries the base model."
@@ -201,13 +373,39 @@ def _local_dir(uri: str, what: str, marker: str) -> Path:
     return path.absolute()
 
 
+def model_dir_of(uri: str, model: AdapterRecord) -> Path:
+    """The local directory of whole model ``model``; InputError, before anything starts, unless it holds a
+    Hugging Face model vLLM can load (``config.json`` and weights)."""
+    path = local_path(uri)
+    if not path.is_dir():
+        raise InputError(
+            f"Model {model.digest} ({model.method}) is at {str(path)!r}, which is not a directory on this machine "
+            f"(record uri {model.uri!r}); the vllm target serves from this machine's disk: re-materialize it here."
+        )
+    if not (path / "config.json").is_file():
+        hint = (
+            " It holds a LoRA adapter (adapter_config.json), so its record should not say full_model: "
+            "re-train it, or fix the record." if (path / "adapter_config.json").is_file()
+            else " Re-train it, or re-materialize the directory here."
+        )  # fmt: skip
+        raise InputError(
+            f"Model {model.digest} ({model.method}, full_model) has no config.json in {str(path)!r}, so it is not a "
+            f"Hugging Face model directory the vllm target can serve.{hint}"
+        )
+    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        raise InputError(
+            f"Model {model.digest} ({model.method}, full_model) has no weights in {str(path)!r} (no *.safetensors "
+            "or pytorch_model*.bin): re-train it, or re-materialize the directory here."
+        )
+    return path.absolute()
+
+
 def endpoint_digest(adapter: AdapterRecord, base: BaseModelRecord, name: str, url: str) -> str:
-    """What the endpoint serves and where: a new adapter, or a new URL, is a new version downstream."""
-    canonical = json.dumps(
-        {"adapter": adapter.digest, "base_model": base.digest, "model_name": name, "url": url},
-        sort_keys=True,
-        separators=(",", ":"),
-    )
+    """What the endpoint serves and where: a new adapter or model, or a new URL, is a new version downstream."""
+    served = {"adapter": adapter.digest, "base_model": base.digest, "model_name": name, "url": url}
+    if is_full_model(adapter):
+        served["full_model"] = True  # the adapter is the model served; the base model is its lineage
+    canonical = json.dumps(served, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -99,8 +99,11 @@ class ServerSettings(BaseModel):
             raise ValueError(f"must be one of {', '.join(map(str, LORA_RANKS))}")
         return value
 
-    def flags(self) -> dict:
-        """These settings as :func:`server_args`'s keyword arguments."""
+    def flags(self, lora: bool = True) -> dict:
+        """These settings as :func:`server_args`'s keyword arguments; without ``lora``, those of a server
+        for one whole model (no adapters, so no LoRA flags)."""
+        if not lora:
+            return {"lora": False, "max_model_len": self.max_model_len, "dtype": self.dtype, "extra": list(self.extra_args)}
         return {
             "max_lora_rank": self.max_lora_rank,
             "max_loras": self.max_loras,
@@ -124,12 +127,14 @@ def server_args(
     max_model_len: int | None = None,
     dtype: str | None = None,
     extra: Sequence[str] = (),
+    lora: bool = True,
 ) -> list[str]:
     """The vLLM OpenAI server's arguments: serve ``model`` as ``served_name``, adapters on, by name.
 
     ``max_loras`` adapters run in one batch; ``max_cpu_loras`` stay loaded
     (vLLM's default: as many as ``max_loras``), which is what the versions
-    kept for rollback need.
+    kept for rollback need. ``lora=False``: a server for one whole model,
+    which takes no adapters (the LoRA arguments are left out).
     """
     if max_lora_rank not in LORA_RANKS:
         raise ValueError(f"max_lora_rank must be one of {', '.join(map(str, LORA_RANKS))}, not {max_lora_rank}")
@@ -138,8 +143,9 @@ def server_args(
         args.append(f"--host={host}")
     if port is not None:
         args.append(f"--port={port}")
-    args += ["--enable-lora", f"--max-lora-rank={max_lora_rank}", f"--max-loras={max_loras}"]
-    if max_cpu_loras is not None:
+    if lora:
+        args += ["--enable-lora", f"--max-lora-rank={max_lora_rank}", f"--max-loras={max_loras}"]
+    if lora and max_cpu_loras is not None:
         args.append(f"--max-cpu-loras={max_cpu_loras}")
     if max_model_len is not None:
         args.append(f"--max-model-len={max_model_len}")
@@ -159,11 +165,17 @@ def ensure_vllm(log: Callable[[str], None], cancel: threading.Event | None = Non
     return ensure_runtime(VLLM_RUNTIME, log, cancel)
 
 
-def server_env(gpu: bool = False) -> dict[str, str]:
-    """The environment a vLLM server process gets on this machine: ours, minus aiplane's venv, plus the runtime's."""
+def server_env(gpu: bool = False, lora: bool = True) -> dict[str, str]:
+    """The environment a vLLM server process gets on this machine: ours, minus aiplane's venv, plus the runtime's.
+
+    ``lora=False`` (a server for one whole model): no adapter can be loaded into it by request either.
+    """
     env = runtime_env()
     env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-    env.update(RUNTIME_LORA_ENV)
+    for key in RUNTIME_LORA_ENV:
+        env.pop(key, None)
+    if lora:
+        env.update(RUNTIME_LORA_ENV)
     if not gpu:
         for key, value in CPU_ENV.items():
             env.setdefault(key, value)

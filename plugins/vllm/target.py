@@ -1,4 +1,5 @@
-"""The ``vllm`` serving target: a vLLM server on this machine, one per base model, adapters by endpoint name."""
+"""The ``vllm`` serving target: vLLM servers on this machine, one per base model (adapters by endpoint name)
+and one per whole model an endpoint serves."""
 
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ class VllmLocal(ServingTarget):
     loaded beside the current one, answers a completion, and only then does the
     name route to it: no restart, same URL. The previous ``keep_previous``
     adapters stay loaded, so rolling back is instant.
+
+    A whole model (an ``sft`` model, a full ``distill`` student) is served as its
+    own base model, by a server of its own answering to the endpoint's name;
+    switching to or from one moves the endpoint to that server's URL, and the
+    endpoint's previous server is released (see :mod:`.deploy`).
     """
 
     name = "vllm"
@@ -44,7 +50,8 @@ class VllmLocal(ServingTarget):
         """How long a starting server may take to load the model and answer /health."""
 
     def workload(self, adapter: "AdapterRecord", endpoint_name: str, home: str) -> Workload:
-        """The ``deploy-endpoint`` workload; its result's ``endpoint`` output is the new EndpointRecord."""
+        """The ``deploy-endpoint`` workload for an adapter or a whole model (``config["full_model"]``); its
+        result's ``endpoint`` output is the new EndpointRecord."""
         from .deploy import base_model_of
 
         server.check_endpoint_name(endpoint_name)
@@ -69,11 +76,7 @@ class VllmLocal(ServingTarget):
             return [str(exc)]
         if self.settings.port == 0 or server.port_free(self.settings.host, self.settings.port):
             return []
-        ours = any(
-            server.alive(info) and info["port"] == self.settings.port
-            for info in map(server.server_info, server.servers_dir(Path(deployment.home)).glob("*"))
-        )
-        if ours:
+        if server.held_by_ours(Path(deployment.home), self.settings.port):
             return []
         return [
             f"serving.settings.port {self.settings.port} on {self.settings.host} is held by another process; "
@@ -81,7 +84,8 @@ class VllmLocal(ServingTarget):
         ]
 
     def running(self, endpoint: "EndpointRecord") -> bool | None:
-        """Whether ``endpoint``'s server is up and healthy and the endpoint still routes to ``endpoint``'s adapter.
+        """Whether ``endpoint``'s server is up and healthy and the endpoint still serves ``endpoint``'s adapter
+        (or whole model) from it.
 
         ``False`` for a killed server (``aiplane up`` then deploys again, which
         restarts it on the same port) and for a record a later deploy replaced.
@@ -93,32 +97,26 @@ class VllmLocal(ServingTarget):
             return None
         info = server.server_info(sdir)
         state = server.read_json(edir / server.ENDPOINT_STATE)
-        if state is None or state.get("current") != endpoint.handle.get("adapter"):
+        if state is None or state.get("current") != endpoint.handle.get("adapter") or state.get("server") != sdir.name:
             return False
         return server.alive(info) and info["url"] == endpoint.url and server.healthy(info["url"])
 
     def stop(self, endpoint: "EndpointRecord") -> bool:
-        """Stop serving ``endpoint``: unload its adapters; stop the server when no other endpoint uses it.
+        """Stop serving endpoint ``endpoint.model_name``, from whichever server it is on now: unload its adapters
+        from a base model's server other endpoints still use, else stop the server (a whole model's always).
 
-        True if it was being served, False if there was nothing to stop.
+        True if it was being served, False if there was nothing to stop. No process of it is left behind.
         """
-        sdir, edir = self._dirs(endpoint)
-        with server.locked(sdir):
-            info = server.server_info(sdir)
+        handle_sdir, edir = self._dirs(endpoint)
+        with server.locked(edir):
             state = server.read_json(edir / server.ENDPOINT_STATE)
-            if state is None or state.get("server") != sdir.name:
+            if state is None or not state.get("server"):
                 return False
-            running = server.alive(info)
-            home = sdir.parents[2]  # <home>/serving/_vllm/<server>
-            others = [s for s in server.endpoints_on(home, sdir.name) if s["endpoint"] != state["endpoint"]]
-            if running and others:
-                for version in state.get("versions", []):
-                    server.unload(info["url"], version["lora_name"])
-                server.unload(info["url"], state["endpoint"])
-            elif not others:
-                server.terminate(info)
-                server.forget(sdir)
-            (edir / server.ENDPOINT_STATE).unlink()
+            sdir = Path(state.get("server_dir") or handle_sdir.parent / state["server"])
+            home = edir.parents[1]  # <home>/serving/<endpoint>
+            with server.locked(sdir):
+                running = server.release(home, sdir, state)
+                (edir / server.ENDPOINT_STATE).unlink()
             return running
 
     def _dirs(self, endpoint: "EndpointRecord") -> tuple[Path, Path]:
