@@ -219,6 +219,15 @@ def twin(tmp_path_factory, example_cloud):
     home = tmp_path_factory.mktemp("twin")
     raw = _raw("hybrid-local")
     raw["trainer"]["settings"].update(TINY_TRAINING)
+    # A fourth region, between eu and us, that may process AP rows but has no target: its partition
+    # fails at placement, and the regions after it still run.
+    sa = {
+        "feature_store": {"settings": {"warehouse": "{home}/regions/sa/iceberg"}},
+        "factsheet": {"settings": {"directory": "{home}/regions/sa/factsheets"}},
+    }
+    raw["regions"] = {"eu": raw["regions"]["eu"], "sa": sa, **{r: raw["regions"][r] for r in ("us", "ap")}}
+    raw["residency"]["ap"] = ["ap", "sa"]
+    raw["storage"]["regions"]["sa"] = "{home}/regions/sa"
     deployment = _write(raw, home)
     seed_tickets(home / "sources" / "tickets.jsonl", n=300)
     env = {
@@ -228,7 +237,7 @@ def twin(tmp_path_factory, example_cloud):
     cmd = [sys.executable, "-m", "aiplane.assets.cli", "--deployment", str(deployment), "up"]
     try:
         up = subprocess.run(cmd, env=env, cwd=home, capture_output=True, text=True, timeout=900)
-        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        assert up.returncode == 1 and "1 of 4 regions failed" in up.stderr, up.stdout[-3000:] + up.stderr[-3000:]
         sheets = {r: json.loads(next((home / "regions" / r / "factsheets").glob("*/factsheet.json")).read_text()) for r in REGIONS}
         yield {"home": home, "up": up, "sheets": sheets, "deployment": deployment, "env": env, "cmd": cmd}
     finally:
@@ -289,9 +298,21 @@ def test_each_region_serves_its_own_adapter_under_its_own_endpoint_name(twin):
 
 
 @pytest.mark.e2e
+def test_a_region_without_a_target_fails_alone_in_up_before_any_side_effect_and_the_others_go_on(twin):
+    up, home = twin["up"], twin["home"]
+    assert [line for line in up.stdout.splitlines() if line.startswith("Region ")] == ["Region eu", "Region us", "Region ap"]
+    assert "region sa: adapter_weights: No target can run train-adapter (region sa, residency ap" in up.stderr
+    assert "eu-control: in region 'eu'; this workload is for region 'sa'" in up.stderr
+    assert "1 of 4 regions failed; the others are up." in up.stderr
+    assert "Traceback" not in up.stderr
+    # Its rows were published (the AP rows sa may process), and nothing was trained or written for it.
+    assert not [p for p in (home / "regions" / "sa").rglob("*") if "iceberg" not in p.parts]
+
+
+@pytest.mark.e2e
 def test_a_second_up_with_nothing_new_materializes_nothing_in_any_region(twin):
     again = subprocess.run(twin["cmd"], env=twin["env"], cwd=twin["home"], capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 1 and "region sa: adapter_weights: No target can run" in again.stderr, again.stderr[-3000:]
     assert again.stdout.count("Region ") == 3
     assert again.stdout.count("up to date (inputs and settings unchanged)") == 9  # three downstream assets, three regions
     assert "materialized (" not in again.stdout
@@ -324,3 +345,26 @@ def test_new_us_rows_make_only_the_us_adapter_stale_for_automation_and_for_up(tw
     why = {r: staleness(instance, "adapter_weights", ("base_model", "features"), spec_digest(d.in_region(r), "adapter_weights", TargetConfig().model_dump()), r)
            for r in REGIONS}  # fmt: skip
     assert why == {"eu": None, "us": "features has a new data version", "ap": None}
+
+
+@pytest.mark.e2e
+def test_rollback_and_stop_act_on_one_region_named_with_region(twin):
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        cmd = [*twin["cmd"][:-1], *args]
+        return subprocess.run(cmd, env=twin["env"], cwd=twin["home"], capture_output=True, text=True, timeout=300)
+
+    unnamed = cli("rollback")
+    assert unnamed.returncode == 1 and "serves one endpoint per region: say which with --region (eu, sa, us, ap)" in unnamed.stderr
+    only = cli("rollback", "--region", "us")
+    assert only.returncode == 1 and "support-tickets-us has served only adapter" in only.stderr
+    typo = cli("stop", "--region", "uss")
+    assert typo.returncode == 1 and "Unknown region 'uss'" in typo.stderr and "Did you mean 'us'?" in typo.stderr
+    stopped = cli("stop", "--region", "ap")
+    assert stopped.returncode == 0 and "region ap: Stopped support-tickets-ap" in stopped.stdout
+    # The shared server still serves the other regions' endpoints, and no longer ap's.
+    import urllib.request
+
+    url = twin["sheets"]["eu"]["endpoint"]["url"]
+    with urllib.request.urlopen(url + "/v1/models", timeout=30) as reply:
+        names = {m["id"] for m in json.loads(reply.read())["data"]}
+    assert {"support-tickets-eu", "support-tickets-us"} <= names and "support-tickets-ap" not in names

@@ -196,11 +196,13 @@ def test_with_per_region_storage_every_location_a_target_or_component_writes_sta
     from aiplane.core.plugins import Registry
     from aiplane.core.preflight import preflight
 
-    # local.yaml writes Ray checkpoints, kfp.local outputs and factsheets under {home}, outside the EU location.
+    # local.yaml writes Ray checkpoints, kfp.local outputs, factsheets and its Iceberg tables under {home},
+    # outside the EU location.
     d = _deployment_with_storage(tmp_path, {"regions": {"eu": str(tmp_path / "eu")}})
     problems = [p for p in preflight(d, Registry()) if "outside the storage location" in p]
     assert sorted(p.split(":")[0] for p in problems) == [
-        "factsheet.settings.directory", "targets[kfp-local].settings.pipeline_root", "targets[ray-local].settings.storage_path",
+        "factsheet.settings.directory", "feature_store.settings.warehouse",
+        "targets[kfp-local].settings.pipeline_root", "targets[ray-local].settings.storage_path",
     ]  # fmt: skip
     assert f"put it under {tmp_path / 'eu'}" in problems[0]
 
