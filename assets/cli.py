@@ -229,6 +229,9 @@ def _up(args: argparse.Namespace) -> int:
     }
     tags = {PID_TAG: pid_tag()}
     regions: list[str | None] = list(deployment.regions) or [None]
+    if args.region:
+        _check_region(deployment, args.region)
+        regions = [args.region]
 
     def chain(region: str | None, sources: list[str]) -> tuple[dict[str, str], list[str]]:
         """Materialize ``sources``, then what is missing or stale downstream, of one region's partition
@@ -536,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="materialize what is missing or stale and show the result")
     up.add_argument("--train-target", default="", help="pin training to this deployment target (placement still checks it)")
     up.add_argument("--force", action="store_true", help="materialize every asset, even those up to date")
+    up.add_argument("--region", default="", help="only this region's partition (deployments with regions)")
     up.set_defaults(fn=_up)
     sub.add_parser("plugins", help="list installed plugins and the components they provide").set_defaults(fn=_plugins)
     stop = sub.add_parser("stop", help="stop the served endpoint (every region's, unless --region)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .config import Deployment
-from .errors import AiplaneError, ConfigError
+from .errors import AiplaneError, ConfigError, PlacementError
 from .placement import Requirements, place
 from .plugins import DEPLOYMENT_KINDS, Registry
 from .storage import is_local
@@ -103,6 +103,8 @@ def region_plan(deployment: Deployment, registry: Registry) -> dict[str, dict[st
     A problem is a line starting ``no target:``; the region's partition fails with
     it, and the other regions go on. No residency: a region's rows are those its
     residency allows, so a target in the region is all a partition asks for.
+    Components are created as :func:`preflight` checks them: run it first (a bad
+    setting raises here).
     """
     engines = registry.components("engine")
     plan: dict[str, dict[str, str]] = {}
@@ -110,14 +112,14 @@ def region_plan(deployment: Deployment, registry: Registry) -> dict[str, dict[st
         plan[region] = {}
         for key, workload in _WORKLOADS.items():
             spec = deployment.spec(key, region)
+            component = registry.create(DEPLOYMENT_KINDS[key], spec.name, spec.settings)
+            req = Requirements(
+                workload=workload, gpus=spec.gpus, sla=spec.sla, engines=type(component).engines,
+                target=spec.target, region=region,
+            )  # fmt: skip
             try:
-                component = registry.create(DEPLOYMENT_KINDS[key], spec.name, spec.settings)
-                req = Requirements(
-                    workload=workload, gpus=spec.gpus, sla=spec.sla, engines=type(component).engines,
-                    target=spec.target, region=region,
-                )  # fmt: skip
                 plan[region][key] = place(req, deployment.targets, deployment.residency, engines).target
-            except AiplaneError as exc:
+            except PlacementError as exc:
                 plan[region][key] = f"no target: {exc}"
     return plan
 

@@ -347,11 +347,24 @@ def test_new_us_rows_make_only_the_us_adapter_stale_for_automation_and_for_up(tw
     assert why == {"eu": None, "us": "features has a new data version", "ap": None}
 
 
+def _cli(twin, *args: str) -> subprocess.CompletedProcess:
+    cmd = [*twin["cmd"][:-1], *args]  # the twin's `aiplane --deployment ...`, without `up`
+    return subprocess.run(cmd, env=twin["env"], cwd=twin["home"], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.e2e
+def test_up_with_region_runs_that_regions_partition_only(twin):
+    # After the test above, us has new rows: `up --region eu` leaves them for us's own run.
+    eu = _cli(twin, "up", "--region", "eu")
+    assert eu.returncode == 0, eu.stderr[-3000:]
+    assert [line for line in eu.stdout.splitlines() if line.startswith("Region ")] == ["Region eu"]
+    assert eu.stdout.count("up to date (inputs and settings unchanged)") == 3 and "region sa" not in eu.stderr
+
+
 @pytest.mark.e2e
 def test_rollback_and_stop_act_on_one_region_named_with_region(twin):
     def cli(*args: str) -> subprocess.CompletedProcess:
-        cmd = [*twin["cmd"][:-1], *args]
-        return subprocess.run(cmd, env=twin["env"], cwd=twin["home"], capture_output=True, text=True, timeout=300)
+        return _cli(twin, *args)
 
     unnamed = cli("rollback")
     assert unnamed.returncode == 1 and "serves one endpoint per region: say which with --region (eu, sa, us, ap)" in unnamed.stderr
