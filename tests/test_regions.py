@@ -215,7 +215,8 @@ def test_a_region_without_a_target_fails_its_own_partition_before_training(tmp_p
 
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory, example_cloud):
-    """`aiplane up` of the local twin of hybrid.yaml, tiny training: three regions, three engines."""
+    """`aiplane up` of the local twin of hybrid.yaml, tiny training: three regions on three engines, and a fourth
+    region with no target."""
     home = tmp_path_factory.mktemp("twin")
     raw = _raw("hybrid-local")
     raw["trainer"]["settings"].update(TINY_TRAINING)
