@@ -51,6 +51,13 @@ def _must(cond: bool, message: str) -> None:
         raise PydanticCustomError("invalid_setting", message)
 
 
+def _positive(cls, v: float, info) -> float:
+    """A field validator (``field_validator(name, ...)(_positive)``): the setting must be > 0. Each class binds it
+    under its own attribute name, so a settings class inheriting two of them keeps both."""
+    _must(v > 0, f"{info.field_name} must be > 0 (got {v})")
+    return v
+
+
 class LoraParams(BaseModel):
     """The LoRA adapter's shape: what ``lora`` trains, and a ``distill`` student with ``student: lora``."""
 
@@ -64,17 +71,7 @@ class LoraParams(BaseModel):
     target_modules: list[str]
     """Module name suffixes to adapt, e.g. ``[q_proj, v_proj]``."""
 
-    @field_validator("r")
-    @classmethod
-    def _rank(cls, v: int) -> int:
-        _must(v > 0, f"r must be > 0 (got {v})")
-        return v
-
-    @field_validator("alpha")
-    @classmethod
-    def _alpha(cls, v: float) -> float:
-        _must(v > 0, f"alpha must be > 0 (got {v})")
-        return v
+    _positive_lora = field_validator("r", "alpha")(_positive)
 
     @field_validator("dropout")
     @classmethod
@@ -110,17 +107,7 @@ class LoopSettings(BaseModel):
     """More metrics on the eval split's generations, e.g. ``{watsonx_gov: {metrics: [answer_similarity], ...}}``
     (see :mod:`aiplane.plugins.watsonx_gov.evaluate`); none: loss and exact-match accuracy only."""
 
-    @field_validator("max_steps", "batch_size", "log_every", "max_new_tokens")
-    @classmethod
-    def _positive_int(cls, v: int, info) -> int:
-        _must(v > 0, f"{info.field_name} must be > 0 (got {v})")
-        return v
-
-    @field_validator("learning_rate")
-    @classmethod
-    def _positive_float(cls, v: float, info) -> float:
-        _must(v > 0, f"{info.field_name} must be > 0 (got {v})")
-        return v
+    _positive_loop = field_validator("max_steps", "batch_size", "log_every", "max_new_tokens", "learning_rate")(_positive)
 
     @field_validator("seq_len")
     @classmethod
@@ -190,11 +177,7 @@ class DistillSettings(LoopSettings):
         _must(bool(v.strip()), "teacher must name a model: a model directory or builtin:tiny-granite")
         return v.strip()
 
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v: float) -> float:
-        _must(v > 0, f"temperature must be > 0 (got {v})")
-        return v
+    _positive_distill = field_validator("temperature")(_positive)
 
     @field_validator("alpha")
     @classmethod
