@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from aiplane.core.components import FEATURE_COLUMNS
+from aiplane.core.records import FeaturesRecord
 from aiplane.core.workload import Runtime
 
 TESTS = Path(__file__).parent
@@ -125,6 +127,16 @@ def stop_endpoints(home: Path) -> None:
         if info is not None:
             _server.terminate(info)
             _server.forget(directory)
+
+
+def features_record(rows: list[dict[str, str]], **fields) -> FeaturesRecord:
+    """A FeaturesRecord of ``rows`` as the trainer tests hand it to ``train`` (no table behind it); ``fields`` override."""
+    defaults = dict(
+        uri="iceberg://test/aiplane.tickets?snapshot=1", digest="iceberg-snapshot:1", table="aiplane.tickets",
+        snapshot_id=1, row_count=len(rows), columns=FEATURE_COLUMNS,
+        residency=tuple(sorted({r["residency"] for r in rows})),
+    )  # fmt: skip
+    return FeaturesRecord(**{**defaults, **fields})
 
 
 class CheckpointingRuntime(Runtime):

@@ -14,16 +14,16 @@ import yaml
 import aiplane.core
 from aiplane.core.storage import local_path
 from aiplane.core.artifacts import sha256_path
-from aiplane.core.components import FEATURE_COLUMNS
 from aiplane.core.errors import ConfigError, InputError, WorkloadCancelled
 from aiplane.core.factsheet import build_factsheet
 from aiplane.core.plugins import Registry
-from aiplane.core.records import AdapterRecord, BaseModelRecord, EndpointRecord, FeaturesRecord
+from aiplane.core.records import AdapterRecord, BaseModelRecord, EndpointRecord
 from aiplane.core.sample import generate_tickets, to_features
 from aiplane.core.workload import Event, Workload, WorkloadContext, execute
 from aiplane.plugins.peft.base_model import build_tiny_granite, resolve
 from aiplane.plugins.peft.train import train
 from aiplane.plugins.peft.trainer import LoraTrainer
+from conftest import features_record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,19 +56,6 @@ def rows() -> list[dict[str, str]]:
     return to_features(generate_tickets(300))
 
 
-def _features(rows: list[dict[str, str]], **extra) -> FeaturesRecord:
-    return FeaturesRecord(
-        uri="iceberg://test/aiplane.tickets?snapshot=1",
-        digest="iceberg-snapshot:1",
-        table="aiplane.tickets",
-        snapshot_id=1,
-        row_count=len(rows),
-        columns=FEATURE_COLUMNS,
-        residency=tuple(sorted({r["residency"] for r in rows})),
-        **extra,
-    )
-
-
 class _Recorder:
     """A workload context for calling ``train`` directly, keeping every event it emits."""
 
@@ -83,7 +70,7 @@ class _Recorder:
 @pytest.fixture(scope="module")
 def trained(base_model, rows, tmp_path_factory) -> tuple[AdapterRecord, _Recorder, Path]:
     root = tmp_path_factory.mktemp("artifacts")
-    features = _features(rows)
+    features = features_record(rows)
     workload = LoraTrainer(SETTINGS).workload(base_model, features, str(root))
     recorder = _Recorder(workload)
     record = train(base_model, features, rows, SETTINGS, str(root), recorder.ctx)
@@ -183,9 +170,9 @@ def test_unknown_target_module_is_rejected_listing_available_modules(base_model,
     assert "'qkv_proj'" in str(err.value) and "'q_proj'" not in str(err.value)
     assert "Available Linear modules: " + ", ".join(LINEAR) in str(err.value)
     with pytest.raises(ConfigError):
-        trainer.workload(base_model, _features(rows), str(tmp_path / "artifacts"))
+        trainer.workload(base_model, features_record(rows), str(tmp_path / "artifacts"))
     with pytest.raises(ConfigError):
-        train(base_model, _features(rows), rows, settings, str(tmp_path / "artifacts"), _Recorder().ctx)
+        train(base_model, features_record(rows), rows, settings, str(tmp_path / "artifacts"), _Recorder().ctx)
     assert not (tmp_path / "artifacts").exists()
 
 
@@ -229,7 +216,7 @@ def test_preflight_of_a_model_on_disk_needs_neither_torch_nor_transformers(base_
 def test_empty_training_set_is_an_input_error_and_writes_nothing(base_model, rows, tmp_path):
     eval_only = [r for r in rows if r["split"] == "eval"]
     with pytest.raises(InputError, match="empty training set"):
-        train(base_model, _features(eval_only), eval_only, SETTINGS, str(tmp_path / "artifacts"), _Recorder().ctx)
+        train(base_model, features_record(eval_only), eval_only, SETTINGS, str(tmp_path / "artifacts"), _Recorder().ctx)
     assert not (tmp_path / "artifacts").exists()
 
 
@@ -238,7 +225,7 @@ def test_missing_base_model_directory_is_an_input_error(base_model, rows, tmp_pa
     with pytest.raises(InputError, match="does not exist"):
         LoraTrainer(SETTINGS).validate(gone)
     with pytest.raises(InputError, match="does not exist"):
-        LoraTrainer(SETTINGS).workload(gone, _features(rows), str(tmp_path / "artifacts"))
+        LoraTrainer(SETTINGS).workload(gone, features_record(rows), str(tmp_path / "artifacts"))
     assert not (tmp_path / "artifacts").exists()
 
 
@@ -246,7 +233,7 @@ def test_cancelled_training_stops_and_publishes_nothing(base_model, rows, tmp_pa
     cancel = threading.Event()
     cancel.set()
     with pytest.raises(WorkloadCancelled):
-        train(base_model, _features(rows), rows, SETTINGS, str(tmp_path), _Recorder(cancel=cancel).ctx)
+        train(base_model, features_record(rows), rows, SETTINGS, str(tmp_path), _Recorder(cancel=cancel).ctx)
     assert not (tmp_path / "adapters").exists()
     assert not any((tmp_path / ".staging").glob("*"))
 
@@ -260,7 +247,7 @@ def test_lora_trainer_comes_from_the_plugin_manager_with_the_deployment_settings
 
 
 def test_workload_names_the_training_entrypoint_and_round_trips_as_json(base_model, rows, tmp_path):
-    features = _features(rows)
+    features = features_record(rows)
     workload = LoraTrainer(SETTINGS).workload(base_model, features, str(tmp_path))
     assert (workload.name, workload.entrypoint) == ("train-adapter", "aiplane.plugins.peft.train:run")
     assert workload.inputs == {"base_model": base_model, "features": features}
@@ -300,7 +287,7 @@ def test_adapter_digest_does_not_depend_on_where_the_base_model_sat(base_model, 
         path = shutil.copytree(base_model.uri, tmp_path / home / "models" / "granite")
         base = resolve(str(path), str(tmp_path / home))
         assert base.digest == base_model.digest and base.uri == str(path)
-        adapter = train(base, _features(rows), rows, settings, str(tmp_path / home / "artifacts"), _Recorder().ctx)
+        adapter = train(base, features_record(rows), rows, settings, str(tmp_path / home / "artifacts"), _Recorder().ctx)
         digests.append(adapter.digest)
         configs.append((local_path(adapter.uri) / "adapter_config.json").read_text())
     assert digests[0] == digests[1]
@@ -324,7 +311,7 @@ def test_training_run_digest_covers_rows_base_model_settings_and_code_version_no
     assert record.metrics["aiplane_version"] == aiplane.core.__version__
     digest = _training_run_digest(record)
     fewer = rows[:200]
-    other_rows = train(base_model, _features(fewer), fewer, SETTINGS, str(tmp_path), _Recorder().ctx)
+    other_rows = train(base_model, features_record(fewer), fewer, SETTINGS, str(tmp_path), _Recorder().ctx)
     assert _training_run_digest(other_rows) != digest
 
     other_base = base_model.model_copy(update={"digest": "sha256:" + "0" * 64})

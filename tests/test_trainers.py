@@ -19,7 +19,6 @@ import pytest
 import yaml
 
 from aiplane.core.artifacts import sha256_path
-from aiplane.core.components import FEATURE_COLUMNS
 from aiplane.core.config import load_deployment
 from aiplane.core.errors import ConfigError, InputError
 from aiplane.core.factsheet import build_factsheet
@@ -27,7 +26,7 @@ from aiplane.core.plugins import Registry
 from aiplane.core.records import AdapterRecord, BaseModelRecord, FeaturesRecord
 from aiplane.core.sample import generate_tickets, to_features
 from aiplane.core.storage import local_path
-from conftest import CheckpointingRuntime
+from conftest import CheckpointingRuntime, features_record
 from aiplane.core.workload import Runtime, Workload, WorkloadContext
 from aiplane.plugins.peft.base_model import BUILTIN, build_tiny_granite, resolve
 from aiplane.plugins.peft.train import train
@@ -62,10 +61,7 @@ def rows() -> list[dict[str, str]]:
 
 
 def _features(rows) -> FeaturesRecord:
-    return FeaturesRecord(
-        uri="iceberg://test/aiplane.tickets?snapshot=1", digest="iceberg-snapshot:1", table="aiplane.tickets",
-        snapshot_id=1, row_count=len(rows), columns=FEATURE_COLUMNS, residency=("eu",),
-    )  # fmt: skip
+    return features_record(rows, residency=("eu",))
 
 
 def _ctx(runtime: Runtime | None = None) -> WorkloadContext:

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from aiplane.core.components import FEATURE_COLUMNS
 from aiplane.core.config import GovernanceSettings
 from aiplane.core.errors import ConfigError, WorkloadError
 from aiplane.core.factsheet import build_factsheet
 from aiplane.core.governance import judge
-from aiplane.core.records import BaseModelRecord, FeaturesRecord
+from aiplane.core.records import BaseModelRecord
 from aiplane.core.runtimes import ensure_runtime
 from aiplane.core.sample import generate_tickets, to_features
 from aiplane.core.workload import Event, Workload, WorkloadContext
@@ -41,6 +40,7 @@ from aiplane.plugins.watsonx_gov.evaluate import (
     evaluate_generations,
 )
 from aiplane.plugins.watsonx_gov.facts import custom_facts
+from conftest import features_record
 
 KEY_VAR = "AIPLANE_TEST_WXGOV_APIKEY"
 JUDGE_KEY_VAR = "AIPLANE_TEST_JUDGE_KEY"
@@ -214,20 +214,12 @@ def rows() -> list[dict[str, str]]:
     return to_features(generate_tickets(300))
 
 
-def _features(rows) -> FeaturesRecord:
-    return FeaturesRecord(
-        uri="iceberg://test/aiplane.tickets?snapshot=1", digest="iceberg-snapshot:1", table="aiplane.tickets",
-        snapshot_id=1, row_count=len(rows), columns=FEATURE_COLUMNS,
-        residency=tuple(sorted({r["residency"] for r in rows})),
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def trained(wxgov_runtime, service, base_model, rows, tmp_path_factory):
     root = tmp_path_factory.mktemp("artifacts")
     settings = {**SETTINGS, "evaluation": _evaluation(service)}
     recorder = _Recorder()
-    record = train(base_model, _features(rows), rows, settings, str(root), recorder.ctx)
+    record = train(base_model, features_record(rows), rows, settings, str(root), recorder.ctx)
     return record, recorder
 
 
@@ -323,7 +315,7 @@ def test_a_configured_judge_scores_through_its_openai_compatible_endpoint(wxgov_
 def test_a_missing_api_key_stops_training_before_it_starts(service, base_model, rows, tmp_path, monkeypatch):
     monkeypatch.delenv(KEY_VAR, raising=False)
     with pytest.raises(ConfigError, match=f"export {KEY_VAR}="):
-        train(base_model, _features(rows), rows, {**SETTINGS, "evaluation": _evaluation(service)}, str(tmp_path),
+        train(base_model, features_record(rows), rows, {**SETTINGS, "evaluation": _evaluation(service)}, str(tmp_path),
               _Recorder().ctx)
     assert not any(tmp_path.iterdir())
 
@@ -334,7 +326,7 @@ def test_refused_credentials_fail_the_run_and_publish_nothing(wxgov_runtime, ser
     monkeypatch.setenv(KEY_VAR, wrong)
     recorder = _Recorder()
     with pytest.raises(WorkloadError, match="watsonx.governance did not accept the credentials") as err:
-        train(base_model, _features(rows), rows, {**SETTINGS, "evaluation": _evaluation(service)}, str(tmp_path),
+        train(base_model, features_record(rows), rows, {**SETTINGS, "evaluation": _evaluation(service)}, str(tmp_path),
               recorder.ctx)
     assert wrong not in str(err.value) and KEY_VAR in str(err.value)
     assert not list(tmp_path.glob("adapters/*"))
