@@ -351,7 +351,7 @@ def _execute(job, instance, run_config: dict, selection: list[str], tags: dict, 
 
 def _rollback(args: argparse.Namespace) -> int:
     """Serve an earlier adapter on the endpoint: a materialization of served_endpoint and factsheet like any other."""
-    from .definitions import EndpointConfig, TargetConfig, _adapter_of, build_definitions
+    from .definitions import EndpointConfig, TargetConfig, _adapter_of, build_definitions, configured_name
     from .resource import AiplaneResource
     from .state import PID_TAG, latest_record, pid_tag, records
 
@@ -383,12 +383,10 @@ def _rollback(args: argparse.Namespace) -> int:
         AiplaneResource(deployment=args.deployment, home=str(deployment.home)),
         loggers={"console": _console_logger(_debug(args))},
     )
-    # The endpoint's name as configured: a region's partition adds its region to it.
-    name = current.model_name.removesuffix(f"-{region}") if region else current.model_name
     run_config = {
         "loggers": {"console": {"config": {"log_level": "INFO"}}},
         "ops": {
-            "served_endpoint": {"config": EndpointConfig(name=name, rollback_to=wanted).model_dump()},
+            "served_endpoint": {"config": EndpointConfig(name=configured_name(current.model_name, region), rollback_to=wanted).model_dump()},
             "factsheet": {"config": TargetConfig().model_dump()},
         },
     }

@@ -119,6 +119,11 @@ def endpoint_name(name: str, region: str | None) -> str:
     return name if region is None else f"{name}-{region}"
 
 
+def configured_name(endpoint: str, region: str | None) -> str:
+    """The ``EndpointConfig.name`` that :func:`endpoint_name` made ``endpoint`` of, in ``region``'s partition."""
+    return endpoint if region is None else endpoint.removesuffix(f"-{region}")
+
+
 _CHECKS = [
     dg.AssetCheckSpec("schema", asset="features", blocking=True, description=f"Columns are exactly {', '.join(FEATURE_COLUMNS)}."),
     dg.AssetCheckSpec("not_empty", asset="features", blocking=True, description="Both train and eval splits have rows."),

@@ -11,7 +11,9 @@ import dagster as dg
 import pytest
 import yaml
 
-from aiplane.assets.definitions import TargetConfig, build_assets, build_definitions, region_table
+from aiplane.assets.definitions import (
+    TargetConfig, build_assets, build_definitions, configured_name, endpoint_name, region_table,
+)
 from aiplane.assets.resource import AiplaneResource
 from aiplane.assets.sources import seed_tickets
 from aiplane.assets.state import spec_digest, staleness
@@ -125,6 +127,10 @@ def test_a_deployment_without_regions_keeps_one_unpartitioned_chain(tmp_path):
     assert all(graph.get(k).partitions_def is None for k in graph.get_all_asset_keys())
     assert region_table("support_ticket_features", None) == "support_ticket_features"
     assert region_table("t", "eu-west") == "t_eu_west"
+    # A region's endpoint is named after it, and a rollback finds the configured name back.
+    assert endpoint_name("support-tickets", "eu-west") == "support-tickets-eu-west"
+    assert configured_name(endpoint_name("support-tickets", "eu-west"), "eu-west") == "support-tickets"
+    assert configured_name("support-tickets", None) == endpoint_name("support-tickets", None) == "support-tickets"
 
 
 # --- before anything runs ---------------------------------------------------------------------------
