@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import math
 import os
 import secrets
@@ -209,6 +210,45 @@ class _Recorder:
         return [e.message for e in self.events if e.type == "log" and e.message.startswith(prefix)]
 
 
+@contextlib.contextmanager
+def _kill_rank1_once_a_checkpoint_is_registered(storage: Path, recorder: "_Recorder"):
+    """SIGKILL rank 1 as soon as Ray Train's controller has registered a checkpoint; yields the killed pids.
+
+    The signal is the controller's own snapshot under ``storage`` naming a latest checkpoint,
+    not the "checkpoint at step" log line: that line reaches the test a drain and a log tail
+    later, by when a loaded machine may have finished training (nothing left to resume), and
+    a checkpoint is reported before the controller registers it (a kill in between restarts
+    from scratch). Either made this test flaky; the snapshot closes both windows.
+    """
+    killed: list[int] = []
+    done = threading.Event()
+
+    def registered() -> bool:
+        for path in storage.rglob("checkpoint_manager_snapshot.json"):
+            try:
+                if json.loads(path.read_text()).get("latest_checkpoint_result"):
+                    return True
+            except (OSError, ValueError):  # being written
+                continue
+        return False
+
+    def watch() -> None:
+        while not done.wait(0.02):
+            pid = recorder.pids.get(1)
+            if pid and registered():
+                killed.append(pid)
+                os.kill(pid, signal.SIGKILL)
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield killed
+    finally:
+        done.set()
+        watcher.join(timeout=5)
+
+
 def test_a_cluster_without_token_auth_runs_a_job_with_no_token_configured_or_on_disk(inputs, tmp_path, monkeypatch):
     """A fresh machine: an empty home, so ``ray start`` runs with auth off and ~/.ray/auth_token does not exist."""
     import requests
@@ -280,16 +320,9 @@ def test_two_workers_take_the_same_steps_as_one_process(two_workers, inputs, tmp
 
 def test_killed_worker_is_replaced_and_training_resumes_from_its_checkpoint(head, inputs, two_workers, tmp_path):
     recorder = _Recorder()
-    killed: list[int] = []
-
-    def on_event(event: Event) -> None:
-        recorder(event)
-        if event.message.startswith("checkpoint at step") and not killed:
-            killed.append(recorder.pids[1])
-            os.kill(recorder.pids[1], signal.SIGKILL)
-
     storage = tmp_path / "storage"
-    result = _engine(head, storage_path=str(storage)).run(_workload(inputs, tmp_path / "artifacts"), TARGET, on_event)
+    with _kill_rank1_once_a_checkpoint_is_registered(storage, recorder) as killed:
+        result = _engine(head, storage_path=str(storage)).run(_workload(inputs, tmp_path / "artifacts"), TARGET, recorder)
     adapter = result.outputs["adapter"]
     resumed = recorder.logs("resumed from checkpoint at step ")
     assert killed and len(resumed) == 1
@@ -316,19 +349,14 @@ def test_sft_and_distill_resume_from_their_checkpoint_when_a_worker_is_killed(tr
         teacher = train(base, features, rows, {**SETTINGS, "max_steps": 20}, str(tmp_path / "teacher"), ctx)
         lora = {k: SETTINGS[k] for k in ("r", "alpha", "target_modules")}
         settings.update(teacher=base.uri, teacher_adapter=teacher.uri, lora=lora)
-    recorder, killed = _Recorder(), []
-
-    def on_event(event: Event) -> None:
-        recorder(event)
-        if event.message.startswith("checkpoint at step") and not killed:
-            killed.append(recorder.pids[1])
-            os.kill(recorder.pids[1], signal.SIGKILL)
+    recorder, storage = _Recorder(), tmp_path / "storage"
 
     def workload(root: Path) -> Workload:
         return Registry().create("trainer", trainer, settings).workload(base, features, str(root))
 
     whole = _engine(head).run(workload(tmp_path / "whole"), TARGET, _Recorder()).outputs["adapter"]
-    result = _engine(head, storage_path=str(tmp_path / "storage")).run(workload(tmp_path / "artifacts"), TARGET, on_event)
+    with _kill_rank1_once_a_checkpoint_is_registered(storage, recorder) as killed:
+        result = _engine(head, storage_path=str(storage)).run(workload(tmp_path / "artifacts"), TARGET, recorder)
     record = result.outputs["adapter"]
     resumed = recorder.logs("resumed from checkpoint at step ")
     assert killed and len(resumed) == 1 and result.engine["attempts"] == 2
