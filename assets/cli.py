@@ -184,8 +184,8 @@ def _recover(instance, deployment, registry: Registry) -> None:
 
     from .state import fail_orphaned_runs
 
-    def on_step_orphaned(step: str, run_id: str, error: Exception) -> None:
-        notify_error(registry.pm, step, run_id, error, deployment)
+    def on_step_orphaned(step: str, run_id: str, error: Exception, region: str | None) -> None:
+        notify_error(registry.pm, step, run_id, error, deployment, region)
 
     for run_id in fail_orphaned_runs(instance, on_step_orphaned):
         print(f"Marked run {run_id} failed: the process running it died before it finished.", file=sys.stderr)

@@ -38,7 +38,7 @@ from aiplane.core.records import (
 
 from .resource import AiplaneResource
 from .sources import load_tickets
-from .state import ORPHAN_NOTIFIED_TAG, RecordIOManager, latest_record, records, spec_digest, unfinished_steps
+from .state import ORPHAN_NOTIFIED_TAG, RecordIOManager, latest_record, records, spec_digest, step_region, unfinished_steps
 
 __all__ = ["defs", "ASSETS", "build_assets", "build_definitions", "features_refresh_schedule", "on_upstream_data_change", "region_table"]
 
@@ -155,7 +155,7 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, aiplane:
     store = aiplane.component("feature_store", region)
     table = region_table(config.table, region)
     source = Path(config.source) if config.source else d.home / "sources" / "tickets.jsonl"
-    with materialization(aiplane.registry.pm, "features", context.run.run_id, [], d) as m:
+    with materialization(aiplane.registry.pm, "features", context.run.run_id, [], d, region) as m:
         tickets = load_tickets(source, seed_if_missing=not config.source, log=context.log.info)
         every = to_features(tickets, config.eval_fraction)
         # A region's table holds only the rows it may process; a tag the policy lacks goes nowhere
@@ -320,7 +320,7 @@ def adapter_weights(
     d = aiplane.config
     region = _region(context)
     inputs = [base_model, features]
-    with materialization(aiplane.registry.pm, "adapter_weights", context.run.run_id, inputs, d) as m:
+    with materialization(aiplane.registry.pm, "adapter_weights", context.run.run_id, inputs, d, region) as m:
         trainer, decision = aiplane.placed("trainer", "train-adapter", features.residency, config.target, region)
         trainer.validate(base_model)
         result = aiplane.run(context, trainer.workload(base_model, features, d.artifact_root(decision.region)), decision)
@@ -375,7 +375,7 @@ def served_endpoint(
     adapter, rollback = adapter_weights, None
     if config.rollback_to:
         adapter, rollback = _rollback(context.instance, config.rollback_to, region)
-    with materialization(aiplane.registry.pm, "served_endpoint", context.run.run_id, [adapter], d) as m:
+    with materialization(aiplane.registry.pm, "served_endpoint", context.run.run_id, [adapter], d, region) as m:
         # Judged again here, whatever launched this step: a run of this asset alone, from the UI or
         # a later `aiplane up`, must not promote an adapter the blocking check failed.
         verdict = judge(d.governance, build_factsheet(adapter))
@@ -405,7 +405,7 @@ def factsheet(
 ) -> dg.Output[FactsheetRecord]:
     d = aiplane.config
     region = _region(context)
-    with materialization(aiplane.registry.pm, "factsheet", context.run.run_id, [served_endpoint], d) as m:
+    with materialization(aiplane.registry.pm, "factsheet", context.run.run_id, [served_endpoint], d, region) as m:
         # The factsheet describes a model trained on these rows: their residency holds for it too.
         publisher, decision = aiplane.placed("factsheet", "publish-factsheet", _residency(served_endpoint), config.target, region)
         document = build_factsheet(
@@ -523,7 +523,8 @@ def orphaned_steps_sensor(context: dg.RunFailureSensorContext, aiplane: AiplaneR
         return  # `aiplane up` found it orphaned and told the observers already
     for step in unfinished_steps(context.instance, context.dagster_run.run_id):
         error = RuntimeError(f"step {step} of run {context.dagster_run.run_id} never finished: {context.failure_event.message}")
-        notify_error(aiplane.registry.pm, step, context.dagster_run.run_id, error, aiplane.config)
+        region = step_region(context.dagster_run, step)
+        notify_error(aiplane.registry.pm, step, context.dagster_run.run_id, error, aiplane.config, region)
 
 
 def deployment_regions(resource: AiplaneResource) -> tuple[str, ...]:

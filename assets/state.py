@@ -29,6 +29,7 @@ __all__ = [
     "staleness",
     "fail_orphaned_runs",
     "unfinished_steps",
+    "step_region",
     "PID_TAG",
     "ORPHAN_NOTIFIED_TAG",
     "pid_tag",
@@ -187,7 +188,7 @@ def fail_orphaned_runs(instance: dg.DagsterInstance, on_step_orphaned) -> list[s
     A run executed in process dies with its process (``kill -9``, a power cut)
     and stays STARTED forever; nothing else will ever end it. For each step that
     started and neither succeeded nor failed, ``on_step_orphaned(step_key, run_id,
-    error)`` is called, so lineage observers can emit the FAIL that was never sent.
+    error, region)`` is called, so lineage observers can emit the FAIL that was never sent.
     Returns the ids of the runs marked failed. Runs launched by ``dagster dev`` are
     left to the daemon's run monitoring.
     """
@@ -201,11 +202,16 @@ def fail_orphaned_runs(instance: dg.DagsterInstance, on_step_orphaned) -> list[s
             f"run {run.run_id} was orphaned: the process executing it (pid {tag.partition(':')[0]}) died before it finished"
         )
         for step in unfinished_steps(instance, run.run_id):
-            on_step_orphaned(step, run.run_id, error)
+            on_step_orphaned(step, run.run_id, error, step_region(run, step))
         instance.add_run_tags(run.run_id, {ORPHAN_NOTIFIED_TAG: "true"})
         instance.report_run_failed(run, message=str(error))
         failed.append(run.run_id)
     return failed
+
+
+def step_region(run: dg.DagsterRun, step: str) -> str | None:
+    """The region a step of ``run`` materialized: the run's partition for a partitioned asset, else ``None``."""
+    return run.tags.get("dagster/partition") if step in PARTITIONED else None
 
 
 def unfinished_steps(instance: dg.DagsterInstance, run_id: str) -> list[str]:

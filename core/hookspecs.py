@@ -131,19 +131,24 @@ def aiplane_base_model_weights(uri: str, home: str, s3: S3Settings | None) -> di
 
 
 @hookspec
-def aiplane_before_materialize(asset: str, run_id: str, inputs: list[Record], deployment: Deployment) -> None:
+def aiplane_before_materialize(
+    asset: str, run_id: str, inputs: list[Record], deployment: Deployment, region: str | None
+) -> None:
     """Called before an asset is computed.
 
     ``asset`` is the asset name (``adapter_weights``), ``run_id`` identifies
     this materialization (the Dagster run id under Dagster), ``inputs`` are the
     upstream records it reads and ``deployment`` the deployment in use
     (observers read their settings from ``deployment.observers[<plugin>]``).
+    ``region`` is the partition materialized, for a deployment with ``regions``;
+    ``None`` for an unpartitioned asset. An implementation may leave out any
+    argument it does not use.
     """
 
 
 @hookspec
 def aiplane_after_materialize(
-    asset: str, run_id: str, inputs: list[Record], output: Record, deployment: Deployment
+    asset: str, run_id: str, inputs: list[Record], output: Record, deployment: Deployment, region: str | None
 ) -> None:
     """Called after an asset was computed; ``output`` is the record it produced.
 
@@ -153,7 +158,7 @@ def aiplane_after_materialize(
 
 @hookspec
 def aiplane_on_materialize_error(
-    asset: str, run_id: str, inputs: list[Record], error: BaseException, deployment: Deployment
+    asset: str, run_id: str, inputs: list[Record], error: BaseException, deployment: Deployment, region: str | None
 ) -> None:
     """Called when computing an asset raised; ``error`` is the exception.
 

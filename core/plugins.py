@@ -376,15 +376,17 @@ def _notify(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
 
 
 @contextlib.contextmanager
-def materialization(pm: pluggy.PluginManager, asset: str, run_id: str, inputs: list, deployment) -> Iterator[dict]:
-    """Wrap computing one asset in the lifecycle hooks.
+def materialization(
+    pm: pluggy.PluginManager, asset: str, run_id: str, inputs: list, deployment, region: str | None = None
+) -> Iterator[dict]:
+    """Wrap computing one asset (its partition ``region``, if partitioned) in the lifecycle hooks.
 
     Yields a dict; put the produced record under ``"output"`` before leaving
     the block so the after-hook sees it. Observers that raise are logged and
     skipped: watching a materialization must never change its outcome.
     """
     holder: dict[str, Any] = {}
-    common = dict(asset=asset, run_id=run_id, inputs=inputs, deployment=deployment)
+    common = dict(asset=asset, run_id=run_id, inputs=inputs, deployment=deployment, region=region)
     _notify(pm, "aiplane_before_materialize", **common)
     try:
         yield holder
@@ -396,10 +398,15 @@ def materialization(pm: pluggy.PluginManager, asset: str, run_id: str, inputs: l
     _notify(pm, "aiplane_after_materialize", **common, output=holder["output"])
 
 
-def notify_error(pm: pluggy.PluginManager, asset: str, run_id: str, error: BaseException, deployment) -> None:
+def notify_error(
+    pm: pluggy.PluginManager, asset: str, run_id: str, error: BaseException, deployment, region: str | None = None
+) -> None:
     """Tell the observers that computing ``asset`` in ``run_id`` failed, outside a :func:`materialization` block.
 
     For failures found after the fact: a run whose process died never reached its
     on-error hooks. Observers are isolated exactly as in :func:`materialization`.
     """
-    _notify(pm, "aiplane_on_materialize_error", asset=asset, run_id=run_id, inputs=[], deployment=deployment, error=error)
+    _notify(
+        pm, "aiplane_on_materialize_error",
+        asset=asset, run_id=run_id, inputs=[], deployment=deployment, error=error, region=region,
+    )

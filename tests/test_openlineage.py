@@ -118,7 +118,25 @@ def test_failing_materialization_writes_start_then_fail_and_the_error_propagates
     assert fail["outputs"] == []
 
 
-def test_run_ids_are_deterministic_per_run_and_asset():
+def test_a_regions_partition_is_a_job_of_its_own_and_its_run_facet_names_the_region(pm, deployment, records, tmp_path):
+    inputs = [records["base"], records["features"]]
+    with materialization(pm, "adapter_weights", "dagster-run-3", inputs, deployment, region="eu") as holder:
+        holder["output"] = records["adapter"]
+    with materialization(pm, "adapter_weights", "dagster-run-3", inputs, deployment) as holder:
+        holder["output"] = records["adapter"]
+
+    events = _events(tmp_path / "lineage" / "events.jsonl")
+    assert [(e["eventType"], e["job"]["name"]) for e in events] == [
+        ("START", "adapter_weights.eu"), ("COMPLETE", "adapter_weights.eu"),
+        ("START", "adapter_weights"), ("COMPLETE", "adapter_weights"),
+    ]
+    regional, unpartitioned = events[1]["run"], events[3]["run"]
+    assert regional["facets"]["aiplane_run"]["region"] == "eu"
+    assert "region" not in unpartitioned["facets"]["aiplane_run"]
+    assert regional["runId"] == events[0]["run"]["runId"] != unpartitioned["runId"]
+
+
+def test_run_ids_are_deterministic_per_run_and_job():
     assert run_uuid("run-a", "features") == run_uuid("run-a", "features")
     assert len({run_uuid("run-a", "features"), run_uuid("run-a", "adapter_weights"), run_uuid("run-b", "features")}) == 3
 

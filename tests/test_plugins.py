@@ -375,6 +375,6 @@ def test_trace_switch_logs_every_observer_call(tmp_path, clean_plugin_env):
     )
     env = {**os.environ, "AIPLANE_TRACE_HOOKS": "1", "AIPLANE_LOAD_PLUGINS": "openlineage"}
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stderr
-    assert "hook aiplane_before_materialize(asset, run_id, inputs, deployment) -> openlineage" in err
-    assert "hook aiplane_after_materialize(asset, run_id, inputs, deployment, output) -> openlineage" in err
+    assert "hook aiplane_before_materialize(asset, run_id, inputs, deployment, region) -> openlineage" in err
+    assert "hook aiplane_after_materialize(asset, run_id, inputs, deployment, region, output) -> openlineage" in err
     assert "hook aiplane_after_materialize returned" in err

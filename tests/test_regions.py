@@ -275,6 +275,29 @@ def test_the_factsheets_show_three_regions_three_targets_and_three_reasons(twin)
 
 
 @pytest.mark.e2e
+def test_each_regions_lineage_is_a_graph_of_its_own_jobs_and_its_own_datasets(twin):
+    home = twin["home"]
+    events = [json.loads(line) for line in (home / "lineage" / "events.jsonl").read_text().splitlines()]
+    completed = {e["job"]["name"]: e for e in events if e["eventType"] == "COMPLETE"}
+    base = completed["base_model"]["outputs"][0]["name"]
+    for region in REGIONS:
+        jobs = [f"{asset}.{region}" for asset in ("features", "adapter_weights", "served_endpoint", "factsheet")]
+        assert set(jobs) <= set(completed), sorted(completed)
+        for job in jobs:
+            run = completed[job]["run"]["facets"]["aiplane_run"]
+            assert run["region"] == region and job.startswith(run["asset"] + ".")
+            # Every dataset but the shared base model is the region's: its table, its root, its endpoint name.
+            names = [d["name"] for d in completed[job]["inputs"] + completed[job]["outputs"] if d["name"] != base]
+            assert names and all(
+                n.endswith(f"_{region}") or f"/regions/{region}/" in n or n == f"support-tickets-{region}" for n in names
+            ), (job, names)
+    # The region without a target ended its training job with a FAIL, under its own name.
+    failed = [e for e in events if e["eventType"] == "FAIL"]
+    assert [e["job"]["name"] for e in failed] == ["adapter_weights.sa"]
+    assert failed[0]["run"]["facets"]["aiplane_run"]["region"] == "sa"
+
+
+@pytest.mark.e2e
 def test_each_regions_adapter_and_factsheet_are_under_its_own_storage_location(twin):
     home = twin["home"]
     for region in REGIONS:

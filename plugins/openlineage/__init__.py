@@ -3,6 +3,8 @@
 Each asset materialization becomes an OpenLineage run of the job named after the
 asset: START before it is computed, COMPLETE (with the output dataset) or FAIL
 (with the error) after. Input and output datasets are derived from the records.
+A region's partition is a job of its own, ``<asset>.<region>`` (``adapter_weights.eu``),
+so each region's lineage is a graph of its own; the run facet names the region too.
 
 Settings (``observers.openlineage`` in a deployment)::
 
@@ -46,22 +48,24 @@ def _emit(state: str, **kwargs: Any) -> None:
 
 
 @hookimpl
-def aiplane_before_materialize(asset: str, run_id: str, inputs: list[Record], deployment: Deployment) -> None:
+def aiplane_before_materialize(
+    asset: str, run_id: str, inputs: list[Record], deployment: Deployment, region: str | None
+) -> None:
     """Emit START for ``asset``."""
-    _emit("START", asset=asset, run_id=run_id, inputs=inputs, deployment=deployment)
+    _emit("START", asset=asset, run_id=run_id, inputs=inputs, deployment=deployment, region=region)
 
 
 @hookimpl
 def aiplane_after_materialize(
-    asset: str, run_id: str, inputs: list[Record], output: Record, deployment: Deployment
+    asset: str, run_id: str, inputs: list[Record], output: Record, deployment: Deployment, region: str | None
 ) -> None:
     """Emit COMPLETE for ``asset``, with ``output`` as its output dataset."""
-    _emit("COMPLETE", asset=asset, run_id=run_id, inputs=inputs, deployment=deployment, output=output)
+    _emit("COMPLETE", asset=asset, run_id=run_id, inputs=inputs, deployment=deployment, region=region, output=output)
 
 
 @hookimpl
 def aiplane_on_materialize_error(
-    asset: str, run_id: str, inputs: list[Record], error: BaseException, deployment: Deployment
+    asset: str, run_id: str, inputs: list[Record], error: BaseException, deployment: Deployment, region: str | None
 ) -> None:
     """Emit FAIL for ``asset``, with the error message and stack trace."""
-    _emit("FAIL", asset=asset, run_id=run_id, inputs=inputs, deployment=deployment, error=error)
+    _emit("FAIL", asset=asset, run_id=run_id, inputs=inputs, deployment=deployment, region=region, error=error)

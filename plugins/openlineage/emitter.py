@@ -26,7 +26,7 @@ from aiplane.core.config import Deployment, SecretRef
 from aiplane.core.errors import ConfigError, validation_problems
 from aiplane.core.records import Record
 
-from .naming import dataset_name, run_uuid
+from .naming import dataset_name, job_name, run_uuid
 
 __all__ = ["emit_safely", "build_event", "ObserverSettings", "HttpSettings", "PRODUCER"]
 
@@ -82,8 +82,10 @@ class AiplaneRunFacet(RunFacet):
     runId: str  # noqa: N815 (OpenLineage facets are camelCase)
     asset: str
     deployment: str
+    region: str | None = None
+    """The region partition materialized; absent for an unpartitioned asset."""
 
-    _additional_skip_redact: ClassVar[list[str]] = ["runId", "asset", "deployment"]
+    _additional_skip_redact: ClassVar[list[str]] = ["runId", "asset", "deployment", "region"]
 
     @staticmethod
     def _get_schema() -> str:
@@ -97,6 +99,7 @@ def emit_safely(
     run_id: str,
     inputs: Sequence[Record],
     deployment: Deployment,
+    region: str | None = None,
     output: Record | None = None,
     error: BaseException | None = None,
 ) -> None:
@@ -105,7 +108,7 @@ def emit_safely(
         settings = _settings(deployment)
         event = build_event(
             state, asset=asset, run_id=run_id, inputs=inputs, namespace=settings.namespace,
-            deployment=deployment.name, output=output, error=error,
+            deployment=deployment.name, region=region, output=output, error=error,
         )
         transport = _transport(settings, deployment)
         try:
@@ -127,12 +130,15 @@ def build_event(
     inputs: Sequence[Record],
     namespace: str,
     deployment: str,
+    region: str | None = None,
     output: Record | None = None,
     error: BaseException | None = None,
 ) -> RunEvent:
     """The OpenLineage ``RunEvent`` of one materialization state change (START, COMPLETE or FAIL)."""
     run_facets: dict[str, RunFacet] = {
-        "aiplane_run": AiplaneRunFacet(runId=run_id, asset=asset, deployment=deployment, producer=PRODUCER)
+        "aiplane_run": AiplaneRunFacet(
+            runId=run_id, asset=asset, deployment=deployment, region=region, producer=PRODUCER
+        )
     }
     if error is not None:
         run_facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
@@ -144,10 +150,10 @@ def build_event(
     return RunEvent(
         eventType=RunState[state],
         eventTime=datetime.now(timezone.utc).isoformat(),
-        run=Run(runId=run_uuid(run_id, asset), facets=run_facets),
+        run=Run(runId=run_uuid(run_id, job_name(asset, region)), facets=run_facets),
         job=Job(
             namespace=namespace,
-            name=asset,
+            name=job_name(asset, region),
             facets={
                 "jobType": job_type_job.JobTypeJobFacet(
                     processingType="BATCH", integration="AIPLANE", jobType="ASSET", producer=PRODUCER

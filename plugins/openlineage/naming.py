@@ -15,19 +15,28 @@ from urllib.parse import urlsplit
 
 from aiplane.core.records import EndpointRecord, FeaturesRecord, Record
 
-__all__ = ["run_uuid", "dataset_name"]
+__all__ = ["run_uuid", "job_name", "dataset_name"]
 
 _RUN_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/aiplane/aiplane/openlineage/run")
 _DEFAULT_PORTS = {"http": 80, "https": 443, "grpc": 80, "grpcs": 443}
 
 
-def run_uuid(run_id: str, asset: str) -> str:
-    """The OpenLineage run id (a UUID, as the spec requires) of materializing ``asset`` in run ``run_id``.
+def job_name(asset: str, region: str | None = None) -> str:
+    """The OpenLineage job of materializing ``asset``; a region's partition is a job of its own (``features.eu``).
+
+    Jobs, not only a run facet, because lineage servers draw their graphs by job:
+    one job for all regions would join every region's datasets into one graph.
+    """
+    return asset if region is None else f"{asset}.{region}"
+
+
+def run_uuid(run_id: str, job: str) -> str:
+    """The OpenLineage run id (a UUID, as the spec requires) of job ``job`` (see :func:`job_name`) in run ``run_id``.
 
     Deterministic, so the START and the COMPLETE/FAIL events of one
     materialization carry the same id even when emitted by different processes.
     """
-    return str(uuid.uuid5(_RUN_NAMESPACE, json.dumps([run_id, asset])))
+    return str(uuid.uuid5(_RUN_NAMESPACE, json.dumps([run_id, job])))
 
 
 def dataset_name(record: Record) -> tuple[str, str]:
