@@ -204,10 +204,11 @@ def _up(args: argparse.Namespace) -> int:
 
     deployment = load_deployment(args.deployment or None)
     registry = Registry()
+    regions = _up_regions(deployment, args)
     # The environment is final before anything starts with it (a prestarted worker must match the run's).
     _dagster_home(deployment.home)
     # Training's process and imports get ready while the deployment is checked and the sources refreshed.
-    prestart_training(deployment, registry, args.train_target, next(iter(deployment.regions), None))
+    prestart_training(deployment, registry, args.train_target, regions[0])
     raise_for_problems(deployment, preflight(deployment, registry, _pins(args)))
     instance = _instance(deployment.home, deployment.dagster.postgres)
     _recover(instance, deployment, registry)
@@ -228,10 +229,6 @@ def _up(args: argparse.Namespace) -> int:
         "ops": {name: {"config": config} for name, config in configs.items()},
     }
     tags = {PID_TAG: pid_tag()}
-    regions: list[str | None] = list(deployment.regions) or [None]
-    if args.region:
-        _check_region(deployment, args.region)
-        regions = [args.region]
 
     def chain(region: str | None, sources: list[str]) -> tuple[dict[str, str], list[str]]:
         """Materialize ``sources``, then what is missing or stale downstream, of one region's partition
@@ -514,6 +511,37 @@ def _stop(args: argparse.Namespace) -> int:
         else:
             print(f"{where}Stopped {record.model_name} at {record.url}")
     return 0
+
+
+def _up_regions(deployment, args: argparse.Namespace) -> list[str | None]:
+    """The partitions ``aiplane up`` runs: every region, or ``--region``'s, or the pinned target's; ``[None]`` unpartitioned.
+
+    A training target is in one region, and a partition trains only in its own: a
+    pin therefore names its region, and pinning every region to it would fail all
+    the others at placement.
+    """
+    if not deployment.regions:
+        if args.region:
+            _check_region(deployment, args.region)
+        return [None]
+    if args.region:
+        _check_region(deployment, args.region)
+    if not args.train_target:
+        return [args.region] if args.region else list(deployment.regions)
+    pinned = deployment.target(args.train_target).region
+    if args.region and pinned != args.region:
+        raise AiplaneError(
+            f"--train-target {args.train_target} is in region {pinned!r}, and region {args.region!r}'s partition "
+            f"trains only on targets in {args.region!r}: pin one of those, or leave out --region."
+        )
+    if pinned not in deployment.regions:
+        raise AiplaneError(
+            f"--train-target {args.train_target} is in region {pinned!r}, which is not one of the deployment's "
+            f"regions ({', '.join(deployment.regions)}): pin a target in one of them."
+        )
+    if not args.region:
+        print(f"--train-target {args.train_target} is in region {pinned}: only region {pinned}'s partition runs.")
+    return [pinned]
 
 
 def _check_region(deployment, region: str) -> None:

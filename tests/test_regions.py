@@ -216,6 +216,43 @@ def test_a_region_without_a_target_fails_its_own_partition_before_training(tmp_p
     assert features.partition == "us" and set(features.materialization.metadata["residency"].value.split(", ")) == {"ap", "us"}
 
 
+@pytest.mark.parametrize(
+    ("region", "pin", "runs"),
+    [("", "", ["eu", "us", "ap"]), ("us", "", ["us"]), ("", "us-ray", ["us"]), ("ap", "ap-gpu", ["ap"])],
+)
+def test_up_runs_every_region_or_the_one_named_or_the_pinned_targets(region, pin, runs, tmp_path, capsys):
+    import argparse
+
+    from aiplane.assets.cli import _up_regions
+
+    deployment = load_deployment(str(_write(_raw("hybrid-local"), tmp_path)), home=tmp_path)
+    assert _up_regions(deployment, argparse.Namespace(region=region, train_target=pin)) == runs
+    said = capsys.readouterr().out
+    assert (f"--train-target {pin} is in region {runs[0]}: only region {runs[0]}'s partition runs." in said) == (
+        bool(pin) and not region
+    )
+
+
+def test_a_pin_to_a_target_outside_the_region_or_the_regions_is_refused_before_anything_runs(tmp_path):
+    import argparse
+
+    from aiplane.assets.cli import _up_regions
+    from aiplane.core.errors import AiplaneError
+
+    raw = _raw("hybrid-local")
+    raw["targets"].append({"name": "sa-gpu", "engine": "local", "region": "sa"})
+    deployment = load_deployment(str(_write(raw, tmp_path)), home=tmp_path)
+    with pytest.raises(AiplaneError, match=r"--train-target eu-kfp is in region 'eu', and region 'us''s partition "
+                                           r"trains only on targets in 'us': pin one of those, or leave out --region"):
+        _up_regions(deployment, argparse.Namespace(region="us", train_target="eu-kfp"))
+    with pytest.raises(AiplaneError, match=r"sa-gpu is in region 'sa', which is not one of the deployment's regions "
+                                           r"\(eu, us, ap\)"):
+        _up_regions(deployment, argparse.Namespace(region="", train_target="sa-gpu"))
+    # Unpartitioned, a pin is the whole run's, as before.
+    local = load_deployment("local", home=tmp_path)
+    assert _up_regions(local, argparse.Namespace(region="", train_target="local")) == [None]
+
+
 # --- the local twin, end to end -----------------------------------------------------------------------
 
 
@@ -389,6 +426,10 @@ def test_up_with_region_runs_that_regions_partition_only(twin):
     assert eu.returncode == 0, eu.stderr[-3000:]
     assert [line for line in eu.stdout.splitlines() if line.startswith("Region ")] == ["Region eu"]
     assert eu.stdout.count("up to date (inputs and settings unchanged)") == 3 and "region sa" not in eu.stderr
+    # A pin outside the region named is refused before anything runs.
+    crossed = _cli(twin, "up", "--region", "us", "--train-target", "eu-kfp")
+    assert crossed.returncode == 1 and "--train-target eu-kfp is in region 'eu'" in crossed.stderr
+    assert "Traceback" not in crossed.stderr and "Region " not in crossed.stdout
 
 
 @pytest.mark.e2e
