@@ -520,12 +520,10 @@ def _up_regions(deployment, args: argparse.Namespace) -> list[str | None]:
     pin therefore names its region, and pinning every region to it would fail all
     the others at placement.
     """
-    if not deployment.regions:
-        if args.region:
-            _check_region(deployment, args.region)
-        return [None]
     if args.region:
         _check_region(deployment, args.region)
+    if not deployment.regions:
+        return [None]
     if not args.train_target:
         return [args.region] if args.region else list(deployment.regions)
     pinned = deployment.target(args.train_target).region
