@@ -319,7 +319,8 @@ def _report(instance, deployment, status: dict[str, str], run_ids: list[str], re
     print(f"              {sheet.page_uri}")
     print("Lineage:")
     # The factsheet may be in object storage; its JSON says the chain.
-    for step in json.loads(Storage(deployment.storage.s3).read_bytes(sheet.uri))["lineage"]:
+    storage = Storage(deployment.storage.s3, deployment.storage.routes())
+    for step in json.loads(storage.read_bytes(sheet.uri))["lineage"]:
         print(f"  {step['kind']:16} {step['digest']:80} {step['uri']}")
     print(f"  {'factsheet':16} {sheet.digest:80} {sheet.uri}")
 

@@ -90,6 +90,8 @@ class AiplaneResource(dg.ConfigurableResource):
             update={
                 "resources": resources,
                 "s3": workload.s3 or self.config.storage.s3,
+                # A region with a store of its own: what is under its root is reached with its settings.
+                "s3_routes": workload.s3_routes or self.config.storage.routes(decision.region),
                 "cache_dir": workload.cache_dir or str(self.config.cache_dir()),
             }
         )

@@ -147,18 +147,58 @@ class S3Settings(_Strict):
         return props
 
 
+class RegionStorage(_Strict):
+    """One region's storage location, and how to reach it when that is not ``storage.s3``."""
+
+    root: str
+    """``s3://bucket/prefix`` or a local path."""
+    s3: S3Settings | None = None
+    """The region's own S3-compatible store (another cloud's, with its own keys); unset: ``storage.s3``."""
+
+
 class StorageSettings(_Strict):
     """Where artifacts (adapters, checkpoints, factsheets, pipeline results) are stored, by URI."""
 
     root: str = ""
     """``s3://bucket/prefix`` or a local path; empty: ``<home>/artifacts``."""
-    regions: dict[str, str] = Field(default_factory=dict)
-    """Region -> root for workloads placed there. When given, every target's region needs one:
-    what a workload placed in ``eu`` writes goes under ``eu``'s root, and nowhere else."""
+    regions: dict[str, RegionStorage] = Field(default_factory=dict)
+    """Region -> location for workloads placed there: a root, or ``{root, s3}`` for a region whose
+    store is reached with settings of its own. When given, every target's region needs one: what a
+    workload placed in ``eu`` writes goes under ``eu``'s root, and nowhere else."""
     s3: S3Settings | None = None
-    """How to reach the S3-compatible store the ``s3://`` roots are in."""
+    """How to reach the S3-compatible store the ``s3://`` roots are in (a region's own ``s3`` aside)."""
     cache: str = ""
     """Local directory where objects fetched from storage are kept, by digest; empty: ``<home>/cache``."""
+
+    @field_validator("regions", mode="before")
+    @classmethod
+    def _roots(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {r: {"root": v} if isinstance(v, str) else v for r, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _one_checksum_policy(self) -> "StorageSettings":
+        # The AWS SDKs read it from the process environment (see S3Settings.checksums): one per process.
+        policies = {s.checksums for s in (self.s3, *self.routes().values()) if s is not None}
+        if len(policies) > 1:
+            raise ValueError(
+                f"s3.checksums differs between storage.s3 and storage.regions ({', '.join(sorted(policies))}); "
+                "the S3 clients of one process share it, so give every store the same"
+            )
+        return self
+
+    def routes(self, region: str | None = None) -> dict[str, S3Settings]:
+        """Root -> settings of the regions reached otherwise than with :attr:`s3` (only ``region``'s, if given).
+
+        What a workload placed in ``region`` gets: its own store, and :attr:`s3` for
+        the rest (a base model in the deployment's bucket), not the other regions' keys.
+        """
+        return {
+            where.root: where.s3
+            for r, where in self.regions.items()
+            if where.s3 is not None and (region is None or r == region)
+        }
 
 
 class DagsterPostgres(_Strict):
@@ -397,7 +437,7 @@ class Deployment(_Strict):
                     f"storage.regions has no location for region {region!r} (it has: {', '.join(sorted(regions))}); "
                     "add one, so what is made there has a place in that region."
                 )
-            return normalize_uri(regions[region])
+            return normalize_uri(regions[region].root)
         return normalize_uri(self.storage.root or self.home / "artifacts")
 
     def cache_dir(self) -> Path:

@@ -130,7 +130,7 @@ def _storage_problems(deployment: Deployment) -> list[str]:
 
     problems = []
     storage = deployment.storage
-    for where, uri in [("storage.root", storage.root), *((f"storage.regions.{r}", u) for r, u in storage.regions.items())]:
+    for where, uri in [("storage.root", storage.root), *((f"storage.regions.{r}", u.root) for r, u in storage.regions.items())]:
         if not uri:
             continue
         try:
@@ -162,7 +162,7 @@ def location_problems(deployment: Deployment, component, region: str, where: str
     regions = deployment.storage.regions
     if not regions or region not in regions:
         return []  # no per-region storage; or a region without a location, which _storage_problems reports
-    root = regions[region]
+    root = regions[region].root
     problems = []
     for key, uri in component.locations().items():
         if not uri:

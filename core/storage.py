@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -73,11 +73,22 @@ def local_path(uri: str) -> Path:
 
 
 class Storage:
-    """A filesystem for URIs of one scheme; one instance opens its client once."""
+    """A filesystem for URIs of one scheme; one instance opens each client once.
 
-    def __init__(self, s3: S3Settings | None = None):
+    ``routes`` maps roots to the S3 settings that reach them (a region's own store,
+    in another cloud); every other ``s3://`` URI is reached with ``s3``.
+    """
+
+    def __init__(self, s3: S3Settings | None = None, routes: Mapping[str, S3Settings] | None = None):
         self.s3 = s3
-        self._s3fs: pyarrow.fs.FileSystem | None = None
+        # The most specific root first: a route under another route wins for what it holds.
+        self.routes = sorted(((normalize_uri(r), s) for r, s in (routes or {}).items()), key=lambda rs: -len(rs[0]))
+        self._s3fs: dict[int, pyarrow.fs.FileSystem] = {}
+
+    def settings_for(self, uri: str) -> S3Settings | None:
+        """The S3 settings that reach ``uri``: its route's, else :attr:`s3`."""
+        uri = normalize_uri(uri)
+        return next((s for root, s in self.routes if within(uri, root)), self.s3)
 
     def filesystem(self, uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
         """The filesystem that holds ``uri`` and the path within it."""
@@ -86,9 +97,10 @@ class Storage:
         uri = normalize_uri(uri)
         if uri.startswith("file://"):
             return fs.LocalFileSystem(), str(local_path(uri))
-        if self._s3fs is None:
-            self._s3fs = fs.S3FileSystem(**(self.s3 or S3Settings()).pyarrow_kwargs())
-        return self._s3fs, uri.removeprefix("s3://")
+        settings = self.settings_for(uri)
+        if id(settings) not in self._s3fs:
+            self._s3fs[id(settings)] = fs.S3FileSystem(**(settings or S3Settings()).pyarrow_kwargs())
+        return self._s3fs[id(settings)], uri.removeprefix("s3://")
 
     def exists(self, uri: str) -> bool:
         from pyarrow import fs
@@ -214,7 +226,7 @@ class Storage:
         try:
             return fn()
         except OSError as exc:
-            raise InputError(f"Storage {uri!r}: {_explain(exc, self.s3)}") from None
+            raise InputError(f"Storage {uri!r}: {_explain(exc, self.settings_for(uri))}") from None
 
 
 def _explain(exc: OSError, s3: S3Settings | None) -> str:

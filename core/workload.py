@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import errors as _errors
 from .errors import WorkloadCancelled, WorkloadError
-from .config import S3Settings
+from .config import S3Settings, SecretRef
 from .records import AnyRecord, Record
 
 if TYPE_CHECKING:
@@ -82,8 +82,22 @@ class Workload(BaseModel):
     run_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
     s3: S3Settings | None = None
     """How the workload reaches object storage (secrets by reference); the orchestrator sets it from the deployment."""
+    s3_routes: dict[str, S3Settings] = Field(default_factory=dict)
+    """Roots reached with other settings than :attr:`s3`: the store of the region the workload is placed in,
+    when that region has its own (``storage.regions.<region>.s3``)."""
     cache_dir: str | None = None
     """Where the workload keeps objects fetched from storage; default ``$TMPDIR/aiplane-cache``."""
+
+    def storage(self) -> "Storage":
+        """The workload's way to storage by URI, each ``s3://`` root reached with its own settings."""
+        from .storage import Storage
+
+        return Storage(self.s3, self.s3_routes)
+
+    def secret_refs(self) -> list[SecretRef]:
+        """Every credential reference its storage settings name: what must reach wherever it runs."""
+        stores = [s for s in (self.s3, *self.s3_routes.values()) if s is not None]
+        return list(dict.fromkeys(r for s in stores for r in (s.access_key_id, s.secret_access_key) if r))
 
 
 class WorkloadResult(BaseModel):
@@ -215,10 +229,8 @@ class WorkloadContext:
     @property
     def storage(self) -> "Storage":
         """The workload's way to storage by URI (``file://``, ``s3://``), opened on first use."""
-        from .storage import Storage
-
         if self._storage is None:
-            self._storage = Storage(self.workload.s3)
+            self._storage = self.workload.storage()
         return self._storage
 
     def artifacts(self, root: str) -> "ArtifactStore":

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["S3Server", "s3_server"]
+__all__ = ["S3Server", "s3_server", "dead_endpoint"]
 
 _running = 0
 _running_lock = threading.Lock()
@@ -135,3 +135,12 @@ def s3_server() -> Iterator[S3Server]:
                     pass
         finally:
             server.stop()
+
+
+def dead_endpoint() -> str:
+    """An S3 endpoint URL nothing listens on: a client sent there fails at once (connection refused)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"

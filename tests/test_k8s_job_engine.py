@@ -227,8 +227,11 @@ def test_a_missing_secret_fails_fast_with_the_kubelet_s_message(cluster, tmp_pat
     _nothing_left(cluster)
 
 
-def test_results_travel_through_object_storage_with_credentials_from_a_secret(cluster, tmp_path):
-    from _s3 import s3_server
+@pytest.mark.parametrize("routed", [False, True], ids=["storage-s3", "region-store"])
+def test_results_travel_through_object_storage_with_credentials_from_a_secret(routed, cluster, tmp_path):
+    """Through the deployment's store, or through the store of the region the workload is placed in
+    (a route: its own endpoint and Secret, with the default store unreachable)."""
+    from _s3 import dead_endpoint, s3_server
 
     with s3_server() as s3:
         bucket = s3.create_bucket()
@@ -246,8 +249,9 @@ def test_results_travel_through_object_storage_with_credentials_from_a_secret(cl
         os.environ.update({storage.access_key_id.env_var: s3.access_key_id,
                            storage.secret_access_key.env_var: s3.secret_access_key})
         try:
+            where = {"s3": S3Settings(endpoint=dead_endpoint()), "s3_routes": {f"s3://{bucket}/runs": storage}}
             result = _engine(cluster, tmp_path, results_dir=f"s3://{bucket}/runs").run(
-                _echo("via-s3").model_copy(update={"s3": storage}), CPU, lambda e: None
+                _echo("via-s3").model_copy(update=where if routed else {"s3": storage}), CPU, lambda e: None
             )
         finally:
             for var in (storage.access_key_id.env_var, storage.secret_access_key.env_var):

@@ -450,8 +450,13 @@ def test_dspa_with_a_misspelled_field_or_wrong_type_is_rejected(path, value, mes
     assert any(message in e for e in errors), errors
 
 
-def test_remote_results_travel_through_object_storage_and_pods_get_credentials_from_secrets(fake, tmp_path, monkeypatch):
-    from _s3 import s3_server
+@pytest.mark.parametrize("routed", [False, True], ids=["storage-s3", "region-store"])
+def test_remote_results_travel_through_object_storage_and_pods_get_credentials_from_secrets(
+    routed, fake, tmp_path, monkeypatch
+):
+    """Through the deployment's store, or through the store of the region the workload is placed in
+    (a route: its own endpoint and Secret, with the default store unreachable)."""
+    from _s3 import dead_endpoint, s3_server
 
     with s3_server() as s3:
         bucket = s3.create_bucket()
@@ -463,7 +468,8 @@ def test_remote_results_travel_through_object_storage_and_pods_get_credentials_f
             access_key_id=SecretRef(secret="aiplane-s3", key="access_key"),
             secret_access_key=SecretRef(secret="aiplane-s3", key="secret_key"),
         )
-        workload = _echo("via-s3").model_copy(update={"s3": storage})
+        where = {"s3": S3Settings(endpoint=dead_endpoint()), "s3_routes": {f"s3://{bucket}/runs": storage}}
+        workload = _echo("via-s3").model_copy(update=where if routed else {"s3": storage})
         result = _remote(fake.url, tmp_path, results_dir=f"s3://{bucket}/runs").run(workload, REMOTE, lambda e: None)
         assert result.outputs["out"].uri == "/tmp/via-s3"
         keys = [o["Key"] for o in s3.boto3_client().list_objects_v2(Bucket=bucket).get("Contents", [])]

@@ -176,6 +176,11 @@ def test_the_hybrid_deployment_checks_offline_and_places_each_region_on_its_own_
     # Online, the base model in the bucket is read, and its keys are needed: said, not attempted.
     online = _check(REPO / "deployments" / "hybrid.yaml", example_cloud)
     assert online.returncode == 1 and "base_model.uri: Secret SecretRef(secret='aiplane-s3', key='access_key_id') is not set" in online.stderr
+    # The US bucket is in the US cloud's own store: its keys go to US workloads, and to no other region's.
+    hybrid = load_deployment(REPO / "deployments" / "hybrid.yaml", home=tmp_path)
+    (us_store,) = hybrid.storage.routes("us").values()
+    assert us_store.endpoint == "https://s3.us-east-1.amazonaws.com" and us_store.access_key_id.secret == "aiplane-s3-us"
+    assert hybrid.storage.routes("eu") == hybrid.storage.routes("ap") == {}
 
 
 def test_the_local_twin_has_the_hybrid_deployments_regions_residency_and_targets():
@@ -251,6 +256,45 @@ def test_a_pin_to_a_target_outside_the_region_or_the_regions_is_refused_before_a
     # Unpartitioned, a pin is the whole run's, as before.
     local = load_deployment("local", home=tmp_path)
     assert _up_regions(local, argparse.Namespace(region="", train_target="local")) == [None]
+
+
+def test_a_region_with_a_store_of_its_own_trains_into_it_reached_with_its_own_settings(tmp_path, monkeypatch):
+    """US in another cloud: its bucket on a store of its own, with its own keys; the deployment's
+    ``storage.s3`` (the EU store, here an endpoint nothing listens on) is never needed for it."""
+    from _s3 import dead_endpoint, s3_server
+
+    from aiplane.core.config import S3Settings
+    from aiplane.core.storage import ArtifactStore
+
+    with s3_server() as s3:
+        bucket = s3.create_bucket()
+        monkeypatch.setenv("US_S3_KEY", s3.access_key_id)
+        monkeypatch.setenv("US_S3_SECRET", s3.secret_access_key)
+        us_s3 = {"endpoint": s3.endpoint_url, "region": s3.region,
+                 "access_key_id": {"env": "US_S3_KEY"}, "secret_access_key": {"env": "US_S3_SECRET"}}  # fmt: skip
+        raw = _raw()
+        raw["targets"] = [raw["targets"][0], {"name": "us-local", "engine": "local", "region": "us"}]
+        raw["trainer"]["settings"].update(TINY_TRAINING)
+        raw["regions"] = {
+            "eu": {"feature_store": {"settings": {"warehouse": "{home}/regions/eu/iceberg"}},
+                   "factsheet": {"settings": {"directory": "{home}/regions/eu/factsheets"}}},
+            "us": {"feature_store": {"settings": {"warehouse": f"s3://{bucket}/us/iceberg", "s3": us_s3}},
+                   "factsheet": {"settings": {"directory": f"s3://{bucket}/us/factsheets"}}},
+        }  # fmt: skip
+        raw["storage"] = {
+            "s3": {"endpoint": dead_endpoint()},
+            "regions": {"eu": "{home}/regions/eu", "us": {"root": f"s3://{bucket}/us", "s3": us_s3}},
+        }
+        resource = AiplaneResource(deployment=str(_write(raw, tmp_path)), home=str(tmp_path))
+        seed_tickets(tmp_path / "sources" / "tickets.jsonl", n=120)
+        result = dg.materialize(
+            build_assets(("eu", "us")), selection=["base_model", "features", "adapter_weights"], partition_key="us",
+            instance=dg.DagsterInstance.ephemeral(), resources={"aiplane": resource},
+        )  # fmt: skip
+        adapter = result.output_for_node("adapter_weights")
+        assert adapter.uri.startswith(f"s3://{bucket}/us/adapters/")
+        assert ArtifactStore(f"s3://{bucket}/us", s3=S3Settings.model_validate(us_s3)).complete(adapter.uri)
+        assert not (tmp_path / "regions" / "eu").exists() and not (tmp_path / "artifacts").exists()
 
 
 # --- the local twin, end to end -----------------------------------------------------------------------

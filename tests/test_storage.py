@@ -173,6 +173,58 @@ def test_a_workload_placed_in_a_region_writes_under_that_regions_location_only(t
         d.artifact_root("ap")
 
 
+def test_a_region_may_have_a_store_of_its_own_and_only_its_workloads_get_its_settings(tmp_path):
+    us_store = {"endpoint": "https://s3.us-east-1.amazonaws.com", "path_style": False,
+                "access_key_id": {"secret": "aws-us", "key": "id"}, "secret_access_key": {"secret": "aws-us", "key": "secret"}}
+    d = _deployment_with_storage(tmp_path, {
+        "s3": {"endpoint": "https://s3.eu-de.cloud-object-storage.appdomain.cloud"},
+        "regions": {"eu": "s3://eu-bucket/aiplane", "us": {"root": "s3://us-bucket/aiplane", "s3": us_store}},
+    })  # fmt: skip
+    assert d.artifact_root("eu") == "s3://eu-bucket/aiplane" and d.artifact_root("us") == "s3://us-bucket/aiplane"
+    us = S3Settings.model_validate(us_store)
+    assert d.storage.routes("us") == {"s3://us-bucket/aiplane": us} == d.storage.routes()
+    assert d.storage.routes("eu") == {}  # an EU workload is not handed the US store's keys, not even by name
+
+
+def test_every_store_of_a_deployment_shares_one_checksum_policy(tmp_path):
+    with pytest.raises(ConfigError, match=r"s3.checksums differs between storage.s3 and storage.regions "
+                                          r"\(when_required, when_supported\)"):
+        _deployment_with_storage(tmp_path, {
+            "s3": {"endpoint": "http://127.0.0.1:9000"},
+            "regions": {"us": {"root": "s3://us/x", "s3": {"endpoint": "http://127.0.0.1:9001", "checksums": "when_supported"}}},
+        })  # fmt: skip
+
+
+def test_a_uri_under_a_routed_root_is_reached_with_its_settings_and_the_rest_with_the_default(s3, s3_env, tmp_path):
+    bucket = s3.create_bucket()
+    from _s3 import dead_endpoint
+
+    default = S3Settings(endpoint=dead_endpoint())
+    storage = Storage(default, {f"s3://{bucket}/us": s3_env})
+    storage.write_bytes(f"s3://{bucket}/us/a/b.json", b"{}")
+    assert storage.read_bytes(f"s3://{bucket}/us/a/b.json") == b"{}"
+    assert storage.settings_for(f"s3://{bucket}/us/a") is s3_env
+    assert storage.settings_for(f"s3://{bucket}/usa/a") is default  # beside the root, not under it
+    with pytest.raises(InputError, match="Could not connect"):
+        storage.read_bytes(f"s3://{bucket}/eu/a/b.json")
+    # A content-addressed store over it publishes under the route, and its readers find it there.
+    store = ArtifactStore(f"s3://{bucket}/us/artifacts", storage=storage)
+    uri, _ = store.publish(_adapter(tmp_path), "adapters")
+    assert store.complete(uri) and storage.settings_for(uri) is s3_env
+
+
+def test_a_workload_names_every_credential_its_storage_reads_once(s3_env):
+    from aiplane.core.workload import Workload
+
+    us = S3Settings(access_key_id=SecretRef(secret="aws-us", key="id"), secret_access_key=SecretRef(secret="aws-us", key="secret"))
+    workload = Workload(name="w", entrypoint="m:f", s3=s3_env, s3_routes={"s3://us/x": us, "s3://us/y": us})
+    assert workload.secret_refs() == [
+        SecretRef(env="TEST_S3_KEY"), SecretRef(env="TEST_S3_SECRET"),
+        SecretRef(secret="aws-us", key="id"), SecretRef(secret="aws-us", key="secret"),
+    ]  # fmt: skip
+    assert Workload.model_validate_json(workload.model_dump_json()).storage().settings_for("s3://us/x/z") == us
+
+
 def test_the_preflight_finds_target_regions_without_storage_and_bad_schemes(tmp_path):
     from aiplane.core.plugins import Registry
     from aiplane.core.preflight import preflight

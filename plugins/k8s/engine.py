@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from aiplane.core.components import Engine
 from aiplane.core.config import Target
 from aiplane.core.errors import AiplaneError, ConfigError, WorkloadCancelled, WorkloadError
-from aiplane.core.storage import Storage, normalize_uri
+from aiplane.core.storage import normalize_uri
 from aiplane.core.workload import Event, Workload, WorkloadResult, parse_event, parse_result
 
 from .manifest import CONTAINER, describe, job_manifest, job_name
@@ -123,7 +123,7 @@ class K8sJobEngine(Engine):
         # Through dagster-k8s's model conversion: a misspelled field fails here, before anything is sent.
         body = k8s_model_from_dict(client.V1Job, k8s_snake_case_dict(client.V1Job, manifest))
         kube = self._kube()
-        storage = Storage(workload.s3)
+        storage = workload.storage()
         started = time.monotonic()
         kube.create_namespaced_job_with_retries(body, s.namespace, wait_time_between_attempts=1.0)
         # From here on the Job exists: whatever happens, it is deleted before this call returns.

@@ -39,7 +39,7 @@ def _storage_secret_env(workload: Workload) -> list[dict[str, Any]]:
     A reference to this process's environment (``{env: VAR}``) would be unset in the
     pod, and copying its value into the manifest would put a secret in the Job: refused.
     """
-    refs = [r for r in (workload.s3.access_key_id, workload.s3.secret_access_key) if r] if workload.s3 else []
+    refs = workload.secret_refs()
     local = [repr(r) for r in refs if r.env]
     if local:
         raise ConfigError(

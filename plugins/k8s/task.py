@@ -29,7 +29,7 @@ _TERMINATION_LIMIT = 4096  # what the kubelet keeps of a termination message
 
 def main() -> int:
     from aiplane.core import worker
-    from aiplane.core.storage import Storage, is_local, local_path
+    from aiplane.core.storage import is_local, local_path
     from aiplane.core.workload import Workload
 
     try:
@@ -51,7 +51,7 @@ def main() -> int:
     try:
         if is_local(result_uri):
             local_path(result_uri).parent.mkdir(parents=True, exist_ok=True)
-        Storage(workload.s3).write_bytes(result_uri, text.encode())
+        workload.storage().write_bytes(result_uri, text.encode())
     except Exception as exc:  # the engine then reports the termination message instead
         message = f"{message + '; ' if message else ''}cannot write the result to {result_uri}: {type(exc).__name__}: {exc}"
         code = code or 1

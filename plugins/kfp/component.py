@@ -58,8 +58,11 @@ def aiplane_workload(
         from aiplane.core.storage import Storage
 
         # One PUT: the engine sees the whole result or none.
-        s3 = spec.get("s3")
-        Storage(S3Settings.model_validate(s3) if s3 else None).write_bytes(result_path, text.encode())
+        s3, routes = spec.get("s3"), spec.get("s3_routes") or {}
+        storage = Storage(
+            S3Settings.model_validate(s3) if s3 else None, {r: S3Settings.model_validate(v) for r, v in routes.items()}
+        )
+        storage.write_bytes(result_path, text.encode())
         result_path = ""
     targets = [result.path] + ([result_path.removeprefix("file://")] if result_path else [])
     for path in targets:

@@ -109,7 +109,7 @@ class KfpEngine(Engine):
         # Unique per attempt: a retried Dagster step must not read the previous attempt's result.
         # results_dir is object storage (s3://...) or a volume both sides mount; the pod writes
         # there with the workload's own storage settings, and this process reads it back.
-        storage = Storage(workload.s3)
+        storage = workload.storage()
         result = f"{normalize_uri(s.results_dir).rstrip('/')}/kfp-results/{workload.name}-{workload.run_id}-{uuid.uuid4().hex[:8]}.json"
         compiled = self.compile(workload, target, result)  # ConfigError here: nothing sent yet
         started = time.monotonic()

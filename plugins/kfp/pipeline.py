@@ -67,7 +67,7 @@ def _secret_env(workload: Workload) -> dict[str, list[tuple[str, str]]]:
     environment (``{env: VAR}``) would be unset there, so it is refused here,
     before anything is sent.
     """
-    refs = [r for r in (workload.s3.access_key_id, workload.s3.secret_access_key) if r] if workload.s3 else []
+    refs = workload.secret_refs()
     local = [repr(r) for r in refs if r.env]
     if local:
         raise ConfigError(
@@ -177,7 +177,7 @@ def compile_workload(
         workload.entrypoint,
         _json(baked),
         _json(res.model_dump(mode="json")),
-        _json({"s3": workload.s3.model_dump(mode="json") if workload.s3 else None}),
+        _json(workload.model_dump(mode="json", include={"s3", "s3_routes"})),
     )
     with _COMPILE_LOCK, tempfile.TemporaryDirectory(prefix="aiplane-kfp-compile-") as tmp:
         component = dsl.component(aiplane_workload, base_image=image, install_kfp_package=False)

@@ -29,7 +29,6 @@ from collections.abc import Callable
 from typing import Any
 
 from aiplane.core.errors import AiplaneError, WorkloadCancelled, WorkloadError
-from aiplane.core.storage import Storage
 from aiplane.core.workload import Event, Workload, WorkloadResult, format_event
 
 from .monitor import summarize
@@ -166,7 +165,7 @@ def _fit(
     # keys by reference, resolved here on the cluster), not whatever AWS_* the nodes happen to have.
     filesystem = None
     if storage.startswith("s3://"):
-        filesystem, storage = Storage(workload.s3).filesystem(storage)
+        filesystem, storage = workload.storage().filesystem(storage)
     run_name = f"aiplane-{workload.name}-{workload.run_id}-{uuid.uuid4().hex[:6]}"
     resources = spec.get("resources_per_worker") or None
     gpus_per_worker = (resources or {}).get("GPU", 1 if spec["use_gpu"] else 0)
