@@ -160,9 +160,12 @@ def _check(args: argparse.Namespace) -> int:
     unplaceable = 0
     for region, placed in region_plan(deployment, registry).items():
         regional = deployment.in_region(region)
+        stored = deployment.storage.regions.get(region)
         print(f"region {region}: feature store {regional.feature_store.name}; " + "; ".join(
             f"{key} {regional.spec(key).name} on {where}" for key, where in placed.items() if not where.startswith("no target:")
-        ))  # fmt: skip
+        ) + ("" if stored is None else f"; storage {stored.root}" + (
+            f" (a store of its own: {stored.s3.endpoint or 'AWS S3'})" if stored.s3 else ""
+        )))  # fmt: skip
         for key, where in placed.items():
             if where.startswith("no target:"):
                 unplaceable += 1

@@ -173,6 +173,9 @@ def test_the_hybrid_deployment_checks_offline_and_places_each_region_on_its_own_
     assert "region eu: feature store watsonx-data; trainer lora on eu-kfp; serving kserve on eu-control" in out.stdout
     assert "region us: feature store iceberg; trainer lora on us-ray; serving kserve on us-control" in out.stdout
     assert "region ap: feature store iceberg; trainer lora on ap-gpu; serving kserve on ap-control" in out.stdout
+    assert "factsheet local on eu-control; storage s3://aiplane-eu/aiplane\n" in out.stdout
+    assert ("; storage s3://aiplane-us/aiplane (a store of its own: https://s3.us-east-1.amazonaws.com)\n"
+            in out.stdout)  # fmt: skip
     # Online, the base model in the bucket is read, and its keys are needed: said, not attempted.
     online = _check(REPO / "deployments" / "hybrid.yaml", example_cloud)
     assert online.returncode == 1 and "base_model.uri: Secret SecretRef(secret='aiplane-s3', key='access_key_id') is not set" in online.stderr
