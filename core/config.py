@@ -8,6 +8,7 @@ Secrets are never values here: a setting that holds one is written
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from pathlib import Path
@@ -178,13 +179,29 @@ class StorageSettings(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _one_checksum_policy(self) -> "StorageSettings":
+    def _stores(self) -> "StorageSettings":
+        from .storage import within
+
+        def overlap(a: str, b: str) -> bool:
+            try:
+                return within(a, b) or within(b, a)
+            except ConfigError:
+                return False  # a scheme no storage handles: the preflight names it
+
+        for region, where in self.regions.items():
+            if where.s3 is not None and not where.root.lower().startswith("s3://"):
+                raise ValueError(f"regions.{region}: s3 is set, but its root {where.root!r} is not in object storage (s3://...)")
+        # Each region's location is its own: a root holding another would let one region write into the other.
+        for a, b in itertools.combinations(self.regions, 2):
+            ra, rb = self.regions[a].root, self.regions[b].root
+            if overlap(ra, rb):
+                raise ValueError(f"regions: the locations of {a!r} ({ra}) and {b!r} ({rb}) overlap; give each its own")
         # The AWS SDKs read it from the process environment (see S3Settings.checksums): one per process.
         policies = {s.checksums for s in (self.s3, *self.routes().values()) if s is not None}
         if len(policies) > 1:
             raise ValueError(
-                f"s3.checksums differs between storage.s3 and storage.regions ({', '.join(sorted(policies))}); "
-                "the S3 clients of one process share it, so give every store the same"
+                f"the S3 stores' checksums settings differ ({', '.join(sorted(policies))}); "
+                "the S3 clients of one process share one, so give every store the same"
             )
         return self
 

@@ -237,7 +237,8 @@ def _explain(exc: OSError, s3: S3Settings | None) -> str:
         return f"{text.split('. To create buckets', 1)[0]}. Create the bucket, or fix the bucket name in the deployment."
     if "AccessDenied" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
         refs = ", ".join(repr(r) for r in (s3.access_key_id, s3.secret_access_key) if r) if s3 else ""
-        return f"{text}. Check the credentials {refs or 'of storage.s3'} and that they may read and write the bucket."
+        refs = refs or "of storage.s3 (or of the region's own store)"
+        return f"{text}. Check the credentials {refs} and that they may read and write the bucket."
     if "Path does not exist" in text or "not found" in text.lower():
         return f"{text}."
     return text

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from . import errors as _errors
 from .errors import WorkloadCancelled, WorkloadError
@@ -88,6 +88,15 @@ class Workload(BaseModel):
     cache_dir: str | None = None
     """Where the workload keeps objects fetched from storage; default ``$TMPDIR/aiplane-cache``."""
 
+    @model_serializer(mode="wrap")
+    def _without_empty_routes(self, handler: Any) -> dict[str, Any]:
+        # Left out when empty, so a worker on an image of an earlier aiplane (which forbids unknown
+        # fields) still reads the spec of every workload that does not use a region's own store.
+        data = handler(self)
+        if not data.get("s3_routes"):
+            data.pop("s3_routes", None)
+        return data
+
     def storage(self) -> "Storage":
         """The workload's way to storage by URI, each ``s3://`` root reached with its own settings."""
         from .storage import Storage
@@ -95,9 +104,22 @@ class Workload(BaseModel):
         return Storage(self.s3, self.s3_routes)
 
     def secret_refs(self) -> list[SecretRef]:
-        """Every credential reference its storage settings name: what must reach wherever it runs."""
+        """Every credential reference its storage settings name: what must reach wherever it runs.
+
+        Each arrives as the environment variable it names (:attr:`SecretRef.env_var`); two different
+        references naming one variable would hand one store the other's key, so that is refused.
+        """
         stores = [s for s in (self.s3, *self.s3_routes.values()) if s is not None]
-        return list(dict.fromkeys(r for s in stores for r in (s.access_key_id, s.secret_access_key) if r))
+        refs = list(dict.fromkeys(r for s in stores for r in (s.access_key_id, s.secret_access_key) if r))
+        by_var: dict[str, SecretRef] = {}
+        for ref in refs:
+            other = by_var.setdefault(ref.env_var, ref)
+            if other != ref:
+                raise _errors.ConfigError(
+                    f"storage: {other!r} and {ref!r} both arrive as the environment variable {ref.env_var}; "
+                    "rename a Secret or a key so each credential has a variable of its own"
+                )
+        return refs
 
 
 class WorkloadResult(BaseModel):

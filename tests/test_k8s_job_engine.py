@@ -230,16 +230,17 @@ def test_a_missing_secret_fails_fast_with_the_kubelet_s_message(cluster, tmp_pat
 @pytest.mark.parametrize("routed", [False, True], ids=["storage-s3", "region-store"])
 def test_results_travel_through_object_storage_with_credentials_from_a_secret(routed, cluster, tmp_path):
     """Through the deployment's store, or through the store of the region the workload is placed in
-    (a route: its own endpoint and Secret, with the default store unreachable)."""
+    (a route: its own endpoint and Secret, with the default store unreachable and its Secret mounted too)."""
     from _s3 import dead_endpoint, s3_server
 
     with s3_server() as s3:
         bucket = s3.create_bucket()
-        cluster.create({
-            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "object-store", "namespace": NS},
-            "data": {"access_key": base64.b64encode(s3.access_key_id.encode()).decode(),
-                     "secret_key": base64.b64encode(s3.secret_access_key.encode()).decode()},
-        })
+        for secret in ("object-store", "default-store"):
+            cluster.create({
+                "apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret, "namespace": NS},
+                "data": {"access_key": base64.b64encode(s3.access_key_id.encode()).decode(),
+                         "secret_key": base64.b64encode(s3.secret_access_key.encode()).decode()},
+            })
         storage = S3Settings(
             endpoint=s3.endpoint_url,
             access_key_id=SecretRef(secret="object-store", key="access_key"),
@@ -249,7 +250,11 @@ def test_results_travel_through_object_storage_with_credentials_from_a_secret(ro
         os.environ.update({storage.access_key_id.env_var: s3.access_key_id,
                            storage.secret_access_key.env_var: s3.secret_access_key})
         try:
-            where = {"s3": S3Settings(endpoint=dead_endpoint()), "s3_routes": {f"s3://{bucket}/runs": storage}}
+            default = S3Settings(
+                endpoint=dead_endpoint(), access_key_id=SecretRef(secret="default-store", key="access_key"),
+                secret_access_key=SecretRef(secret="default-store", key="secret_key"),
+            )  # fmt: skip
+            where = {"s3": default, "s3_routes": {f"s3://{bucket}/runs": storage}}
             result = _engine(cluster, tmp_path, results_dir=f"s3://{bucket}/runs").run(
                 _echo("via-s3").model_copy(update=where if routed else {"s3": storage}), CPU, lambda e: None
             )
@@ -261,6 +266,9 @@ def test_results_travel_through_object_storage_with_credentials_from_a_secret(ro
         assert [k for k in keys if k.endswith(".json")] == [], "the result is removed once read"
     (create,) = [r for r in cluster.requests if r.method == "POST" and r.path.endswith("/jobs")]
     assert s3.secret_access_key not in str(create.body), "no credential value travels in the Job"
+    (container,) = create.body["spec"]["template"]["spec"]["containers"]
+    mounted = {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
+    assert mounted == ({"object-store", "default-store"} if routed else {"object-store"})
 
 
 def test_the_job_carries_placement_resources_and_secrets_by_reference_and_validates(tmp_path):

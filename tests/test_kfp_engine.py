@@ -468,7 +468,11 @@ def test_remote_results_travel_through_object_storage_and_pods_get_credentials_f
             access_key_id=SecretRef(secret="aiplane-s3", key="access_key"),
             secret_access_key=SecretRef(secret="aiplane-s3", key="secret_key"),
         )
-        where = {"s3": S3Settings(endpoint=dead_endpoint()), "s3_routes": {f"s3://{bucket}/runs": storage}}
+        default = S3Settings(
+            endpoint=dead_endpoint(), access_key_id=SecretRef(secret="default-store", key="access_key"),
+            secret_access_key=SecretRef(secret="default-store", key="secret_key"),
+        )  # fmt: skip
+        where = {"s3": default, "s3_routes": {f"s3://{bucket}/runs": storage}}
         workload = _echo("via-s3").model_copy(update=where if routed else {"s3": storage})
         result = _remote(fake.url, tmp_path, results_dir=f"s3://{bucket}/runs").run(workload, REMOTE, lambda e: None)
         assert result.outputs["out"].uri == "/tmp/via-s3"
@@ -477,16 +481,20 @@ def test_remote_results_travel_through_object_storage_and_pods_get_credentials_f
     (spec,) = fake.specs.values()
     platform = list(yaml.safe_load_all(spec))[-1]["platforms"]["kubernetes"]
     (executor,) = platform["deploymentSpec"]["executors"].values()
-    assert executor["secretAsEnv"] == [
-        {
-            "secretName": "aiplane-s3",
-            "secretNameParameter": {"runtimeValue": {"constant": "aiplane-s3"}},
+    def mount(secret: str) -> dict:
+        prefix = secret.upper().replace("-", "_")
+        return {
+            "secretName": secret,
+            "secretNameParameter": {"runtimeValue": {"constant": secret}},
             "keyToEnv": [
-                {"secretKey": "access_key", "envVar": "AIPLANE_S3_ACCESS_KEY"},
-                {"secretKey": "secret_key", "envVar": "AIPLANE_S3_SECRET_KEY"},
+                {"secretKey": "access_key", "envVar": f"{prefix}_ACCESS_KEY"},
+                {"secretKey": "secret_key", "envVar": f"{prefix}_SECRET_KEY"},
             ],
         }
-    ]
+
+    # Routed, the pod gets both stores' Secrets: the default's (for a base model, say) and the region's.
+    secrets = sorted(executor["secretAsEnv"], key=lambda m: m["secretName"])
+    assert secrets == ([mount("aiplane-s3"), mount("default-store")] if routed else [mount("aiplane-s3")])
     assert s3.secret_access_key not in spec, "no credential value is compiled into the pipeline"
 
 

@@ -317,6 +317,22 @@ def test_adapters_outside_object_storage_are_refused_before_any_request(cluster)
     assert cluster["api"].requests == []
 
 
+def test_a_base_model_and_an_adapter_in_different_stores_are_refused_before_any_request(cluster):
+    from aiplane.core.config import S3Settings
+
+    # The adapter is in the region's own store (a route over its root); the base model in storage.s3's.
+    own = {"s3://aiplane-eu/aiplane": S3Settings(endpoint="https://s3.us-east-1.amazonaws.com")}
+    workload = KServe(_settings(cluster)).workload(_adapter(1), NAME, "/unused").model_copy(
+        update={"s3": S3Settings(endpoint="https://s3.storage.example.com"), "s3_routes": own}
+    )
+    with pytest.raises(ConfigError, match=r"different object stores .* a KServe pod fetches both with its service account"):
+        execute(workload)
+    assert cluster["api"].requests == []
+    # A route that holds both is one store: the rollout goes ahead.
+    together = workload.model_copy(update={"s3_routes": {"s3://aiplane-eu": own["s3://aiplane-eu/aiplane"]}})
+    assert execute(together).outputs["endpoint"].model_name == NAME
+
+
 def test_a_rank_above_the_runtimes_max_is_refused_before_any_request(cluster):
     with pytest.raises(ConfigError, match="rank 32, above the kserve target's max_lora_rank 16"):
         _deploy(cluster, _adapter(1, r=32))

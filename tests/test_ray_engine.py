@@ -218,13 +218,20 @@ def _kill_rank1_once_a_checkpoint_is_registered(storage: Path, recorder: "_Recor
     not the "checkpoint at step" log line: that line reaches the test a drain and a log tail
     later, by when a loaded machine may have finished training (nothing left to resume), and
     a checkpoint is reported before the controller registers it (a kill in between restarts
-    from scratch). Either made this test flaky; the snapshot closes both windows.
+    from scratch). Either made this test flaky. The snapshot closes the second window and
+    shrinks the first to the filesystem's: the pid comes by the event channel, but at the
+    worker's start, long before the first checkpoint.
     """
     killed: list[int] = []
     done = threading.Event()
 
     def registered() -> bool:
-        for path in storage.rglob("checkpoint_manager_snapshot.json"):
+        try:
+            # A directory Ray removes mid-walk (an old checkpoint, the run's at the end) is no answer yet.
+            snapshots = list(storage.rglob("checkpoint_manager_snapshot.json"))
+        except OSError:
+            return False
+        for path in snapshots:
             try:
                 if json.loads(path.read_text()).get("latest_checkpoint_result"):
                     return True
@@ -236,8 +243,11 @@ def _kill_rank1_once_a_checkpoint_is_registered(storage: Path, recorder: "_Recor
         while not done.wait(0.02):
             pid = recorder.pids.get(1)
             if pid and registered():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    return  # rank 1 had ended: nothing killed, and the test says so
                 killed.append(pid)
-                os.kill(pid, signal.SIGKILL)
                 return
 
     watcher = threading.Thread(target=watch, daemon=True)

@@ -186,13 +186,23 @@ def test_a_region_may_have_a_store_of_its_own_and_only_its_workloads_get_its_set
     assert d.storage.routes("eu") == {}  # an EU workload is not handed the US store's keys, not even by name
 
 
-def test_every_store_of_a_deployment_shares_one_checksum_policy(tmp_path):
-    with pytest.raises(ConfigError, match=r"s3.checksums differs between storage.s3 and storage.regions "
-                                          r"\(when_required, when_supported\)"):
-        _deployment_with_storage(tmp_path, {
-            "s3": {"endpoint": "http://127.0.0.1:9000"},
-            "regions": {"us": {"root": "s3://us/x", "s3": {"endpoint": "http://127.0.0.1:9001", "checksums": "when_supported"}}},
-        })  # fmt: skip
+@pytest.mark.parametrize(
+    ("storage", "message"),
+    [
+        ({"s3": {"endpoint": "http://127.0.0.1:9000"},
+          "regions": {"us": {"root": "s3://us/x", "s3": {"endpoint": "http://127.0.0.1:9001", "checksums": "when_supported"}}}},
+         r"the S3 stores' checksums settings differ \(when_required, when_supported\)"),
+        ({"regions": {"eu": "s3://shared/aiplane", "us": {"root": "s3://shared/aiplane/us", "s3": {}}}},
+         r"the locations of 'eu' \(s3://shared/aiplane\) and 'us' \(s3://shared/aiplane/us\) overlap"),
+        ({"regions": {"eu": "/data/eu", "us": "/data/eu"}}, r"the locations of 'eu' .* and 'us' .* overlap"),
+        ({"regions": {"us": {"root": "/data/us", "s3": {"endpoint": "http://127.0.0.1:9001"}}}},
+         r"regions.us: s3 is set, but its root '/data/us' is not in object storage"),
+    ],
+    ids=["two-checksum-policies", "nested-roots", "one-root-twice", "a-store-for-a-local-root"],
+)  # fmt: skip
+def test_the_stores_of_a_deployment_are_refused_when_they_cannot_work_together(storage, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        _deployment_with_storage(tmp_path, storage)
 
 
 def test_a_uri_under_a_routed_root_is_reached_with_its_settings_and_the_rest_with_the_default(s3, s3_env, tmp_path):
@@ -223,6 +233,19 @@ def test_a_workload_names_every_credential_its_storage_reads_once(s3_env):
         SecretRef(secret="aws-us", key="id"), SecretRef(secret="aws-us", key="secret"),
     ]  # fmt: skip
     assert Workload.model_validate_json(workload.model_dump_json()).storage().settings_for("s3://us/x/z") == us
+    # Without routes the spec is what an earlier aiplane's worker reads: no field it would refuse.
+    assert "s3_routes" not in json.loads(Workload(name="w", entrypoint="m:f", s3=s3_env).model_dump_json())
+
+
+def test_two_credentials_arriving_as_one_environment_variable_are_refused():
+    from aiplane.core.workload import Workload
+
+    def store(secret: str, key: str) -> S3Settings:
+        return S3Settings(access_key_id=SecretRef(secret=secret, key=key), secret_access_key=SecretRef(secret=secret, key="k"))
+
+    workload = Workload(name="w", entrypoint="m:f", s3=store("aws", "us-id"), s3_routes={"s3://us/x": store("aws-us", "id")})
+    with pytest.raises(ConfigError, match="both arrive as the environment variable AWS_US_ID"):
+        workload.secret_refs()
 
 
 def test_the_preflight_finds_target_regions_without_storage_and_bad_schemes(tmp_path):

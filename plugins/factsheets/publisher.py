@@ -22,7 +22,8 @@ class _Settings(BaseModel):
 
     directory: str
     """Where factsheet folders and ``latest.json`` are written: a local directory (created if missing)
-    or ``s3://bucket/prefix`` (reached with the deployment's ``storage.s3``)."""
+    or ``s3://bucket/prefix`` (reached with the deployment's storage settings: ``storage.s3``, or the
+    region's own store)."""
 
     @field_validator("directory")
     @classmethod

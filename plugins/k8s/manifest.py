@@ -43,7 +43,7 @@ def _storage_secret_env(workload: Workload) -> list[dict[str, Any]]:
     local = [repr(r) for r in refs if r.env]
     if local:
         raise ConfigError(
-            f"storage.s3: {', '.join(local)} name this process's environment, which a Kubernetes Job's pod does not "
+            f"storage: {', '.join(local)} name this process's environment, which a Kubernetes Job's pod does not "
             "see; reference a Kubernetes Secret in the Job's namespace instead: {secret: NAME, key: KEY}"
         )
     return [

@@ -71,7 +71,7 @@ def _secret_env(workload: Workload) -> dict[str, list[tuple[str, str]]]:
     local = [repr(r) for r in refs if r.env]
     if local:
         raise ConfigError(
-            f"storage.s3: {', '.join(local)} name this process's environment, which a pipeline pod does not see; "
+            f"storage: {', '.join(local)} name this process's environment, which a pipeline pod does not see; "
             "reference a Kubernetes Secret instead: {secret: NAME, key: KEY}"
         )
     mounts: dict[str, list[tuple[str, str]]] = {}

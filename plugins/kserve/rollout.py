@@ -160,6 +160,16 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
                 f"The {what} is at {uri!r}, which a KServe pod cannot read: the kserve target serves from object "
                 "storage. Set the deployment's storage.root (and base_model.uri) to a bucket."
             )
+    # KServe's storage initializer fetches all of an InferenceService's models with one set of keys, its
+    # service account's: a base model in the deployment's store and an adapter in a region's own cannot both load.
+    storage = ctx.workload.storage()
+    stores = {storage.settings_for(uri) for _, uri in stored if uri.startswith("s3://")}
+    if len(stores) > 1:
+        raise ConfigError(
+            f"The base model ({base.uri}) and the adapter ({adapter.uri}) are in different object stores (the "
+            "region's own, storage.regions.<region>.s3, and storage.s3), and a KServe pod fetches both with its "
+            "service account's keys. Put the base model in the region's store, or serve this region with vllm."
+        )
     rank = 0 if full else int(adapter.config.get("r") or 0)
     if rank > settings.max_lora_rank:
         raise ConfigError(
