@@ -52,9 +52,8 @@ from .render import (
 if TYPE_CHECKING:
     from .target import KServe
 
-__all__ = ["run", "Cluster", "PROTOCOLS"]
+__all__ = ["run", "Cluster"]
 
-PROTOCOLS = ("openai-completions", "openai-chat-completions")
 _GROUP = "serving.kserve.io"
 
 
@@ -141,7 +140,7 @@ def api_client(settings: "KServe.Settings") -> Any:
 
 def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     """Roll ``ctx.inputs["adapter"]`` out as endpoint ``ctx.params["endpoint_name"]``; see the module docstring."""
-    from aiplane.plugins.vllm.deploy import base_model_of, endpoint_digest, is_full_model
+    from aiplane.plugins.vllm.deploy import base_model_of, endpoint_record, is_full_model
 
     from .target import KServe
 
@@ -247,19 +246,13 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
         raise
     url = status.get("url") or ""
     return {
-        "endpoint": EndpointRecord(
-            uri=f"kserve://{settings.namespace}/{name}",
-            url=url,
-            digest=endpoint_digest(adapter, base, name, url),
-            model_name=name,
-            protocols=PROTOCOLS,
-            serving="kserve",
+        "endpoint": endpoint_record(
+            adapter, base, name, url, uri=f"kserve://{settings.namespace}/{name}", serving="kserve",
             handle={
                 "namespace": settings.namespace, "inference_service": name, "runtime": runtime_name,
                 "adapter": adapter.digest, "full_model": full, "revision": _predictor(status).get("latestReadyRevision"),
                 "deployment_mode": settings.deployment_mode,
             },  # fmt: skip
-            sources=(adapter,),
         )
     }
 

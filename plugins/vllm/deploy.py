@@ -60,7 +60,7 @@ from aiplane.core.workload import WorkloadContext
 from . import _server as server
 from .runtime import ensure_vllm
 
-__all__ = ["run", "PROTOCOLS", "base_model_of", "is_full_model", "model_dir_of", "endpoint_digest"]
+__all__ = ["run", "PROTOCOLS", "base_model_of", "is_full_model", "model_dir_of", "endpoint_digest", "endpoint_record"]
 
 PROTOCOLS = ("openai-completions", "openai-chat-completions")
 
@@ -115,19 +115,13 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     ctx.metrics["server_startup_s"] = info.get("startup_s", 0.0) if info.get("started_here") else 0.0
     sdir = served["server_dir"]
     return {
-        "endpoint": EndpointRecord(
-            uri=f"{url}/v1/models/{name}",
-            url=url,
-            digest=endpoint_digest(adapter, base, name, url),
-            model_name=name,
-            protocols=PROTOCOLS,
-            serving="vllm",
+        "endpoint": endpoint_record(
+            adapter, base, name, url, uri=f"{url}/v1/models/{name}", serving="vllm",
             handle={
                 "server": sdir.name, "server_dir": str(sdir), "state_dir": str(edir), "pid": info["pid"],
                 "adapter": adapter.digest, "full_model": full, "version": served["version"], "log": info["log"],
                 "rolled_back": served["rolled_back"],
             },  # fmt: skip
-            sources=(adapter,),
         )
     }
 
@@ -407,6 +401,16 @@ def endpoint_digest(adapter: AdapterRecord, base: BaseModelRecord, name: str, ur
         served["full_model"] = True  # the adapter is the model served; the base model is its lineage
     canonical = json.dumps(served, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def endpoint_record(
+    adapter: AdapterRecord, base: BaseModelRecord, name: str, url: str, *, uri: str, serving: str, handle: dict[str, Any]
+) -> EndpointRecord:
+    """The record of endpoint ``name`` at ``url`` serving ``adapter`` through vLLM's OpenAI server (here or on KServe)."""
+    return EndpointRecord(
+        uri=uri, url=url, digest=endpoint_digest(adapter, base, name, url), model_name=name, protocols=PROTOCOLS,
+        serving=serving, handle=handle, sources=(adapter,),
+    )  # fmt: skip
 
 
 def _now() -> str:
