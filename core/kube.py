@@ -1,23 +1,41 @@
-"""Kubernetes vocabulary the plugins that create pods share: quantities, tolerations, GPUs per pod.
+"""What the plugins that run workloads in Kubernetes pods share: settings, the pod's env and resources, the task.
 
-Pure functions and pydantic models, no Kubernetes client: a deployment's settings
-are checked against the API server's grammars when it loads, before any call.
+Quantities, tolerations, GPUs per pod and :class:`PodSettings` are pure functions
+and pydantic models: a deployment's settings are checked against the API server's
+grammars when it loads, before any call. The few helpers that talk to a cluster
+(:func:`default_api_client`, :func:`follow_pod_log`) import ``kubernetes`` when
+called, so importing this module never does. :func:`run_pod_task` is what a
+workload pod's container runs, on any engine that starts one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
-from typing import TYPE_CHECKING, Literal
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .config import Target
-    from .workload import Workload
+    import kubernetes.client
 
-__all__ = ["Toleration", "check_cpu", "check_memory", "cpu_quantity", "memory_quantity", "pod_gpus"]
+    from .config import Target
+    from .workload import Event, Workload, WorkloadResult
+
+__all__ = [
+    "PodSettings", "SecretKey", "Toleration", "check_cpu", "check_dns_label", "check_memory", "cpu_quantity",
+    "default_api_client", "follow_pod_log", "memory_quantity", "pod_env", "pod_gpus", "pod_resources", "pvc_volumes",
+    "read_pod_result", "restricted_security_context", "run_pod_task", "RESULT_ENV", "TERMINATION_ENV", "WORKLOAD_ENV",
+]
 
 # The API server's quantity grammars (what kfp's PipelineTask applies too).
 _CPU = re.compile(r"^([0-9]*[.])?[0-9]+m?$")
@@ -74,3 +92,364 @@ def pod_gpus(workload: "Workload", target: "Target") -> int:
         )
     # A trainer placed on a GPU target by the deployment's `gpus:` gets the target's GPUs.
     return wanted or target.gpus
+
+
+# -- what every engine that runs a workload in a pod shares -------------------------------------
+
+WORKLOAD_ENV = "AIPLANE_WORKLOAD"
+"""The pod's environment variable holding the workload's JSON."""
+RESULT_ENV = "AIPLANE_RESULT"
+"""The pod's environment variable naming where the result goes (object storage, or a shared volume)."""
+TERMINATION_ENV = "AIPLANE_TERMINATION_MESSAGE_PATH"
+"""Where the termination message goes; the pod spec's ``terminationMessagePath`` (default ``/dev/termination-log``)."""
+_TERMINATION_LIMIT = 4096  # what the kubelet keeps of a termination message
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+def check_dns_label(value: str | None, field: str) -> str | None:
+    """``value`` if it is a Kubernetes name (a namespace, a service account); for a settings validator."""
+    if value is not None and (len(value) > 63 or not _DNS_LABEL.match(value)):
+        raise ValueError(
+            f"{field} {value!r} is not a Kubernetes name: lower-case letters, digits and '-', "
+            "starting and ending with a letter or digit, at most 63 characters"
+        )
+    return value
+
+
+class SecretKey(BaseModel):
+    """One key of a Kubernetes Secret in the pod's namespace."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    secret: str
+    key: str
+
+
+class PodSettings(BaseModel):
+    """What an engine that runs each workload in a Kubernetes pod needs to know: image, namespace, resources, secrets.
+
+    The pod's container runs the engine's task module in ``image`` (which must hold
+    the installed aiplane and what the workload imports) and writes the result to
+    ``results_dir``, where this process reads it back. Engines extend it with what
+    is their own (a Job's TTL, a TrainJob's runtime).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image: str
+    """The container image: it must hold the installed ``aiplane`` (with the workload's extras)."""
+    namespace: str = "default"
+    results_dir: str
+    """Where the pod writes each result and this process reads it: object storage (``s3://bucket/prefix``,
+    reached with the deployment's storage settings), or a volume mounted at the same path here and in
+    the pod (``pvc_mounts``)."""
+    service_account: str | None = None
+    """The service account the pod runs as (its Role decides what the workload may touch)."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    image_pull_secrets: tuple[str, ...] = ()
+    python: str = "python"
+    """The interpreter in ``image``."""
+    cpu_request: str | None = None
+    """Defaults to the workload's ``resources.cpus``."""
+    cpu_limit: str | None = None
+    memory_request: str | None = None
+    """Defaults to the workload's ``resources.memory_gb``."""
+    memory_limit: str | None = None
+    """Defaults to ``memory_request``: a pod that outgrows its request is killed, not the node."""
+    accelerator_type: str = "nvidia.com/gpu"
+    """Kubernetes resource name of the GPUs; the count comes from the workload or the target."""
+    gpu_type_label: str = "nvidia.com/gpu.product"
+    """Node label that must equal the workload's (or the target's) ``gpu_type``, when one is given."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: tuple[Toleration, ...] = ()
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Extra labels on the engine's object and its pods."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Plain environment variables for the pod; never secrets (see ``secret_env``)."""
+    secret_env: dict[str, SecretKey] = Field(default_factory=dict)
+    """Environment variables the pod reads from Secrets (``secretKeyRef``), by name:
+    ``{HF_TOKEN: {secret: hf, key: token}}``. Storage credentials given as Secret references
+    are added on their own."""
+    pvc_mounts: dict[str, str] = Field(default_factory=dict)
+    """PersistentVolumeClaims to mount, claim name -> mount path (the volume of the artifact store
+    and of a path ``results_dir``, mounted at the same path as in this process)."""
+    timeout_s: float | None = Field(default=None, gt=0)
+    """``activeDeadlineSeconds``: the cluster stops the workload after this long."""
+    run_as_non_root: bool = True
+    """Refuse to start the container as root, as OpenShift's restricted SCC does; set false for an image
+    that needs root (the other restricted settings stay)."""
+    watch_timeout_s: int = Field(default=2, ge=1)
+    """How long one watch request waits for a change; also how soon a cancel is noticed."""
+    kubeconfig: str | None = None
+    """A kubeconfig file; default: the in-cluster service account, else ``$KUBECONFIG`` / ``~/.kube/config``."""
+    context: str | None = None
+    """The kubeconfig context to use."""
+
+    @field_validator("cpu_request", "cpu_limit")
+    @classmethod
+    def _cpu(cls, v: str | None, info) -> str | None:
+        return check_cpu(v, info.field_name)
+
+    @field_validator("memory_request", "memory_limit")
+    @classmethod
+    def _memory(cls, v: str | None, info) -> str | None:
+        return check_memory(v, info.field_name)
+
+    @field_validator("namespace", "service_account")
+    @classmethod
+    def _dns_label(cls, v: str | None, info) -> str | None:
+        return check_dns_label(v, info.field_name)
+
+    @field_validator("env", "secret_env")
+    @classmethod
+    def _env_names(cls, v: dict, info) -> dict:
+        bad = [name for name in v if not _ENV_NAME.match(name)]
+        if bad:
+            raise ValueError(f"{info.field_name}: {', '.join(map(repr, bad))} are not environment variable names")
+        return v
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str) -> str:
+        if not v.strip() or any(c.isspace() for c in v):
+            raise ValueError(f"image {v!r} is not an image reference; write e.g. 'quay.io/org/aiplane:1.0'")
+        return v
+
+    @field_validator("results_dir")
+    @classmethod
+    def _results_dir(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("results_dir is empty; give object storage (s3://bucket/prefix) or a shared volume path")
+        return v
+
+    @model_validator(mode="after")
+    def _no_secret_in_env(self) -> "PodSettings":
+        clash = sorted(set(self.env) & set(self.secret_env))
+        if clash:
+            raise ValueError(f"{', '.join(clash)} given in both env and secret_env; keep it in secret_env only")
+        return self
+
+
+def pod_env(workload: "Workload", settings: PodSettings, engine: str, result_uri: str) -> list[dict[str, Any]]:
+    """The container's ``env``: the workload, where its result goes, the settings' env, secrets as ``secretKeyRef``.
+
+    Storage credentials arrive each as the variable its SecretRef resolves from. A
+    reference to this process's environment (``{env: VAR}``) would be unset in the
+    pod, and copying its value into the manifest would put a secret in it: refused.
+    """
+    refs = workload.secret_refs()
+    local = [repr(r) for r in refs if r.env]
+    if local:
+        raise ConfigError(
+            f"storage: {', '.join(local)} name this process's environment, which a {engine} pod does not see; "
+            "reference a Kubernetes Secret in the pod's namespace instead: {secret: NAME, key: KEY}"
+        )
+    # The pod has its own cache: the orchestrator's path means nothing there.
+    spec = workload.model_copy(update={"cache_dir": None}).model_dump_json()
+    env: list[dict[str, Any]] = [
+        {"name": WORKLOAD_ENV, "value": spec},
+        {"name": RESULT_ENV, "value": result_uri},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},  # events reach the log as they happen
+        *({"name": k, "value": v} for k, v in sorted(settings.env.items())),
+        *({"name": r.env_var, "valueFrom": {"secretKeyRef": {"name": r.secret, "key": r.key}}} for r in refs),
+        *(
+            {"name": k, "valueFrom": {"secretKeyRef": {"name": ref.secret, "key": ref.key}}}
+            for k, ref in sorted(settings.secret_env.items())
+        ),
+    ]
+    names = [e["name"] for e in env]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{engine}: environment variable(s) {', '.join(twice)} set twice; aiplane sets {WORKLOAD_ENV}, "
+                          f"{RESULT_ENV} and the storage credentials itself")
+    return env
+
+
+def pod_resources(
+    workload: "Workload", target: "Target", settings: PodSettings
+) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """``(requests, limits, node_selector)`` of the workload's container on ``target``: CPU, memory, GPUs and their type."""
+    s = settings
+    gpus = pod_gpus(workload, target)
+    gpu_type = workload.resources.gpu_type or target.gpu_type
+    if workload.resources.gpu_type and target.gpu_type and workload.resources.gpu_type != target.gpu_type:
+        raise ConfigError(
+            f"Workload {workload.name} needs {workload.resources.gpu_type} GPUs but target {target.name!r} "
+            f"has {target.gpu_type}; place it on a target with that gpu_type."
+        )
+    requests: dict[str, str] = {"cpu": s.cpu_request or cpu_quantity(workload.resources.cpus)}
+    memory = s.memory_request or (memory_quantity(workload.resources.memory_gb) if workload.resources.memory_gb else None)
+    if memory:
+        requests["memory"] = memory
+    limits: dict[str, str] = {}
+    if s.cpu_limit:
+        limits["cpu"] = s.cpu_limit
+    if s.memory_limit or memory:
+        limits["memory"] = s.memory_limit or memory  # type: ignore[assignment]
+    node_selector = dict(s.node_selector)
+    if gpus:
+        requests[s.accelerator_type] = limits[s.accelerator_type] = str(gpus)
+        if gpu_type:
+            node_selector[s.gpu_type_label] = gpu_type
+    return requests, limits, dict(sorted(node_selector.items()))
+
+
+def restricted_security_context(settings: PodSettings) -> dict[str, Any]:
+    """What the restricted Pod Security Standard and OpenShift's restricted SCC ask of a container."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": settings.run_as_non_root,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def pvc_volumes(settings: PodSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(volumes, volumeMounts)`` for the settings' ``pvc_mounts``."""
+    named = [(f"pvc-{i}", claim, path) for i, (claim, path) in enumerate(sorted(settings.pvc_mounts.items()))]
+    return (
+        [{"name": v, "persistentVolumeClaim": {"claimName": claim}} for v, claim, _ in named],
+        [{"name": v, "mountPath": path} for v, _, path in named],
+    )
+
+
+def default_api_client(settings: PodSettings, engine: str) -> "kubernetes.client.ApiClient":
+    """The real client: the settings' kubeconfig, else the in-cluster service account, else ``$KUBECONFIG`` / ``~/.kube/config``.
+
+    Imports ``kubernetes`` when called, never when this module loads.
+    """
+    from kubernetes import client, config
+
+    try:
+        if settings.kubeconfig or settings.context:
+            return config.new_client_from_config(config_file=settings.kubeconfig, context=settings.context)
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            configuration = client.Configuration()
+            config.load_incluster_config(client_configuration=configuration)
+            return client.ApiClient(configuration)
+        return config.new_client_from_config()
+    except (config.ConfigException, OSError) as exc:
+        raise ConfigError(
+            f"{engine}: no Kubernetes cluster to talk to ({exc}). Run inside the cluster, or set the target's "
+            "`kubeconfig` (and `context`), or $KUBECONFIG."
+        ) from None
+
+
+def read_pod_result(
+    workload: "Workload", result_uri: str, succeeded: bool, failure: str, what: str, results_dir: str
+) -> "WorkloadResult":
+    """The result the pod wrote to ``result_uri`` (removed once read); the workload's own error raised as its class.
+
+    ``failure`` is what the cluster said went wrong when ``succeeded`` is false;
+    ``what`` names the object that ran (``Kubernetes Job ns/name``).
+    """
+    from .errors import AiplaneError, WorkloadError
+    from .workload import parse_result
+
+    storage = workload.storage()
+    try:
+        if not succeeded:
+            if storage.exists(result_uri):
+                # The workload itself failed: raise its own aiplane error, as every engine does.
+                parse_result(storage.read_bytes(result_uri).decode(), workload)
+            raise WorkloadError(f"Workload {workload.name} ({workload.run_id}): {failure}")
+        if not storage.exists(result_uri):
+            raise WorkloadError(
+                f"{what} succeeded but wrote no result to {result_uri}: results_dir {results_dir!r} must be object "
+                "storage the pod can write (s3://...), or a volume mounted at the same path here and in the pod "
+                "(pvc_mounts)."
+            )
+        return parse_result(storage.read_bytes(result_uri).decode(), workload)
+    finally:
+        with contextlib.suppress(AiplaneError):
+            storage.delete(result_uri)
+
+
+def follow_pod_log(
+    core_api: "kubernetes.client.CoreV1Api",
+    namespace: str,
+    find_pod: Callable[[], str | None],
+    container: str,
+    emit: Callable[["Event"], None],
+    stop: threading.Event,
+) -> None:
+    """Follow one pod's log to its end, one event per line; ``find_pod`` names it once it runs (``None``: not yet).
+
+    Gives up quietly when ``stop`` is set or the pod is gone.
+    """
+    from kubernetes import watch
+    from kubernetes.client.rest import ApiException
+
+    from .workload import parse_event
+
+    pod = None
+    while not stop.is_set():
+        try:
+            pod = pod or find_pod()
+            if pod is not None:
+                for line in watch.Watch().stream(core_api.read_namespaced_pod_log, pod, namespace, container=container):
+                    emit(parse_event(line))
+                return
+        except ApiException as exc:
+            if exc.status == 404:
+                return  # the pod is gone (deleted, cancelled)
+        except Exception:  # a dropped stream: look again, unless told to stop
+            if stop.is_set():
+                return
+        stop.wait(0.5)
+
+
+def run_pod_task(execute_to: Callable[[Path, Path], int] | None = None, *, write_result: bool = True) -> int:
+    """What a workload pod's container runs: the workload from its environment, the result to ``AIPLANE_RESULT``.
+
+    ``execute_to(spec_file, result_file)`` runs the workload and writes its result
+    file, returning an exit code (default: :func:`aiplane.core.worker.main`, one
+    process). On failure the error also goes to the container's termination message,
+    so ``kubectl describe`` and the engine show it even when the result cannot be
+    written. ``write_result=False``: a worker other than the primary, whose result
+    nobody reads.
+    """
+    from . import worker
+    from .storage import is_local, local_path
+    from .workload import Workload
+
+    try:
+        spec, result_uri = os.environ[WORKLOAD_ENV], os.environ[RESULT_ENV]
+    except KeyError as exc:
+        return _fail(f"ConfigError: {exc.args[0]} is not set; this module runs inside an aiplane workload pod")
+    workload = Workload.model_validate_json(spec)
+    run = execute_to or (lambda spec_file, result_file: worker.main([str(spec_file), str(result_file)]))
+    with tempfile.TemporaryDirectory(prefix="aiplane-task-") as tmp:
+        spec_file, result_file = Path(tmp, "workload.json"), Path(tmp, "result.json")
+        spec_file.write_text(spec)
+        code = run(spec_file, result_file)
+        text = result_file.read_text() if result_file.exists() else json.dumps(
+            {"error_type": "WorkloadError", "error": "the worker wrote no result"}
+        )
+    message = ""
+    if code != 0:
+        failure = json.loads(text)
+        message = f"{failure.get('error_type', 'WorkloadError')}: {failure.get('error', '')}"
+    if write_result:
+        try:
+            if is_local(result_uri):
+                local_path(result_uri).parent.mkdir(parents=True, exist_ok=True)
+            workload.storage().write_bytes(result_uri, text.encode())
+        except Exception as exc:  # the engine then reports the termination message instead
+            message = f"{message + '; ' if message else ''}cannot write the result to {result_uri}: {type(exc).__name__}: {exc}"
+            code = code or 1
+    if message:
+        _fail(message)
+    return code
+
+
+def _fail(message: str) -> int:
+    print(message, file=sys.stderr, flush=True)
+    path = os.environ.get(TERMINATION_ENV, "/dev/termination-log")
+    try:
+        with open(path, "w") as f:
+            f.write(message[-_TERMINATION_LIMIT:])
+    except OSError:
+        pass  # no termination log outside a pod; stderr (the pod log) has it
+    return 1

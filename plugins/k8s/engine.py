@@ -17,7 +17,6 @@ workload ends, fails, is cancelled or this call is interrupted.
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import threading
 import time
@@ -26,9 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from aiplane.core.components import Engine
 from aiplane.core.config import Target
-from aiplane.core.errors import AiplaneError, ConfigError, WorkloadCancelled, WorkloadError
+from aiplane.core.errors import WorkloadCancelled, WorkloadError
+from aiplane.core.kube import default_api_client as kube_api_client
+from aiplane.core.kube import follow_pod_log, read_pod_result
 from aiplane.core.storage import normalize_uri
-from aiplane.core.workload import Event, Workload, WorkloadResult, parse_event, parse_result
+from aiplane.core.workload import Event, Workload, WorkloadResult
 
 from .manifest import CONTAINER, describe, job_manifest, job_name
 from .settings import K8sJobSettings
@@ -47,21 +48,7 @@ _API_RETRIES = 5
 
 def default_api_client(settings: K8sJobSettings) -> "kubernetes.client.ApiClient":
     """The real client: the settings' kubeconfig, else the in-cluster service account, else ``$KUBECONFIG`` / ``~/.kube/config``."""
-    from kubernetes import client, config
-
-    try:
-        if settings.kubeconfig or settings.context:
-            return config.new_client_from_config(config_file=settings.kubeconfig, context=settings.context)
-        if os.environ.get("KUBERNETES_SERVICE_HOST"):
-            configuration = client.Configuration()
-            config.load_incluster_config(client_configuration=configuration)
-            return client.ApiClient(configuration)
-        return config.new_client_from_config()
-    except (config.ConfigException, OSError) as exc:
-        raise ConfigError(
-            f"k8s-job: no Kubernetes cluster to talk to ({exc}). Run inside the cluster, or set the target's "
-            "`kubeconfig` (and `context`), or $KUBECONFIG."
-        ) from None
+    return kube_api_client(settings, "k8s-job")
 
 
 class K8sJobEngine(Engine):
@@ -123,7 +110,6 @@ class K8sJobEngine(Engine):
         # Through dagster-k8s's model conversion: a misspelled field fails here, before anything is sent.
         body = k8s_model_from_dict(client.V1Job, k8s_snake_case_dict(client.V1Job, manifest))
         kube = self._kube()
-        storage = workload.storage()
         started = time.monotonic()
         kube.create_namespaced_job_with_retries(body, s.namespace, wait_time_between_attempts=1.0)
         # From here on the Job exists: whatever happens, it is deleted before this call returns.
@@ -145,22 +131,8 @@ class K8sJobEngine(Engine):
             "image": s.image,
             "duration_s": round(time.monotonic() - started, 3),
         }
-        try:
-            if not outcome["succeeded"]:
-                if storage.exists(result_uri):
-                    # The workload itself failed: raise its own aiplane error, as every engine does.
-                    parse_result(storage.read_bytes(result_uri).decode(), workload)
-                raise WorkloadError(f"Workload {workload.name} ({workload.run_id}): {outcome['message']}")
-            if not storage.exists(result_uri):
-                raise WorkloadError(
-                    f"Kubernetes Job {s.namespace}/{name} succeeded but wrote no result to {result_uri}: results_dir "
-                    f"{s.results_dir!r} must be object storage the pod can write (s3://...), or a volume mounted at "
-                    "the same path here and in the pod (pvc_mounts)."
-                )
-            result = parse_result(storage.read_bytes(result_uri).decode(), workload)
-        finally:
-            with contextlib.suppress(AiplaneError):
-                storage.delete(result_uri)
+        result = read_pod_result(workload, result_uri, outcome["succeeded"], outcome["message"],
+                                 f"Kubernetes Job {s.namespace}/{name}", s.results_dir)
         return result.model_copy(update={"engine": meta})
 
 
@@ -396,31 +368,15 @@ def _follow_logs(
     kube: "DagsterKubernetesClient", namespace: str, name: str, emit: Callable[[Event], None], stop: threading.Event
 ) -> None:
     """Follow the Job's pod's log to its end, one event per line; quietly gives up when stopped."""
-    from kubernetes import watch
-    from kubernetes.client.rest import ApiException
 
-    pod = None
-    while not stop.is_set():
-        try:
-            if pod is None:
-                pods = [
-                    p for p in kube.get_pods_in_job(name, namespace)
-                    if p.status is not None and p.status.phase in ("Running", "Succeeded", "Failed")
-                ]
-                pod = pods[0].metadata.name if pods else None
-            if pod is not None:
-                for line in watch.Watch().stream(
-                    kube.core_api.read_namespaced_pod_log, pod, namespace, container=CONTAINER
-                ):
-                    emit(parse_event(line))
-                return
-        except ApiException as exc:
-            if exc.status == 404:
-                return  # the pod is gone (deleted, cancelled)
-        except Exception:
-            if stop.is_set():
-                return
-        stop.wait(0.5)
+    def started_pod() -> str | None:
+        pods = [
+            p for p in kube.get_pods_in_job(name, namespace)
+            if p.status is not None and p.status.phase in ("Running", "Succeeded", "Failed")
+        ]
+        return pods[0].metadata.name if pods else None
+
+    follow_pod_log(kube.core_api, namespace, started_pod, CONTAINER, emit, stop)
 
 
 def _delete(kube: "DagsterKubernetesClient", s: K8sJobSettings, name: str, emit: Callable[[Event], None]) -> None:

@@ -12,12 +12,10 @@ import uuid
 from typing import Any
 
 from aiplane.core.config import Target
-from aiplane.core.errors import ConfigError
-from aiplane.core.kube import cpu_quantity, memory_quantity, pod_gpus
+from aiplane.core.kube import pod_env, pod_resources, pvc_volumes, restricted_security_context
 from aiplane.core.workload import Workload
 
 from .settings import K8sJobSettings
-from .task import RESULT_ENV, WORKLOAD_ENV
 
 __all__ = ["job_manifest", "job_name", "describe", "CONTAINER", "MANAGED_BY"]
 
@@ -33,71 +31,13 @@ def job_name(workload: Workload) -> str:
     return f"aiplane-{slug[: _MAX_NAME - len('aiplane-') - len(suffix)].rstrip('-')}{suffix}"
 
 
-def _storage_secret_env(workload: Workload) -> list[dict[str, Any]]:
-    """Storage credentials as ``secretKeyRef`` env vars, each named as its SecretRef resolves it.
-
-    A reference to this process's environment (``{env: VAR}``) would be unset in the
-    pod, and copying its value into the manifest would put a secret in the Job: refused.
-    """
-    refs = workload.secret_refs()
-    local = [repr(r) for r in refs if r.env]
-    if local:
-        raise ConfigError(
-            f"storage: {', '.join(local)} name this process's environment, which a Kubernetes Job's pod does not "
-            "see; reference a Kubernetes Secret in the Job's namespace instead: {secret: NAME, key: KEY}"
-        )
-    return [
-        {"name": r.env_var, "valueFrom": {"secretKeyRef": {"name": r.secret, "key": r.key}}}
-        for r in refs
-    ]
-
-
 def job_manifest(
     workload: Workload, target: Target, settings: K8sJobSettings, name: str, result_uri: str
 ) -> dict[str, Any]:
     """The ``batch/v1`` Job (as a dict) that runs ``workload`` on ``target`` and writes its result to ``result_uri``."""
     s = settings
-    gpus = pod_gpus(workload, target)
-    gpu_type = workload.resources.gpu_type or target.gpu_type
-    if workload.resources.gpu_type and target.gpu_type and workload.resources.gpu_type != target.gpu_type:
-        raise ConfigError(
-            f"Workload {workload.name} needs {workload.resources.gpu_type} GPUs but target {target.name!r} "
-            f"has {target.gpu_type}; place it on a target with that gpu_type."
-        )
-    # The pod has its own cache: the orchestrator's path means nothing there.
-    spec = workload.model_copy(update={"cache_dir": None}).model_dump_json()
-    env: list[dict[str, Any]] = [
-        {"name": WORKLOAD_ENV, "value": spec},
-        {"name": RESULT_ENV, "value": result_uri},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},  # events reach the log as they happen
-        *({"name": k, "value": v} for k, v in sorted(s.env.items())),
-        *_storage_secret_env(workload),
-        *(
-            {"name": k, "valueFrom": {"secretKeyRef": {"name": ref.secret, "key": ref.key}}}
-            for k, ref in sorted(s.secret_env.items())
-        ),
-    ]
-    names = [e["name"] for e in env]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ConfigError(f"k8s-job: environment variable(s) {', '.join(twice)} set twice; aiplane sets {WORKLOAD_ENV}, "
-                          f"{RESULT_ENV} and the storage credentials itself")
-
-    requests: dict[str, str] = {"cpu": s.cpu_request or cpu_quantity(workload.resources.cpus)}
-    memory = s.memory_request or (memory_quantity(workload.resources.memory_gb) if workload.resources.memory_gb else None)
-    if memory:
-        requests["memory"] = memory
-    limits: dict[str, str] = {}
-    if s.cpu_limit:
-        limits["cpu"] = s.cpu_limit
-    if s.memory_limit or memory:
-        limits["memory"] = s.memory_limit or memory  # type: ignore[assignment]
-    node_selector = dict(s.node_selector)
-    if gpus:
-        requests[s.accelerator_type] = limits[s.accelerator_type] = str(gpus)
-        if gpu_type:
-            node_selector[s.gpu_type_label] = gpu_type
-
+    env = pod_env(workload, s, "k8s-job", result_uri)
+    requests, limits, node_selector = pod_resources(workload, target, s)
     labels = {
         **s.labels,
         "app.kubernetes.io/managed-by": MANAGED_BY,
@@ -113,27 +53,19 @@ def job_manifest(
         "resources": {"requests": requests, **({"limits": limits} if limits else {})},
         # The last log lines stand in for a termination message the task could not write.
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        # What the restricted Pod Security Standard and OpenShift's restricted SCC ask for.
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "runAsNonRoot": s.run_as_non_root,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": restricted_security_context(s),
     }
     if s.image_pull_policy:
         container["imagePullPolicy"] = s.image_pull_policy
     pod: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
     if s.pvc_mounts:
-        volumes = [(f"pvc-{i}", claim, path) for i, (claim, path) in enumerate(sorted(s.pvc_mounts.items()))]
-        pod["volumes"] = [{"name": v, "persistentVolumeClaim": {"claimName": claim}} for v, claim, _ in volumes]
-        container["volumeMounts"] = [{"name": v, "mountPath": path} for v, _, path in volumes]
+        pod["volumes"], container["volumeMounts"] = pvc_volumes(s)
     if s.service_account:
         pod["serviceAccountName"] = s.service_account
     if s.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": n} for n in s.image_pull_secrets]
     if node_selector:
-        pod["nodeSelector"] = dict(sorted(node_selector.items()))
+        pod["nodeSelector"] = node_selector
     if s.tolerations:
         pod["tolerations"] = [t.manifest() for t in s.tolerations]
     job_spec: dict[str, Any] = {
