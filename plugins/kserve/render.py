@@ -23,7 +23,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from aiplane.plugins.vllm.runtime import POD_ENV, SERVER_MODULE, server_args, version_name
+from aiplane.core.serving import ADAPTER_ANNOTATION, MANAGED_BY, POD_ENV, VERSIONS_ANNOTATION, version_name
+from aiplane.plugins.vllm.runtime import SERVER_MODULE, server_args
 
 __all__ = [
     "MANAGED_BY",
@@ -37,10 +38,6 @@ __all__ = [
     "serves_full_model",
 ]
 
-MANAGED_BY = {"app.kubernetes.io/managed-by": "aiplane"}
-"""On everything aiplane creates: stop deletes what carries it, and nothing else."""
-ADAPTER_ANNOTATION = "aiplane.io/adapter"
-VERSIONS_ANNOTATION = "aiplane.io/versions"
 MODEL_DIR = "/mnt/models"
 ADAPTERS_DIR = "/mnt/adapters"
 _PORT = 8080

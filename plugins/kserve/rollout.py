@@ -33,16 +33,14 @@ from __future__ import annotations
 import copy
 import json
 import time
-import urllib.error
-import urllib.request
 from typing import TYPE_CHECKING, Any
 
 from aiplane.core.errors import ConfigError, InputError, PluginError, WorkloadCancelled, WorkloadError
 from aiplane.core.records import AdapterRecord, EndpointRecord
+from aiplane.core.serving import first_completion, managed_by_aiplane
 from aiplane.core.workload import WorkloadContext
 
 from .render import (
-    MANAGED_BY,
     inference_service,
     runtime_object,
     served_versions,
@@ -140,7 +138,7 @@ def api_client(settings: "KServe.Settings") -> Any:
 
 def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     """Roll ``ctx.inputs["adapter"]`` out as endpoint ``ctx.params["endpoint_name"]``; see the module docstring."""
-    from aiplane.plugins.vllm.deploy import base_model_of, endpoint_record, is_full_model
+    from aiplane.core.serving import base_model_of, endpoint_record, is_full_model
 
     from .target import KServe
 
@@ -179,7 +177,7 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     cluster = Cluster(api_client(settings), settings.namespace)
     runtime_name = settings.runtime_name
     current = cluster.get("inferenceservices", name)
-    if current is not None and not _ours(current):
+    if current is not None and not managed_by_aiplane(current):
         raise InputError(
             f"InferenceService {settings.namespace}/{name} exists and was not created by aiplane; "
             "aiplane will not change it. Serve under another endpoint name, or delete it yourself."
@@ -209,7 +207,7 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     cluster.apply(isvc, current, dry_run=True)
 
     if existing_runtime is None or existing_runtime.get("spec") != runtime["spec"]:
-        if existing_runtime is not None and not _ours(existing_runtime):
+        if existing_runtime is not None and not managed_by_aiplane(existing_runtime):
             raise InputError(f"ServingRuntime {settings.namespace}/{runtime_name} was not created by aiplane; set runtime_name.")
         cluster.apply(runtime, existing_runtime)
         ctx.log(f"{'created' if existing_runtime is None else 'updated'} ServingRuntime {settings.namespace}/{runtime_name}")
@@ -221,7 +219,7 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     try:
         status = _wait_ready(ctx, cluster, name, applied["metadata"]["generation"], settings, canary is not None)
         if settings.smoke:
-            _smoke(_candidate_url(status), name, settings.readiness_timeout_s)
+            first_completion(_candidate_url(status), name, settings.readiness_timeout_s)
         if canary is not None:
             promoted = inference_service(name, settings.namespace, settings, runtime_name, storage_uri, versions, 100)
             applied = cluster.apply(promoted, cluster.get("inferenceservices", name))
@@ -314,27 +312,14 @@ def _candidate_url(status: dict[str, Any]) -> str:
     return status.get("url") or ""
 
 
-def _smoke(url: str, name: str, timeout: float) -> None:
-    body = json.dumps({"model": name, "prompt": "Hello", "max_tokens": 2, "temperature": 0}).encode()
-    request = urllib.request.Request(f"{url.rstrip('/')}/v1/completions", body, {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=min(timeout, 120)) as response:
-            json.loads(response.read())["choices"][0]["text"]
-    except urllib.error.HTTPError as exc:
-        raise WorkloadError(f"the new revision answered its first completion with HTTP {exc.code}: "
-                            f"{exc.read().decode(errors='replace')[:300]}") from None  # fmt: skip
-    except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError) as exc:
-        raise WorkloadError(f"the new revision did not answer its first completion at {url}: {exc}") from None
-
-
 def stop(cluster: Cluster, name: str, runtime: str) -> bool:
     """Delete what aiplane created for endpoint ``name``: its InferenceService, and the runtime once unused."""
     current = cluster.get("inferenceservices", name)
-    if not _ours(current):
+    if not managed_by_aiplane(current):
         return False
     cluster.delete("inferenceservices", name)
     served = cluster.get("servingruntimes", runtime)
-    if _ours(served):
+    if managed_by_aiplane(served):
         if not cluster.in_use(runtime, except_name=name):
             cluster.delete("servingruntimes", runtime)
     return True
@@ -349,10 +334,3 @@ def _api_error(exc: Any, doing: str) -> Exception:
     cls = InputError if exc.status in (400, 409, 422) else WorkloadError
     hint = " Check the kserve target's namespace and the RBAC of its service account." if exc.status in (401, 403) else ""
     return cls(f"Could not {doing}: the Kubernetes API answered {exc.status}: {message}.{hint}")
-
-
-def _ours(obj: dict[str, Any] | None) -> bool:
-    """Whether aiplane created ``obj``: it changes and deletes nothing else."""
-    labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
-    return all(labels.get(k) == v for k, v in MANAGED_BY.items())
-

@@ -12,8 +12,8 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from aiplane.core.components import ServingTarget
 from aiplane.core.errors import ConfigError, InputError
 from aiplane.core.kube import Toleration, check_cpu, check_memory
+from aiplane.core.serving import ServerSettings
 from aiplane.core.workload import Workload
-from aiplane.plugins.vllm.runtime import ServerSettings
 
 if TYPE_CHECKING:
     from aiplane.core.config import Deployment
@@ -95,7 +95,7 @@ class KServe(ServingTarget):
 
     def workload(self, adapter: "AdapterRecord", endpoint_name: str, home: str) -> Workload:
         """The ``deploy-endpoint`` workload; its result's ``endpoint`` output is the new EndpointRecord."""
-        from aiplane.plugins.vllm.deploy import base_model_of
+        from aiplane.core.serving import base_model_of
 
         _check_name(endpoint_name)
         base_model_of(adapter)

@@ -46,7 +46,6 @@ its own lock, taken before any server's.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,6 +53,7 @@ from typing import Any
 
 from aiplane.core.errors import ConfigError, InputError, WorkloadCancelled, WorkloadError
 from aiplane.core.records import AdapterRecord, BaseModelRecord, EndpointRecord, record_to_json
+from aiplane.core.serving import PROTOCOLS, base_model_of, endpoint_digest, endpoint_record, is_full_model
 from aiplane.core.storage import local_path
 from aiplane.core.workload import WorkloadContext
 
@@ -61,8 +61,6 @@ from . import _server as server
 from .runtime import ensure_vllm
 
 __all__ = ["run", "PROTOCOLS", "base_model_of", "is_full_model", "model_dir_of", "endpoint_digest", "endpoint_record"]
-
-PROTOCOLS = ("openai-completions", "openai-chat-completions")
 
 
 def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
@@ -329,27 +327,6 @@ def _rolled_back(before: dict[str, Any] | None, digest: str) -> bool:
     return before is not None and before.get("current") != digest and digest in _served_before(before)
 
 
-def is_full_model(adapter: AdapterRecord) -> bool:
-    """Whether the record is a whole model (``sft``, a full ``distill`` student), not an adapter on its base model."""
-    return bool(adapter.config.get("full_model"))
-
-
-def base_model_of(adapter: AdapterRecord) -> BaseModelRecord:
-    """The base model an adapter applies to; for a whole model, the one it was trained from (its lineage)."""
-    try:
-        return adapter.source("base_model")
-    except LookupError:
-        if is_full_model(adapter):
-            raise InputError(
-                f"Model {adapter.uri!r} ({adapter.method}, full_model) records no base_model source, so its lineage "
-                "is broken; re-train it so its record carries the base model it was trained from."
-            ) from None
-        raise InputError(
-            f"Adapter {adapter.uri!r} records no base_model source, so there is nothing to apply it to; "
-            "re-train it so its record carries the base model."
-        ) from None
-
-
 def adapter_rank(adapter_dir: Path) -> int:
     """The LoRA rank an adapter needs the server to allow: its ``r``, or the largest in ``rank_pattern``."""
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -392,25 +369,6 @@ def model_dir_of(uri: str, model: AdapterRecord) -> Path:
             "or pytorch_model*.bin): re-train it, or re-materialize the directory here."
         )
     return path.absolute()
-
-
-def endpoint_digest(adapter: AdapterRecord, base: BaseModelRecord, name: str, url: str) -> str:
-    """What the endpoint serves and where: a new adapter or model, or a new URL, is a new version downstream."""
-    served = {"adapter": adapter.digest, "base_model": base.digest, "model_name": name, "url": url}
-    if is_full_model(adapter):
-        served["full_model"] = True  # the adapter is the model served; the base model is its lineage
-    canonical = json.dumps(served, sort_keys=True, separators=(",", ":"))
-    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def endpoint_record(
-    adapter: AdapterRecord, base: BaseModelRecord, name: str, url: str, *, uri: str, serving: str, handle: dict[str, Any]
-) -> EndpointRecord:
-    """The record of endpoint ``name`` at ``url`` serving ``adapter`` through vLLM's OpenAI server (here or on KServe)."""
-    return EndpointRecord(
-        uri=uri, url=url, digest=endpoint_digest(adapter, base, name, url), model_name=name, protocols=PROTOCOLS,
-        serving=serving, handle=handle, sources=(adapter,),
-    )  # fmt: skip
 
 
 def _now() -> str:

@@ -20,9 +20,8 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 from aiplane.core.runtimes import RuntimeSpec, ensure_runtime, runtime_env
+from aiplane.core.serving import LORA_RANKS, POD_ENV, ServerSettings, version_name
 
 __all__ = [
     "VLLM_DISTRIBUTION",
@@ -52,12 +51,6 @@ VLLM_RUNTIME = RuntimeSpec(
     check="import vllm.entrypoints.openai.api_server",
 )
 
-POD_ENV: dict[str, str] = {
-    # Caches in writable scratch space: OpenShift runs the image as an arbitrary UID whose home is not writable.
-    "HF_HOME": "/tmp/hf_home",
-    "HOME": "/tmp",
-}
-"""The server's environment in a cluster's pods (the ``kserve`` target's ServingRuntime)."""
 RUNTIME_LORA_ENV: dict[str, str] = {
     "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
 }
@@ -70,49 +63,6 @@ CPU_ENV: dict[str, str] = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
 }
 """Added on a machine without a GPU. ``VLLM_CPU_OMP_THREADS_BIND`` stays unset: ``all`` crashes the server."""
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-"""The values vLLM accepts for ``--max-lora-rank``."""
-
-
-class ServerSettings(BaseModel):
-    """The vLLM settings every serving target on vLLM takes: the same names mean the same flags everywhere."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    keep_previous: int = Field(1, ge=0, le=8)
-    """Earlier adapters of an endpoint kept served for rollback; older ones are unloaded."""
-    max_lora_rank: int = 16
-    """The largest adapter rank the server accepts (vLLM allows 1, 8, 16, 32, 64, ...)."""
-    max_loras: int = Field(4, ge=1)
-    """Adapters served in one batch."""
-    max_model_len: int | None = Field(None, ge=16)
-    """Context length; default: the model's."""
-    dtype: str | None = None
-    """vLLM's ``--dtype``; default: what the model's config says."""
-    extra_args: tuple[str, ...] = ()
-    """More vLLM server flags, as written on its command line (``--enable-prefix-caching``)."""
-
-    @field_validator("max_lora_rank")
-    @classmethod
-    def _a_vllm_rank(cls, value: int) -> int:
-        if value not in LORA_RANKS:
-            raise ValueError(f"must be one of {', '.join(map(str, LORA_RANKS))}")
-        return value
-
-    def flags(self, lora: bool = True) -> dict:
-        """These settings as :func:`server_args`'s keyword arguments; without ``lora``, those of a server
-        for one whole model (no adapters, so no LoRA flags)."""
-        if not lora:
-            return {"lora": False, "max_model_len": self.max_model_len, "dtype": self.dtype, "extra": list(self.extra_args)}
-        return {
-            "max_lora_rank": self.max_lora_rank,
-            "max_loras": self.max_loras,
-            # Loaded, not only batched: per endpoint its name, its current version and those kept for rollback.
-            "max_cpu_loras": self.max_loras * (2 + self.keep_previous),
-            "max_model_len": self.max_model_len,
-            "dtype": self.dtype,
-            "extra": list(self.extra_args),
-        }
 
 
 def server_args(
@@ -152,12 +102,6 @@ def server_args(
     if dtype is not None:
         args.append(f"--dtype={dtype}")
     return args + list(extra)
-
-
-def version_name(endpoint: str, adapter_digest: str) -> str:
-    """The model name one adapter version of ``endpoint`` is served under, beside the endpoint's own name
-    (which routes to the current version): ``tickets@1a2b3c4d5e6f``."""
-    return f"{endpoint}@{adapter_digest.split(':')[-1][:12]}"
 
 
 def ensure_vllm(log: Callable[[str], None], cancel: threading.Event | None = None) -> Path:
