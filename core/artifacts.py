@@ -1,4 +1,4 @@
-"""Content digests and atomic local writes.
+"""Content digests, checks of local trees against them, and atomic local writes.
 
 The content-addressed artifact store, on local disk or object storage, is
 :class:`aiplane.core.storage.ArtifactStore`.
@@ -8,18 +8,29 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-__all__ = ["sha256_path", "atomic_write_text", "atomic_write_bytes", "file_lock"]
+__all__ = ["sha256_path", "digest_tree", "check_tree", "forget_check", "atomic_write_text", "atomic_write_bytes", "file_lock"]
 
 _CHUNK = 1 << 20
 
 
 def sha256_path(path: str | os.PathLike) -> str:
     """``sha256:<hex>`` of a file, or of a directory tree (relative names and bytes, sorted)."""
+    return digest_tree(path, each=False)[0]
+
+
+def digest_tree(path: str | os.PathLike, *, each: bool = True) -> tuple[str, dict[str, tuple[int, str]]]:
+    """:func:`sha256_path` of ``path`` and, from the same single read, ``{relative name: (size, sha256 hex)}``.
+
+    The per-file digests let a check name which file of an artifact changed, and
+    compare sizes before hashing anything. ``each=False`` skips them (``{}``): a
+    second hash of every byte is not free on a multi-GB model.
+    """
     path = Path(path)
     h = hashlib.sha256()
     if path.is_file():
@@ -30,13 +41,75 @@ def sha256_path(path: str | os.PathLike) -> str:
         )
     else:
         raise FileNotFoundError(f"Cannot digest {str(path)!r}: no such file or directory")
+    per_file: dict[str, tuple[int, str]] = {}
     for rel, p in files:
         h.update(rel.encode() + b"\0")
+        one, size = hashlib.sha256() if each else None, 0
         with open(p, "rb") as f:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
+                size += len(chunk)
+                if one is not None:
+                    one.update(chunk)
         h.update(b"\0")
-    return "sha256:" + h.hexdigest()
+        if one is not None:
+            per_file[rel] = (size, one.hexdigest())
+    return "sha256:" + h.hexdigest(), per_file
+
+
+def check_tree(
+    directory: str | os.PathLike,
+    digest: str,
+    expected: Mapping[str, tuple[int, str]] | None = None,
+    *,
+    trust_stats: bool = True,
+) -> list[str]:
+    """The files under ``directory`` whose bytes are not the ones ``digest`` names; ``[]`` when it is intact.
+
+    ``expected`` (``{name: (size, sha256 hex)}``, from an artifact's manifest) names
+    the very files that differ; without it (a manifest of an earlier aiplane) only
+    the tree's digest is compared, so every file is named. A check that finds the
+    tree intact leaves a record of each file's size, mtime, ctime and inode beside
+    it, and the next check with ``trust_stats`` hashes nothing while those hold:
+    any write to a file moves its ctime, which no user can set back. ``trust_stats=False``
+    hashes regardless (before an entry is published over, or trusted by a new copy).
+    """
+    directory = Path(directory)
+    record = _check_record(directory)
+    before = _stats(directory)
+    if trust_stats:
+        with contextlib.suppress(OSError, ValueError):
+            if before and json.loads(record.read_text()) == before:
+                return []
+    got_digest, got = digest_tree(directory, each=expected is not None)
+    bad = sorted(n for n in {*expected, *got} if tuple(expected.get(n) or ()) != got.get(n)) if expected is not None else []
+    if got_digest != digest and not bad:
+        bad = sorted(before) or ["(no files)"]
+    if bad:
+        forget_check(directory)
+        return bad
+    # The stats from before hashing: a file written meanwhile no longer matches them, so it is hashed next time.
+    atomic_write_text(record, json.dumps(before))
+    return []
+
+
+def forget_check(directory: str | os.PathLike) -> None:
+    """Drop the record :func:`check_tree` keeps for ``directory``, so its next check hashes every file."""
+    with contextlib.suppress(FileNotFoundError):
+        _check_record(Path(directory)).unlink()
+
+
+def _check_record(directory: Path) -> Path:
+    return directory.parent / f".{directory.name}.verified"
+
+
+def _stats(directory: Path) -> dict[str, list[int]]:
+    out = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            out[p.relative_to(directory).as_posix()] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return out
 
 
 @contextlib.contextmanager

@@ -14,26 +14,39 @@ needs the bucket's credentials in its environment, never the orchestrator's disk
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from .artifacts import atomic_write_bytes, sha256_path
+from .artifacts import atomic_write_bytes, check_tree, digest_tree, forget_check, sha256_path
 from .config import S3Settings
 from .errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     import pyarrow.fs
 
-__all__ = ["S3Settings", "Storage", "ArtifactStore", "normalize_uri", "is_local", "local_path", "COMPLETE_SUFFIX"]
+__all__ = [
+    "S3Settings", "Storage", "ArtifactStore", "normalize_uri", "is_local", "is_artifact", "local_path", "COMPLETE_SUFFIX",
+    "QUARANTINE",
+]
 
 COMPLETE_SUFFIX = ".complete"
 """An artifact ``<kind>/<hex>`` is complete when the object ``<kind>/<hex>.complete`` exists; it is written last."""
+QUARANTINE = ".quarantine"
+"""Where an entry whose bytes no longer match its digest is moved: ``<kind>/.quarantine/<hex>.<UTC time>``."""
+_log = logging.getLogger(__name__)
+# Answers no retry mends: the store is there, and says no.
+_PERMANENT = ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Path does not exist")
 _SCHEMES = ("file", "s3")
 _DOWNLOAD_CHUNK = 16 << 20
 _CHUNK = 8 << 20
@@ -67,6 +80,11 @@ def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
 
+def is_artifact(uri: str) -> bool:
+    """Whether ``uri`` names an entry of an :class:`ArtifactStore` (``<root>/<kind>/<sha256 hex>``)."""
+    return re.fullmatch(r"[0-9a-f]{64}", normalize_uri(uri).rstrip("/").rsplit("/", 1)[-1]) is not None
+
+
 def local_path(uri: str) -> Path:
     """The path of a local URI (``file://`` or a plain path)."""
     return Path(urlparse(uri).path if uri.startswith("file://") else uri).expanduser()
@@ -77,7 +95,15 @@ class Storage:
 
     ``routes`` maps roots to the S3 settings that reach them (a region's own store,
     in another cloud); every other ``s3://`` URI is reached with ``s3``.
+
+    What writes to object storage (uploads, the marker) is retried after each of
+    :attr:`retry_delays` when it fails in a way a retry may mend (no connection, a
+    5xx, a throttle), on top of the S3 client's own few quick retries: an outage of
+    some seconds does not throw away the training whose result is being published.
     """
+
+    retry_delays: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    """Seconds to wait before each retry of a failed write to object storage."""
 
     def __init__(self, s3: S3Settings | None = None, routes: Mapping[str, S3Settings] | None = None):
         self.s3 = s3
@@ -102,11 +128,12 @@ class Storage:
             self._s3fs[id(settings)] = fs.S3FileSystem(**(settings or S3Settings()).pyarrow_kwargs())
         return self._s3fs[id(settings)], uri.removeprefix("s3://")
 
-    def exists(self, uri: str) -> bool:
+    def exists(self, uri: str, retry: bool = False) -> bool:
+        """Whether the object or file is there; ``retry``: as a write is retried (for a publish's own reads)."""
         from pyarrow import fs
 
         filesystem, path = self.filesystem(uri)
-        return self._call(uri, lambda: filesystem.get_file_info(path).type != fs.FileType.NotFound)
+        return self._call(uri, lambda: filesystem.get_file_info(path).type != fs.FileType.NotFound, retry)
 
     def read_bytes(self, uri: str) -> bytes:
         filesystem, path = self.filesystem(uri)
@@ -130,15 +157,15 @@ class Storage:
             with filesystem.open_output_stream(path) as f:
                 f.write(data)
 
-        self._call(uri, write)
+        self._call(uri, write, retry=True)
 
-    def list_files(self, uri: str) -> list[tuple[str, int, int]]:
+    def list_files(self, uri: str, retry: bool = False) -> list[tuple[str, int, int]]:
         """``(relative name, size, modification time in ns)`` of every file under ``uri``, sorted; ``[]`` if none."""
         from pyarrow import fs
 
         filesystem, root = self.filesystem(uri)
         selector = fs.FileSelector(root, recursive=True, allow_not_found=True)
-        infos = self._call(uri, lambda: filesystem.get_file_info(selector))
+        infos = self._call(uri, lambda: filesystem.get_file_info(selector), retry)
         return sorted(
             (i.path.removeprefix(root).lstrip("/"), i.size, i.mtime_ns or 0) for i in infos if i.type == fs.FileType.File
         )
@@ -146,8 +173,33 @@ class Storage:
     def delete(self, uri: str) -> None:
         """Remove one object or file; a missing one is not an error."""
         filesystem, path = self.filesystem(uri)
-        if self.exists(uri):
-            self._call(uri, lambda: filesystem.delete_file(path))
+        if self.exists(uri, retry=True):
+            self._call(uri, lambda: filesystem.delete_file(path), retry=True)
+
+    def sha256(self, uri: str, retry: bool = False) -> str:
+        """The sha256 hex digest of one object or file, streamed: its bytes are hashed, not kept."""
+        filesystem, path = self.filesystem(uri)
+
+        def digest() -> str:
+            h = hashlib.sha256()
+            with filesystem.open_input_file(path) as f:
+                while chunk := f.read(_DOWNLOAD_CHUNK):
+                    h.update(chunk)
+            return h.hexdigest()
+
+        return self._call(uri, digest, retry)
+
+    def move_dir(self, uri: str, to: str) -> None:
+        """Move everything under ``uri`` to ``to``: a rename on disk; on S3 a server-side copy, then a delete."""
+        filesystem, path = self.filesystem(uri)
+        _, target = self.filesystem(to)
+        if is_local(normalize_uri(uri)):
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            os.rename(path, target)
+            return
+        names = [name for name, _, _ in self.list_files(uri, retry=True)]
+        self._each(uri, names, lambda n: filesystem.copy_file(f"{path}/{n}", f"{target}/{n}"), retry=True)
+        self._each(uri, names, lambda n: filesystem.delete_file(f"{path}/{n}"), retry=True)
 
     def upload_dir(self, local: Path, uri: str) -> list[str]:
         """Copy every file under ``local`` to ``uri``, keeping relative names; returns them, sorted."""
@@ -162,7 +214,7 @@ class Storage:
             with open(local / name, "rb") as src, filesystem.open_output_stream(f"{path}/{name}") as dst:
                 shutil.copyfileobj(src, dst, _CHUNK)
 
-        self._each(uri, names, copy)
+        self._each(uri, names, copy, retry=True)
         return names
 
     def download_dir(self, uri: str, local: Path) -> None:
@@ -185,7 +237,9 @@ class Storage:
 
         Downloaded once per digest, checked against it (a changed object is refused,
         not served), and put in place by a rename, so concurrent fetches are safe.
-        A local ``uri`` is its own copy.
+        A copy already here is checked too (:func:`~aiplane.core.artifacts.check_tree`:
+        hashed once, then trusted while its files' stats hold); one that changed is
+        dropped and downloaded again. A local ``uri`` is its own copy.
         """
         uri = normalize_uri(uri)
         if is_local(uri):
@@ -193,7 +247,12 @@ class Storage:
         hex_digest = digest.removeprefix("sha256:")
         final = Path(cache).expanduser().absolute() / hex_digest
         if final.is_dir():
-            return final
+            changed = check_tree(final, f"sha256:{hex_digest}")
+            if not changed:
+                return final
+            _log.warning("the cached copy %s of %s changed (%s); downloading it again", final, uri, ", ".join(changed))
+            forget_check(final)
+            shutil.rmtree(final)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{hex_digest}."))
         try:
@@ -208,9 +267,10 @@ class Storage:
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        check_tree(final, f"sha256:{hex_digest}")  # hashed again once, so later fetches trust its stats
         return final
 
-    def _each(self, uri: str, names: list[str], copy) -> None:
+    def _each(self, uri: str, names: list[str], copy, retry: bool = False) -> None:
         """``copy(name)`` for every name, concurrently; the first failure is raised, explained.
 
         Concurrently: the small files (config, tokenizer) ride along with the weights'
@@ -219,14 +279,27 @@ class Storage:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max(1, min(8, len(names))), thread_name_prefix="aiplane-storage") as pool:
-            for done in [pool.submit(self._call, uri, lambda n=name: copy(n)) for name in names]:
+            for done in [pool.submit(self._call, uri, lambda n=name: copy(n), retry) for name in names]:
                 done.result()
 
-    def _call(self, uri: str, fn):
-        try:
-            return fn()
-        except OSError as exc:
-            raise InputError(f"Storage {uri!r}: {_explain(exc, self.settings_for(uri))}") from None
+    def _call(self, uri: str, fn, retry: bool = False):
+        """``fn()``; an OSError becomes an explained :class:`InputError`, after the retries a write to S3 gets."""
+        delays = list(self.retry_delays) if retry and not is_local(normalize_uri(uri)) else []
+        for attempt in range(len(delays) + 1):
+            try:
+                return fn()
+            except OSError as exc:
+                if attempt == len(delays) or not _transient(exc):
+                    tries = f" (tried {attempt + 1} times)" if attempt else ""
+                    raise InputError(f"Storage {uri!r}{tries}: {_explain(exc, self.settings_for(uri))}") from None
+                _log.warning("storage %s: %s; retrying in %gs", uri, _explain(exc, None), delays[attempt])
+                time.sleep(delays[attempt])
+
+
+def _transient(exc: OSError) -> bool:
+    """Whether a retry may mend ``exc``: not when the store answered no (a missing bucket, a refused key)."""
+    text = str(exc)
+    return not any(p in text for p in _PERMANENT) and "not found" not in text.lower()
 
 
 def _explain(exc: OSError, s3: S3Settings | None) -> str:
@@ -250,7 +323,15 @@ class ArtifactStore:
     Object storage has no rename, so completeness is a marker: the files go under
     their digest first, then ``<kind>/<hex>.complete`` (a manifest) is written
     last. Readers trust only complete entries, so a publish that crashed leaves
-    nothing a reader can see, and publishing the same content again is a no-op.
+    nothing a reader can see.
+
+    An entry is the artifact its digest names, or it is not used. The manifest
+    holds each file's size and sha256, so a check hashes each file once and
+    names the one that changed. Publishing over an existing entry checks it
+    against the bytes being published; :meth:`fetch` checks a local entry (and
+    a cached copy of a remote one) before handing it out. An entry found altered
+    is moved aside to ``<kind>/.quarantine/`` and, on publish, replaced from the
+    freshly staged copy; a fetch refuses it, naming it.
     """
 
     def __init__(self, root: str | os.PathLike, s3: S3Settings | None = None, storage: Storage | None = None):
@@ -272,30 +353,42 @@ class ArtifactStore:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def publish(self, staged: str | os.PathLike, kind: str) -> tuple[str, str]:
-        """Store the files of a staged directory; returns ``(uri, digest)``. Idempotent."""
+    def publish(self, staged: str | os.PathLike, kind: str, log: Callable[[str], None] | None = None) -> tuple[str, str]:
+        """Store the files of a staged directory; returns ``(uri, digest)``.
+
+        Idempotent for an intact entry. An entry of the same digest whose bytes
+        differ is quarantined and published again from ``staged``; ``log`` hears of it.
+        """
         staged = Path(staged)
-        digest = sha256_path(staged)
+        digest, files = digest_tree(staged)
         uri = self.uri_for(kind, digest)
-        if self.complete(uri):
+        complete = self.storage.exists(uri + COMPLETE_SUFFIX, retry=True)
+        # Unfinished uploads are simply overwritten; on disk, what sits at the final path must be right or go.
+        existing = self._differences(uri, digest, files) if complete or is_local(self.root) else None
+        if existing == []:
+            if not complete:
+                self._write_manifest(uri, kind, digest, files)
             return uri, digest
+        if existing:
+            moved = self._quarantine(uri)
+            (log or _log.warning)(
+                f"artifact {uri} did not match its digest ({', '.join(existing)} changed); moved it aside to {moved} "
+                "and published it again from the new copy"
+            )
         if is_local(self.root):
             final = local_path(uri)
             final.parent.mkdir(parents=True, exist_ok=True)
             # Locally a rename puts the whole tree in place at once; a racing publisher of the
             # same bytes may have won, which is the same content.
-            if not final.exists():
-                moved = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-                shutil.copytree(staged, moved, dirs_exist_ok=True)
-                try:
-                    os.rename(moved, final)
-                except OSError:
-                    shutil.rmtree(moved, ignore_errors=True)
-            files = sorted(p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file())
+            tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+            shutil.copytree(staged, tmp, dirs_exist_ok=True)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
         else:
-            files = self.storage.upload_dir(staged, uri)
-        manifest = {"digest": digest, "kind": kind, "files": files}
-        self.storage.write_bytes(uri + COMPLETE_SUFFIX, json.dumps(manifest, sort_keys=True).encode())
+            self.storage.upload_dir(staged, uri)
+        self._write_manifest(uri, kind, digest, files)
         return uri, digest
 
     def complete(self, uri: str) -> bool:
@@ -303,18 +396,79 @@ class ArtifactStore:
         return self.storage.exists(normalize_uri(uri) + COMPLETE_SUFFIX)
 
     def fetch(self, uri: str, cache: str | os.PathLike) -> Path:
-        """A local directory holding the artifact at ``uri``: itself when local, else a cached copy.
+        """A local directory holding the artifact at ``uri``, checked against its digest: itself when local,
+        else a cached copy.
 
         The copy is downloaded once per digest into ``cache``, checked against
         the digest, and put in place by a rename, so concurrent fetches are safe.
+        A local entry whose bytes changed is quarantined and refused
+        (:class:`InputError` naming it and what to do).
         """
         uri = normalize_uri(uri)
+        kind, hex_digest = uri.rsplit("/", 2)[-2:]
+        digest = f"sha256:{hex_digest}"
         if not self.complete(uri):
             raise InputError(
                 f"Artifact {uri!r} is not complete (no {COMPLETE_SUFFIX} marker): it was never published, or its "
-                "publish did not finish. Re-materialize it."
+                f"publish did not finish{self._quarantined_note(uri)}. Re-materialize it (aiplane up --force)."
             )
+        if not is_local(uri):
+            return self.storage.fetch_tree(uri, digest, Path(cache) / kind)
+        changed = check_tree(local_path(uri), digest, self._manifest_files(uri))
+        if changed:
+            moved = self._quarantine(uri)
+            raise InputError(
+                f"Artifact {uri!r} is not the artifact its digest names: {', '.join(changed)} changed after it was "
+                f"published. It was moved aside to {moved} and is not used. Publish it again (aiplane up --force "
+                "trains and publishes it anew), or roll back to another one."
+            )
+        return local_path(uri)
+
+    def _manifest_files(self, uri: str) -> dict[str, tuple[int, str]] | None:
+        """``{name: (size, sha256)}`` from the entry's manifest; ``None`` for one written before manifests held them."""
+        manifest = json.loads(self.storage.read_bytes(uri + COMPLETE_SUFFIX))
+        if "sha256" not in manifest:
+            return None
+        return {name: (manifest["sizes"][name], hex_) for name, hex_ in manifest["sha256"].items()}
+
+    def _write_manifest(self, uri: str, kind: str, digest: str, files: Mapping[str, tuple[int, str]]) -> None:
+        manifest = {
+            "digest": digest,
+            "kind": kind,
+            "files": sorted(files),
+            "sizes": {name: size for name, (size, _) in files.items()},
+            "sha256": {name: hex_ for name, (_, hex_) in files.items()},
+        }
+        self.storage.write_bytes(uri + COMPLETE_SUFFIX, json.dumps(manifest, sort_keys=True).encode())
+
+    def _differences(self, uri: str, digest: str, files: Mapping[str, tuple[int, str]]) -> list[str] | None:
+        """The files of the entry at ``uri`` that differ from ``files``: ``None`` when nothing is there,
+        ``[]`` when it holds exactly those bytes. Hashes the entry whole, trusting no earlier check."""
         if is_local(uri):
-            return local_path(uri)
-        kind, hex_digest = uri.rsplit("/", 2)[-2:]
-        return self.storage.fetch_tree(uri, f"sha256:{hex_digest}", Path(cache) / kind)
+            path = local_path(uri)
+            return check_tree(path, digest, files, trust_stats=False) if path.exists() else None
+        listed = {name: size for name, size, _ in self.storage.list_files(uri, retry=True)}
+        if not listed:
+            return None
+        differ = {name for name in {*listed, *files} if listed.get(name) != (files.get(name) or (None,))[0]}
+        # Sizes first: only a file of the right size needs its bytes read.
+        differ |= {name for name in set(files) - differ if self.storage.sha256(f"{uri}/{name}", retry=True) != files[name][1]}
+        return sorted(differ)
+
+    def _quarantine(self, uri: str) -> str:
+        """Move the entry at ``uri`` aside (its marker first, so no reader trusts it meanwhile); its new URI."""
+        kind_root, hex_digest = uri.rsplit("/", 1)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        moved = f"{kind_root}/{QUARANTINE}/{hex_digest}.{stamp}"
+        self.storage.delete(uri + COMPLETE_SUFFIX)
+        if is_local(uri):
+            forget_check(local_path(uri))
+        self.storage.move_dir(uri, moved)
+        return moved
+
+    def _quarantined_note(self, uri: str) -> str:
+        if not is_local(uri):
+            return ""
+        kind_root, hex_digest = local_path(uri).parent, local_path(uri).name
+        found = sorted((kind_root / QUARANTINE).glob(f"{hex_digest}.*"))
+        return f"; an altered copy was moved aside to {found[-1]}" if found else ""

@@ -266,10 +266,11 @@ class WorkloadContext:
 
         Without ``digest``, ``uri`` is an artifact of an :class:`ArtifactStore` (its digest is in
         its name, and only a complete one is fetched); with it, any directory in storage (a base model).
+        An artifact is checked against its digest before it is handed out, a local one too.
         """
-        from .storage import is_local, local_path
+        from .storage import is_artifact, is_local, local_path
 
-        if is_local(uri):
+        if is_local(uri) and not (digest is None and is_artifact(uri)):
             return local_path(uri)
         cache = Path(self.workload.cache_dir or Path(tempfile.gettempdir()) / "aiplane-cache")
         if digest is not None:

@@ -1,5 +1,7 @@
 """The storage seam: content-addressed artifacts on local disk and on a real S3 endpoint (moto's server)."""
 
+import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -8,7 +10,8 @@ import pytest
 
 from aiplane.core.config import S3Settings, SecretRef
 from aiplane.core.errors import ConfigError, InputError
-from aiplane.core.storage import COMPLETE_SUFFIX, ArtifactStore, Storage, normalize_uri
+from aiplane.core.artifacts import sha256_path
+from aiplane.core.storage import COMPLETE_SUFFIX, QUARANTINE, ArtifactStore, Storage, local_path, normalize_uri
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,11 @@ def test_publish_is_content_addressed_and_a_second_publish_is_a_no_op(store, tmp
     assert uri == f"{store.root}/adapters/{digest.removeprefix('sha256:')}"
     assert store.complete(uri)
     manifest = json.loads(store.storage.read_bytes(uri + COMPLETE_SUFFIX))
-    assert manifest == {"digest": digest, "kind": "adapters", "files": ["adapter_model.safetensors", "sub/adapter_config.json"]}
+    assert manifest["digest"] == digest and manifest["kind"] == "adapters"
+    assert manifest["files"] == ["adapter_model.safetensors", "sub/adapter_config.json"]
+    # Each file's size and sha256: what a check compares, and how it names the file that changed.
+    assert manifest["sizes"] == {"adapter_model.safetensors": 7, "sub/adapter_config.json": 8}
+    assert manifest["sha256"]["adapter_model.safetensors"] == hashlib.sha256(b"weights").hexdigest()
     assert store.publish(_adapter(tmp_path), "adapters") == (uri, digest)
 
 
@@ -327,3 +334,174 @@ def test_without_storage_settings_artifacts_stay_under_home(tmp_path):
     d = _deployment_with_storage(tmp_path, {})
     assert d.artifact_root("eu") == (tmp_path / "artifacts").as_uri()
     assert d.cache_dir() == tmp_path / "cache"
+
+
+# --- What is stored is what its digest names -------------------------------------------------------------------
+
+
+def _flip_a_byte(path: Path) -> None:
+    """Change one byte in place, keeping the file's size and modification time (as bit rot or a careless edit would)."""
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def _alter(store: ArtifactStore, uri: str, name: str) -> None:
+    if store.root.startswith("file://"):
+        _flip_a_byte(local_path(uri) / name)
+    else:
+        data = bytearray(store.storage.read_bytes(f"{uri}/{name}"))
+        data[0] ^= 0x01
+        store.storage.write_bytes(f"{uri}/{name}", bytes(data))
+
+
+def test_publishing_over_an_altered_entry_quarantines_it_and_republishes_the_new_copy(store, tmp_path):
+    staged = _adapter(tmp_path, b"good weights")
+    uri, digest = store.publish(staged, "adapters")
+    _alter(store, uri, "adapter_model.safetensors")
+    heard: list[str] = []
+    assert store.publish(staged, "adapters", log=heard.append) == (uri, digest)
+    assert "adapter_model.safetensors changed" in heard[0] and "moved it aside" in heard[0]
+    assert store.storage.read_bytes(f"{uri}/adapter_model.safetensors") == b"good weights"
+    assert store.fetch(uri, tmp_path / "cache") and sha256_path(store.fetch(uri, tmp_path / "cache")) == digest
+    moved = heard[0].split("moved it aside to ", 1)[1].split(" ", 1)[0]
+    assert f"/adapters/{QUARANTINE}/{digest[7:]}." in moved
+    assert store.storage.read_bytes(f"{moved}/adapter_model.safetensors") != b"good weights", "the altered bytes are kept"
+
+
+def test_an_altered_local_entry_is_refused_by_name_on_every_path_that_serves_it(tmp_path):
+    from aiplane.core.workload import Workload, WorkloadContext
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    uri, digest = store.publish(_adapter(tmp_path), "adapters")
+    ctx = WorkloadContext(Workload(name="deploy-endpoint", entrypoint="x:y", cache_dir=str(tmp_path / "cache")), print)
+    assert ctx.local(uri) == local_path(uri), "intact: served from where it is"
+    _flip_a_byte(local_path(uri) / "adapter_model.safetensors")
+    # What a serving target (and so a rollback) calls to get the adapter: never the altered bytes.
+    with pytest.raises(InputError, match=rf"{digest[7:]}.*not the artifact its digest names: adapter_model.safetensors "
+                                         r"changed.*moved aside.*aiplane up --force"):
+        ctx.local(uri)
+    with pytest.raises(InputError, match=r"not complete.*an altered copy was moved aside to .*\.quarantine"):
+        store.fetch(uri, tmp_path / "cache")
+
+
+def test_a_check_hashes_an_entry_once_and_again_only_after_a_file_changed(tmp_path, monkeypatch):
+    import aiplane.core.artifacts as artifacts
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    uri, _ = store.publish(_adapter(tmp_path), "adapters")
+    hashed = []
+    real = artifacts.digest_tree
+    monkeypatch.setattr(artifacts, "digest_tree", lambda *a, **k: hashed.append(a[0]) or real(*a, **k))
+    store.fetch(uri, tmp_path / "cache")
+    store.fetch(uri, tmp_path / "cache")
+    assert len(hashed) == 1, "the second fetch trusts the first check while no file changed"
+    (local_path(uri) / "sub" / "adapter_config.json").write_text('{"r": 5}')
+    with pytest.raises(InputError, match="sub/adapter_config.json changed"):
+        store.fetch(uri, tmp_path / "cache")
+
+
+def test_an_entry_published_before_manifests_held_file_digests_is_still_checked(tmp_path):
+    store = ArtifactStore(tmp_path / "artifacts")
+    uri, digest = store.publish(_adapter(tmp_path), "adapters")
+    # The manifest an earlier aiplane wrote: names only.
+    store.storage.write_bytes(uri + COMPLETE_SUFFIX, json.dumps({"digest": digest, "kind": "adapters",
+                                                                 "files": ["adapter_model.safetensors", "sub/adapter_config.json"]}).encode())
+    assert store.fetch(uri, tmp_path / "cache") == local_path(uri)
+    _flip_a_byte(local_path(uri) / "adapter_model.safetensors")
+    with pytest.raises(InputError, match="not the artifact its digest names"):
+        store.fetch(uri, tmp_path / "cache")
+
+
+def test_a_changed_cached_copy_of_a_remote_entry_is_downloaded_again(s3, s3_env, tmp_path):
+    store = ArtifactStore(f"s3://{s3.create_bucket()}/a", s3=s3_env)
+    uri, digest = store.publish(_adapter(tmp_path, b"remote weights"), "adapters")
+    copy = store.fetch(uri, tmp_path / "cache")
+    _flip_a_byte(copy / "adapter_model.safetensors")
+    again = store.fetch(uri, tmp_path / "cache")
+    assert (again / "adapter_model.safetensors").read_bytes() == b"remote weights" and sha256_path(again) == digest
+
+
+# --- Transient faults while publishing -----------------------------------------------------------------------------
+
+
+class _FlakyRelay:
+    """A TCP relay on loopback in front of the S3 server; it resets the first ``drop`` connections on arrival,
+    as a store that is restarting or a network that drops out does."""
+
+    def __init__(self, endpoint_url: str, drop: int):
+        import socket
+        import threading
+
+        host, port = endpoint_url.removeprefix("http://").rsplit(":", 1)
+        self.target, self.drop, self.dropped = (host, int(port)), drop, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import socket
+        import struct
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.dropped < self.drop:
+                self.dropped += 1
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset, not a goodbye
+                conn.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b) -> None:
+        import socket
+
+        try:
+            while data := a.recv(1 << 16):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (a, b):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def flaky_store(s3, s3_env, monkeypatch):
+    """An artifact store reached through a relay that drops its first N connections; short retry delays."""
+    monkeypatch.setattr(Storage, "retry_delays", (0.05, 0.05, 0.05))
+    bucket, relays = s3.create_bucket(), []
+
+    def make(drop: int) -> tuple[ArtifactStore, _FlakyRelay]:
+        relays.append(_FlakyRelay(s3.endpoint_url, drop))
+        settings = s3_env.model_copy(update={"endpoint": relays[-1].url})
+        return ArtifactStore(f"s3://{bucket}/a", s3=settings), relays[-1]
+
+    yield make
+    for relay in relays:
+        relay.close()
+
+
+def test_a_publish_rides_out_an_outage_longer_than_the_s3_clients_own_retries(flaky_store, tmp_path):
+    store, relay = flaky_store(drop=4)  # the S3 client alone gives up after 3
+    uri, digest = store.publish(_adapter(tmp_path, b"kept"), "adapters")
+    assert relay.dropped == 4 and store.complete(uri)
+    assert sha256_path(store.fetch(uri, tmp_path / "cache")) == digest
+
+
+def test_a_store_that_stays_down_fails_the_publish_after_bounded_retries_naming_it(flaky_store, tmp_path):
+    store, relay = flaky_store(drop=10**6)
+    with pytest.raises(InputError, match=r"Storage 's3://.*/adapters/[0-9a-f]{64}.*' \(tried 4 times\):.*NETWORK_CONNECTION"):
+        store.publish(_adapter(tmp_path), "adapters")
