@@ -330,6 +330,11 @@ class Deployment(_Strict):
     trainer: ComponentSpec
     serving: ComponentSpec
     factsheet: ComponentSpec
+    also_publish: tuple[ComponentSpec, ...] = ()
+    """More publishers, each given what ``factsheet`` is (``model-registry`` beside ``local`` or
+    ``watsonx-governance``). The ``factsheet`` asset publishes to ``factsheet`` first, then to each of
+    these in turn, every one placed as ``factsheet`` is and told where those before it published;
+    the asset's record is ``factsheet``'s. The same for every region."""
     storage: StorageSettings = Field(default_factory=StorageSettings)
     dagster: DagsterSettings = Field(default_factory=DagsterSettings)
     """Where the orchestrator keeps its runs, events and schedules."""
@@ -411,7 +416,14 @@ class Deployment(_Strict):
                     raise ValueError(str(exc)) from None
                 if pin and pin not in names:
                     raise ValueError(f"{where}{key}.target: " + unknown_name("target", pin, names))
+        for i, spec in enumerate(self.also_publish):
+            if spec.target and spec.target not in names:
+                raise ValueError(f"also_publish[{i}].target: " + unknown_name("target", spec.target, names))
         return self
+
+    def publishers(self, region: str | None = None) -> tuple[ComponentSpec, ...]:
+        """Every publisher the ``factsheet`` asset publishes to, in order: ``factsheet`` (as ``region`` sets it), then ``also_publish``."""
+        return (self.spec("factsheet", region), *self.also_publish)
 
     def spec(self, key: str, region: str | None = None) -> ComponentSpec:
         """The component spec ``key`` names, as region ``region`` sets it (``None``: the deployment's own)."""

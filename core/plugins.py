@@ -249,6 +249,11 @@ class Registry:
                     self.create(DEPLOYMENT_KINDS[key], spec.name, spec.settings)
                 except AiplaneError as exc:
                     problems.append(f"regions.{region}.{key}: {exc}")
+        for i, spec in enumerate(deployment.also_publish):
+            try:
+                self.create(DEPLOYMENT_KINDS["factsheet"], spec.name, spec.settings)
+            except AiplaneError as exc:
+                problems.append(f"also_publish[{i}]: {exc}")
         engines = self.components("engine")
         for i, target in enumerate(deployment.targets):
             if target.engine not in engines:
