@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .errors import InputError, WorkloadError
+from .errors import ConfigError, InputError, WorkloadError
 from .records import AdapterRecord, BaseModelRecord, EndpointRecord
 
 __all__ = [
@@ -39,6 +39,8 @@ __all__ = [
     "endpoint_record",
     "first_completion",
     "managed_by_aiplane",
+    "POD_READABLE",
+    "cluster_sources",
 ]
 
 PROTOCOLS = ("openai-completions", "openai-chat-completions")
@@ -57,6 +59,8 @@ ADAPTER_ANNOTATION = "aiplane.io/adapter"
 """On a cluster's serving object: the digest the endpoint name serves."""
 VERSIONS_ANNOTATION = "aiplane.io/versions"
 """On a cluster's serving object: every version it serves, newest first, as JSON."""
+POD_READABLE = ("s3://", "gs://", "hf://", "pvc://", "oci://", "https://")
+"""The URI schemes KServe's storage initializer fetches from: what a cluster's serving pod can read."""
 
 
 class ServerSettings(BaseModel):
@@ -165,3 +169,29 @@ def managed_by_aiplane(obj: Mapping[str, Any] | None) -> bool:
     """Whether aiplane created cluster object ``obj``: it changes and deletes nothing else."""
     labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
     return all(labels.get(k) == v for k, v in MANAGED_BY.items())
+
+
+def cluster_sources(adapter: AdapterRecord, storage: Any, target: str) -> tuple[BaseModelRecord, bool]:
+    """The base model of ``adapter`` and whether it is a whole model, once both are known to be readable by a
+    KServe pod: InputError for a local path, ConfigError for a base model and an adapter in different object
+    stores (the pod's storage initializer fetches everything with one set of keys, its service account's).
+
+    ``storage`` is the workload's :class:`~aiplane.core.storage.Storage`; ``target`` names the serving target
+    in the messages. Raises before any request, so a refusal changes nothing.
+    """
+    base = base_model_of(adapter)
+    full = is_full_model(adapter)
+    stored = (("model", adapter.uri),) if full else (("base model", base.uri), ("adapter", adapter.uri))
+    for what, uri in stored:
+        if not uri.startswith(POD_READABLE):
+            raise InputError(
+                f"The {what} is at {uri!r}, which a KServe pod cannot read: the {target} target serves from object "
+                "storage. Set the deployment's storage.root (and base_model.uri) to a bucket."
+            )
+    if len({storage.settings_for(uri) for _, uri in stored if uri.startswith("s3://")}) > 1:
+        raise ConfigError(
+            f"The base model ({base.uri}) and the adapter ({adapter.uri}) are in different object stores (the "
+            "region's own, storage.regions.<region>.s3, and storage.s3), and a KServe pod fetches both with its "
+            "service account's keys. Put the base model in the region's store, or serve this region with vllm."
+        )
+    return base, full

@@ -125,7 +125,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-__all__ = ["KubernetesApiDouble", "RecordedRequest", "PodRun", "job_controller"]
+__all__ = ["KubernetesApiDouble", "RecordedRequest", "PodRun", "job_controller", "LLMInferenceServiceController"]
 
 Controller = Callable[["KubernetesApiDouble", str, dict], None]
 
@@ -1435,3 +1435,184 @@ def _run_job(api: KubernetesApiDouble, job: dict, run: Callable[[PodRun], int | 
     })
     if code != 0:
         api.event(job, "BackoffLimitExceeded", "Job has reached the specified backoff limit", type="Warning")
+
+
+# -- LLMInferenceService (KServe's LLM controller) -------------------------------------------------
+# Own block: what plays KServe's LLMInferenceService controller and the vLLM pods behind its gateway.
+
+
+class LLMInferenceServiceController:
+    """Plays KServe's LLMInferenceService controller (``serving.kserve.io/v1alpha2``) and the vLLM behind it.
+
+    Register it with ``api.add_controller("LLMInferenceService", controller)``. For
+    each generation a client writes it does what KServe's controller does: the
+    workload Deployment ``<name>-kserve`` (owned by the service, so a Foreground
+    delete takes it along) gets the pod template, then its status and the
+    service's follow ``outcome``:
+
+    - ``"ready"``: the Deployment rolled out (every replica updated and available,
+      ``Progressing`` ``NewReplicaSetAvailable``); the service's conditions
+      ``PresetsCombined``, ``MainWorkloadReady``, ``WorkloadsReady``, ``RouterReady``
+      (and the scheduler's) and ``Ready`` True, ``status.url`` and ``addresses``
+      this object's loopback OpenAI server, which from then on serves the
+      generation's models: ``spec.model.name`` and every ``spec.model.lora.adapters``
+      name;
+    - ``"fail"``: the new pods never become available and the Deployment's
+      ``Progressing`` turns False with ``ProgressDeadlineExceeded``. As on a cluster,
+      an update leaves the old pods serving, so the service stays ``Ready`` (its
+      ``MainWorkloadReady`` mirrors the Deployment's ``Available``), and the old
+      models keep answering; a first deploy is ``Ready`` False with
+      ``MinimumReplicasUnavailable``;
+    - ``"never"``: nothing happens (a controller that is down, a rollout that hangs).
+
+    The OpenAI server answers ``POST /v1/completions`` for a served model (404 with
+    vLLM's error body for any other; 500 while ``failing``) and ``GET /v1/models``;
+    ``requests`` lists the model each completion named. Use it as a context manager,
+    or call :meth:`close`.
+    """
+
+    PRESET_IMAGE = "registry.redhat.io/rhoai/odh-vllm-cuda-rhel9:v3.4.0"
+    """The image the platform's preset gives the ``main`` container when the template names none."""
+
+    def __init__(self, outcome: str = "ready"):
+        self.outcome = outcome
+        self.failing = False
+        self.requests: list[str] = []
+        self.served: dict[tuple[str, str], list[str]] = {}
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        threading.Thread(target=self._http.serve_forever, daemon=True, name="llmisvc-openai").start()
+        self.url = f"http://127.0.0.1:{self._http.server_address[1]}"
+
+    def __enter__(self) -> "LLMInferenceServiceController":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.shutdown()
+        self._http.server_close()
+
+    def models(self) -> list[str]:
+        return sorted({m for names in self.served.values() for m in names})
+
+    def __call__(self, api: KubernetesApiDouble, event: str, obj: dict) -> None:
+        meta = obj["metadata"]
+        key = (meta["namespace"], meta["name"])
+        if event == "DELETED":
+            self.served.pop(key, None)
+            return
+        if self.outcome == "never":
+            return
+        deployment = self._deployment(api, obj)
+        if api.get("LLMInferenceService", *key)["metadata"]["generation"] != meta["generation"]:
+            return  # a newer generation was written meanwhile: its own call reconciles it
+        if self.outcome == "fail":
+            self._fail(api, obj, deployment, had_pods=key in self.served)
+        else:
+            self._ready(api, obj, deployment)
+            model = obj["spec"]["model"]
+            self.served[key] = [model.get("name") or meta["name"]] + [
+                a["name"] for a in (model.get("lora") or {}).get("adapters") or []
+            ]
+
+    def _deployment(self, api: KubernetesApiDouble, svc: dict) -> dict:
+        meta, spec = svc["metadata"], svc["spec"]
+        name, ns = f"{meta['name']}-kserve", meta["namespace"]
+        labels = {"app.kubernetes.io/component": "llminferenceservice-workload", "app.kubernetes.io/name": meta["name"],
+                  "app.kubernetes.io/part-of": "llminferenceservice"}  # fmt: skip
+        template = copy.deepcopy(spec.get("template") or {"containers": [{"name": "main"}]})
+        for container in template.get("containers") or []:
+            container.setdefault("image", self.PRESET_IMAGE)
+        body = {"replicas": spec.get("replicas", 1), "selector": {"matchLabels": labels},
+                "template": {"metadata": {"labels": labels}, "spec": template}}  # fmt: skip
+        if api.get("Deployment", ns, name) is None:
+            return api.create({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": name, "namespace": ns, "labels": labels, "ownerReferences": [{
+                    "apiVersion": svc["apiVersion"], "kind": "LLMInferenceService", "name": meta["name"],
+                    "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}]},
+                "spec": body,
+            })  # fmt: skip
+        return api.update("Deployment", ns, name, {"spec": body})
+
+    def _ready(self, api: KubernetesApiDouble, svc: dict, deployment: dict) -> None:
+        meta, n = svc["metadata"], deployment["spec"]["replicas"]
+        api.set_status("Deployment", meta["namespace"], deployment["metadata"]["name"], {
+            "observedGeneration": deployment["metadata"]["generation"], "replicas": n, "updatedReplicas": n,
+            "readyReplicas": n, "availableReplicas": n,
+            "conditions": [
+                {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable",
+                 "message": "Deployment has minimum availability."},
+                {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable",
+                 "message": f'ReplicaSet "{deployment["metadata"]["name"]}-{meta["generation"]:x}" has successfully progressed.'},
+            ],
+        }, merge=False)  # fmt: skip
+        scheduler = "scheduler" in ((svc["spec"].get("router") or {}))
+        types = ["PresetsCombined", "MainWorkloadReady", "WorkloadsReady", "HTTPRoutesReady", "GatewaysReady",
+                 *(["InferencePoolReady", "SchedulerWorkloadReady"] if scheduler else []), "RouterReady", "Ready"]  # fmt: skip
+        api.set_status("LLMInferenceService", meta["namespace"], meta["name"], {
+            "observedGeneration": meta["generation"], "url": self.url,
+            "addresses": [{"url": self.url}],
+            "conditions": [{"type": t, "status": "True", "lastTransitionTime": _now()} for t in types],
+        }, merge=False)  # fmt: skip
+
+    def _fail(self, api: KubernetesApiDouble, svc: dict, deployment: dict, had_pods: bool) -> None:
+        meta, n = svc["metadata"], deployment["spec"]["replicas"]
+        rs = f'{deployment["metadata"]["name"]}-{meta["generation"]:x}'
+        available = {"type": "Available", "status": "True" if had_pods else "False",
+                     "reason": "MinimumReplicasAvailable" if had_pods else "MinimumReplicasUnavailable",
+                     "message": "Deployment has minimum availability." if had_pods
+                     else "Deployment does not have minimum availability."}  # fmt: skip
+        api.set_status("Deployment", meta["namespace"], deployment["metadata"]["name"], {
+            "observedGeneration": deployment["metadata"]["generation"], "replicas": n + (n if had_pods else 0),
+            "updatedReplicas": n, "readyReplicas": n if had_pods else 0, "availableReplicas": n if had_pods else 0,
+            "unavailableReplicas": n,
+            "conditions": [available, {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                                       "message": f'ReplicaSet "{rs}" has timed out progressing.'}],
+        }, merge=False)  # fmt: skip
+        main = {"type": "MainWorkloadReady", "status": available["status"], "lastTransitionTime": _now()}
+        if not had_pods:
+            main.update(reason=available["reason"], message=available["message"])
+        ready = {**main, "type": "Ready"}
+        api.set_status("LLMInferenceService", meta["namespace"], meta["name"], {
+            "observedGeneration": meta["generation"],
+            **({"url": self.url, "addresses": [{"url": self.url}]} if had_pods else {}),
+            "conditions": [{"type": "PresetsCombined", "status": "True"}, main, {**main, "type": "WorkloadsReady"},
+                           {"type": "RouterReady", "status": "True"}, ready],
+        }, merge=False)  # fmt: skip
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path.rstrip("/") != "/v1/models":
+                    return self._answer(404, {"detail": "Not Found"})
+                self._answer(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in outer.models()]})
+
+            def do_POST(self):
+                if self.path.rstrip("/") != "/v1/completions":
+                    return self._answer(404, {"detail": "Not Found"})
+                model = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}").get("model")
+                outer.requests.append(model)
+                if outer.failing:
+                    return self._answer(500, {"error": {"message": "CUDA out of memory", "type": "InternalServerError", "code": 500}})
+                if model not in outer.models():
+                    return self._answer(404, {"error": {"message": f"The model `{model}` does not exist.",
+                                                        "type": "NotFoundError", "code": 404}})  # fmt: skip
+                self._answer(200, {"object": "text_completion", "model": model,
+                                   "choices": [{"index": 0, "text": " ok", "finish_reason": "length"}]})  # fmt: skip
+
+        return Handler
