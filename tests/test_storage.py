@@ -1,6 +1,5 @@
 """The storage seam: content-addressed artifacts on local disk and on a real S3 endpoint (moto's server)."""
 
-import contextlib
 import hashlib
 import json
 import os
@@ -12,6 +11,7 @@ from aiplane.core.config import S3Settings, SecretRef
 from aiplane.core.errors import ConfigError, InputError
 from aiplane.core.artifacts import sha256_path
 from aiplane.core.storage import COMPLETE_SUFFIX, QUARANTINE, ArtifactStore, Storage, local_path, normalize_uri
+from _flaky import FlakyRelay
 
 
 @pytest.fixture(scope="module")
@@ -427,65 +427,14 @@ def test_a_changed_cached_copy_of_a_remote_entry_is_downloaded_again(s3, s3_env,
 # --- Transient faults while publishing -----------------------------------------------------------------------------
 
 
-class _FlakyRelay:
-    """A TCP relay on loopback in front of the S3 server; it resets the first ``drop`` connections on arrival,
-    as a store that is restarting or a network that drops out does."""
-
-    def __init__(self, endpoint_url: str, drop: int):
-        import socket
-        import threading
-
-        host, port = endpoint_url.removeprefix("http://").rsplit(":", 1)
-        self.target, self.drop, self.dropped = (host, int(port)), drop, 0
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        import socket
-        import struct
-        import threading
-
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            if self.dropped < self.drop:
-                self.dropped += 1
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset, not a goodbye
-                conn.close()
-                continue
-            upstream = socket.create_connection(self.target)
-            for a, b in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(a, b) -> None:
-        import socket
-
-        try:
-            while data := a.recv(1 << 16):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for end in (a, b):
-                with contextlib.suppress(OSError):
-                    end.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture
 def flaky_store(s3, s3_env, monkeypatch):
     """An artifact store reached through a relay that drops its first N connections; short retry delays."""
     monkeypatch.setattr(Storage, "retry_delays", (0.05, 0.05, 0.05))
     bucket, relays = s3.create_bucket(), []
 
-    def make(drop: int) -> tuple[ArtifactStore, _FlakyRelay]:
-        relays.append(_FlakyRelay(s3.endpoint_url, drop))
+    def make(drop: int) -> tuple[ArtifactStore, FlakyRelay]:
+        relays.append(FlakyRelay(s3.endpoint_url, drop))
         settings = s3_env.model_copy(update={"endpoint": relays[-1].url})
         return ArtifactStore(f"s3://{bucket}/a", s3=settings), relays[-1]
 

@@ -23,7 +23,10 @@ and publishes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -33,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiplane.core import __version__ as _AIPLANE_VERSION
 from aiplane.core.errors import ConfigError, InputError, WorkloadError
-from aiplane.core.records import AdapterRecord, BaseModelRecord, FeaturesRecord
+from aiplane.core.artifacts import sha256_path
+from aiplane.core.records import AdapterRecord, BaseModelRecord, FeaturesRecord, record_from_json, record_to_json
 from aiplane.core.workload import WorkloadContext
 
 from .methods import Method, label_loss, method_for
@@ -47,6 +51,7 @@ __all__ = ["run", "run_sft", "run_distill", "train"]
 
 _REQUIRED = ("prompt", "completion", "split")
 _CHECKPOINT_FILE = "train_state.pt"
+_KEPT_RECORD = "record.json"
 _TRAINERS = {t.name: t for t in (LoraTrainer, SftTrainer, DistillTrainer)}
 
 
@@ -111,7 +116,10 @@ def train(
     before anything is written; the adapter (or, for a full model, the model
     directory) is published atomically under ``<artifact_root>/adapters/<sha256>``
     only after training and evaluation succeeded, so a failed or cancelled run
-    leaves nothing behind. On several workers every rank trains its share; the
+    leaves nothing behind. A trained result the store would not take (after its
+    retries) is kept under the workload's cache (``<home>/cache/staged/<key>``
+    by default) with its record, and the next run of the same training publishes
+    it, checked against its digest, instead of training again. On several workers every rank trains its share; the
     primary returns the record, the others ``None``. ``teacher`` (``distill``
     only) is the record the trainer's ``workload()`` resolved; resolved here when
     not given.
@@ -123,11 +131,14 @@ def train(
     s: LoopSettings = component.settings  # type: ignore[assignment]
     method = method_for(trainer, s)
     train_rows, eval_rows = _split_rows(rows, features)
-    # A base model in object storage is fetched once per digest; the rest reads it from disk.
+    # A base model in object storage is fetched once per digest; the rest reads it from disk. The record
+    # names what it was trained from where that is kept (s3://...), never this worker's copy.
+    sources = [base_model, features]
     base_model = base_model.model_copy(update={"uri": str(ctx.local(base_model.uri, base_model.digest))})
     component.validate(base_model)
     if isinstance(component, DistillTrainer):
         teacher = teacher if teacher is not None else component.teacher(base_model)
+        sources.append(teacher)
         teacher = teacher.model_copy(update={"uri": str(ctx.local(teacher.uri))})
     eval_rows = eval_rows[: s.eval_limit]
     if s.evaluation is not None and ctx.is_primary:
@@ -138,6 +149,11 @@ def train(
             f"trainer.settings.batch_size ({s.batch_size}) is the global batch, split across the {world} workers; "
             f"it must be at least the number of workers. Raise batch_size or use fewer workers."
         )
+    store = ctx.artifacts(artifact_root)
+    kept = _kept_dir(ctx, trainer, s, sources, store.root)
+    # What an earlier run of this very training trained, but could not publish: published now, not trained again.
+    if _on_every_rank(ctx.is_primary and _kept_record(kept, ctx) is not None, world):
+        return _publish_kept(store, kept, ctx) if ctx.is_primary else None
 
     from transformers import set_seed
 
@@ -169,11 +185,6 @@ def train(
         # Before publishing: an adapter whose evaluation failed is never published.
         more_metrics = evaluate_generations(s.evaluation, eval_rows, predictions, ctx)
 
-    store = ctx.artifacts(artifact_root)
-    with store.staging() as staged:
-        method.save(model, tokenizer, staged, base_model)
-        uri, digest = store.publish(staged, "adapters")
-
     k = max(1, min(10, len(curve) // 5))
     metrics: dict[str, Any] = {
         "loss_curve": [[step, loss] for step, loss in curve],
@@ -198,21 +209,120 @@ def train(
     if resumed_from is not None:
         metrics["resumed_from_step"] = resumed_from
     ctx.metrics = {name: v for name, v in metrics.items() if not isinstance(v, list)}
+
+    def record_for(uri: str, digest: str) -> AdapterRecord:
+        return AdapterRecord(
+            uri=uri,
+            digest=digest,
+            method=trainer,
+            config=method.record_config(s),
+            metrics=metrics,
+            run_id=ctx.run_id,
+            # The base model first: consumers take the first base_model source as what was trained from.
+            sources=tuple(sources),
+        )
+
+    with store.staging() as staged:
+        method.save(model, tokenizer, staged, base_model)
+        record = _publish(store, staged, kept, ctx, record_for)
+    uri, digest = record.uri, record.digest
     ctx.log(
         f"published {'model' if method.full_model else 'adapter'} {digest} to {uri}: train loss "
         f"{metrics['train_loss_first']:.3f} -> {metrics['train_loss_last']:.3f}, eval loss {_fmt(eval_loss)}, "
         f"eval accuracy {_fmt(eval_accuracy)}"
     )
-    return AdapterRecord(
-        uri=uri,
-        digest=digest,
-        method=trainer,
-        config=method.record_config(s),
-        metrics=metrics,
-        run_id=ctx.run_id,
-        # The base model first: consumers take the first base_model source as what was trained from.
-        sources=(base_model, features, *((teacher,) if teacher is not None else ())),
-    )
+    return record
+
+
+def _kept_dir(ctx: WorkloadContext, trainer: str, s: LoopSettings, sources: Sequence[Any], root: str) -> Path:
+    """Where a trained result whose publish failed waits: ``<cache>/staged/<key>``, under the home by default.
+
+    The key is the training's identity (trainer, settings, the digests of what it
+    trained on, this code's version, the store it publishes to), so only a run of
+    the very same training takes it up.
+    """
+    identity = {
+        "trainer": trainer,
+        "settings": s.model_dump(mode="json"),
+        "sources": [r.digest for r in sources],
+        "aiplane_version": _AIPLANE_VERSION,
+        "artifact_root": root,
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+    cache = Path(ctx.workload.cache_dir or Path(tempfile.gettempdir()) / "aiplane-cache")
+    return cache / "staged" / key
+
+
+def _kept_record(kept: Path, ctx: WorkloadContext) -> AdapterRecord | None:
+    """The record of what is kept at ``kept``, when its files are still what was trained; one that changed is dropped."""
+    try:
+        record = record_from_json(json.loads((kept / _KEPT_RECORD).read_text())["record"])
+    except (OSError, ValueError, KeyError):
+        return None
+    got = sha256_path(kept / "files") if (kept / "files").is_dir() else "nothing"
+    if got != record.digest:
+        ctx.log(f"the adapter kept at {kept} is not what run {record.run_id} trained ({record.digest}; "
+                f"its files hash to {got}): dropping it and training again")  # fmt: skip
+        shutil.rmtree(kept, ignore_errors=True)
+        return None
+    return record  # type: ignore[return-value]
+
+
+def _publish_kept(store: Any, kept: Path, ctx: WorkloadContext) -> AdapterRecord:
+    """Publish what :func:`_publish` kept; its record and final metrics are the run's that trained it."""
+    data = json.loads((kept / _KEPT_RECORD).read_text())
+    trained: AdapterRecord = record_from_json(data["record"])  # type: ignore[assignment]
+    record = _publish(store, kept / "files", kept, ctx, lambda uri, _: trained.model_copy(update={"uri": uri}))
+    shutil.rmtree(kept, ignore_errors=True)
+    ctx.metrics = data["metrics"]
+    ctx.log(f"published adapter {record.digest} to {record.uri}: trained by run {record.run_id} and kept at {kept} "
+            "when its publish failed; not training again")  # fmt: skip
+    return record
+
+
+def _publish(store: Any, files: Path, kept: Path, ctx: WorkloadContext, record_for: Any) -> AdapterRecord:
+    """Publish ``files`` and return ``record_for(uri, digest)``. When the store fails (after its retries), the
+    files and their record are kept at ``kept`` first, so the next run of this training publishes them."""
+    try:
+        uri, digest = store.publish(files, "adapters", log=ctx.log)
+    except (InputError, OSError) as exc:
+        reason = str(exc).rstrip(".")
+        if files != kept / "files":
+            digest = sha256_path(files)
+            try:
+                _keep(files, kept, record_for(store.uri_for("adapters", digest), digest), ctx.metrics)
+            except OSError as keep_exc:
+                raise InputError(f"Could not publish the trained result to {store.root} ({reason}), nor keep it at "
+                                 f"{kept} ({keep_exc}); it is lost. Fix the store and the disk, then run again.") from None  # fmt: skip
+        raise InputError(
+            f"Could not publish the trained result to {store.root}: {reason}. It is kept at {kept}: once the store "
+            "is reachable, the next `aiplane up` publishes it without training again."
+        ) from None
+    return record_for(uri, digest)
+
+
+def _keep(files: Path, kept: Path, record: AdapterRecord, metrics: Mapping[str, Any]) -> None:
+    """Move ``files`` and what is needed to publish them as their run's result to ``kept``, all at once."""
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=kept.parent, prefix=f".{kept.name}."))
+    try:
+        shutil.move(str(files), tmp / "files")
+        (tmp / _KEPT_RECORD).write_text(json.dumps({"record": record_to_json(record), "metrics": dict(metrics)}))
+        shutil.rmtree(kept, ignore_errors=True)  # a kept result that no longer matched, dropped already or now
+        os.rename(tmp, kept)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _on_every_rank(flag: bool, world: int) -> bool:
+    """The primary's ``flag``, agreed by every rank (a collective when there are several)."""
+    if world == 1:
+        return flag
+    import torch.distributed as dist
+
+    agreed = [flag]
+    dist.broadcast_object_list(agreed, src=0)
+    return bool(agreed[0])
 
 
 def _load_teacher(teacher: BaseModelRecord, s: LoopSettings, device: "torch.device", ctx: WorkloadContext) -> Any:
