@@ -14,7 +14,8 @@ from aiplane.core.placement import Requirements, place
 from aiplane.core.plugins import Registry, get_plugin_manager
 from aiplane.core.workload import Workload
 
-BUILTINS = {"local", "iceberg", "peft", "kserve", "vllm", "factsheets", "watsonx_gov", "openlineage", "ray", "kfp", "k8s"}
+BUILTINS = {"local", "iceberg", "peft", "kserve", "llmisvc", "vllm", "factsheets", "watsonx_gov", "openlineage", "ray",
+            "kfp", "k8s"}
 
 
 class _ThrowawayEngine(Engine):
@@ -38,6 +39,7 @@ def test_builtin_plugins_load_through_entry_points_with_distribution_hooks_and_c
     assert infos["iceberg"].components == (("feature store", "iceberg"), ("feature store", "watsonx-data"))
     assert infos["peft"].components == (("trainer", "lora"), ("trainer", "sft"), ("trainer", "distill"))
     assert infos["openlineage"].components == ()  # an observer: hooks only
+    assert infos["llmisvc"].components == (("serving target", "kserve-llm"),)
 
 
 def test_throwaway_plugin_registers_and_unregisters_on_a_fresh_manager(clean_plugin_env):
