@@ -103,6 +103,8 @@ a canary rollout sets ``status.components.predictor.traffic`` (``[{"revisionName
 :func:`job_controller` is the Job controller (a Job makes one Pod, which runs,
 then ends Succeeded or Failed with its message; the Job's status and conditions
 follow); the test supplies what "running the container" means.
+:func:`trainjob_controller` plays Kubeflow Trainer v2 for TrainJobs on a
+ClusterTrainingRuntime (register both CRDs): one pod per node, run the same way.
 """
 
 from __future__ import annotations
@@ -125,7 +127,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-__all__ = ["KubernetesApiDouble", "RecordedRequest", "PodRun", "job_controller", "LLMInferenceServiceController"]
+__all__ = ["KubernetesApiDouble", "RecordedRequest", "PodRun", "job_controller", "trainjob_controller",
+           "LLMInferenceServiceController"]
 
 Controller = Callable[["KubernetesApiDouble", str, dict], None]
 
@@ -1435,6 +1438,222 @@ def _run_job(api: KubernetesApiDouble, job: dict, run: Callable[[PodRun], int | 
     })
     if code != 0:
         api.event(job, "BackoffLimitExceeded", "Job has reached the specified backoff limit", type="Warning")
+
+
+# -- the TrainJob controller (Kubeflow Trainer v2: trainer.kubeflow.org) ---------------------------------
+# The trainjob engine's block: TrainJob and ClusterTrainingRuntime are served from their CRDs
+# (shared/crds/trainer.kubeflow.org_*.yaml, registered by the test); this plays the Trainer's controller,
+# JobSet and the kubelet for them.
+
+_TRAINER_STEP = "trainer.kubeflow.org/trainjob-ancestor-step"
+_JOBSET_NAME = "jobset.sigs.k8s.io/jobset-name"
+_JOBSET_RJOB = "jobset.sigs.k8s.io/replicatedjob-name"
+_JOB_INDEX = "batch.kubernetes.io/job-completion-index"
+
+
+def trainjob_controller(run: Callable[[PodRun], int | tuple[int, str]]) -> Controller:
+    """The Trainer v2 controller, JobSet and kubelet for TrainJobs, with ``run`` standing in for each node's container.
+
+    On a new TrainJob: its ClusterTrainingRuntime (``spec.runtimeRef.name``) gives
+    the pod template of the replicated job labelled ``trainjob-ancestor-step:
+    trainer``; the TrainJob's ``spec.trainer`` overrides its container's image,
+    command, args, env (merged by name) and resources, and each ``runtimePatches``
+    entry is applied to it (pod labels and annotations, service account, node
+    selector, tolerations, pull secrets, volumes; the container's env, security
+    context and mounts). ``numNodes`` (the trainer's, else the runtime's
+    ``mlPolicy``) pods are created, owned by the TrainJob, labelled as JobSet labels
+    them (``jobset-name``, ``replicatedjob-name``, ``job-completion-index``). With a
+    torch ``mlPolicy`` each gets the torch plugin's ``PET_NNODES``,
+    ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR`` and
+    ``PET_MASTER_PORT`` (every node runs on this machine: 127.0.0.1 and a free port).
+    Each node runs as :func:`job_controller`'s pod does (``run(PodRun)``; a missing
+    Secret leaves it Pending with ``CreateContainerConfigError``); when one fails,
+    the others are stopped, as JobSet's failure policy does. The TrainJob then gets
+    ``Complete`` (reason ``AllJobsCompleted``) or ``Failed`` (reason ``FailedJobs``),
+    the JobSet's reasons the Trainer copies, and ``jobsStatus``. A TrainJob whose
+    runtime does not exist gets ``Failed`` (``TrainingRuntimeNotSupported``). Deleting
+    the TrainJob deletes its pods (owner references), which stops them.
+    """
+
+    def controller(api: KubernetesApiDouble, event: str, trainjob: dict) -> None:
+        if event != "ADDED":
+            return
+        try:
+            _run_trainjob(api, trainjob, run)
+        except _ApiError as err:
+            if err.code != 404:  # the TrainJob was deleted while it ran: nothing left to report
+                raise
+
+    return controller
+
+
+def _trainjob_condition(kind: str, reason: str, message: str) -> dict:
+    return {"type": kind, "status": "True", "reason": reason, "message": message, "lastTransitionTime": _now()}
+
+
+def _node_template(api: KubernetesApiDouble, trainjob: dict) -> tuple[dict, dict, str] | None:
+    """``(pod template, mlPolicy, replicated job name)`` of the trainer step, the TrainJob's overrides and patches applied."""
+    spec = trainjob["spec"]
+    runtime = api.get("ClusterTrainingRuntime", None, spec["runtimeRef"]["name"])
+    if runtime is None:
+        return None
+    rjobs = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    rjob = next((r for r in rjobs if (r["template"].get("metadata") or {}).get("labels", {}).get(_TRAINER_STEP) == "trainer"),
+                next(r for r in rjobs if r["name"] == "node"))
+    template = copy.deepcopy(rjob["template"]["spec"]["template"])
+    template.setdefault("metadata", {})
+    pod = template["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "node")
+    trainer = spec.get("trainer") or {}
+    for field_name, key in (("image", "image"), ("command", "command"), ("args", "args"), ("resourcesPerNode", "resources")):
+        if field_name in trainer:
+            container[key] = copy.deepcopy(trainer[field_name])
+    _merge_named(container, "env", trainer.get("env"))
+    for patch in spec.get("runtimePatches") or ():
+        for rpatch in (((patch.get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec") or {}).get("replicatedJobs") or ():
+            if rpatch["name"] != rjob["name"]:
+                continue
+            ptemplate = ((rpatch.get("template") or {}).get("spec") or {}).get("template") or {}
+            for key in ("labels", "annotations"):
+                template["metadata"].setdefault(key, {}).update((ptemplate.get("metadata") or {}).get(key) or {})
+            pspec = ptemplate.get("spec") or {}
+            for key in ("serviceAccountName", "securityContext", "affinity"):
+                if key in pspec:
+                    pod[key] = copy.deepcopy(pspec[key])
+            pod.setdefault("nodeSelector", {}).update(pspec.get("nodeSelector") or {})
+            for key in ("tolerations", "imagePullSecrets", "volumes"):
+                pod[key] = [*pod.get(key, []), *copy.deepcopy(pspec.get(key) or [])]
+            for cpatch in pspec.get("containers") or ():
+                target = next((c for c in pod["containers"] if c["name"] == cpatch["name"]), None)
+                if target is None:
+                    continue
+                _merge_named(target, "env", cpatch.get("env"))
+                _merge_named(target, "volumeMounts", cpatch.get("volumeMounts"))
+                if "securityContext" in cpatch:
+                    target["securityContext"] = copy.deepcopy(cpatch["securityContext"])
+    for key in ("nodeSelector", "tolerations", "imagePullSecrets", "volumes"):
+        if not pod.get(key):
+            pod.pop(key, None)
+    return template, runtime["spec"].get("mlPolicy") or {}, rjob["name"]
+
+
+def _merge_named(holder: dict, key: str, items: list | None) -> None:
+    """Merge ``items`` into ``holder[key]`` by ``name`` (a later item replaces one of the same name)."""
+    if not items:
+        return
+    merged = {i["name"]: i for i in holder.get(key) or ()}
+    merged.update({i["name"]: copy.deepcopy(i) for i in items})
+    holder[key] = list(merged.values())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_trainjob(api: KubernetesApiDouble, trainjob: dict, run: Callable[[PodRun], int | tuple[int, str]]) -> None:
+    meta = trainjob["metadata"]
+    ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
+    resolved = _node_template(api, trainjob)
+    if resolved is None:
+        api.set_status("TrainJob", ns, name, {"conditions": [_trainjob_condition(
+            "Failed", "TrainingRuntimeNotSupported",
+            f"ClusterTrainingRuntime {trainjob['spec']['runtimeRef']['name']!r} was not found")]})
+        return
+    template, ml_policy, rjob = resolved
+    trainer = trainjob["spec"].get("trainer") or {}
+    nodes = int(trainer.get("numNodes") or ml_policy.get("numNodes") or 1)
+    torch_policy = ml_policy.get("torch")
+    procs = trainer.get("numProcPerNode") or (torch_policy or {}).get("numProcPerNode") or 1
+    port = _free_port()
+    pods = []
+    for index in range(nodes):
+        pod_template = copy.deepcopy(template)
+        if torch_policy is not None:
+            container = next(c for c in pod_template["spec"]["containers"] if c["name"] == "node")
+            _merge_named(container, "env", [
+                {"name": "PET_NNODES", "value": str(nodes)}, {"name": "PET_NPROC_PER_NODE", "value": str(procs)},
+                {"name": "PET_NODE_RANK", "value": str(index)}, {"name": "PET_MASTER_ADDR", "value": "127.0.0.1"},
+                {"name": "PET_MASTER_PORT", "value": str(port)},
+            ])
+        labels = {**pod_template["metadata"].get("labels", {}), _JOBSET_NAME: name, _JOBSET_RJOB: rjob,
+                  _JOB_INDEX: str(index), _TRAINER_STEP: "trainer"}
+        pods.append(api.create({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": f"{name}-{rjob}-0-{index}-{uuid.uuid4().hex[:5]}", "namespace": ns, "labels": labels,
+                "annotations": pod_template["metadata"].get("annotations", {}),
+                "ownerReferences": [{"apiVersion": trainjob["apiVersion"], "kind": "TrainJob", "name": name, "uid": uid,
+                                     "controller": True, "blockOwnerDeletion": True}],
+            },
+            "spec": pod_template["spec"],
+            "status": {"phase": "Pending"},
+        }))
+    api.event(trainjob, "Created", f"Created JobSet {ns}/{name} with {nodes} node(s) on {trainjob['spec']['runtimeRef']['name']}")
+    api.set_status("TrainJob", ns, name, {"jobsStatus": [
+        {"name": rjob, "active": nodes, "ready": 0, "succeeded": 0, "failed": 0, "suspended": 0}]})
+    stop_all = threading.Event()
+    codes: list[int | None] = [None] * nodes
+    threads = [threading.Thread(target=lambda i=i, p=p: codes.__setitem__(i, _run_node(api, name, p, run, stop_all)),
+                                daemon=True) for i, p in enumerate(pods)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if api.get("TrainJob", ns, name) is None or any(c is None for c in codes):
+        return
+    failed = sum(c != 0 for c in codes)
+    condition = (_trainjob_condition("Failed", "FailedJobs", "jobset failed due to one or more job failures") if failed
+                 else _trainjob_condition("Complete", "AllJobsCompleted", "jobset completed successfully"))
+    api.set_status("TrainJob", ns, name, {
+        "conditions": [condition],
+        "jobsStatus": [{"name": rjob, "active": 0, "ready": 0, "succeeded": 0 if failed else 1, "failed": 1 if failed else 0,
+                        "suspended": 0}],
+    })
+    if failed:
+        api.event(trainjob, "Failed", "jobset failed due to one or more job failures", type="Warning")
+
+
+def _run_node(api: KubernetesApiDouble, trainjob: str, pod: dict, run: Callable[[PodRun], int | tuple[int, str]],
+              stop_all: threading.Event) -> int | None:
+    """One node's pod to its end, as the kubelet runs it: its exit code, ``None`` if it was deleted or never started."""
+    ns, pod_name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+    container = next(c for c in pod["spec"]["containers"] if c["name"] == "node")
+    stopped = threading.Event()
+
+    def gone() -> bool:
+        return api.get("Pod", ns, pod_name) is None or api.get("TrainJob", ns, trainjob) is None
+
+    threading.Thread(target=lambda: api.wait_for(lambda: gone() or api.stopping or stop_all.is_set(), 3600) and stopped.set(),
+                     daemon=True).start()
+    status = {"name": "node", "ready": False, "restartCount": 0, "image": container.get("image", ""), "imageID": ""}
+    try:
+        env = _resolve_env(api, ns, container)
+    except RuntimeError as exc:
+        api.set_status("Pod", ns, pod_name, {"phase": "Pending", "containerStatuses": [
+            {**status, "state": {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}}]})
+        api.event(pod, "Failed", f"Error: {exc}", type="Warning")
+        return None
+    api.event(pod, "Started", "Started container node")
+    api.set_status("Pod", ns, pod_name, {"phase": "Running", "startTime": _now(), "containerStatuses": [
+        {**status, "ready": True, "state": {"running": {"startedAt": _now()}}}]})
+    outcome = run(PodRun(api, pod, [*container.get("command", []), *container.get("args", [])], env, stopped))
+    code, message = outcome if isinstance(outcome, tuple) else (outcome, "")
+    if code != 0:
+        stop_all.set()  # JobSet's failure policy: one failed node fails the set, the others are stopped
+    if gone():
+        return None
+    terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error", "finishedAt": _now()}
+    if not message and code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+        message = "\n".join(api.log(ns, pod_name)[-80:])[-2048:]
+    if message:
+        terminated["message"] = message
+    api.set_status("Pod", ns, pod_name, {"phase": "Succeeded" if code == 0 else "Failed", "containerStatuses": [
+        {**status, "state": {"terminated": terminated}}]}, merge=False)
+    return code
 
 
 # -- LLMInferenceService (KServe's LLM controller) -------------------------------------------------

@@ -1,0 +1,109 @@
+"""The TrainJob one workload becomes: a pure function of the workload, the target and the settings.
+
+No client and no cluster here, so the manifest can be built, read and validated
+before anything is sent (a :class:`ConfigError` means nothing was created).
+
+What the TrainJob's ``trainer`` can override (image, command, nodes, processes,
+resources per node, env) is set there; what it cannot (the pod's node selector,
+tolerations, service account, pull secrets, volumes, labels, and the container's
+security context and mounts) goes into one ``runtimePatches`` entry managed by
+aiplane, on the runtime's ``node`` replicated job.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+from aiplane.core.config import Target
+from aiplane.core.kube import pod_env, pod_resources, pvc_volumes, restricted_security_context
+from aiplane.core.workload import Workload
+
+from .settings import TrainJobSettings
+
+__all__ = ["trainjob_manifest", "trainjob_name", "describe", "API_VERSION", "NODE", "MANAGER", "TASK"]
+
+API_VERSION = "trainer.kubeflow.org/v1alpha1"
+NODE = "node"
+"""The trainer's replicated job and container in the Trainer's runtimes (what ``trainer`` overrides)."""
+MANAGER = "aiplane.io/trainjob-engine"
+"""Who owns aiplane's runtime patch (``runtimePatches[].manager``)."""
+TASK = "aiplane.plugins.trainjob.task"
+MANAGED_BY = "aiplane"
+# The Trainer names the pods <trainjob>-node-<job index>-<pod index>-<suffix>; they must stay DNS labels.
+_MAX_NAME = 46
+
+
+def trainjob_name(workload: Workload) -> str:
+    """``aiplane-<workload>-<run id>-<attempt>``: a DNS label, unique per attempt (a retried step gets a new TrainJob)."""
+    suffix = f"-{re.sub(r'[^a-z0-9]', '', workload.run_id.lower())[:10]}-{uuid.uuid4().hex[:6]}"
+    slug = re.sub(r"[^a-z0-9]+", "-", workload.name.lower()).strip("-") or "workload"
+    return f"aiplane-{slug[: _MAX_NAME - len('aiplane-') - len(suffix)].rstrip('-')}{suffix}"
+
+
+def trainjob_manifest(
+    workload: Workload, target: Target, settings: TrainJobSettings, name: str, result_uri: str
+) -> dict[str, Any]:
+    """The TrainJob (as a dict) that runs ``workload`` on ``target`` and writes its result to ``result_uri``."""
+    s = settings
+    env = pod_env(workload, s, "trainjob", result_uri)
+    requests, limits, node_selector = pod_resources(workload, target, s)
+    labels = {
+        **s.labels,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/component": "workload",
+        "aiplane.io/run-id": re.sub(r"[^A-Za-z0-9_.-]", "-", workload.run_id)[:63].strip("-_.") or "run",
+    }
+    annotations = {"aiplane.io/workload": workload.name, "aiplane.io/entrypoint": workload.entrypoint}
+    # One process needs no launcher; several get torchrun, which reads the PET_* variables the Trainer's
+    # torch plugin sets on every node (nodes, processes per node, node rank, master address and port).
+    launcher = ["-m", "torch.distributed.run"] if s.world_size > 1 else []
+    trainer: dict[str, Any] = {
+        "image": s.image,
+        "command": [s.python, *launcher, "-m", TASK],
+        "numNodes": s.num_nodes,
+        "numProcPerNode": s.num_proc_per_node,
+        "resourcesPerNode": {"requests": requests, **({"limits": limits} if limits else {})},
+        "env": env,
+    }
+    container: dict[str, Any] = {"name": NODE, "securityContext": restricted_security_context(s)}
+    pod: dict[str, Any] = {"containers": [container]}
+    if s.pvc_mounts:
+        pod["volumes"], container["volumeMounts"] = pvc_volumes(s)
+    if s.service_account:
+        pod["serviceAccountName"] = s.service_account
+    if s.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in s.image_pull_secrets]
+    if node_selector:
+        pod["nodeSelector"] = node_selector
+    if s.tolerations:
+        pod["tolerations"] = [t.manifest() for t in s.tolerations]
+    node_job = {"name": NODE, "template": {"spec": {"template": {
+        "metadata": {"labels": labels, "annotations": annotations}, "spec": pod,
+    }}}}  # fmt: skip
+    spec: dict[str, Any] = {
+        "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": s.runtime},
+        "trainer": trainer,
+        "runtimePatches": [{"manager": MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [node_job]}}}}],
+    }
+    if s.timeout_s is not None:
+        spec["activeDeadlineSeconds"] = max(1, int(s.timeout_s))
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "TrainJob",
+        "metadata": {"name": name, "namespace": s.namespace, "labels": labels, "annotations": annotations},
+        "spec": spec,
+    }
+
+
+def describe(manifest: dict[str, Any]) -> str:
+    """One line for the run log: where the TrainJob runs and with what (never the env values)."""
+    spec, meta = manifest["spec"], manifest["metadata"]
+    trainer = spec["trainer"]
+    return (
+        f"TrainJob {meta['namespace']}/{meta['name']} on ClusterTrainingRuntime {spec['runtimeRef']['name']}: "
+        f"image {trainer['image']}, {trainer['numNodes']} node(s) x {trainer['numProcPerNode']} process(es), "
+        f"per node {json.dumps(trainer['resourcesPerNode']['requests'], sort_keys=True)}"
+    )
