@@ -13,18 +13,21 @@ fails its own partition, before any side effect; the others go on.
 """
 
 
-from collections.abc import Sequence
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from aiplane.core.components import FEATURE_COLUMNS
-from aiplane.core.errors import GovernanceError, InputError
+from aiplane.core.config import Deployment
+from aiplane.core.errors import AiplaneError, GovernanceError, InputError
 from aiplane.core.factsheet import build_factsheet
 from aiplane.core.governance import judge
 from aiplane.core.placement import allows_region, normalize_tag, unknown_tags
-from aiplane.core.plugins import materialization, notify_error
+from aiplane.core.plugins import DEPLOYMENT_KINDS, Registry, materialization, notify_error
 from aiplane.core.records import (
     AdapterRecord,
     BaseModelRecord,
@@ -38,30 +41,76 @@ from aiplane.core.records import (
 
 from .resource import AiplaneResource
 from .sources import load_tickets
-from .state import ORPHAN_NOTIFIED_TAG, RecordIOManager, latest_record, records, spec_digest, step_region, unfinished_steps
+from .state import ORPHAN_NOTIFIED_TAG, RecordIOManager, latest_record, records, step_region, unfinished_steps
 
-__all__ = ["defs", "ASSETS", "build_assets", "build_definitions", "features_refresh_schedule", "on_upstream_data_change", "region_table"]
+__all__ = [
+    "defs",
+    "ASSETS",
+    "PARTITIONED",
+    "build_assets",
+    "build_definitions",
+    "code_version",
+    "features_refresh_schedule",
+    "on_change",
+    "region_table",
+]
 
 GROUP = "aiplane"
 
+MADE_BY = {"features": "feature_store", "adapter_weights": "trainer", "served_endpoint": "serving", "factsheet": "factsheet"}
+"""The deployment key whose component makes each asset; ``base_model`` is resolved from ``base_model.uri``."""
 
-def on_upstream_data_change() -> dg.AutomationCondition:
-    """Run when an upstream asset's *data version* changed (or this asset went missing).
+
+def on_change() -> dg.AutomationCondition:
+    """Run when this asset's settings changed (a new code version), an upstream *data version* changed,
+    an upstream asset is requested in the same tick, or this asset went missing.
 
     ``eager()`` reacts to every upstream materialization; a features refresh that
     found no new data still materializes, with the same data version, and must
-    not retrain. Failed blocking checks upstream hold everything back.
+    not retrain. What is downstream of a requested asset is requested with it,
+    so one tick asks for exactly what ``aiplane up`` redoes. Failed blocking
+    checks upstream hold everything back.
     """
+    changed_upstream = dg.AutomationCondition.data_version_changed() | dg.AutomationCondition.will_be_requested()
     return (
         (
             dg.AutomationCondition.newly_missing()
-            | dg.AutomationCondition.any_deps_match(dg.AutomationCondition.data_version_changed())
+            | dg.AutomationCondition.code_version_changed()
+            | dg.AutomationCondition.any_deps_match(changed_upstream)
         ).since_last_handled()
         & ~dg.AutomationCondition.any_deps_missing()
         & ~dg.AutomationCondition.any_deps_in_progress()
         & ~dg.AutomationCondition.in_progress()
         & dg.AutomationCondition.all_deps_blocking_checks_passed()
-    ).with_label("upstream data version changed")
+    ).with_label("settings or upstream data version changed")
+
+
+def code_version(deployment: Deployment, asset: str, config: Mapping | None = None, regions: Sequence[str] = ()) -> str:
+    """The asset's Dagster code version: what shapes it besides its inputs, digested.
+
+    That is its component's spec (every region's, when partitioned: a code version
+    is one per asset), aiplane's version, and the run config values that differ from
+    the defaults (a pinned target). Dagster then calls an asset whose settings
+    changed stale ("has a new code version"), and the automation requests it. The
+    version reads ``<deployment key> <component> <digest>``, so the UI says which settings.
+    """
+    from aiplane.core import __version__
+
+    key = MADE_BY.get(asset)
+    if key is None:
+        spec = {"base_model": deployment.base_model.model_dump(mode="json")}
+        names = [deployment.base_model.uri]
+    else:
+        specs = {r or "": deployment.spec(key, r) for r in (None, *regions)}
+        spec = {r: s.model_dump(mode="json") for r, s in specs.items()}
+        if key == "factsheet" and deployment.also_publish:
+            spec["also_publish"] = [s.model_dump(mode="json") for s in deployment.also_publish]
+        names = sorted({s.name for s in specs.values()})
+    # A rollback is not a settings change: the rolled-back adapter stays served until adapter_weights changes.
+    defaults = _CONFIGS[asset]().model_dump() if asset in _CONFIGS else {}
+    given = {k: v for k, v in (config or {}).items() if k != "rollback_to" and defaults.get(k) != v}
+    canonical = json.dumps({"aiplane": __version__, "spec": spec, "config": given}, sort_keys=True, default=str)
+    return f"{key or 'base_model'} {'+'.join(names)} {hashlib.sha256(canonical.encode()).hexdigest()[:16]}"
 
 
 def _metadata(record: Record, **extra: Any) -> dict[str, Any]:
@@ -82,6 +131,11 @@ def _metadata(record: Record, **extra: Any) -> dict[str, Any]:
         meta["execution"] = dg.MetadataValue.json(execution)
     meta.update({k: v for k, v in extra.items() if v is not None})
     return meta
+
+
+def _made_by(deployment: Deployment, decision, **component: str) -> dict[str, str]:
+    """Top-level metadata naming the plugins that did the work: the component, and the engine of the target it ran on."""
+    return {**component, "engine": deployment.target(decision.target).engine}
 
 
 def _output(record: Record, **extra: Any) -> dg.Output:
@@ -180,6 +234,7 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, aiplane:
         new_snapshot=changed,
         source=str(source),
         region=region,
+        **{"feature store": store.name},
     )
     published = store.read(record)
     yield from _feature_checks(published, d.residency, pa.Table.from_pylist(every) if region else None)
@@ -329,7 +384,7 @@ def adapter_weights(
     first, last = metrics.get("train_loss_first"), metrics.get("train_loss_last")
     yield _output(
         record,
-        spec_digest=spec_digest(d.in_region(region), "adapter_weights", config.model_dump()),
+        **_made_by(d, decision, trainer=trainer.name),
         run_id=record.run_id,
         method=record.method,
         train_loss_first=first,
@@ -394,7 +449,7 @@ def served_endpoint(
     )
     return _output(
         record,
-        spec_digest=spec_digest(d.in_region(region), "served_endpoint", config.model_dump()),
+        **_made_by(d, decision, **{"serving target": serving.name}),
         url=dg.MetadataValue.url(record.url),
         model_name=record.model_name,
     )
@@ -428,54 +483,108 @@ def factsheet(
     context.log.info(f"factsheet at {record.uri} (page {record.page_uri})")
     return _output(
         record,
-        spec_digest=spec_digest(d.in_region(region), "factsheet", config.model_dump()),
+        **_made_by(d, decision, publisher=publisher.name),
         path=dg.MetadataValue.path(record.uri),
         page=dg.MetadataValue.path(record.page_uri),
     )
 
 
-def build_assets(regions: Sequence[str] = ()) -> list[dg.AssetsDefinition]:
-    """The five assets; with ``regions``, all but ``base_model`` partitioned by them (one partition per region)."""
+_CONFIGS: dict[str, type[dg.Config]] = {
+    "features": FeaturesConfig,
+    "adapter_weights": TargetConfig,
+    "served_endpoint": EndpointConfig,
+    "factsheet": TargetConfig,
+}
+
+
+def _kinds(deployment: Deployment | None, registry: Registry | None, asset: str, regions: Sequence[str]) -> set[str]:
+    """What the UI shows on ``asset``: the kinds its component declares (``Component.kinds``), else its name,
+    for every region's component; none known without a deployment."""
+    key = MADE_BY.get(asset)
+    if key is None:
+        return {"huggingface"}
+    if deployment is None or registry is None:
+        return set()
+    kinds: set[str] = set()
+    for name in sorted({deployment.spec(key, r).name for r in (None, *regions)}):
+        try:
+            declared = registry.get(DEPLOYMENT_KINDS[key], name).kinds
+        except AiplaneError:
+            declared = ()  # not installed: the resource says so when a run starts
+        kinds.update(declared or (name,))
+    return kinds
+
+
+def _described(text: str, deployment: Deployment | None, asset: str, regions: Sequence[str]) -> str:
+    key = MADE_BY.get(asset)
+    if deployment is None or key is None:
+        return text
+    names = sorted({deployment.spec(key, r).name for r in (None, *regions)})
+    return f"{text} Made by the {DEPLOYMENT_KINDS[key]} {' / '.join(repr(n) for n in names)}."
+
+
+def build_assets(
+    regions: Sequence[str] = (),
+    deployment: Deployment | None = None,
+    registry: Registry | None = None,
+    configs: Mapping[str, Mapping] | None = None,
+) -> list[dg.AssetsDefinition]:
+    """The five assets; with ``regions``, all but ``base_model`` partitioned by them (one partition per region).
+
+    With ``deployment`` (and the ``registry`` of its plugins), each asset's code version
+    is the digest of the settings that shape it (with ``configs``, the run config of
+    each asset), and its kinds and description name the plugin that makes it.
+    """
     parts = dg.StaticPartitionsDefinition(list(regions)) if regions else None
     checks = [*_CHECKS, _REGION_CHECK] if regions else _CHECKS
-    automated = on_upstream_data_change()
-    return [
-        dg.asset(group_name=GROUP, kinds={"huggingface"}, description="The pretrained model adapters start from.")(base_model),
-        dg.asset(
+    automated = on_change()
+
+    def asset(fn, description: str, **kwargs) -> dg.AssetsDefinition:
+        name = fn.__name__
+        version = code_version(deployment, name, (configs or {}).get(name), regions) if deployment is not None else None
+        return dg.asset(
             group_name=GROUP,
-            kinds={"iceberg"},
+            kinds=_kinds(deployment, registry, name, regions),
+            code_version=version,
+            description=_described(description, deployment, name, regions),
+            **kwargs,
+        )(fn)
+
+    return [
+        asset(base_model, "The pretrained model adapters start from."),
+        asset(
+            features,
+            "Training features in the feature store, pinned to a snapshot"
+            + (": per region, the rows its residency allows." if regions else "."),
             partitions_def=parts,
             check_specs=checks,
-            description="Training features in the feature store, pinned to a snapshot"
-            + (": per region, the rows its residency allows." if regions else "."),
-        )(features),
-        dg.asset(
-            group_name=GROUP,
-            kinds={"pytorch"},
+        ),
+        asset(
+            adapter_weights,
+            "The trained weights (a LoRA adapter, or a whole model for sft), in the content-addressed store.",
             partitions_def=parts,
             automation_condition=automated,
             check_specs=_ADAPTER_CHECKS,
-            description="The trained weights (a LoRA adapter, or a whole model for sft), in the content-addressed store.",
-        )(adapter_weights),
-        dg.asset(
-            group_name=GROUP,
-            kinds={"vllm"},
+        ),
+        asset(
+            served_endpoint,
+            "A running model server for the base model plus adapter.",
             partitions_def=parts,
             automation_condition=automated,
-            description="A running model server for the base model plus adapter.",
-        )(served_endpoint),
-        dg.asset(
-            group_name=GROUP,
-            kinds={"json"},
+        ),
+        asset(
+            factsheet,
+            "The factsheet: lineage, training, evaluation and placement of the served model.",
             partitions_def=parts,
             automation_condition=automated,
-            description="The factsheet: lineage, training, evaluation and placement of the served model.",
-        )(factsheet),
+        ),
     ]
 
 
 ASSETS = build_assets()
 """The unpartitioned assets (a deployment without ``regions``)."""
+PARTITIONED = frozenset(a.key.to_user_string() for a in build_assets(("region",)) if a.partitions_def)
+"""The assets a deployment with ``regions`` partitions by region, as :func:`build_assets` declares them."""
 
 refresh_features_job = dg.define_asset_job("refresh_features", selection=["features"])
 features_refresh_schedule = dg.ScheduleDefinition(
@@ -523,31 +632,38 @@ def orphaned_steps_sensor(context: dg.RunFailureSensorContext, aiplane: AiplaneR
         return  # `aiplane up` found it orphaned and told the observers already
     for step in unfinished_steps(context.instance, context.dagster_run.run_id):
         error = RuntimeError(f"step {step} of run {context.dagster_run.run_id} never finished: {context.failure_event.message}")
-        region = step_region(context.dagster_run, step)
+        region = step_region(context.dagster_run, step, PARTITIONED)
         notify_error(aiplane.registry.pm, step, context.dagster_run.run_id, error, aiplane.config, region)
 
 
-def deployment_regions(resource: AiplaneResource) -> tuple[str, ...]:
-    """The regions of the resource's deployment: the partitions of the code location."""
+def _deployment_of(resource: AiplaneResource) -> Deployment | None:
+    """The resource's deployment, or ``None`` when it does not load (a run then reports why, when it starts)."""
     from aiplane.core.config import load_deployment
-    from aiplane.core.errors import AiplaneError
 
     try:
-        return tuple(load_deployment(resource.deployment or None, home=resource.home or None).regions)
+        return load_deployment(resource.deployment or None, home=resource.home or None)
     except AiplaneError:
-        return ()  # the resource reports what is wrong with the deployment when a run starts
+        return None
 
 
-def build_definitions(resource: AiplaneResource | None = None, loggers: dict | None = None) -> dg.Definitions:
-    """The code location; ``aiplane up`` passes its own resource and console logger.
+def build_definitions(
+    resource: AiplaneResource | None = None, loggers: dict | None = None, configs: Mapping[str, Mapping] | None = None
+) -> dg.Definitions:
+    """The code location; ``aiplane up`` passes its own resource, console logger and run ``configs`` (per asset).
 
-    Partitioned by region when the deployment names ``regions``."""
+    Partitioned by region when the deployment names ``regions``; code versions, kinds and
+    descriptions come from the deployment and the plugins it names."""
     from .resource import default_resource
 
     resource = resource or default_resource()
-    regions = deployment_regions(resource)
+    deployment = _deployment_of(resource)
+    regions = tuple(deployment.regions) if deployment is not None else ()
+    try:
+        assets = build_assets(regions, deployment, Registry() if deployment is not None else None, configs)
+    except AiplaneError:
+        assets = build_assets(regions)  # a region's settings that do not merge: the preflight says so at run time
     return dg.Definitions(
-        assets=build_assets(regions) if regions else ASSETS,
+        assets=assets,
         schedules=[_regional_refresh(regions) if regions else features_refresh_schedule],
         sensors=[automation_sensor, orphaned_steps_sensor],
         resources={"aiplane": resource, "io_manager": RecordIOManager()},
