@@ -208,6 +208,13 @@ def test_a_rollout_stuck_past_its_deadline_is_a_failure_though_the_old_pods_keep
     assert _adapters(cluster)[NAME] == _adapter(1).uri and version_name(NAME, _adapter(2).digest) not in _adapters(cluster)
 
 
+def test_a_first_deploy_stuck_past_its_deadline_is_deleted_with_kserves_words(cluster):
+    cluster["controller"].outcome = "fail"
+    with pytest.raises(WorkloadError, match=r"ProgressDeadlineExceeded: ReplicaSet .* has timed out progressing.*was deleted"):
+        _deploy(cluster, _adapter(1))
+    assert _svc(cluster) is None and cluster["api"].get("Deployment", NS, f"{NAME}-kserve") is None
+
+
 def test_a_version_that_fails_its_first_completion_puts_the_previous_spec_back(cluster):
     _deploy(cluster, _adapter(1))
     cluster["controller"].failing = True
@@ -275,3 +282,16 @@ def test_stop_deletes_what_aiplane_created_and_leaves_the_rest(cluster):
     with pytest.raises(InputError, match="was not created by aiplane"):
         _deploy(cluster, _adapter(1))
     assert target.stop(endpoint) is False and _svc(cluster) is not None
+
+
+def test_check_names_a_store_a_pod_cannot_read_and_a_name_kubernetes_would_refuse():
+    from pathlib import Path
+
+    from aiplane.core.config import load_deployment
+
+    deployment = load_deployment(Path(__file__).parents[1] / "deployments" / "openshift-ai.yaml")
+    target = KServeLLM({"namespace": NS})
+    assert target.check(deployment) == []
+    local = deployment.model_copy(update={"storage": deployment.storage.model_copy(update={"root": "/var/lib/aiplane", "regions": {}})})
+    assert [p.split(",")[0] for p in target.check(local)] == ["storage.root is '/var/lib/aiplane'"]
+    assert "cannot name an LLMInferenceService" in target.check(deployment, "Bad_Name")[0]
