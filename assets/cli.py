@@ -40,14 +40,6 @@ run_monitoring:
   poll_interval_seconds: 30
 """
 
-# The chain after the sources, each asset with the assets it reads.
-_DOWNSTREAM = (
-    ("adapter_weights", ("base_model", "features")),
-    ("served_endpoint", ("adapter_weights",)),
-    ("factsheet", ("served_endpoint",)),
-)
-_SOURCES = ("base_model", "features")
-
 
 def _debug(args: argparse.Namespace | None = None) -> bool:
     return bool(getattr(args, "debug", False)) or os.environ.get("AIPLANE_DEBUG", "") not in ("", "0")
@@ -185,12 +177,13 @@ def _recover(instance, deployment, registry: Registry) -> None:
     from aiplane.core.plugins import notify_error
     from aiplane.core.processes import sweep_orphaned_workdirs
 
+    from .definitions import PARTITIONED
     from .state import fail_orphaned_runs
 
     def on_step_orphaned(step: str, run_id: str, error: Exception, region: str | None) -> None:
         notify_error(registry.pm, step, run_id, error, deployment, region)
 
-    for run_id in fail_orphaned_runs(instance, on_step_orphaned):
+    for run_id in fail_orphaned_runs(instance, on_step_orphaned, PARTITIONED):
         print(f"Marked run {run_id} failed: the process running it died before it finished.", file=sys.stderr)
     for path in sweep_orphaned_workdirs():
         print(f"Removed {path}, left by a workload whose process died.", file=sys.stderr)
@@ -203,7 +196,7 @@ def _up(args: argparse.Namespace) -> int:
 
     from .definitions import EndpointConfig, TargetConfig, build_definitions
     from .resource import AiplaneResource, prestart_training
-    from .state import PARTITIONED, PID_TAG, latest_materialization, latest_record, pid_tag, spec_digest, staleness
+    from .state import PID_TAG, chain_of, latest_materialization, latest_record, pid_tag, stale
 
     deployment = load_deployment(args.deployment or None)
     registry = Registry()
@@ -216,16 +209,20 @@ def _up(args: argparse.Namespace) -> int:
     instance = _instance(deployment.home, deployment.dagster.postgres)
     _recover(instance, deployment, registry)
 
-    defs = build_definitions(
-        AiplaneResource(deployment=args.deployment, home=str(deployment.home)),
-        loggers={"console": _console_logger(_debug(args))},
-    )
-    job = defs.resolve_implicit_global_asset_job_def()
     configs = {
         "adapter_weights": TargetConfig(target=args.train_target).model_dump(),
         "served_endpoint": EndpointConfig().model_dump(),
         "factsheet": TargetConfig().model_dump(),
     }
+    # The run configs shape the code versions too: a pinned target is a settings change.
+    defs = build_definitions(
+        AiplaneResource(deployment=args.deployment, home=str(deployment.home)),
+        loggers={"console": _console_logger(_debug(args))},
+        configs=configs,
+    )
+    job = defs.resolve_implicit_global_asset_job_def()
+    graph = chain_of(defs)
+    reads = {asset: deps for asset, deps, _ in graph}
     # INFO, not Dagster's DEBUG default: the run log then reads as progress (loss, tokens/s), not event plumbing.
     run_config: dict = {
         "loggers": {"console": {"config": {"log_level": "INFO"}}},
@@ -244,7 +241,7 @@ def _up(args: argparse.Namespace) -> int:
             entry = latest_materialization(instance, dg.AssetKey(key), partition=region)
             return (entry.tags or {}).get("dagster/data_version") if entry else None
 
-        downstream = [a for a, _ in _DOWNSTREAM]
+        downstream = [asset for asset, deps, _ in graph if deps]
         if args.force:
             return {a: "materialized (--force)" for a in (*sources, *downstream)}, [execute([*sources, *downstream])]
         # The sources are cheap and idempotent: the base model is resolved, the features
@@ -253,32 +250,34 @@ def _up(args: argparse.Namespace) -> int:
         before = {k: version(k) for k in sources}
         run_ids = [execute(sources)]
         status = {k: "up to date (data version unchanged)" if version(k) == before[k] else "new data version" for k in sources}
-        regional = deployment.in_region(region)
-        stale: dict[str, str] = {}
-        for asset, deps in _DOWNSTREAM:
-            upstream = next((d for d in deps if d in stale), None)
-            why = f"{upstream} is re-materialized" if upstream else staleness(
-                instance, asset, deps, spec_digest(regional, asset, configs[asset]), region
-            )
+        # Dagster says what is stale (missing, new code version, new upstream data version); what
+        # reads an asset that is redone is redone with it, as the automation requests it.
+        dagster_says = stale(instance, defs, downstream, region)
+        redo: dict[str, str] = {}
+        for asset in downstream:
+            upstream = next((d for d in reads[asset] if d in redo), None)
+            why = dagster_says.get(asset) or (f"{upstream} is re-materialized" if upstream else None)
             if why is None and asset == "served_endpoint":
                 why = _endpoint_down(instance, deployment, registry, region)
             if why:
-                stale[asset] = why
-        if stale:
-            run_ids.append(execute(list(stale)))
+                redo[asset] = why
+        if redo:
+            run_ids.append(execute(list(redo)))
         for asset in downstream:
-            status[asset] = f"materialized ({stale[asset]})" if asset in stale else "up to date (inputs and settings unchanged)"
+            status[asset] = f"materialized ({redo[asset]})" if asset in redo else "up to date (inputs and settings unchanged)"
         return status, run_ids
 
-    sources = list(_SOURCES)
+    sources = [asset for asset, deps, _ in graph if not deps]
     if deployment.regions:
-        # The base model is one for every region: resolved once, before the regions' runs.
-        before = latest_record(instance, "base_model")
-        base_run = _execute(job, instance, run_config, ["base_model"], tags, _debug(args))
-        after = latest_record(instance, "base_model")
-        base_status = "up to date (data version unchanged)" if before and before.digest == after.digest else "new data version"
-        print(f"{'base_model':16} {base_status} (run {base_run}, one for every region)")
-        sources = [k for k in _SOURCES if k in PARTITIONED]
+        # What is one for every region (the base model) is resolved once, before the regions' runs.
+        shared = [asset for asset, deps, partitioned in graph if not deps and not partitioned]
+        before = {k: latest_record(instance, k) for k in shared}
+        base_run = _execute(job, instance, run_config, shared, tags, _debug(args))
+        for k in shared:
+            after = latest_record(instance, k)
+            same = before[k] is not None and after is not None and before[k].digest == after.digest
+            print(f"{k:16} {'up to date (data version unchanged)' if same else 'new data version'} (run {base_run}, one for every region)")
+        sources = [asset for asset, deps, partitioned in graph if not deps and partitioned]
     failed: dict[str | None, str] = {}
     for region in regions:
         try:
@@ -517,6 +516,20 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ui(args: argparse.Namespace) -> int:
+    """The Dagster UI on the instance ``aiplane up`` records to, with the same deployment, until Ctrl-C."""
+    from .ui import serve_ui
+
+    deployment = load_deployment(args.deployment or None)
+    _dagster_home(deployment.home)
+    _instance(deployment.home, deployment.dagster.postgres)  # dagster.yaml as `up` writes it (telemetry off)
+    env = {**os.environ, "AIPLANE_HOME": str(deployment.home)}
+    if args.deployment:
+        # The code server resolves it again: a path, made absolute, means the same file wherever it runs.
+        env["AIPLANE_DEPLOYMENT"] = str(Path(args.deployment).resolve()) if Path(args.deployment).exists() else args.deployment
+    return serve_ui(env, args.host, args.port, say=lambda line: print(line, flush=True))
+
+
 def _up_regions(deployment, args: argparse.Namespace) -> list[str | None]:
     """The partitions ``aiplane up`` runs: every region, or ``--region``'s, or the pinned target's; ``[None]`` unpartitioned.
 
@@ -570,6 +583,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--region", default="", help="only this region's partition (deployments with regions)")
     up.set_defaults(fn=_up)
     sub.add_parser("plugins", help="list installed plugins and the components they provide").set_defaults(fn=_plugins)
+    ui = sub.add_parser("ui", help="open the Dagster UI on the instance `up` records to (Ctrl-C stops it)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    ui.add_argument("--port", type=int, default=3000, help="port to serve on (default: 3000)")
+    ui.set_defaults(fn=_ui)
     stop = sub.add_parser("stop", help="stop the served endpoint (every region's, unless --region)")
     stop.add_argument("--region", default="", help="stop only this region's endpoint")
     stop.set_defaults(fn=_stop)

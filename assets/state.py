@@ -8,10 +8,8 @@ run or a week ago, and pickles nothing.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import dagster as dg
@@ -24,27 +22,20 @@ __all__ = [
     "latest_record",
     "records",
     "latest_materialization",
-    "spec_digest",
-    "ASSET_COMPONENTS",
-    "staleness",
+    "chain_of",
+    "stale",
     "fail_orphaned_runs",
     "unfinished_steps",
     "step_region",
     "PID_TAG",
     "ORPHAN_NOTIFIED_TAG",
     "pid_tag",
-    "SPEC_DIGEST_KEY",
-    "PARTITIONED",
 ]
 
 PID_TAG = "aiplane/pid"
 """Run tag: ``<pid>:<start time>`` of the process executing the run in process (``aiplane up``)."""
 ORPHAN_NOTIFIED_TAG = "aiplane/orphan_notified"
 """Run tag: the observers were told of this orphaned run's unfinished steps."""
-PARTITIONED = frozenset({"features", "adapter_weights", "served_endpoint", "factsheet"})
-"""The assets a deployment with ``regions`` partitions by region; ``base_model`` is one for all."""
-SPEC_DIGEST_KEY = "spec_digest"
-"""Metadata key: digest of the deployment settings an asset was made with (see :func:`spec_digest`)."""
 
 
 def _record_of(entry: dg.EventLogEntry | None) -> Record | None:
@@ -59,8 +50,9 @@ def _key(key: dg.AssetKey | str) -> dg.AssetKey:
 
 
 def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None) -> dg.EventLogEntry | None:
-    """The newest materialization of ``key``, of its partition ``partition`` when it is partitioned."""
-    if partition is None or key.to_user_string() not in PARTITIONED:
+    """The newest materialization of ``key``, of its partition ``partition`` when given (``None`` for an
+    unpartitioned asset)."""
+    if partition is None:
         return instance.get_latest_materialization_event(key)
     found = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1)
     return found.records[0].event_log_entry if found.records else None
@@ -89,7 +81,7 @@ def latest_record(instance: dg.DagsterInstance, key: dg.AssetKey | str, partitio
 def records(instance: dg.DagsterInstance, key: dg.AssetKey | str, limit: int = 1000, partition: str | None = None) -> list[Record]:
     """The records of an asset's materializations (of its region ``partition``), newest first (at most ``limit``)."""
     key = _key(key)
-    if partition is not None and key.to_user_string() in PARTITIONED:
+    if partition is not None:
         entries = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=limit).records
     else:
         entries = instance.fetch_materializations(key, limit=limit).records
@@ -117,53 +109,63 @@ class RecordIOManager(dg.ConfigurableIOManager):
         return record
 
 
-ASSET_COMPONENTS = {"adapter_weights": "trainer", "served_endpoint": "serving", "factsheet": "factsheet"}
-"""The deployment key whose component makes each asset."""
+def chain_of(defs: dg.Definitions) -> list[tuple[str, tuple[str, ...], bool]]:
+    """The assets of ``defs`` in the order they are made: each with the assets it reads, and whether it is partitioned.
 
-
-def spec_digest(deployment, asset: str, config: Mapping[str, Any]) -> str:
-    """A digest of what ``asset`` is made with besides its inputs: its component's spec and its run config.
-
-    Changing a trainer setting, or pinning another target, makes the asset stale.
+    Read from the asset definitions, the one place the graph is declared.
     """
-    from aiplane.core import __version__
+    import graphlib
 
-    spec = getattr(deployment, ASSET_COMPONENTS[asset]).model_dump(mode="json")
-    # A rollback is not a settings change: the rolled-back adapter stays served until adapter_weights changes.
-    config = {k: v for k, v in config.items() if k != "rollback_to"}
-    canonical = json.dumps(
-        {"aiplane": __version__, "spec": spec, "config": config}, sort_keys=True, separators=(",", ":"), default=str
+    assets = {a.key.to_user_string(): a for a in defs.assets if isinstance(a, dg.AssetsDefinition)}
+    reads = {name: tuple(sorted(k.to_user_string() for k in a.dependency_keys)) for name, a in assets.items()}
+    order = graphlib.TopologicalSorter(reads).static_order()
+    return [(name, reads[name], assets[name].partitions_def is not None) for name in order]
+
+
+def stale(
+    instance: dg.DagsterInstance, defs: dg.Definitions, keys: Iterable[str], partition: str | None = None
+) -> dict[str, str]:
+    """Why each of ``keys`` (of region ``partition``, where partitioned) must be materialized again, as
+    Dagster itself sees it; the assets it finds up to date are left out.
+
+    Stale means: never materialized, a new code version (the digest of the settings
+    that shape the asset: they changed), or an upstream data version it was not
+    made from. This is the resolver behind the UI's staleness view and behind
+    ``RunRequest(stale_assets_only=True)``; Dagster exports no public door to it, so
+    this function is the one place aiplane reaches past ``dagster``'s top level.
+    """
+    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._time import get_current_datetime
+
+    graph = defs.resolve_asset_graph()
+    view = AssetGraphView(
+        temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+        instance=instance,
+        asset_graph=graph,
     )
-    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+    resolver = CachingStaleStatusResolver(instance, graph, view)
+    found: dict[str, str] = {}
+    for name in keys:
+        key = dg.AssetKey(name)
+        part = partition if graph.get(key).is_partitioned else None
+        status = resolver.get_status(key, part)
+        if status == StaleStatus.MISSING:
+            found[name] = "never materialized"
+        elif status == StaleStatus.STALE:
+            found[name] = "; ".join(dict.fromkeys(_cause(c) for c in resolver.get_stale_causes(key, part)))
+    return found
 
 
-def staleness(
-    instance: dg.DagsterInstance, key: str, deps: Iterable[str], spec: str | None = None, partition: str | None = None
-) -> str | None:
-    """Why ``key`` (its region ``partition``) must be materialized again, or ``None`` when it is up to date.
+def _cause(cause) -> str:
+    """One of Dagster's stale causes in aiplane's words."""
+    from dagster._core.definitions.data_version import StaleCauseCategory
 
-    Up to date means: materialized before, from the same data versions of its
-    upstream assets as they have now, and with the same settings (``spec``).
-    The same rule Dagster's automation applies, plus settings.
-    """
-    entry = _latest(instance, dg.AssetKey(key), partition)
-    if entry is None or entry.asset_materialization is None:
-        return "never materialized"
-    provenance = dg.DataProvenance.from_tags(entry.tags or {})
-    for dep in deps:
-        dep_entry = _latest(instance, dg.AssetKey(dep), partition)
-        now = (dep_entry.tags or {}).get("dagster/data_version") if dep_entry else None
-        if now is not None and partition is not None and dep in PARTITIONED:
-            # Dagster records a partitioned input's version as the sha256 of its partitions' versions, joined.
-            now = hashlib.sha256(now.encode()).hexdigest()
-        used = provenance.input_data_versions.get(dg.AssetKey(dep)) if provenance else None
-        if now is None or used is None or used.value != now:
-            return f"{dep} has a new data version"
-    if spec is not None:
-        recorded = entry.asset_materialization.metadata.get(SPEC_DIGEST_KEY)
-        if recorded is None or recorded.value != spec:
-            return "its deployment settings changed"
-    return None
+    if cause.category == StaleCauseCategory.CODE:
+        return "its deployment settings changed (a new code version)"
+    if cause.category == StaleCauseCategory.DATA and cause.dependency is not None:
+        return f"{cause.dependency_asset_key.to_user_string()} has a new data version"
+    return cause.reason
 
 
 def pid_tag() -> str:
@@ -182,13 +184,14 @@ def _alive(tag: str) -> bool:
     return not process_gone(int(pid), token)
 
 
-def fail_orphaned_runs(instance: dg.DagsterInstance, on_step_orphaned) -> list[str]:
+def fail_orphaned_runs(instance: dg.DagsterInstance, on_step_orphaned, partitioned: Collection[str] = ()) -> list[str]:
     """Mark failed the runs ``aiplane up`` started whose process is gone, and report their unfinished steps.
 
     A run executed in process dies with its process (``kill -9``, a power cut)
     and stays STARTED forever; nothing else will ever end it. For each step that
     started and neither succeeded nor failed, ``on_step_orphaned(step_key, run_id,
-    error, region)`` is called, so lineage observers can emit the FAIL that was never sent.
+    error, region)`` is called, so lineage observers can emit the FAIL that was never sent
+    (``region``: the run's partition, for the ``partitioned`` assets).
     Returns the ids of the runs marked failed. Runs launched by ``dagster dev`` are
     left to the daemon's run monitoring.
     """
@@ -202,16 +205,16 @@ def fail_orphaned_runs(instance: dg.DagsterInstance, on_step_orphaned) -> list[s
             f"run {run.run_id} was orphaned: the process executing it (pid {tag.partition(':')[0]}) died before it finished"
         )
         for step in unfinished_steps(instance, run.run_id):
-            on_step_orphaned(step, run.run_id, error, step_region(run, step))
+            on_step_orphaned(step, run.run_id, error, step_region(run, step, partitioned))
         instance.add_run_tags(run.run_id, {ORPHAN_NOTIFIED_TAG: "true"})
         instance.report_run_failed(run, message=str(error))
         failed.append(run.run_id)
     return failed
 
 
-def step_region(run: dg.DagsterRun, step: str) -> str | None:
-    """The region a step of ``run`` materialized: the run's partition for a partitioned asset, else ``None``."""
-    return run.tags.get("dagster/partition") if step in PARTITIONED else None
+def step_region(run: dg.DagsterRun, step: str, partitioned: Collection[str]) -> str | None:
+    """The region a step of ``run`` materialized: the run's partition for a ``partitioned`` asset, else ``None``."""
+    return run.tags.get("dagster/partition") if step in partitioned else None
 
 
 def unfinished_steps(instance: dg.DagsterInstance, run_id: str) -> list[str]:

@@ -53,6 +53,11 @@ class Component:
     """Unknown keys are rejected at every level, whatever the model's own ``extra`` says."""
     engines: ClassVar[tuple[str, ...] | None] = None
     """Engines this component's workloads can run on; ``None`` means any."""
+    kinds: ClassVar[tuple[str, ...]] = ()
+    """What the Dagster UI shows on the asset this component makes (``("kserve",)``); empty means its ``name``.
+
+    Letters, digits, ``-``, ``_`` and ``.`` only (Dagster's tag rules); Dagster draws an icon for the kinds it knows.
+    """
     preload: ClassVar[tuple[str, ...]] = ()
     """Modules this component's workloads import before they work (``torch``, a table reader).
 

@@ -150,3 +150,64 @@ def test_unknown_component_in_deployment_fails_at_resource_setup_with_suggestion
     with pytest.raises(ConfigError, match="Unknown trainer 'lorra'.*Did you mean 'lora'"):
         resource.config  # noqa: B018 - loading is the behaviour under test
     assert not (tmp_path / "iceberg").exists()
+
+
+def _shape(deployment: str, home: Path, **kwargs) -> dict[str, tuple[set[str], str | None, str]]:
+    """Each asset's kinds, code version and description, as the code location declares them for ``deployment``."""
+    from aiplane.assets import build_definitions
+
+    defs = build_definitions(AiplaneResource(deployment=deployment, home=str(home)), **kwargs)
+    return {
+        a.key.to_user_string(): (set(a.specs_by_key[a.key].kinds), a.code_versions_by_key[a.key], a.descriptions_by_key[a.key])
+        for a in defs.assets
+    }
+
+
+def test_asset_kinds_and_descriptions_name_the_plugins_in_use(tmp_path):
+    local = _shape("local", tmp_path)
+    assert local["served_endpoint"][0] == {"vllm"} and local["features"][0] == {"iceberg"}
+    assert local["adapter_weights"][0] == {"lora"} and "trainer 'lora'" in local["adapter_weights"][2]
+    openshift = _shape("openshift-ai", tmp_path)
+    assert openshift["served_endpoint"][0] == {"kserve"} and "serving target 'kserve'" in openshift["served_endpoint"][2]
+    assert openshift["features"][0] == {"watsonx-data"}
+
+
+def test_a_third_party_serving_target_names_its_asset_by_its_name_or_the_kinds_it_declares(tmp_path, clean_plugin_env):
+    from aiplane.assets.definitions import build_assets
+    from aiplane.core.components import ServingTarget
+    from aiplane.core.hookspecs import hookimpl
+    from aiplane.core.plugins import Registry, get_plugin_manager
+
+    class EdgeServe(ServingTarget):
+        name = "edge-serve"
+
+    class EdgeServeDeclared(ServingTarget):
+        name = "edge-declared"
+        kinds = ("edge", "onnx")
+
+    class Plugin:
+        @hookimpl
+        def aiplane_serving_targets(self):
+            return [EdgeServe, EdgeServeDeclared]
+
+    pm = get_plugin_manager()
+    pm.register(Plugin(), name="throwaway-serving")
+    try:
+        for name, kinds in (("edge-serve", {"edge-serve"}), ("edge-declared", {"edge", "onnx"})):
+            deployment = load_deployment(_deployment(tmp_path, **{"serving.name": name, "serving.settings": {}}), home=tmp_path)
+            served = next(a for a in build_assets((), deployment, Registry(pm)) if a.key == dg.AssetKey("served_endpoint"))
+            assert set(served.specs_by_key[served.key].kinds) == kinds
+    finally:
+        pm.unregister(name="throwaway-serving")
+
+
+def test_code_versions_change_with_the_settings_that_shape_each_asset_and_nothing_else(tmp_path):
+    before = _shape(_deployment(tmp_path), tmp_path)
+    changed = _shape(_deployment(tmp_path, **{"trainer.settings.learning_rate": 0.001}), tmp_path)
+    assert {k for k in before if before[k][1] != changed[k][1]} == {"adapter_weights"}
+    assert changed["adapter_weights"][1].startswith("trainer lora ")
+    # A pinned target shapes the adapter too; a rollback and a value equal to the default do not.
+    pinned = _shape(_deployment(tmp_path), tmp_path, configs={"adapter_weights": {"target": "local"}})
+    assert pinned["adapter_weights"][1] != before["adapter_weights"][1]
+    same = _shape(_deployment(tmp_path), tmp_path, configs={"served_endpoint": {"rollback_to": "sha256:ab", "target": ""}})
+    assert same == before

@@ -280,3 +280,48 @@ def test_an_endpoint_served_by_a_target_no_longer_installed_is_served_anew(tmp_p
     )
     deployment = load_deployment(_deployment(tmp_path), home=tmp_path)
     assert _endpoint_down(instance, deployment, Registry()) == "it was served by 'kserve-local', which is not installed"
+
+
+def test_a_changed_trainer_setting_is_stale_in_dagster_requested_by_automation_and_redone_by_up_alike(recovered):
+    import dagster as dg
+
+    from aiplane.assets import AiplaneResource, build_definitions
+    from aiplane.assets.state import stale
+
+    home = recovered["home"]
+    everything = ["base_model", "features", "adapter_weights", "served_endpoint", "factsheet"]
+    redone = set(everything[2:])
+
+    def definitions():
+        return build_definitions(AiplaneResource(deployment=str(home / "deployment.yaml"), home=str(home)))
+
+    def requested(result) -> set[str]:
+        return {k for k in everything if result.get_requested_partitions(dg.AssetKey(k))}
+
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+        # Identical settings: nothing is stale, and the automation requests nothing, tick after tick.
+        unchanged = definitions()
+        first = dg.evaluate_automation_conditions(defs=unchanged, instance=instance)
+        settled = dg.evaluate_automation_conditions(defs=unchanged, instance=instance, cursor=first.cursor)
+        assert requested(first) == requested(settled) == set()
+        assert stale(instance, unchanged, everything) == {}
+        _deployment(home, trainer={**TINY_TRAINING, "seed": 3})
+        changed = definitions()
+        # (a) Dagster's own stale status: the adapter, for its new code version; nothing upstream of it.
+        assert stale(instance, changed, everything) == {"adapter_weights": "its deployment settings changed (a new code version)"}
+        # (b) The automation requests the adapter and what reads it, in one tick.
+        assert requested(dg.evaluate_automation_conditions(defs=changed, instance=instance, cursor=settled.cursor)) == redone
+    # (c) `aiplane up` redoes exactly those.
+    up = aiplane_up(home)
+    assert up.returncode == 0, up.stderr[-3000:]
+    assert {a for a in everything if f"{a:16} materialized" in up.stdout} == redone, up.stdout
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+        assert stale(instance, definitions(), everything) == {}
+        # Each materialization names the plugins that did the work, as top-level metadata.
+        made_by = {
+            key: {k: v.value for k, v in instance.get_latest_materialization_event(dg.AssetKey(key)).asset_materialization.metadata.items()}
+            for key in everything[1:]
+        }
+    assert made_by["features"]["feature store"] == "iceberg"
+    assert (made_by["adapter_weights"]["trainer"], made_by["adapter_weights"]["engine"]) == ("lora", "local")
+    assert made_by["served_endpoint"]["serving target"] == "vllm" and made_by["factsheet"]["publisher"] == "local"

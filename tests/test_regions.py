@@ -12,11 +12,11 @@ import pytest
 import yaml
 
 from aiplane.assets.definitions import (
-    TargetConfig, build_assets, build_definitions, configured_name, endpoint_name, region_table,
+    build_assets, build_definitions, configured_name, endpoint_name, region_table,
 )
 from aiplane.assets.resource import AiplaneResource
 from aiplane.assets.sources import seed_tickets
-from aiplane.assets.state import spec_digest, staleness
+from aiplane.assets.state import stale
 from aiplane.core.config import Deployment, Target, load_deployment
 from aiplane.core.errors import ConfigError, PlacementError
 from aiplane.core.placement import Requirements, allows_region, place
@@ -455,9 +455,7 @@ def test_new_us_rows_make_only_the_us_adapter_stale_for_automation_and_for_up(tw
     after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=baseline.cursor)
     assert after.get_requested_partitions(adapter) == {"us"}
     # `aiplane up` asks the same of each region: us is stale, eu and ap are up to date.
-    d = load_deployment(twin["deployment"], home=home)
-    why = {r: staleness(instance, "adapter_weights", ("base_model", "features"), spec_digest(d.in_region(r), "adapter_weights", TargetConfig().model_dump()), r)
-           for r in REGIONS}  # fmt: skip
+    why = {r: stale(instance, defs, ["adapter_weights"], r).get("adapter_weights") for r in REGIONS}
     assert why == {"eu": None, "us": "features has a new data version", "ap": None}
 
 
