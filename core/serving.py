@@ -41,6 +41,7 @@ __all__ = [
     "managed_by_aiplane",
     "POD_READABLE",
     "cluster_sources",
+    "served_versions",
 ]
 
 PROTOCOLS = ("openai-completions", "openai-chat-completions")
@@ -163,6 +164,17 @@ def first_completion(url: str, model: str, timeout: float) -> str:
                             f"{exc.read().decode(errors='replace')[:300]}") from None  # fmt: skip
     except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
         raise WorkloadError(f"the new version ({model!r}) did not answer its first completion at {url}: {exc}") from None
+
+
+def served_versions(obj: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The versions a cluster serving object aiplane rendered serves (its :data:`VERSIONS_ANNOTATION`), newest
+    (current) first; each ``{"digest", "uri"}``, ``"full_model": True`` for a whole model."""
+    raw = (((obj or {}).get("metadata") or {}).get("annotations") or {}).get(VERSIONS_ANNOTATION)
+    try:
+        versions = json.loads(raw) if raw else []
+    except ValueError:
+        return []
+    return [v for v in versions if isinstance(v, dict) and {"digest", "uri"} <= set(v)]
 
 
 def managed_by_aiplane(obj: Mapping[str, Any] | None) -> bool:

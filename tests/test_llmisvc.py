@@ -295,3 +295,20 @@ def test_check_names_a_store_a_pod_cannot_read_and_a_name_kubernetes_would_refus
     local = deployment.model_copy(update={"storage": deployment.storage.model_copy(update={"root": "/var/lib/aiplane", "regions": {}})})
     assert [p.split(",")[0] for p in target.check(local)] == ["storage.root is '/var/lib/aiplane'"]
     assert "cannot name an LLMInferenceService" in target.check(deployment, "Bad_Name")[0]
+
+
+def test_probe_says_whether_the_cluster_serves_llm_inference_services_and_changes_nothing():
+    import socket
+
+    import kubernetes
+
+    with KubernetesApiDouble(crds=[CRDS / CRD]) as api:
+        assert KServeLLM({"namespace": NS}, api_client=api.api_client()).probe(None) == []
+        assert [r.method for r in api.requests] == ["GET"]
+    with KubernetesApiDouble() as api:
+        assert "serves no serving.kserve.io/v1alpha2" in KServeLLM({"namespace": NS}, api_client=api.api_client()).probe(None)[0]
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    nowhere = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=closed))
+    assert "is unreachable" in KServeLLM({"namespace": NS}, api_client=nowhere).probe(None)[0]

@@ -23,7 +23,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from aiplane.core.serving import ADAPTER_ANNOTATION, MANAGED_BY, POD_ENV, VERSIONS_ANNOTATION, version_name
+from aiplane.core.serving import ADAPTER_ANNOTATION, MANAGED_BY, POD_ENV, VERSIONS_ANNOTATION, served_versions, version_name
 from aiplane.plugins.vllm.runtime import SERVER_MODULE, server_args
 
 __all__ = [
@@ -149,18 +149,6 @@ def inference_service(
         },
         "spec": {"predictor": predictor},
     }
-
-
-def served_versions(isvc: Mapping[str, Any] | None) -> list[dict[str, str]]:
-    """The adapter versions an InferenceService aiplane rendered serves, newest (current) first."""
-    if not isvc:
-        return []
-    raw = (isvc.get("metadata", {}).get("annotations") or {}).get(VERSIONS_ANNOTATION)
-    try:
-        versions = json.loads(raw) if raw else []
-    except ValueError:
-        return []
-    return [v for v in versions if isinstance(v, dict) and {"digest", "uri"} <= set(v)]
 
 
 def serves_full_model(isvc: Mapping[str, Any] | None) -> bool:

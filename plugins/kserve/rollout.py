@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiplane.core.errors import ConfigError, InputError, PluginError, WorkloadCancelled, WorkloadError
 from aiplane.core.records import AdapterRecord, EndpointRecord
-from aiplane.core.serving import first_completion, managed_by_aiplane
+from aiplane.core.serving import cluster_sources, endpoint_record, first_completion, managed_by_aiplane
 from aiplane.core.workload import WorkloadContext
 
 from .render import (
@@ -138,8 +138,6 @@ def api_client(settings: "KServe.Settings") -> Any:
 
 def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     """Roll ``ctx.inputs["adapter"]`` out as endpoint ``ctx.params["endpoint_name"]``; see the module docstring."""
-    from aiplane.core.serving import base_model_of, endpoint_record, is_full_model
-
     from .target import KServe
 
     target = KServe(ctx.params.get("settings"))
@@ -148,25 +146,7 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     adapter = ctx.inputs.get("adapter")
     if not isinstance(adapter, AdapterRecord):
         raise InputError("deploy-endpoint needs an adapter_weights record as its 'adapter' input")
-    base = base_model_of(adapter)
-    full = is_full_model(adapter)
-    stored = (("model", adapter.uri),) if full else (("base model", base.uri), ("adapter", adapter.uri))
-    for what, uri in stored:
-        if not uri.startswith(("s3://", "gs://", "hf://", "pvc://", "oci://", "https://")):
-            raise InputError(
-                f"The {what} is at {uri!r}, which a KServe pod cannot read: the kserve target serves from object "
-                "storage. Set the deployment's storage.root (and base_model.uri) to a bucket."
-            )
-    # KServe's storage initializer fetches all of an InferenceService's models with one set of keys, its
-    # service account's: a base model in the deployment's store and an adapter in a region's own cannot both load.
-    storage = ctx.workload.storage()
-    stores = {storage.settings_for(uri) for _, uri in stored if uri.startswith("s3://")}
-    if len(stores) > 1:
-        raise ConfigError(
-            f"The base model ({base.uri}) and the adapter ({adapter.uri}) are in different object stores (the "
-            "region's own, storage.regions.<region>.s3, and storage.s3), and a KServe pod fetches both with its "
-            "service account's keys. Put the base model in the region's store, or serve this region with vllm."
-        )
+    base, full = cluster_sources(adapter, ctx.workload.storage(), "kserve")
     rank = 0 if full else int(adapter.config.get("r") or 0)
     if rank > settings.max_lora_rank:
         raise ConfigError(

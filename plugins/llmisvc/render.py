@@ -30,7 +30,7 @@ from typing import Any
 
 from aiplane.core.serving import ADAPTER_ANNOTATION, MANAGED_BY, POD_ENV, VERSIONS_ANNOTATION, version_name
 
-__all__ = ["API_VERSION", "KIND", "PLURAL", "BASE_NAME", "llm_inference_service", "served_versions", "workload_name"]
+__all__ = ["API_VERSION", "KIND", "PLURAL", "BASE_NAME", "llm_inference_service", "workload_name"]
 
 API_VERSION = "serving.kserve.io/v1alpha2"
 KIND = "LLMInferenceService"
@@ -114,16 +114,6 @@ def _pod_template(settings: Any) -> dict[str, Any]:
     if settings.tolerations:
         template["tolerations"] = [t.manifest() for t in settings.tolerations]
     return template
-
-
-def served_versions(obj: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """The versions an LLMInferenceService aiplane rendered serves, newest (current) first."""
-    raw = (((obj or {}).get("metadata") or {}).get("annotations") or {}).get(VERSIONS_ANNOTATION)
-    try:
-        versions = json.loads(raw) if raw else []
-    except ValueError:
-        return []
-    return [v for v in versions if isinstance(v, dict) and {"digest", "uri"} <= set(v)]
 
 
 def workload_name(name: str) -> str:

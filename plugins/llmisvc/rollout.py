@@ -35,11 +35,12 @@ from aiplane.core.serving import (
     endpoint_record,
     first_completion,
     managed_by_aiplane,
+    served_versions,
     version_name,
 )
 from aiplane.core.workload import WorkloadContext
 
-from .render import API_VERSION, KIND, PLURAL, llm_inference_service, served_versions, workload_name
+from .render import API_VERSION, KIND, PLURAL, llm_inference_service, workload_name
 
 if TYPE_CHECKING:
     from .target import KServeLLM
