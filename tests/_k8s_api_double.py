@@ -105,6 +105,10 @@ then ends Succeeded or Failed with its message; the Job's status and conditions
 follow); the test supplies what "running the container" means.
 :func:`trainjob_controller` plays Kubeflow Trainer v2 for TrainJobs on a
 ClusterTrainingRuntime (register both CRDs): one pod per node, run the same way.
+:class:`LLMInferenceServiceController` plays KServe's LLMInferenceService controller
+(its workload Deployment rolled out, stuck past its progress deadline, or nothing)
+and the vLLM behind its gateway, which answers only the models the rolled-out
+generation serves.
 """
 
 from __future__ import annotations
