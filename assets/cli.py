@@ -137,6 +137,8 @@ def _check(args: argparse.Namespace) -> int:
     deployment = load_deployment(args.deployment or None)
     registry = Registry()
     problems = preflight(deployment, registry, _pins(args), offline=args.offline)
+    if args.offline:
+        print("offline: not checked: the home, the S3 stores' keys and endpoints, remote services, a base model in a bucket.", file=sys.stderr)
     if problems:
         print(f"{deployment.source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}:", file=sys.stderr)
         for problem in problems:
@@ -575,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="check the deployment, pins, ports and model before anything runs")
     check.add_argument("--train-target", default="", help="check training pinned to this deployment target")
-    check.add_argument("--offline", action="store_true", help="reach nothing outside this machine (a base model in a bucket is not read)")
+    check.add_argument("--offline", action="store_true", help="reach nothing outside this machine and ask nothing of its environment (no probes, keys or home)")
     check.set_defaults(fn=_check)
     up = sub.add_parser("up", help="materialize what is missing or stale and show the result")
     up.add_argument("--train-target", default="", help="pin training to this deployment target (placement still checks it)")

@@ -11,6 +11,7 @@ never at module import, so listing plugins stays cheap everywhere.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -50,7 +51,8 @@ class Component:
 
     name: ClassVar[str]
     Settings: ClassVar[type[BaseModel]] = NoSettings
-    """Unknown keys are rejected at every level, whatever the model's own ``extra`` says."""
+    """Unknown keys are rejected at every level, whatever the model's own ``extra`` says; so are a boolean
+    given for a number (``r: true``) and a number that is not finite (``.inf``, ``.nan``)."""
     engines: ClassVar[tuple[str, ...] | None] = None
     """Engines this component's workloads can run on; ``None`` means any."""
     kinds: ClassVar[tuple[str, ...]] = ()
@@ -71,10 +73,14 @@ class Component:
         try:
             # extra="forbid" here, not only in the plugin's model: a model that ignores unknown keys
             # (pydantic's default), or one of its sub-models, would run a typo (`qeue:`) with the default.
-            self.settings = self.Settings.model_validate(dict(settings or {}), extra="forbid")
+            raw = dict(settings or {})
+            self.settings = self.Settings.model_validate(raw, extra="forbid")
         except ValidationError as exc:
             problems = "; ".join(validation_problems(exc, self.Settings, key_word="setting"))
             raise ConfigError(f"Invalid settings for {type(self).__name__} {self.name!r}: {problems}") from None
+        loose = _loose_numbers(raw, self.settings)
+        if loose:
+            raise ConfigError(f"Invalid settings for {type(self).__name__} {self.name!r}: {'; '.join(loose)}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.settings!r})"
@@ -100,6 +106,39 @@ class Component:
         is wrong and what to do; an empty list means nothing found.
         """
         return []
+
+    def probe(self, deployment: "Deployment") -> list[str]:
+        """Problems only a remote service this component talks to can show: it does not answer.
+
+        Called by the preflight after :meth:`check`, unless it runs offline
+        (``aiplane check --offline``, for a deployment checked away from where it
+        runs). Cheap: one request with a timeout of a few seconds, reading
+        nothing and changing nothing. Name an unreachable service "unreachable",
+        with its address. Default: nothing to probe.
+        """
+        return []
+
+
+def _loose_numbers(raw: Any, value: Any, where: str = "") -> list[str]:
+    """Where validation took a boolean for a number (``r: true`` as 1) or let a non-finite number through.
+
+    pydantic's lax mode does both for every ``int`` and ``float`` field, and no
+    setting means either: one pass over what was given, for every component's
+    settings, instead of a strict type on each numeric field of each plugin.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{where}: {raw!r} is not a finite number; give a finite one"]
+    if isinstance(raw, bool) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [f"{where}: {str(raw).lower()} is a boolean, not a number; write the number itself"]
+    pairs: list[tuple[str, Any, Any]] = []
+    if isinstance(value, BaseModel) and isinstance(raw, Mapping):
+        names = {(f.alias or n): n for n, f in type(value).model_fields.items()}
+        pairs = [(str(k), v, getattr(value, names[k])) for k, v in raw.items() if k in names]
+    elif isinstance(value, Mapping) and isinstance(raw, Mapping):
+        pairs = [(str(k), v, value[k]) for k, v in raw.items() if k in value]
+    elif isinstance(value, (list, tuple)) and isinstance(raw, (list, tuple)) and len(raw) == len(value):
+        return [p for i, (r, v) in enumerate(zip(raw, value)) for p in _loose_numbers(r, v, f"{where}[{i}]")]
+    return [p for key, r, v in pairs for p in _loose_numbers(r, v, f"{where}.{key}" if where else key)]
 
 
 class Engine(Component):
@@ -192,6 +231,24 @@ class Trainer(Component):
         """
         return False
 
+    def lora_rank(self) -> int | None:
+        """The rank of the LoRA adapters this trainer trains, as its settings say; ``None`` when it trains
+        none (a whole model) or cannot say.
+
+        The preflight holds it to the serving target's :meth:`ServingTarget.max_lora_rank`,
+        so an adapter no server would load is refused before it is trained.
+        """
+        return None
+
+    def produced_metrics(self) -> frozenset[str] | None:
+        """The numeric metrics this trainer's adapter records carry (``eval_accuracy``), as its settings make them.
+
+        The preflight refuses a governance threshold on a metric not among them,
+        before training: the gate would fail every adapter. ``None`` (the default):
+        not known, so thresholds are not checked before training.
+        """
+        return None
+
     def workload(self, base_model: "BaseModelRecord", features: "FeaturesRecord", artifact_root: str) -> "Workload":
         """The training workload; its result has one output, ``adapter``, an AdapterRecord."""
         raise NotImplementedError
@@ -209,6 +266,13 @@ class ServingTarget(Component):
         Deploying an adapter the endpoint served before is a rollback.
         """
         raise NotImplementedError
+
+    def max_lora_rank(self) -> int | None:
+        """The largest LoRA rank this target serves (vLLM's ``--max-lora-rank``); ``None``: no limit known.
+
+        Compared by the preflight with the trainer's :meth:`Trainer.lora_rank`.
+        """
+        return None
 
     def running(self, endpoint: "EndpointRecord") -> bool | None:
         """Whether the server behind ``endpoint`` is up and still the endpoint's current one.

@@ -12,10 +12,10 @@ import itertools
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, unknown_name, validation_problems
 
@@ -42,9 +42,18 @@ _SLUG = r"^[a-z][a-z0-9-]*$"
 _SECRET_KEY = re.compile(r"(^|[_-])(token|password|passwd|secret|api[_-]?key|credentials?)$", re.IGNORECASE)
 _REFERENCE_KEYS = {"env", "secret", "key"}
 
+# A number in a deployment file is a number: `gpus: true` is not 1, and `min: .inf` is no bound.
+_Count = Annotated[int, Strict()]
+_Number = Annotated[float, Strict()]
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+def _region_name(region: object) -> str:
+    """Region names compare as residency tags do, lower-cased and stripped: ``EU`` and ``eu`` are one region."""
+    return str(region).strip().lower()
 
 
 class SecretRef(_Strict):
@@ -175,7 +184,7 @@ class StorageSettings(_Strict):
     @classmethod
     def _roots(cls, value: Any) -> Any:
         if isinstance(value, dict):
-            return {r: {"root": v} if isinstance(v, str) else v for r, v in value.items()}
+            return {_region_name(r): {"root": v} if isinstance(v, str) else v for r, v in value.items()}
         return value
 
     @model_validator(mode="after")
@@ -222,7 +231,7 @@ class DagsterPostgres(_Strict):
     """Dagster's run, event-log and schedule storage on PostgreSQL (``dagster-postgres``); the password by reference."""
 
     hostname: str
-    port: int = Field(default=5432, gt=0, lt=65536)
+    port: _Count = Field(default=5432, gt=0, lt=65536)
     db_name: str = "dagster"
     username: str = "dagster"
     password: SecretRef
@@ -244,11 +253,17 @@ class Target(_Strict):
     name: str = Field(pattern=_SLUG)
     engine: str
     region: str
-    gpus: int = Field(default=0, ge=0)
+    """Compared lower-cased and stripped, as residency tags and the regions a residency rule allows are."""
+    gpus: _Count = Field(default=0, ge=0)
     gpu_type: str | None = None
     sla: tuple[Literal["batch", "interactive", "critical"], ...] = ("batch",)
     settings: dict[str, Any] = Field(default_factory=dict)
     """Engine settings (a Ray address, a KFP host); secrets by reference only."""
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        return _region_name(value)
 
 
 class ComponentSpec(_Strict):
@@ -256,7 +271,7 @@ class ComponentSpec(_Strict):
 
     name: str
     settings: dict[str, Any] = Field(default_factory=dict)
-    gpus: int = Field(default=0, ge=0)
+    gpus: _Count = Field(default=0, ge=0)
     sla: Literal["batch", "interactive", "critical"] = "batch"
     target: str | None = None
     """Pin this component's workloads to one target (still checked by placement)."""
@@ -265,8 +280,8 @@ class ComponentSpec(_Strict):
 class Threshold(_Strict):
     """A bound on one training metric; a bare number in YAML is a minimum."""
 
-    min: float | None = None
-    max: float | None = None
+    min: _Number | None = None
+    max: _Number | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -323,7 +338,8 @@ class Deployment(_Strict):
     """Residency policy: a data tag maps to the regions allowed to process it, or ``any``.
 
     Rows tagged with a tag listed nowhere here are processed nowhere (fail closed).
-    Tags are compared lower-cased and stripped, as rows are normalized on ingest."""
+    Tags are compared lower-cased and stripped, as rows are normalized on ingest; so are
+    the regions (``eu: [EU]`` allows the targets in region ``eu``)."""
     targets: tuple[Target, ...] = Field(min_length=1)
     base_model: BaseModelSpec = Field(default_factory=BaseModelSpec)
     feature_store: ComponentSpec
@@ -375,6 +391,8 @@ class Deployment(_Strict):
                 regions = "any"
             elif isinstance(regions, str):
                 raise ValueError(f"{key}: give a list of regions (e.g. [eu]) or `any`, not {regions!r}")
+            elif isinstance(regions, (list, tuple)):
+                regions = tuple(dict.fromkeys(_region_name(r) for r in regions))
             out[key] = regions
         return out
 

@@ -13,14 +13,15 @@ right after training and again where the endpoint would be promoted.
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .config import GovernanceSettings
 
-__all__ = ["Verdict", "judge"]
+__all__ = ["Verdict", "judge", "unproduced_metrics"]
 
 _MISSING = object()
 
@@ -77,6 +78,29 @@ def judge(policy: GovernanceSettings, draft: Mapping[str, Any]) -> Verdict:
             }
         )
     return Verdict(passed=all(rule["passed"] for rule in rules), rules=tuple(rules))
+
+
+def unproduced_metrics(policy: GovernanceSettings, produced: Collection[str]) -> list[str]:
+    """One line per threshold, or ``training.metrics.*`` fact, naming a metric not in ``produced``.
+
+    What the preflight says before training: the gate would fail every adapter
+    on it, so what to change is the policy (or the trainer's settings), not the data.
+    """
+    wanted = [(f"governance.thresholds.{name}", name) for name in policy.thresholds]
+    prefix = "training.metrics."
+    wanted += [(f"governance.required_facts: {path}", path[len(prefix):]) for path in policy.required_facts if path.startswith(prefix)]
+    problems = []
+    for where, name in wanted:
+        if name in produced:
+            continue
+        close = difflib.get_close_matches(name, sorted(produced), n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        problems.append(
+            f"{where}: the trainer does not produce a metric {name!r}, so every adapter would fail the gate.{hint} "
+            f"It produces: {', '.join(sorted(produced)) or '(none)'}; name one of them, or change the trainer's "
+            "settings so it produces this one."
+        )
+    return problems
 
 
 def _number(value: Any) -> bool:

@@ -6,15 +6,27 @@ trainer setting the model cannot honour, a missing base model or a serving port
 in use is reported before a model is built, a row is written or an adapter is
 trained. Nothing here has side effects: components answer through
 :meth:`~aiplane.core.components.Component.check` and
-:meth:`~aiplane.core.components.Trainer.check_model`.
+:meth:`~aiplane.core.components.Trainer.check_model`; the trainer's LoRA rank
+and metrics are held to the serving target's limit and the governance policy
+here, so neither plugin imports the other. Online (the default), what only this
+machine's environment or a remote service can tell is asked too, each cheaply:
+the home can be created, the S3 stores' key variables are set and their
+endpoints answer, and each component's :meth:`~aiplane.core.components.Component.probe`.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import tempfile
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlparse
 
-from .config import Deployment
+from .config import Deployment, S3Settings
 from .errors import AiplaneError, ConfigError, PlacementError
+from .governance import unproduced_metrics
 from .placement import Requirements, place
 from .plugins import DEPLOYMENT_KINDS, Registry
 from .storage import is_local
@@ -23,6 +35,9 @@ __all__ = ["preflight", "raise_for_problems", "location_problems", "region_plan"
 
 # The workloads each component places, as the assets name them.
 _WORKLOADS = {"trainer": "train-adapter", "serving": "serve-endpoint", "factsheet": "publish-factsheet"}
+
+PROBE_TIMEOUT_S = 3.0
+"""How long a probe of a remote endpoint waits for it to answer before naming it unreachable."""
 
 
 def preflight(
@@ -34,7 +49,8 @@ def preflight(
     target the run pins it to (``aiplane up --train-target``). ``offline``: reach
     nothing outside this machine, so a base model in object storage is not read
     (and the keys to it are not needed): what a deployment for a cluster can be
-    checked for on a laptop or in CI.
+    checked for on a laptop or in CI. Offline, nothing of this machine's environment
+    is asked for either (the home, the stores' key variables): the deployment runs elsewhere.
     """
     pins = dict(pins or {})
     for key in pins:
@@ -69,19 +85,131 @@ def preflight(
             problems.append(f"{key}: {exc}")
     problems += _storage_problems(deployment)
     problems += _region_location_problems(deployment, registry, components, pins)
-    if not (offline and not is_local(deployment.base_model.uri)):
+    unusable: set[str] = set()  # where the S3 settings that cannot be used are set
+    if not offline:
+        problems += _home_problems(deployment)
+        found, unusable = _store_problems(deployment)
+        problems += found
+    # A model in a store named above is not read: it would fail again, or wait on a store that does not answer.
+    base_store = "storage.s3" if deployment.base_model.uri.startswith("s3://") else None
+    if not (offline and not is_local(deployment.base_model.uri)) and base_store not in unusable:
         problems += _base_model_problems(deployment, registry, components.get("trainer"))
-    for key, component in components.items():
+    regional = _regional_components(deployment, registry)
+    problems += _pairing_problems(deployment, components, "")
+    for region in deployment.regions:
+        mine = {key: regional.get((region, key), components.get(key)) for key in ("trainer", "serving")}
+        if any((region, key) in regional for key in mine):
+            problems += _pairing_problems(deployment, mine, f"regions.{region}.")
+    asked = [(key, component, deployment) for key, component in components.items()]
+    asked += [(f"regions.{r}.{key}", c, deployment.in_region(r)) for (r, key), c in regional.items()]
+    beside, unplaced = _also_published(deployment, registry)
+    problems += unplaced
+    asked += [(f"also_publish[{i}]", c, deployment) for i, c in beside.items()]
+    for where, component, seen in asked:
         try:
-            problems += [f"{key}: {p}" for p in component.check(deployment)]
+            problems += [f"{where}: {p}" for p in component.check(seen)]
+            if not offline:
+                problems += [f"{where}: {p}" for p in component.probe(seen)]
         except AiplaneError as exc:
-            problems.append(f"{key}: {exc}")
-    for (region, key), component in _regional_components(deployment, registry).items():
-        try:
-            problems += [f"regions.{region}.{key}: {p}" for p in component.check(deployment.in_region(region))]
-        except AiplaneError as exc:
-            problems.append(f"regions.{region}.{key}: {exc}")
+            problems.append(f"{where}: {exc}")
     return list(dict.fromkeys(problems))
+
+
+def _pairing_problems(deployment: Deployment, components: Mapping[str, object], where: str) -> list[str]:
+    """What the trainer makes against what serving takes and what governance asks for (``where``: a region's prefix)."""
+    trainer, serving = components.get("trainer"), components.get("serving")
+    problems = []
+    if trainer is not None and serving is not None:
+        rank, limit = trainer.lora_rank(), serving.max_lora_rank()  # type: ignore[attr-defined]
+        if rank is not None and limit is not None and rank > limit:
+            problems.append(
+                f"{where}trainer.settings: the LoRA rank (r) is {rank}, above the {serving.name} serving target's "  # type: ignore[attr-defined]
+                f"max_lora_rank {limit}, so no server would load the adapter; train with r <= {limit}, or raise "
+                f"{where}serving.settings.max_lora_rank to {rank} or more."
+            )
+    produced = trainer.produced_metrics() if trainer is not None else None  # type: ignore[attr-defined]
+    if produced is not None:
+        problems += [f"{where}{p}" if where else p for p in unproduced_metrics(deployment.governance, produced)]
+    return problems
+
+
+def _home_problems(deployment: Deployment) -> list[str]:
+    """The home exists as a directory this user can write, or can be created.
+
+    Tried, not inferred from permission bits (root, read-only mounts, ACLs): an empty
+    directory is made where the home is, or would be created, and removed at once.
+    """
+    home = Path(deployment.home)
+    existing = home
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    advice = "set AIPLANE_HOME (or the deployment's `home:`) to a directory this user can create and write"
+    if not existing.is_dir():
+        return [f"home: {home} cannot be created: {existing} is not a directory; {advice}."]
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".aiplane-check-"))
+    except OSError as exc:
+        what = "written" if existing == home else f"created (in {existing})"
+        return [f"home: {home} cannot be {what}: {exc.strerror or exc}; {advice}."]
+    return []
+
+
+def _stores(deployment: Deployment) -> dict[str, tuple[S3Settings | None, list[str]]]:
+    """The ``s3://`` locations of the deployment, by where the S3 settings that reach them are set."""
+    storage = deployment.storage
+    found: dict[str, tuple[S3Settings | None, list[str]]] = {}
+    located = [("storage.s3", storage.s3, storage.root), ("storage.s3", storage.s3, deployment.base_model.uri)]
+    for region, where in storage.regions.items():
+        located.append((f"storage.regions.{region}.s3", where.s3, where.root) if where.s3 else ("storage.s3", storage.s3, where.root))
+    for key, settings, uri in located:
+        if uri.startswith("s3://"):
+            found.setdefault(key, (settings, []))[1].append(uri)
+    return found
+
+
+def _store_problems(deployment: Deployment) -> tuple[list[str], set[str]]:
+    """Each S3 store's key variables are set, and its endpoint answers; and where the settings of those
+    that fail are set. Values are never read into a message, only the variables' names."""
+    problems, unusable = [], set()
+    stores = _stores(deployment)
+    endpoints = {s.endpoint for s, _ in stores.values() if s is not None and s.endpoint}
+    with ThreadPoolExecutor(max(1, len(endpoints))) as pool:
+        answers = dict(zip(endpoints, pool.map(_unreachable, endpoints)))
+    for where, (settings, uris) in stores.items():
+        reached = ", ".join(dict.fromkeys(uris))
+        if settings is None:
+            continue  # the AWS SDKs' own chain of credentials, which aiplane does not read
+        refs = [r for r in (settings.access_key_id, settings.secret_access_key) if r is not None]
+        missing = [r.env_var for r in refs if not os.environ.get(r.env_var)]
+        if missing:
+            unusable.add(where)
+            names = ", ".join(missing)
+            one = len(missing) == 1
+            problems.append(
+                f"{where}: the key variable{'' if one else 's'} {names} {'is' if one else 'are'} not set, so {reached} "
+                f"cannot be reached: export {missing[0]}=... (or mount the Secret as {'that variable' if one else 'those variables'}) "
+                "where aiplane runs."
+            )
+        if settings.endpoint and answers.get(settings.endpoint):
+            unusable.add(where)
+            problems.append(
+                f"{where}.endpoint: {settings.endpoint} is unreachable ({answers[settings.endpoint]}), so {reached} "
+                "cannot be reached: start the store, or correct the endpoint."
+            )
+    return problems, unusable
+
+
+def _unreachable(url: str) -> str:
+    """Why nothing answers at ``url``'s host and port within :data:`PROBE_TIMEOUT_S`; empty when something does."""
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname or "", port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        if isinstance(exc, TimeoutError):
+            return f"no answer within {PROBE_TIMEOUT_S:g} s"
+        return exc.strerror or str(exc) or type(exc).__name__
+    return ""
 
 
 def _regional_components(deployment: Deployment, registry: Registry) -> dict[tuple[str, str], object]:
@@ -95,6 +223,26 @@ def _regional_components(deployment: Deployment, registry: Registry) -> dict[tup
             except AiplaneError:
                 continue  # registry.problems reports it
     return found
+
+
+def _also_published(deployment: Deployment, registry: Registry) -> tuple[dict[int, object], list[str]]:
+    """The publishers of ``also_publish``, by index (bad ones left out: ``registry.problems`` reports them),
+    and why any of them could not be placed, as ``factsheet`` is placed."""
+    found, problems = {}, []
+    engines = registry.components("engine")
+    for i, spec in enumerate(deployment.also_publish):
+        try:
+            component = found[i] = registry.create(DEPLOYMENT_KINDS["factsheet"], spec.name, spec.settings)
+        except AiplaneError:
+            continue
+        req = Requirements(
+            workload=_WORKLOADS["factsheet"], gpus=spec.gpus, sla=spec.sla, engines=type(component).engines, target=spec.target
+        )
+        try:
+            place(req, deployment.targets, deployment.residency, engines)
+        except AiplaneError as exc:
+            problems.append(f"also_publish[{i}]: {exc}")
+    return found, problems
 
 
 def region_plan(deployment: Deployment, registry: Registry) -> dict[str, dict[str, str]]:
@@ -231,12 +379,14 @@ def _base_model_problems(deployment: Deployment, registry: Registry, trainer) ->
             f"base_model.uri: no installed plugin knows {uri!r}. Give a local directory of a Hugging Face "
             "model (e.g. a download of ibm-granite/granite-3.3-2b-instruct) or 'builtin:tiny-granite'."
         ]
-    if trainer is None:
-        return []
     try:
         weights = registry.pm.hook.aiplane_base_model_weights(uri=uri, home=str(deployment.home), s3=deployment.storage.s3)
-    except (AiplaneError, OSError, ValueError):
-        weights = None  # unreadable headers: the config check below decides
+    except AiplaneError as exc:
+        return [f"base_model.uri: {exc}"]  # a weights file cut short: training would fail loading it
+    except (OSError, ValueError):
+        weights = None  # unreadable for another reason: the config check below decides
+    if trainer is None:
+        return []
     try:
         # Building even an empty model needs torch and transformers (seconds to import);
         # the weights' names, when they are here, settle the common case without them.

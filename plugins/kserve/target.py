@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from aiplane.core.components import ServingTarget
-from aiplane.core.errors import ConfigError, InputError
+from aiplane.core.errors import AiplaneError, ConfigError, InputError
 from aiplane.core.kube import Toleration, check_cpu, check_memory
 from aiplane.core.serving import ServerSettings
 from aiplane.core.workload import Workload
@@ -106,11 +106,69 @@ class KServe(ServingTarget):
             params={"endpoint_name": endpoint_name, "settings": self.settings.model_dump(mode="json")},
         )
 
+    def max_lora_rank(self) -> int:
+        """The ServingRuntime's ``--max-lora-rank``: a larger adapter is refused before it is rolled out."""
+        return self.settings.max_lora_rank
+
     def check(self, deployment: "Deployment", endpoint_name: str = "support-tickets") -> list[str]:
+        """The endpoint name, and that what is trained is stored where a KServe pod can read it. No side effects."""
         try:
             _check_name(endpoint_name)
         except ConfigError as exc:
             return [str(exc)]
+        from aiplane.core.storage import within
+
+        storage, base = deployment.storage, deployment.base_model.uri
+        roots = [(f"storage.regions.{r}", where.root) for r, where in storage.regions.items()] or [
+            ("storage.root", storage.root or str(deployment.home / "artifacts"))
+        ]
+        problems = [
+            f"{key} is {root!r}, which a KServe pod cannot read: adapters are published there and served from "
+            "there, so put it in object storage (s3://bucket/prefix), or serve with vllm."
+            for key, root in roots
+            if not root.startswith(_POD_READABLE)
+        ]
+        # The pod fetches the base model and an adapter with one service account's keys (see .rollout).
+        for region, where in storage.regions.items():
+            served_here = region not in deployment.regions or deployment.spec("serving", region).name == self.name
+            if where.s3 is not None and served_here and base.startswith("s3://") and not within(base, where.root):
+                problems.append(
+                    f"storage.regions.{region} is a store of its own, and base_model.uri {base} is not in it: a KServe "
+                    "pod fetches the base model and the adapter with one service account's keys. Put the base model "
+                    f"in the region's store, or serve region {region} with vllm."
+                )
+        return problems
+
+    def probe(self, deployment: "Deployment") -> list[str]:
+        """The cluster's API server answers ``/version``: one request, a few seconds at most."""
+        from aiplane.core.preflight import PROBE_TIMEOUT_S
+
+        from .rollout import api_client
+
+        try:
+            client = self._api_client or api_client(self.settings)
+        except AiplaneError as exc:
+            return [f"settings: {exc}"]
+        except Exception as exc:  # noqa: BLE001 - the kubernetes client's own errors for an unreadable kubeconfig
+            return [f"settings.kubeconfig {self.settings.kubeconfig!r} cannot be used: {exc}"]
+        from kubernetes.client import ApiException, VersionApi
+        from urllib3.exceptions import HTTPError
+
+        host = client.configuration.host
+        try:
+            # Unparsed: that it answers is the question, not what its version says.
+            VersionApi(client).get_code(_request_timeout=PROBE_TIMEOUT_S, _preload_content=False).release_conn()
+        except ApiException as exc:
+            return [
+                f"the cluster's API server at {host} answered HTTP {exc.status} ({exc.reason}) to /version: "
+                "check the kubeconfig's credentials (or the pod's service account)."
+            ]
+        except (HTTPError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            return [
+                f"the cluster's API server at {host} is unreachable ({type(reason).__name__}); nothing answered "
+                f"within {PROBE_TIMEOUT_S:g} s: check the kubeconfig (or run where the cluster can be reached)."
+            ]
         return []
 
     def running(self, endpoint: "EndpointRecord") -> bool | None:
@@ -145,6 +203,10 @@ class KServe(ServingTarget):
 
         client = self._api_client or api_client(self.settings)
         return Cluster(client, endpoint.handle.get("namespace", self.settings.namespace))
+
+
+# What KServe's storage initializer fetches from, as the rollout accepts them.
+_POD_READABLE = ("s3://", "gs://", "hf://", "pvc://", "oci://", "https://")
 
 
 def _check_name(name: str) -> str:

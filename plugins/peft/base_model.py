@@ -21,7 +21,7 @@ from aiplane.core.artifacts import sha256_path
 from aiplane.core.errors import InputError
 from aiplane.core.records import BaseModelRecord
 
-__all__ = ["build_tiny_granite", "resolve", "config", "BUILTIN", "TINY_CONFIG"]
+__all__ = ["build_tiny_granite", "resolve", "config", "read_config", "weights", "BUILTIN", "TINY_CONFIG"]
 
 BUILTIN = "builtin:tiny-granite"
 TINY_CONFIG = dict(
@@ -111,6 +111,24 @@ def _local_path(uri: str) -> Path:
     return path
 
 
+def read_config(path: Path) -> dict:
+    """The ``config.json`` of the model directory ``path``; InputError naming it when it is not a JSON object."""
+    return _parse_config(path / "config.json", (path / "config.json").read_bytes())
+
+
+def _parse_config(where: object, text: bytes) -> dict:
+    try:
+        parsed = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise InputError(
+            f"The model's config {where} is not valid JSON ({exc}): it was probably cut short while it was copied. "
+            "Copy (or download) the model again, or point base_model.uri at a complete model directory."
+        ) from None
+    if not isinstance(parsed, dict):
+        raise InputError(f"The model's config {where} holds a {type(parsed).__name__}, not a JSON object; it is not a model config.")
+    return parsed
+
+
 def _check_builtin(uri: str) -> None:
     if uri != BUILTIN:
         raise InputError(f"Unknown built-in base model {uri!r}; the built-in model is {BUILTIN!r}.")
@@ -130,12 +148,12 @@ def config(uri: str, home: str, s3=None) -> dict | None:
         storage = Storage(s3)
         if not storage.exists(uri.rstrip("/") + "/config.json"):
             raise InputError(f"Base model {uri!r} has no config.json; point base_model.uri at a Hugging Face model directory.")
-        return json.loads(storage.read_bytes(uri.rstrip("/") + "/config.json"))
+        return _parse_config(uri.rstrip("/") + "/config.json", storage.read_bytes(uri.rstrip("/") + "/config.json"))
     if uri.startswith("builtin:"):
         _check_builtin(uri)
         # What build_tiny_granite writes, less the special-token ids the tokenizer assigns.
         return {**TINY_CONFIG, "model_type": "granite", "architectures": ["GraniteForCausalLM"]}
-    return json.loads((_local_path(uri) / "config.json").read_text())
+    return read_config(_local_path(uri))
 
 
 def weights(uri: str, home: str) -> dict[str, tuple[int, ...]] | None:
@@ -143,6 +161,8 @@ def weights(uri: str, home: str) -> dict[str, tuple[int, ...]] | None:
 
     A model in object storage, a built-in model not built yet and a directory
     without safetensors files all give ``None``: the caller checks the config instead.
+    A file whose header is cut short, or that is shorter than its header says
+    (safetensors checks both when it opens a file), raises InputError naming it.
     """
     if not _ours(uri) or uri.startswith("s3://"):
         return None
@@ -154,13 +174,20 @@ def weights(uri: str, home: str) -> dict[str, tuple[int, ...]] | None:
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     if not files:
         return None
-    from safetensors import safe_open  # reads the JSON header only; no torch
+    from safetensors import SafetensorError, safe_open  # reads the JSON header only; no torch
 
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
-        with safe_open(file, framework="numpy") as f:
-            for name in f.keys():
-                shapes[name] = tuple(f.get_slice(name).get_shape())
+        try:
+            with safe_open(file, framework="numpy") as f:
+                for name in f.keys():
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except SafetensorError as exc:
+            raise InputError(
+                f"Weights file {str(file)!r} cannot be read ({exc}): it was probably cut short while it was copied "
+                f"({file.stat().st_size:,} bytes). Copy (or download) the model again, or point base_model.uri at a "
+                "complete model directory."
+            ) from None
     return shapes
 
 
@@ -187,7 +214,7 @@ def resolve(uri: str, home: str, s3=None) -> BaseModelRecord | None:
     else:
         path = _local_path(uri)
         name = path.name
-    model_config = json.loads((path / "config.json").read_text())
+    model_config = read_config(path)
     arch = (model_config.get("architectures") or [model_config.get("model_type", "unknown")])[0]
     params = _parameter_count(model_config)
     return BaseModelRecord(

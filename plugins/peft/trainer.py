@@ -40,6 +40,12 @@ __all__ = [
 ENTRYPOINT = "aiplane.plugins.peft.train:run"
 """The ``lora`` trainer's entry point; ``sft`` and ``distill`` have their own beside it in the same module."""
 
+# The numeric metrics every adapter record of these trainers carries (see .train), evaluation's aside.
+_LOOP_METRICS = frozenset({
+    "train_loss_first", "train_loss_last", "tokens_per_s", "train_tokens", "dataset_tokens", "steps",
+    "train_rows", "eval_rows", "trainable_parameters", "duration_s", "world_size",
+})  # fmt: skip
+
 # Module types PEFT's LoRA can wrap; only Linear suffixes are suggested in errors,
 # because those are what one targets on a decoder-only language model.
 _LORA_MODULE_TYPES = ("Linear", "Embedding", "Conv1D", "Conv1d", "Conv2d")
@@ -297,13 +303,23 @@ class _PeftTrainer(Trainer):
         """
         if base_model.uri.startswith("s3://"):
             return
-        from .base_model import weights
+        from .base_model import read_config, weights
 
         path = model_path(base_model)
+        config = read_config(path)  # before the weights: a cut config is named as such, not as a load error
         shapes = weights(str(path), "")
         if shapes and self.check_weights(shapes, base_model.name):
             return  # settled from the files' headers, without importing torch into the orchestrator
-        self.check_model(json.loads((path / "config.json").read_text()), base_model.name)
+        self.check_model(config, base_model.name)
+
+    def produced_metrics(self) -> frozenset[str]:
+        """The loop's metrics; with evaluation on (``eval_limit`` > 0), ``eval_loss``, ``eval_accuracy`` and
+        the ``evaluation`` settings' ``eval_*`` metrics."""
+        s: LoopSettings = self.settings  # type: ignore[assignment]
+        if s.eval_limit == 0:
+            return _LOOP_METRICS  # no eval row is scored, so the eval metrics are None
+        more = s.evaluation.watsonx_gov.names() if s.evaluation is not None and s.evaluation.watsonx_gov else []
+        return _LOOP_METRICS | {"eval_loss", "eval_accuracy", *more}
 
     def _inputs(self, base_model: "BaseModelRecord", features: "FeaturesRecord") -> dict[str, Any]:
         return {"base_model": base_model, "features": features}
@@ -342,6 +358,10 @@ class LoraTrainer(_PeftTrainer):
         of its own in the file) is left to :meth:`check_model`, which builds the model.
         """
         return _lora_in_weights(self.settings, weights)
+
+    def lora_rank(self) -> int:
+        """``r``: every adapter this trainer trains has it."""
+        return self.settings.r  # type: ignore[attr-defined]
 
 
 class SftTrainer(_PeftTrainer):
@@ -404,6 +424,11 @@ class DistillTrainer(_PeftTrainer):
         s: DistillSettings = self.settings  # type: ignore[assignment]
         return (s.lora is None or _lora_in_weights(s.lora, weights)) and _unfreeze_in_weights(s.unfreeze, weights)
 
+    def lora_rank(self) -> int | None:
+        """The student adapter's ``r``; ``None`` for a whole-model student."""
+        s: DistillSettings = self.settings  # type: ignore[assignment]
+        return s.lora.r if s.lora is not None else None
+
     def check(self, deployment) -> list[str]:
         """The teacher and its adapter are where the settings say, for ``aiplane check`` (no side effects)."""
         from aiplane.core.storage import local_path
@@ -437,13 +462,13 @@ class DistillTrainer(_PeftTrainer):
         """
         from aiplane.core.artifacts import sha256_path
 
-        from .base_model import _parameter_count
+        from .base_model import _parameter_count, read_config
 
         path, adapter = self._teacher_paths(base_model)
         if path == model_path(base_model):
             teacher = base_model  # digested already
         else:
-            config = json.loads((path / "config.json").read_text())
+            config = read_config(path)
             teacher = base_model.model_copy(
                 update={"uri": str(path.resolve()), "digest": sha256_path(path), "name": path.name,
                         "architecture": _arch(config), "parameters": _parameter_count(config)}
@@ -460,7 +485,7 @@ class DistillTrainer(_PeftTrainer):
         """The teacher's model directory and adapter directory, checked; nothing is read beyond configs."""
         from aiplane.core.storage import local_path
 
-        from .base_model import BUILTIN
+        from .base_model import BUILTIN, read_config
 
         s: DistillSettings = self.settings  # type: ignore[assignment]
         if s.teacher.startswith("builtin:"):
@@ -485,8 +510,8 @@ class DistillTrainer(_PeftTrainer):
                     f"trainer.settings.teacher: {str(path)!r} is not a Hugging Face model directory (no config.json "
                     "there); point it at the teacher's model directory, e.g. one the sft trainer published."
                 )
-        vocab = json.loads((path / "config.json").read_text()).get("vocab_size")
-        base_vocab = json.loads((model_path(base_model) / "config.json").read_text()).get("vocab_size")
+        vocab = read_config(path).get("vocab_size")
+        base_vocab = read_config(model_path(base_model)).get("vocab_size")
         if vocab != base_vocab:
             raise ConfigError(
                 f"trainer.settings.teacher: the teacher {str(path)!r} has a vocabulary of {vocab} tokens and the base "

@@ -68,6 +68,10 @@ class VllmLocal(ServingTarget):
             resources=Resources(cpus=1.0),
         )
 
+    def max_lora_rank(self) -> int:
+        """The server's ``--max-lora-rank``: a larger adapter is refused when it is loaded."""
+        return self.settings.max_lora_rank
+
     def check(self, deployment: "Deployment", endpoint_name: str = "support-tickets") -> list[str]:
         """A fixed port someone else holds, unless it is this deployment's own server. No side effects."""
         try:
