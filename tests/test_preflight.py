@@ -195,6 +195,27 @@ def test_kserve_refuses_a_storage_root_its_pods_cannot_read(check):
     assert code == 1 and "serving: storage.root is" in out and "which a KServe pod cannot read" in out, out
 
 
+def test_kserve_refuses_a_base_model_outside_a_regions_own_store(check):
+    def edit(raw):
+        _kserve()(raw)
+        raw["base_model"] = {"uri": "s3://models/granite"}
+        raw["storage"] = {"root": "s3://aiplane/a", "regions": {"eu": {"root": "s3://eu-cloud/a", "s3": {"region": "eu-de"}}}}
+
+    code, out = check(edit, "--offline")
+    assert code == 1, out
+    assert "serving: storage.regions.eu is a store of its own, and base_model.uri s3://models/granite is not in it" in out
+
+
+def test_a_regions_own_trainer_is_held_to_the_serving_rank_too(check):
+    def edit(raw):
+        raw["serving"]["settings"]["max_lora_rank"] = 16
+        raw["regions"] = {"eu": {"trainer": {"settings": {"r": 32}}}}
+
+    code, out = check(edit)
+    assert code == 1 and "regions.eu.trainer.settings: the LoRA rank (r) is 32, above the vllm serving target's max_lora_rank 16" in out, out
+    assert "raise regions.eu.serving.settings.max_lora_rank to 32" in out
+
+
 def test_a_base_model_config_cut_short_is_named_by_check_and_by_the_load(check, model_dir):
     (model_dir / "config.json").write_text('{"model_type": "gran')
     code, out = check(lambda raw: None)
