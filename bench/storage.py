@@ -22,6 +22,11 @@ on a freshly built store (a new catalog client), as a workload process does.
    directory, one file of ``--adapter-mb`` random bytes and three small ones, to
    S3, against a plain upload of the same files with the same S3 client
    (pyarrow's ``copy_files``) and with boto3's ``upload_file``. Target: at most 1.2x.
+4. Verification (``--only verify`` runs this alone): what checking an entry
+   against its digest costs, next to loading its weights file with safetensors.
+   The first check of a local entry hashes every file; later ones compare the
+   files' stats with the record the first one left; publishing over an intact
+   entry hashes it whole, on disk, or streamed from S3.
 
 Every S3 client here uses the request-checksum policy aiplane's storage uses
 (``storage.s3.checksums``, default ``when_required``: plain bodies), boto3's
@@ -29,7 +34,7 @@ included, so both sides of a comparison send the same bytes. ``--sdk-checksums
 when_supported`` measures the AWS SDKs' own default instead (``aws-chunked``
 bodies with a CRC trailer, which moto decodes in Python, slowly).
 
-    .venv/bin/python bench/storage.py [--rounds N] [--rows N] [--adapter-mb N] [--sdk-checksums when_supported]
+    .venv/bin/python bench/storage.py [--rounds N] [--rows N] [--adapter-mb N] [--sdk-checksums when_supported] [--only verify]
 
 A benchmark, not a test: it prints figures and asserts nothing.
 """
@@ -269,6 +274,41 @@ def bench_adapter(s3, s3_settings, size_mb: int, rounds: int) -> dict[str, float
     return med
 
 
+def bench_verify(s3, s3_settings, size_mb: int, rounds: int) -> dict[str, float]:
+    """Section 4: the cost of checking an entry against its digest, next to loading its weights."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from aiplane.core.artifacts import forget_check
+    from aiplane.core.storage import ArtifactStore, local_path
+
+    times: dict[str, list[float]] = {k: [] for k in ("load", "first check", "later check", "publish again (disk)",
+                                                     "publish again (S3)")}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="aiplane-bench-verify-") as tmp:
+        staged = Path(tmp) / "adapter"
+        staged.mkdir()
+        rng = np.random.default_rng(0)
+        save_file({"w": rng.standard_normal((size_mb << 18,), dtype=np.float32)}, str(staged / "adapter_model.safetensors"))
+        (staged / "adapter_config.json").write_text(json.dumps({"r": 16, "lora_alpha": 32}))
+        local = ArtifactStore(Path(tmp) / "artifacts")
+        remote = ArtifactStore(f"s3://{s3.create_bucket()}/artifacts", s3=s3_settings)
+        uri, remote_uri = local.publish(staged, "adapters")[0], remote.publish(staged, "adapters")[0]
+        entry = local_path(uri)
+        print(f"\n4. verification of a {size_mb} MiB adapter entry (medians of {rounds})")
+        for _ in range(rounds):
+            times["load"].append(timed(lambda: load_file(str(entry / "adapter_model.safetensors")))[0])
+            forget_check(entry)
+            times["first check"].append(timed(lambda: local.fetch(uri, Path(tmp) / "cache"))[0])
+            times["later check"].append(timed(lambda: local.fetch(uri, Path(tmp) / "cache"))[0])
+            times["publish again (disk)"].append(timed(lambda: local.publish(staged, "adapters"))[0])
+            times["publish again (S3)"].append(timed(lambda: remote.publish(staged, "adapters"))[0])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"   safetensors load_file  {med['load']:6.3f} s  (what a check is compared with)")
+    for name in ("first check", "later check", "publish again (disk)", "publish again (S3)"):
+        print(f"   {name:22} {med[name]:6.3f} s  ({med[name] / med['load']:.2f}x the load)")
+    return med
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per figure (medians are reported)")
@@ -279,6 +319,7 @@ def main() -> None:
         help="AWS_REQUEST_CHECKSUM_CALCULATION for every S3 client of this process: when_required (aiplane's "
         "default, plain bodies) or when_supported (the AWS SDKs' default: aws-chunked bodies with a CRC trailer)",
     )  # fmt: skip
+    parser.add_argument("--only", choices=("verify",), help="run one section alone")
     args = parser.parse_args()
     os.environ["AWS_REQUEST_CHECKSUM_CALCULATION"] = args.sdk_checksums.upper()
 
@@ -292,6 +333,11 @@ def main() -> None:
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory(prefix="aiplane-bench-storage-") as tmp:
         s3, bucket, rest_url = stack.enter_context(servers())
         os.environ[KEY_ENV], os.environ[SECRET_ENV] = s3.access_key_id, s3.secret_access_key
+        if args.only == "verify":
+            s3_settings = S3Settings(endpoint=s3.endpoint_url, region=s3.region,
+                                     access_key_id=SecretRef(env=KEY_ENV), secret_access_key=SecretRef(env=SECRET_ENV))  # fmt: skip
+            bench_verify(s3, s3_settings, args.adapter_mb, args.rounds)
+            return
         s3_refs = {"endpoint": s3.endpoint_url, "region": s3.region,
                    "access_key_id": {"env": KEY_ENV}, "secret_access_key": {"env": SECRET_ENV}}  # fmt: skip
         makers = {

@@ -24,12 +24,15 @@ def sha256_path(path: str | os.PathLike) -> str:
     return digest_tree(path, each=False)[0]
 
 
-def digest_tree(path: str | os.PathLike, *, each: bool = True) -> tuple[str, dict[str, tuple[int, str]]]:
+def digest_tree(
+    path: str | os.PathLike, *, each: bool = True, whole: bool = True
+) -> tuple[str, dict[str, tuple[int, str]]]:
     """:func:`sha256_path` of ``path`` and, from the same single read, ``{relative name: (size, sha256 hex)}``.
 
     The per-file digests let a check name which file of an artifact changed, and
-    compare sizes before hashing anything. ``each=False`` skips them (``{}``): a
-    second hash of every byte is not free on a multi-GB model.
+    compare sizes before hashing anything. ``each=False`` skips them (``{}``), and
+    ``whole=False`` the tree's digest (``""``): a second hash of every byte is not
+    free on a multi-GB model.
     """
     path = Path(path)
     h = hashlib.sha256()
@@ -47,14 +50,15 @@ def digest_tree(path: str | os.PathLike, *, each: bool = True) -> tuple[str, dic
         one, size = hashlib.sha256() if each else None, 0
         with open(p, "rb") as f:
             while chunk := f.read(_CHUNK):
-                h.update(chunk)
+                if whole:
+                    h.update(chunk)
                 size += len(chunk)
                 if one is not None:
                     one.update(chunk)
         h.update(b"\0")
         if one is not None:
             per_file[rel] = (size, one.hexdigest())
-    return "sha256:" + h.hexdigest(), per_file
+    return ("sha256:" + h.hexdigest()) if whole else "", per_file
 
 
 def check_tree(
@@ -66,9 +70,10 @@ def check_tree(
 ) -> list[str]:
     """The files under ``directory`` whose bytes are not the ones ``digest`` names; ``[]`` when it is intact.
 
-    ``expected`` (``{name: (size, sha256 hex)}``, from an artifact's manifest) names
-    the very files that differ; without it (a manifest of an earlier aiplane) only
-    the tree's digest is compared, so every file is named. A check that finds the
+    ``expected`` (``{name: (size, sha256 hex)}``, from an artifact's manifest, written
+    from the same bytes as ``digest``) names the very files that differ, and is all
+    that is compared; without it (a manifest of an earlier aiplane) the tree's
+    digest is, and every file is named. A check that finds the
     tree intact leaves a record of each file's size, mtime, ctime and inode beside
     it, and the next check with ``trust_stats`` hashes nothing while those hold:
     any write to a file moves its ctime, which no user can set back. ``trust_stats=False``
@@ -81,10 +86,11 @@ def check_tree(
         with contextlib.suppress(OSError, ValueError):
             if before and json.loads(record.read_text()) == before:
                 return []
-    got_digest, got = digest_tree(directory, each=expected is not None)
-    bad = sorted(n for n in {*expected, *got} if tuple(expected.get(n) or ()) != got.get(n)) if expected is not None else []
-    if got_digest != digest and not bad:
-        bad = sorted(before) or ["(no files)"]
+    if expected is not None:
+        _, got = digest_tree(directory, whole=False)
+        bad = sorted(n for n in {*expected, *got} if tuple(expected.get(n) or ()) != got.get(n))
+    else:
+        bad = [] if digest_tree(directory, each=False)[0] == digest else sorted(before) or ["(no files)"]
     if bad:
         forget_check(directory)
         return bad

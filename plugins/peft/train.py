@@ -209,25 +209,15 @@ def train(
     if resumed_from is not None:
         metrics["resumed_from_step"] = resumed_from
     ctx.metrics = {name: v for name, v in metrics.items() if not isinstance(v, list)}
-
-    def record_for(uri: str, digest: str) -> AdapterRecord:
-        return AdapterRecord(
-            uri=uri,
-            digest=digest,
-            method=trainer,
-            config=method.record_config(s),
-            metrics=metrics,
-            run_id=ctx.run_id,
-            # The base model first: consumers take the first base_model source as what was trained from.
-            sources=tuple(sources),
-        )
-
+    # Where and under which digest are filled in by the publish. The base model first among the sources:
+    # consumers take the first base_model source as what was trained from.
+    unpublished = AdapterRecord(uri="", digest="", method=trainer, config=method.record_config(s), metrics=metrics,
+                                run_id=ctx.run_id, sources=tuple(sources))  # fmt: skip
     with store.staging() as staged:
         method.save(model, tokenizer, staged, base_model)
-        record = _publish(store, staged, kept, ctx, record_for)
-    uri, digest = record.uri, record.digest
+        record = _publish(store, staged, kept, ctx, unpublished)
     ctx.log(
-        f"published {'model' if method.full_model else 'adapter'} {digest} to {uri}: train loss "
+        f"published {'model' if method.full_model else 'adapter'} {record.digest} to {record.uri}: train loss "
         f"{metrics['train_loss_first']:.3f} -> {metrics['train_loss_last']:.3f}, eval loss {_fmt(eval_loss)}, "
         f"eval accuracy {_fmt(eval_accuracy)}"
     )
@@ -272,7 +262,7 @@ def _publish_kept(store: Any, kept: Path, ctx: WorkloadContext) -> AdapterRecord
     """Publish what :func:`_publish` kept; its record and final metrics are the run's that trained it."""
     data = json.loads((kept / _KEPT_RECORD).read_text())
     trained: AdapterRecord = record_from_json(data["record"])  # type: ignore[assignment]
-    record = _publish(store, kept / "files", kept, ctx, lambda uri, _: trained.model_copy(update={"uri": uri}))
+    record = _publish(store, kept / "files", kept, ctx, trained)
     shutil.rmtree(kept, ignore_errors=True)
     ctx.metrics = data["metrics"]
     ctx.log(f"published adapter {record.digest} to {record.uri}: trained by run {record.run_id} and kept at {kept} "
@@ -280,9 +270,13 @@ def _publish_kept(store: Any, kept: Path, ctx: WorkloadContext) -> AdapterRecord
     return record
 
 
-def _publish(store: Any, files: Path, kept: Path, ctx: WorkloadContext, record_for: Any) -> AdapterRecord:
-    """Publish ``files`` and return ``record_for(uri, digest)``. When the store fails (after its retries), the
-    files and their record are kept at ``kept`` first, so the next run of this training publishes them."""
+def _publish(store: Any, files: Path, kept: Path, ctx: WorkloadContext, record: AdapterRecord) -> AdapterRecord:
+    """Publish ``files`` and return ``record`` with their URI and digest. When the store fails (after its
+    retries), the files and that record are kept at ``kept`` first, so the next run of this training publishes them."""
+
+    def record_for(uri: str, digest: str) -> AdapterRecord:
+        return record.model_copy(update={"uri": uri, "digest": digest})
+
     try:
         uri, digest = store.publish(files, "adapters", log=ctx.log)
     except (InputError, OSError) as exc:
