@@ -424,6 +424,23 @@ class ArtifactStore:
             )
         return local_path(uri)
 
+    def verify(self, uri: str) -> list[str]:
+        """The files of the complete entry at ``uri`` whose bytes are not the ones its digest names; ``[]`` when
+        it is intact. Hashes the whole entry, streamed from object storage: for a serving target that hands the
+        URI to a server which fetches it itself (KServe's storage initializer), before it does so."""
+        uri = normalize_uri(uri)
+        digest = f"sha256:{uri.rsplit('/', 1)[-1]}"
+        if not self.complete(uri):
+            raise InputError(f"Artifact {uri!r} is not complete (no {COMPLETE_SUFFIX} marker){self._quarantined_note(uri)}.")
+        files = self._manifest_files(uri)
+        if is_local(uri):
+            return check_tree(local_path(uri), digest, files, trust_stats=False)
+        if files is None:  # a manifest of an earlier aiplane: the tree's digest, from a copy
+            with tempfile.TemporaryDirectory(prefix="aiplane-verify-") as tmp:
+                self.storage.download_dir(uri, Path(tmp))
+                return [] if sha256_path(tmp) == digest else sorted(n for n, _, _ in self.storage.list_files(uri))
+        return self._differences(uri, digest, files) or []
+
     def _manifest_files(self, uri: str) -> dict[str, tuple[int, str]] | None:
         """``{name: (size, sha256)}`` from the entry's manifest; ``None`` for one written before manifests held them."""
         manifest = json.loads(self.storage.read_bytes(uri + COMPLETE_SUFFIX))

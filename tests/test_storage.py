@@ -454,3 +454,11 @@ def test_a_store_that_stays_down_fails_the_publish_after_bounded_retries_naming_
     store, relay = flaky_store(drop=10**6)
     with pytest.raises(InputError, match=r"Storage 's3://.*/adapters/[0-9a-f]{64}.*' \(tried 4 times\):.*NETWORK_CONNECTION"):
         store.publish(_adapter(tmp_path), "adapters")
+
+
+def test_verify_names_the_altered_file_of_an_entry_in_object_storage_without_fetching_it(s3, s3_env, tmp_path):
+    store = ArtifactStore(f"s3://{s3.create_bucket()}/a", s3=s3_env)
+    uri, _ = store.publish(_adapter(tmp_path, b"served by a server that fetches it itself"), "adapters")
+    assert store.verify(uri) == []
+    _alter(store, uri, "sub/adapter_config.json")
+    assert store.verify(uri) == ["sub/adapter_config.json"]
