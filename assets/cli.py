@@ -520,9 +520,10 @@ def _stop(args: argparse.Namespace) -> int:
 
 def _ui(args: argparse.Namespace) -> int:
     """The Dagster UI on the instance ``aiplane up`` records to, with the same deployment, until Ctrl-C."""
-    from .ui import serve_ui
+    from .ui import check_port, serve_ui
 
     deployment = load_deployment(args.deployment or None)
+    check_port(args.host, args.port)  # before the instance is written: a refused command changes nothing
     _dagster_home(deployment.home)
     _instance(deployment.home, deployment.dagster.postgres)  # dagster.yaml as `up` writes it (telemetry off)
     env = {**os.environ, "AIPLANE_HOME": str(deployment.home)}

@@ -19,12 +19,12 @@ from collections.abc import Callable, Mapping
 
 from aiplane.core.errors import AiplaneError
 
-__all__ = ["serve_ui"]
+__all__ = ["serve_ui", "check_port"]
 
 _STOP_WAIT_S = 30.0
 
 
-def _port_free(host: str, port: int) -> None:
+def check_port(host: str, port: int) -> None:
     """Refuse a port something else holds, before anything starts: ``dagster dev`` would only say so in its log."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         try:
@@ -60,7 +60,7 @@ def _stop(process: subprocess.Popen) -> None:
 def serve_ui(env: Mapping[str, str], host: str, port: int, say: Callable[[str], None] = print) -> int:
     """Run ``dagster dev`` on the code location ``aiplane.assets`` with ``env`` (its ``DAGSTER_HOME``), bound
     to ``host``:``port``; print the URL once it answers; stop it on Ctrl-C or SIGTERM. Returns the exit code."""
-    _port_free(host, port)
+    check_port(host, port)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     # A Python handler, not SIG_IGN (as under `cmd &` from a script): an ignored SIGINT would be inherited, and
     # dagster dev, which maps SIGTERM onto its SIGINT handler, would then ignore SIGTERM too.

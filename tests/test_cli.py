@@ -325,3 +325,17 @@ def test_a_changed_trainer_setting_is_stale_in_dagster_requested_by_automation_a
     assert made_by["features"]["feature store"] == "iceberg"
     assert (made_by["adapter_weights"]["trainer"], made_by["adapter_weights"]["engine"]) == ("lora", "local")
     assert made_by["served_endpoint"]["serving target"] == "vllm" and made_by["factsheet"]["publisher"] == "local"
+
+
+def test_ui_on_a_port_in_use_says_which_and_what_to_do_and_writes_nothing(tmp_path):
+    import socket
+
+    _deployment(tmp_path)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        out = aiplane(tmp_path, "ui", "--port", str(port))
+    assert out.returncode == 1, out.stderr
+    assert f"Cannot serve the UI on 127.0.0.1:{port}" in out.stderr and "Choose another with --port" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "dagster").exists()
