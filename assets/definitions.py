@@ -40,6 +40,7 @@ from aiplane.core.records import (
 )
 
 from .resource import AiplaneResource
+from .resource import _placed as _component_placed
 from .sources import load_tickets
 from .state import ORPHAN_NOTIFIED_TAG, RecordIOManager, latest_record, records, step_region, unfinished_steps
 
@@ -477,16 +478,32 @@ def factsheet(
                 },
             },
         )
+        # Every publisher is placed before the first publishes: one that cannot be fails before any side effect.
+        beside = [
+            _component_placed(d.model_copy(update={"factsheet": spec, "regions": {}}), aiplane.registry, "factsheet",
+                              "publish-factsheet", _residency(served_endpoint), "", region)
+            for spec in d.also_publish
+        ]  # fmt: skip
         result = aiplane.run(context, publisher.workload(served_endpoint, document), decision)
-        record = result.outputs["factsheet"]
-        m["output"] = record
-    context.log.info(f"factsheet at {record.uri} (page {record.page_uri})")
+        record = m["output"] = result.outputs["factsheet"]
+        published = [record]
+        for other, where in beside:
+            # Each is told where those before it published (the model registry records the factsheet's location).
+            told = {**document, "extra": {**document["extra"], "factsheets": [_location(r) for r in published]}}
+            published.append(aiplane.run(context, other.workload(served_endpoint, told), where).outputs["factsheet"])
+    for sheet in published:
+        context.log.info(f"{sheet.publisher}: factsheet at {sheet.uri} (page {sheet.page_uri})")
     return _output(
         record,
         **_made_by(d, decision, publisher=publisher.name),
         path=dg.MetadataValue.path(record.uri),
         page=dg.MetadataValue.path(record.page_uri),
+        also_published=dg.MetadataValue.json([_location(r) for r in published[1:]]) if beside else None,
     )
+
+
+def _location(record: FactsheetRecord) -> dict[str, str]:
+    return {"publisher": record.publisher, "uri": record.uri, "page_uri": record.page_uri, "digest": record.digest}
 
 
 _CONFIGS: dict[str, type[dg.Config]] = {
