@@ -6,6 +6,11 @@ one way to make a run's working directory (:func:`workload_dir`). Such a
 directory records the process that owns it, so one left behind by an owner
 that was killed (``kill -9`` of ``aiplane up``) is found and removed by
 :func:`sweep_orphaned_workdirs`.
+
+A process that outlives whoever started it (a model server) is started as a
+tree aiplane owns (:func:`start_tree`): what is recorded about it is enough to
+stop all of it later (:func:`stop_tree`), from another process, after its root
+was killed too.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import contextlib
 import json
 import os
 import queue
+import secrets
 import shutil
 import signal
 import socket
@@ -23,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import IO, Any
 
 from .errors import WorkloadCancelled
 
@@ -35,6 +42,10 @@ __all__ = [
     "sweep_orphaned_workdirs",
     "process_token",
     "process_gone",
+    "start_tree",
+    "tree_processes",
+    "stop_tree",
+    "TREE_ENV",
     "WORKDIR_PREFIX",
     "OWNER_FILE",
 ]
@@ -161,6 +172,109 @@ def _group_alive(pgid: int) -> bool:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):
         return False
+    return True
+
+
+# ---------------------------------------------------------------- process trees that outlive their starter
+
+TREE_ENV = "AIPLANE_PROCESS_TREE"
+"""In the environment of every process of a tree :func:`start_tree` started: that tree's own random value."""
+
+
+def start_tree(
+    cmd: Sequence[str], env: Mapping[str, str], *, cwd: str | os.PathLike | None = None, output: IO | None = None
+) -> tuple[subprocess.Popen, dict[str, Any]]:
+    """Start ``cmd`` detached, as the root of a process tree aiplane owns; return it and its handle.
+
+    The root gets a session (and process group) of its own, so no signal aimed
+    at the starter reaches it, and exactly ``env`` plus :data:`TREE_ENV` set to a
+    value of its own (and ``SPT_NOENV``, which keeps that value readable). Every
+    process it starts inherits that value, whatever group or session it moves
+    to, and it survives the root: the handle (``pid``, ``token``, ``tree``; JSON,
+    to be recorded) lets :func:`stop_tree` find and stop them all, from any
+    process, after a ``kill -9`` of the root too. ``output`` takes stdout and
+    stderr (default: this process's).
+    """
+    marker = secrets.token_hex(16)
+    # setproctitle (vLLM names its processes with it) overwrites /proc/<pid>/environ, and the marker with it,
+    # unless SPT_NOENV is set.
+    proc = subprocess.Popen(
+        list(cmd), stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT if output is not None else None,
+        cwd=cwd, env={**env, "SPT_NOENV": "1", TREE_ENV: marker}, start_new_session=True,
+    )  # fmt: skip
+    return proc, {"pid": proc.pid, "token": process_token(proc.pid), "tree": marker}
+
+
+def tree_processes(handle: Mapping[str, Any]) -> list[int]:
+    """The running processes of the tree ``handle`` names (from :func:`start_tree`), its root first if it runs.
+
+    A process belongs to it when it carries the tree's :data:`TREE_ENV` value,
+    or is in the root's process group while that group is the tree's (its root
+    is the process started, by its start token, or a marked process is in it):
+    that catches a child that cleared its environment. Zombies have ended and
+    are left out. Never a process that merely reuses one of the tree's pids.
+    A handle without ``tree`` (a process not started by :func:`start_tree`)
+    names the root's process group, while its root runs.
+    """
+    root = handle.get("pid")
+    return sorted((p.pid for p in _members(handle)), key=lambda pid: pid != root)
+
+
+def _members(handle: Mapping[str, Any]) -> list[Any]:
+    import psutil
+
+    marker, root, token = handle.get("tree"), handle.get("pid"), handle.get("token")
+    if not isinstance(root, int) or root <= 0:
+        return []
+    root_ours = bool(token) and _start_token(root) == token
+    marked, grouped, marked_in_group = [], [], False
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            in_group = os.getpgid(proc.pid) == root
+            if marker and _carries(proc, marker):
+                marked.append(proc)
+                marked_in_group = marked_in_group or in_group
+            elif in_group:
+                grouped.append(proc)
+        except (psutil.Error, OSError):
+            continue  # ended meanwhile
+    return marked + (grouped if root_ours or marked_in_group else [])
+
+
+def _carries(proc: Any, marker: str) -> bool:
+    import psutil
+
+    try:
+        return proc.environ().get(TREE_ENV) == marker
+    except psutil.AccessDenied:
+        return False  # another user's process
+
+
+def stop_tree(handle: Mapping[str, Any], grace_s: float = GRACE_S) -> bool:
+    """Stop every process of the tree ``handle`` names: SIGTERM, then SIGKILL what is left after ``grace_s``.
+
+    Works without the root (killed, or reaped elsewhere) and from any process;
+    returns whether any process of the tree was running. Waits until none is
+    (a zombie has ended: the process that started the root reaps it, or init).
+    """
+    import psutil
+
+    members = _members(handle)
+    if not members:
+        return False
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, GRACE_S)):
+        for proc in members:
+            # psutil checks the process is still the one found (its start time), so a reused pid is spared.
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(sig)
+        deadline = time.monotonic() + wait_s
+        while members and time.monotonic() < deadline:
+            time.sleep(0.1)
+            members = _members(handle)
+        if not members:
+            break
     return True
 
 

@@ -11,6 +11,7 @@ vLLM runtime is provisioned by the first deploy when this machine has none
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from aiplane.core.artifacts import sha256_path
 from aiplane.core.config import Target
 from aiplane.core.errors import ConfigError, InputError, WorkloadError
 from aiplane.core.plugins import Registry
+from aiplane.core.processes import TREE_ENV
 from aiplane.core.records import AdapterRecord, BaseModelRecord, EndpointRecord, lineage
 from aiplane.core.storage import local_path
 from aiplane.plugins.vllm import VllmLocal
@@ -39,6 +41,9 @@ PROMPT = "Subject: printer offline"
 # 30 s more on 2 cores, with the fresh compile cache every test session has); under test is the switching, not
 # the compiler. A server with LoRA on is not compiled on CPU either way.
 EAGER = {"extra_args": ["--enforce-eager"]}
+# In the orchestrator's environment while the module's servers start, as a deployment's S3 secret key would be
+# (``storage.s3.secret_access_key: {env: ...}``).
+SECRET_VAR = "AIPLANE_TEST_S3_SECRET_KEY"
 
 
 # ---------------------------------------------------------------- fixtures
@@ -85,6 +90,40 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    """The server ``pid`` and every process it started (vLLM's engine core, its workers, resource trackers)."""
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def _still_running(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of ``procs`` that run: the same processes (psutil tells a reused pid apart), zombies excluded."""
+    left = []
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                left.append(proc)
+    return left
+
+
+def _trees_under(root: Path) -> list[psutil.Process]:
+    """Every running process of a server tree (its marker in the environment) working under ``root``."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.status() != psutil.STATUS_ZOMBIE and TREE_ENV in proc.environ() and proc.cwd().startswith(str(root)):
+                found.append(proc)
+    return found
+
+
+def _broken_adapter(models, directory: Path) -> AdapterRecord:
+    """An adapter whose config is fine and whose weights vLLM refuses."""
+    directory.mkdir()
+    (directory / "adapter_config.json").write_bytes((Path(models["c"].uri) / "adapter_config.json").read_bytes())
+    (directory / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    return _adapter_record(directory, models["base"])
 
 
 @pytest.fixture(scope="module")
@@ -150,10 +189,12 @@ def _deploy(models, adapter: AdapterRecord, name: str = NAME, **settings) -> tup
 
 @pytest.fixture(scope="module")
 def live(models):
-    endpoint, lines = _deploy(models, models["a"])
-    state = {"endpoint": endpoint, "lines": lines}
-    yield state
-    VllmLocal().stop(state["endpoint"])
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(SECRET_VAR, "s3cr3t-of-the-orchestrator")
+        endpoint, lines = _deploy(models, models["a"])
+        state = {"endpoint": endpoint, "lines": lines}
+        yield state
+        VllmLocal().stop(state["endpoint"])
 
 
 def _complete(url: str, model: str, prompt: str = PROMPT, tokens: int = 6) -> httpx.Response:
@@ -208,6 +249,19 @@ def test_the_server_flags_are_the_ones_the_cluster_runtime_gets():
     assert args == ["--model=/mnt/models", "--served-model-name=base", "--enable-lora", "--max-lora-rank=32", "--max-loras=2"]
     with pytest.raises(ValueError, match="max_lora_rank"):
         server_args("/m", "base", max_lora_rank=12)
+
+
+def test_the_servers_environment_is_allow_listed_not_the_orchestrators(monkeypatch):
+    from aiplane.plugins.vllm.runtime import server_env
+
+    for name in (SECRET_VAR, "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "WATSONX_APIKEY", "PYTHONPATH", "AIPLANE_HOME"):
+        monkeypatch.setenv(name, "not for the server")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    env = server_env()
+    assert not {SECRET_VAR, "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "WATSONX_APIKEY", "PYTHONPATH", "AIPLANE_HOME"} & set(env)
+    assert (env["VLLM_CPU_KVCACHE_SPACE"], env["OMP_NUM_THREADS"]) == ("2", "2")
+    assert env["PATH"] == os.environ["PATH"] and env["HF_HOME"] == os.environ["HF_HOME"]
 
 
 def test_a_whole_models_server_takes_no_adapters():
@@ -316,6 +370,16 @@ def test_the_server_outlives_the_process_that_deployed_it_and_is_running(live):
     assert VllmLocal().running(live["endpoint"]) is True
 
 
+def test_the_server_and_every_process_it_started_see_no_secret_of_the_orchestrator(live):
+    assert os.environ[SECRET_VAR], "the orchestrator (and the worker that deployed) has the secret"
+    tree = _tree(live["endpoint"].handle["pid"])
+    assert len(tree) >= 2, "vLLM's engine core runs in a process of its own"
+    for proc in tree:
+        env = proc.environ()
+        assert SECRET_VAR not in env, f"{proc.cmdline()[:3]} can read the orchestrator's secret"
+        assert env["HF_HOME"] == os.environ["HF_HOME"], "what the server needs still reaches it"
+
+
 def test_the_server_listens_on_loopback_only(live):
     proc = psutil.Process(live["endpoint"].handle["pid"])
     connections = getattr(proc, "net_connections", proc.connections)(kind="inet")
@@ -360,11 +424,7 @@ def test_rolling_back_to_a_still_loaded_adapter_needs_no_restart(models, live):
 
 
 def test_an_adapter_the_server_refuses_leaves_the_endpoint_serving_the_previous_one(models, live, tmp_path):
-    broken_dir = tmp_path / "broken"
-    broken_dir.mkdir()
-    (broken_dir / "adapter_config.json").write_bytes((Path(models["c"].uri) / "adapter_config.json").read_bytes())
-    (broken_dir / "adapter_model.safetensors").write_bytes(b"not safetensors")
-    broken = _adapter_record(broken_dir, models["base"])
+    broken = _broken_adapter(models, tmp_path / "broken")
     before = _text(live["endpoint"].url, NAME)
     with pytest.raises(InputError, match="refused adapter"):
         _deploy(models, broken)
@@ -400,15 +460,18 @@ def test_changed_server_settings_restart_it_on_the_same_url_with_every_endpoint_
     live["endpoint"] = after
 
 
-def test_a_killed_server_reports_not_running_and_a_deploy_restarts_it_on_the_same_url(models, live):
+def test_a_killed_server_leaves_no_process_behind_once_a_deploy_restarts_it_on_the_same_url(models, live):
     endpoint = live["endpoint"]
     expected = _text(endpoint.url, NAME)
-    os.killpg(endpoint.handle["pid"], signal.SIGKILL)
+    old = _tree(endpoint.handle["pid"])
+    assert len(old) >= 2, "vLLM's engine core runs in a process of its own"
+    os.kill(endpoint.handle["pid"], signal.SIGKILL)  # the server's pid alone, as an operator (or the OOM killer) does
     deadline = time.monotonic() + 10
     while server.alive(server.server_info(Path(endpoint.handle["server_dir"]))) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert VllmLocal().running(endpoint) is False
     after, lines = _deploy(models, models["b"])
+    assert not _still_running(old), "the killed server's engine core, workers and resource tracker are stopped"
     assert after.url == endpoint.url and after.handle["pid"] != endpoint.handle["pid"]
     assert any("is gone; starting it again on the same port" in line for line in lines)
     # Restored: the endpoint and the version kept for rollback are loaded again.
@@ -486,13 +549,24 @@ def test_stop_says_whether_it_stopped_something_and_leaves_nothing_behind(models
     endpoint = live["endpoint"]
     scratch = Path(server.server_info(Path(endpoint.handle["server_dir"]))["scratch"])
     assert scratch.is_dir() and len(str(scratch)) < 60, "vLLM's unix sockets live there: short paths only"
+    tree = _tree(endpoint.handle["pid"])
     assert VllmLocal().stop(endpoint) is True
+    assert not _still_running(tree) and not _trees_under(models["root"])
     assert not _servers_under(models["root"]) and not scratch.exists()
     assert VllmLocal().stop(endpoint) is False
+
+
+def test_a_deploy_that_fails_on_a_server_it_started_stops_that_server(models, live, tmp_path):
+    # No endpoint is served any more: the deploy starts the base model's server, which then refuses the adapter.
+    assert not server.endpoints_on(models["home"], Path(live["endpoint"].handle["server_dir"]).name)
+    with pytest.raises(InputError, match="refused adapter"):
+        _deploy(models, _broken_adapter(models, tmp_path / "broken"))
+    assert not _trees_under(models["root"]) and not _servers_under(models["root"])
+    assert server.server_info(Path(live["endpoint"].handle["server_dir"])) is None
 
 
 def test_a_server_that_is_not_ready_in_time_is_stopped_with_its_log(models, live):
     with pytest.raises(WorkloadError, match=r"not ready within readiness_timeout_s=2 s.*Last lines"):
         _deploy(models, models["a"], readiness_timeout_s=2)
-    assert not _servers_under(models["root"])
+    assert not _servers_under(models["root"]) and not _trees_under(models["root"])
     assert not (models["home"] / "serving" / NAME / server.ENDPOINT_STATE).exists()

@@ -41,6 +41,7 @@ from typing import Any
 
 from aiplane.core.artifacts import atomic_write_text, file_lock
 from aiplane.core.errors import ConfigError, InputError, WorkloadError
+from aiplane.core.processes import process_token, start_tree, stop_tree
 
 from .runtime import SERVER_MODULE, server_args, server_env, version_name
 
@@ -143,6 +144,8 @@ def alive(info: dict[str, Any] | None) -> bool:
     """Whether the process ``info`` names is still our vLLM server on its port (a pid may be reused)."""
     if not info:
         return False
+    if info.get("token"):
+        return process_token(info["pid"]) == info["token"]
     import psutil
 
     try:
@@ -231,39 +234,25 @@ def start(
     # directory of its own, not the workload's temporary one (removed when the workload ends); a
     # short one, in the machine's temporary directory, as a unix socket's path may not exceed 107 bytes.
     scratch = Path(tempfile.mkdtemp(prefix=f"aiplane-vllm-{directory.name[:8]}-", dir=_SYSTEM_TMP))
+    env = {**server_env(lora=flags.get("lora", True)), "TMPDIR": str(scratch)}
     with open(server_log, "ab") as out:
-        # Its own session: no signal aimed at the deploying process (or the Dagster run) reaches the server.
-        proc = subprocess.Popen(
-            [str(python), "-m", SERVER_MODULE, *args],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=directory,
-            env={**server_env(lora=flags.get("lora", True)), "TMPDIR": str(scratch)}, start_new_session=True,
-        )  # fmt: skip
+        # A tree of its own (session, and a marker every process of it inherits): nothing aimed at the deploying
+        # process reaches it, and its record is enough to stop all of it later, after its root was killed too.
+        proc, handle = start_tree([str(python), "-m", SERVER_MODULE, *args], env, cwd=directory, output=out)
     info = {
-        "pid": proc.pid, "host": host, "port": port, "url": url, "base_dir": str(base_dir), "flags": flags,
+        **handle, "host": host, "port": port, "url": url, "base_dir": str(base_dir), "flags": flags,
         "served_name": served_name,
         "log": str(server_log), "scratch": str(scratch),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }  # fmt: skip
     try:
-        deadline = started + readiness_timeout_s
-        while not healthy(url):
-            check_cancelled()
-            if proc.poll() is not None:
-                raise WorkloadError(
-                    f"The vLLM server exited with code {proc.returncode} before it was ready. "
-                    f"Last lines of {server_log}:\n{tail(server_log)}"
-                )
-            if time.monotonic() > deadline:
-                raise WorkloadError(
-                    f"The vLLM server was not ready within readiness_timeout_s={readiness_timeout_s:g} s "
-                    f"(raise it if the model needs longer to load). Last lines of {server_log}:\n{tail(server_log)}"
-                )
-            time.sleep(0.5)
+        # Recorded at once: if this process dies while the server loads, the next deploy or stop finds it.
+        write_json(directory / _SERVER_STATE, info)
+        _wait_ready(proc, url, server_log, started + readiness_timeout_s, readiness_timeout_s, check_cancelled)
     except BaseException:
-        _kill(proc.pid)
+        forget(directory, grace_s=0)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
-        shutil.rmtree(scratch, ignore_errors=True)
         raise
     info["startup_s"] = round(time.monotonic() - started, 3)
     write_json(directory / _SERVER_STATE, info)
@@ -271,11 +260,30 @@ def start(
     return info
 
 
-def forget(directory: Path) -> None:
-    """Drop the record of a server that is gone, and its scratch directory."""
+def _wait_ready(proc, url: str, server_log: Path, deadline: float, timeout_s: float, check_cancelled) -> None:
+    while not healthy(url):
+        check_cancelled()
+        if proc.poll() is not None:
+            raise WorkloadError(
+                f"The vLLM server exited with code {proc.returncode} before it was ready. "
+                f"Last lines of {server_log}:\n{tail(server_log)}"
+            )
+        if time.monotonic() > deadline:
+            raise WorkloadError(
+                f"The vLLM server was not ready within readiness_timeout_s={timeout_s:g} s "
+                f"(raise it if the model needs longer to load). Last lines of {server_log}:\n{tail(server_log)}"
+            )
+        time.sleep(0.5)
+
+
+def forget(directory: Path, grace_s: float = _STOP_GRACE_S) -> None:
+    """Drop the record of a server, and its scratch directory, once no process of it is left: what is left
+    (the workers of a server whose first process was killed) is stopped first, as :func:`terminate` does."""
     info = server_info(directory)
-    if info is not None and info.get("scratch"):
-        shutil.rmtree(info["scratch"], ignore_errors=True)
+    if info is not None:
+        terminate(info, grace_s)
+        if info.get("scratch"):
+            shutil.rmtree(info["scratch"], ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         (directory / _SERVER_STATE).unlink()
 
@@ -287,37 +295,15 @@ def _has_chat_template(base_dir: Path) -> bool:
     return bool(config.get("chat_template"))
 
 
-def _kill(pid: int) -> None:
-    import signal
-
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-def terminate(info: dict[str, Any], grace_s: float = _STOP_GRACE_S) -> bool:
-    """Stop the server ``info`` names (SIGTERM to its group, SIGKILL after ``grace_s``); False if it was not running."""
-    import signal
-
-    import psutil
-
-    if not alive(info):
+def terminate(info: dict[str, Any] | None, grace_s: float = _STOP_GRACE_S) -> bool:
+    """Stop the server ``info`` names and every process it started (SIGTERM, SIGKILL after ``grace_s``), also
+    after its first process was killed; whether any of them was running. A reused pid is never signalled."""
+    if not info:
         return False
-    pid = info["pid"]
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                break
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.1)
-    else:
-        _kill(pid)
-    return True
+    if info.get("tree"):
+        return stop_tree(info, grace_s)
+    # A record from before servers were started as trees names a process group only, stopped while its root runs.
+    return alive(info) and stop_tree({"pid": info["pid"], "token": process_token(info["pid"])}, grace_s)
 
 
 def _call(url: str, method: str = "GET", body: dict[str, Any] | None = None, timeout: float = 60) -> tuple[int, str]:

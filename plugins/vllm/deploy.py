@@ -46,7 +46,9 @@ its own lock, taken before any server's.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -129,8 +131,8 @@ def _serve_adapter(ctx, home, name, adapter, base, adapter_dir, base_dir, python
     sdir = server.server_dir(home, base.digest)
     key = sdir.name
     edir = server.endpoint_dir(home, name)
-    with server.locked(sdir):
-        info = _running_server(ctx, home, sdir, python, base_dir, settings)
+    with server.locked(sdir), _stopped_if_unused(ctx, home, sdir) as info:
+        info.update(_running_server(ctx, home, sdir, python, base_dir, settings))
         url = info["url"]
         version = server.version_name(name, adapter.digest)
         # The versions loaded for rollback are those on this server: none when the endpoint comes from a whole model.
@@ -166,6 +168,20 @@ def _serve_adapter(ctx, home, name, adapter, base, adapter_dir, base_dir, python
         "key": key, "server_dir": sdir, "url": url, "info": info, "version": version,
         "rolled_back": _rolled_back(before, adapter.digest), "kept": [v["lora_name"] for v in kept[1:]],
     }  # fmt: skip
+
+
+@contextlib.contextmanager
+def _stopped_if_unused(ctx, home: Path, sdir: Path) -> Iterator[dict[str, Any]]:
+    """A deploy that fails after it started the server (the block fills in the server's info) stops it again
+    when no endpoint is served from it: it would hold its memory and cores for nothing."""
+    info: dict[str, Any] = {}
+    try:
+        yield info
+    except BaseException:
+        if info.get("started_here") and not server.endpoints_on(home, sdir.name):
+            server.forget(sdir)
+            ctx.log(f"stopped the vLLM server on {info['url']} this deploy started: it failed, and no endpoint uses it")
+        raise
 
 
 def _serve_model(ctx, home, name, model, base, model_dir, python, settings, before) -> dict[str, Any]:

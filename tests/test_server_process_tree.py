@@ -1,0 +1,87 @@
+"""A process tree aiplane owns (``core.processes.start_tree``): whatever its processes did, its record stops all of
+them, after its root was killed too, and never a process that merely got one of its pids.
+
+Real processes (``sleep``), no vLLM: the vLLM server's own tree is checked in tests/test_vllm.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from aiplane.core.processes import TREE_ENV, start_tree, stop_tree, tree_processes
+
+# A root that starts one child in its own process group and one in a session of its own (as a library's
+# helper may), says their pids, and waits.
+_ROOT = (
+    "import subprocess, time\n"
+    "kept = subprocess.Popen(['sleep', '600'])\n"
+    "escaped = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
+    "print(kept.pid, escaped.pid, flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture
+def tree(tmp_path):
+    with open(tmp_path / "out", "w") as out:
+        root, handle = start_tree([sys.executable, "-c", _ROOT], {"PATH": os.environ["PATH"]}, output=out)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "out").read_text().strip():
+        assert time.monotonic() < deadline and root.poll() is None, "the root did not start its children"
+        time.sleep(0.05)
+    children = [psutil.Process(int(pid)) for pid in (tmp_path / "out").read_text().split()]
+    everything = [psutil.Process(root.pid), *children]
+    yield root, handle, children
+    for proc in everything:  # whatever a failed test left
+        if _running(proc):
+            proc.kill()
+    root.wait(10)
+
+
+def test_a_tree_whose_root_was_killed_is_stopped_whole_even_a_child_in_a_session_of_its_own(tree):
+    root, handle, (kept, escaped) = tree
+    assert os.getpgid(escaped.pid) != root.pid, "one child left the root's group and session"
+    assert tree_processes(handle) == sorted([root.pid, kept.pid, escaped.pid], key=lambda p: p != root.pid)
+    os.kill(root.pid, signal.SIGKILL)
+    root.wait(10)
+    assert _running(kept) and _running(escaped), "killing the root alone leaves its children running"
+    assert sorted(tree_processes(handle)) == sorted([kept.pid, escaped.pid])
+    assert stop_tree(handle) is True
+    assert not _running(kept) and not _running(escaped)
+    assert tree_processes(handle) == [] and stop_tree(handle) is False
+
+
+def test_a_trees_root_gets_exactly_the_environment_given_and_every_process_the_trees_marker(tree):
+    root, handle, children = tree
+    assert psutil.Process(root.pid).environ() == {"PATH": os.environ["PATH"], "SPT_NOENV": "1", TREE_ENV: handle["tree"]}
+    assert all(child.environ()[TREE_ENV] == handle["tree"] for child in children)
+
+
+def test_a_pid_reused_by_another_process_is_never_signalled(tree):
+    root, handle, _ = tree
+    # Another process, in a session of its own, holding the pid a recorded tree's root once had.
+    other = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        reused = {"pid": other.pid, "token": handle["token"], "tree": "0" * 32}
+        assert tree_processes(reused) == [] and stop_tree(reused) is False
+        assert other.poll() is None
+        # Its group is another's too, when the record names no tree (one from before trees).
+        assert stop_tree({"pid": other.pid, "token": handle["token"]}) is False and other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+    assert _running(psutil.Process(root.pid)), "the tree itself was not touched either"
