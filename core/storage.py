@@ -195,7 +195,8 @@ class Storage:
         _, target = self.filesystem(to)
         if is_local(normalize_uri(uri)):
             Path(target).parent.mkdir(parents=True, exist_ok=True)
-            os.rename(path, target)
+            with contextlib.suppress(FileNotFoundError):  # gone already: moved by a concurrent caller, or deleted
+                os.rename(path, target)
             return
         names = [name for name, _, _ in self.list_files(uri, retry=True)]
         self._each(uri, names, lambda n: filesystem.copy_file(f"{path}/{n}", f"{target}/{n}"), retry=True)

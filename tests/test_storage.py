@@ -462,3 +462,13 @@ def test_verify_names_the_altered_file_of_an_entry_in_object_storage_without_fet
     assert store.verify(uri) == []
     _alter(store, uri, "sub/adapter_config.json")
     assert store.verify(uri) == ["sub/adapter_config.json"]
+
+
+def test_a_complete_entry_whose_files_were_deleted_is_refused_with_a_message(tmp_path):
+    import shutil
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    uri, _ = store.publish(_adapter(tmp_path), "adapters")
+    shutil.rmtree(local_path(uri))
+    with pytest.raises(InputError, match="not the artifact its digest names: adapter_model.safetensors, sub/adapter_config.json"):
+        store.fetch(uri, tmp_path / "cache")
