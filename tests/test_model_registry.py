@@ -257,6 +257,18 @@ def test_preflight_check_names_an_unset_token_reference(monkeypatch):
     assert TOKEN_ENV in problem and "is not set" in problem
 
 
+def test_the_online_check_asks_the_registry_once_and_names_a_refused_token(registry, monkeypatch):
+    publisher = _publisher(registry)
+    assert publisher.probe(None) == [] and [c.path for c in registry.calls] == [
+        "/api/model_registry/v1alpha3/registered_models"
+    ]
+    monkeypatch.setenv(TOKEN_ENV, "a-stale-token")
+    (problem,) = publisher.probe(None)
+    assert "refused" in problem and TOKEN_ENV in problem and "a-stale-token" not in problem
+    (problem,) = _plugins().create("factsheet publisher", "model-registry", {"url": "http://127.0.0.1:9"}).probe(None)
+    assert "is unreachable" in problem
+
+
 def _deployment(tmp_path: Path, also_publish) -> Path:
     raw = yaml.safe_load(Path(load_deployment("local").source).read_text())
     raw["also_publish"] = also_publish

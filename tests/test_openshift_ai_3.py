@@ -55,6 +55,22 @@ def test_the_deployment_trains_on_trainjob_serves_through_kserve_llm_and_publish
     assert Registry().problems(d) == []
 
 
+def test_the_cluster_side_is_valid_and_grants_the_new_kinds_and_nothing_wide():
+    from test_openshift_manifests import validation_errors
+
+    docs = [d for d in yaml.safe_load_all((REPO / "deployments" / "openshift-ai-3" / "rbac.yaml").read_text()) if d]
+    assert [validation_errors(d) for d in docs] == [[], []]
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    granted = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert {"create", "watch", "delete"} <= granted[("trainer.kubeflow.org", "trainjobs")]
+    assert {"create", "get", "update", "delete"} <= granted[("serving.kserve.io", "llminferenceservices")]
+    assert granted[("apps", "deployments")] == {"get", "list", "watch"}
+    assert not any("*" in rule[f] for rule in role["rules"] for f in ("apiGroups", "resources", "verbs"))
+    assert not {r for _, r in granted} & {"secrets", "configmaps", "pods/exec"}
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "aiplane", "namespace": NS}]
+
+
 def _secret(name: str, **data: str) -> dict:
     encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
     return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS}, "data": encoded}

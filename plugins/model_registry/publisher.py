@@ -140,6 +140,32 @@ class ModelRegistryPublisher(FactsheetPublisher):
             ]
         return []
 
+    def probe(self, deployment) -> list[str]:
+        """The registry answers, and takes the token: one list request of one registered model, a few seconds at most."""
+        import ssl
+        import urllib.error
+        import urllib.request
+
+        s: Any = self.settings
+        try:
+            token = s.resolve_token()
+        except ConfigError as exc:
+            return [f"settings: {exc}"]
+        request = urllib.request.Request(f"{s.url}/api/model_registry/v1alpha3/registered_models?pageSize=1")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        context = ssl.create_default_context(cafile=s.ca_cert) if s.url.startswith("https://") else None
+        try:
+            with urllib.request.urlopen(request, timeout=5, context=context):
+                return []
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                return [f"the model registry at {s.url} refused {s.token_source()} (HTTP {exc.code}): grant the "
+                        "account the registry, or give a token that has it"]  # fmt: skip
+            return [f"the model registry at {s.url} answered HTTP {exc.code} ({exc.reason}): is `url` its REST API?"]
+        except (OSError, ValueError) as exc:
+            return [f"the model registry at {s.url} is unreachable ({type(exc).__name__}: {exc}); check `url`"]
+
     def workload(self, endpoint: EndpointRecord, document: Mapping[str, Any]) -> Workload:
         """The ``publish-model-registry`` workload; its one output, ``factsheet``, is a FactsheetRecord."""
         doc = publishable(endpoint, document)
