@@ -85,3 +85,30 @@ def test_a_pid_reused_by_another_process_is_never_signalled(tree):
         other.kill()
         other.wait()
     assert _running(psutil.Process(root.pid)), "the tree itself was not touched either"
+
+
+def test_stopping_an_endpoint_whose_servers_first_process_was_killed_leaves_none_of_its_processes(tree, tmp_path):
+    from aiplane.core.records import EndpointRecord
+    from aiplane.plugins.vllm import VllmLocal
+    from aiplane.plugins.vllm import _server as server
+
+    root, handle, children = tree
+    home, scratch = tmp_path / "home", tmp_path / "scratch"
+    sdir, edir = server.servers_dir(home) / "0123456789abcdef", server.endpoint_dir(home, "tickets")
+    for directory in (sdir, edir, scratch):
+        directory.mkdir(parents=True)
+    # The records a deploy leaves, for a server whose processes are this tree (``aiplane stop`` reads no more).
+    url = "http://127.0.0.1:9"
+    server.write_json(sdir / "server.json", {**handle, "host": "127.0.0.1", "port": 9, "url": url, "scratch": str(scratch)})
+    state = {"endpoint": "tickets", "server": sdir.name, "server_dir": str(sdir), "url": url, "current": "sha256:1"}
+    server.write_json(edir / server.ENDPOINT_STATE, state)
+    endpoint = EndpointRecord(
+        uri=f"{url}/v1/models/tickets", url=url, digest="sha256:2", model_name="tickets", protocols=(), serving="vllm",
+        handle={"server_dir": str(sdir), "state_dir": str(edir), "adapter": "sha256:1"},
+    )  # fmt: skip
+    os.kill(root.pid, signal.SIGKILL)
+    root.wait(10)
+    assert VllmLocal().running(endpoint) is False
+    VllmLocal().stop(endpoint)
+    assert not any(_running(child) for child in children)
+    assert not (sdir / "server.json").exists() and not scratch.exists() and not (edir / server.ENDPOINT_STATE).exists()
