@@ -214,7 +214,8 @@ def tree_processes(handle: Mapping[str, Any]) -> list[int]:
     that catches a child that cleared its environment. Zombies have ended and
     are left out. Never a process that merely reuses one of the tree's pids.
     A handle without ``tree`` (a process not started by :func:`start_tree`)
-    names the root's process group, while its root runs.
+    names the root's process group, while its root runs. Needs psutil (the
+    ``serve`` extra), imported here only.
     """
     root = handle.get("pid")
     return sorted((p.pid for p in _members(handle)), key=lambda pid: pid != root)

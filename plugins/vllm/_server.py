@@ -3,7 +3,8 @@ loaded on it, and one per whole model an endpoint serves.
 
 State, under the aiplane home:
 
-* ``serving/_vllm/<server>/server.json``: the live server (pid, port, url, flags).
+* ``serving/_vllm/<server>/server.json``: the live server (pid, port, url, flags), and what finds every
+  process of it (:func:`aiplane.core.processes.start_tree`'s handle), written as it starts.
   A base model's server is ``<base>``, the base model's digest, shortened; a
   whole model's (an ``sft`` model, a full ``distill`` student) is
   ``<model>-<endpoint>``, as it answers to that endpoint's name only.
