@@ -66,23 +66,7 @@ def preflight(
             components[key] = registry.create(kind, spec.name, spec.settings)
         except AiplaneError:
             continue
-    engines = registry.components("engine")
-    for key, workload in _WORKLOADS.items():
-        spec = getattr(deployment, key)
-        # No data has been read yet, so no residency: this finds the pins, GPUs, SLAs and
-        # engines that can never work; residency is placed again, with the rows' tags, at run time.
-        component = components.get(key)
-        req = Requirements(
-            workload=workload,
-            gpus=spec.gpus,
-            sla=spec.sla,
-            engines=type(component).engines if component is not None else None,
-            target=pins.get(key) or spec.target,
-        )
-        try:
-            place(req, deployment.targets, deployment.residency, engines)
-        except AiplaneError as exc:
-            problems.append(f"{key}: {exc}")
+    problems += _placement_problems(deployment, registry, components, pins)
     problems += _storage_problems(deployment)
     problems += _region_location_problems(deployment, registry, components, pins)
     unusable: set[str] = set()  # where the S3 settings that cannot be used are set
@@ -113,6 +97,30 @@ def preflight(
         except AiplaneError as exc:
             problems.append(f"{where}: {exc}")
     return list(dict.fromkeys(problems))
+
+
+def _placement_problems(deployment: Deployment, registry: Registry, components: Mapping[str, object], pins: Mapping[str, str]) -> list[str]:
+    """The pins, GPUs, SLAs and engines that can never work.
+
+    No data has been read yet, so no residency: it is placed again, with the rows' tags, at run time.
+    """
+    engines = registry.components("engine")
+    problems = []
+    for key, workload in _WORKLOADS.items():
+        spec = getattr(deployment, key)
+        component = components.get(key)
+        req = Requirements(
+            workload=workload,
+            gpus=spec.gpus,
+            sla=spec.sla,
+            engines=type(component).engines if component is not None else None,
+            target=pins.get(key) or spec.target,
+        )
+        try:
+            place(req, deployment.targets, deployment.residency, engines)
+        except AiplaneError as exc:
+            problems.append(f"{key}: {exc}")
+    return problems
 
 
 def _pairing_problems(deployment: Deployment, components: Mapping[str, object], where: str) -> list[str]:
