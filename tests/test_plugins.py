@@ -15,7 +15,7 @@ from aiplane.core.plugins import Registry, get_plugin_manager
 from aiplane.core.workload import Workload
 
 BUILTINS = {"local", "iceberg", "peft", "kserve", "llmisvc", "vllm", "factsheets", "watsonx_gov", "openlineage", "ray",
-            "kfp", "k8s"}
+            "kfp", "k8s", "trainjob", "model_registry"}
 
 
 class _ThrowawayEngine(Engine):
