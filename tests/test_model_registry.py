@@ -285,6 +285,19 @@ def test_also_publish_lists_publishers_after_the_factsheet_and_each_is_validated
     assert len(problems) == 1 and problems[0].startswith("also_publish[0]: ") and "needs a bearer token" in problems[0]
 
 
+def test_the_preflight_checks_and_places_each_also_publish_publisher(tmp_path, monkeypatch):
+    from aiplane.core.preflight import preflight
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    path = _deployment(tmp_path, [
+        {"name": "model-registry", "settings": {"url": "http://r", "token": {"env": TOKEN_ENV}}},
+        {"name": "model-registry", "sla": "critical", "settings": {"url": "http://r"}},
+    ])  # fmt: skip
+    problems = preflight(load_deployment(path, home=tmp_path), _plugins(), offline=True)
+    assert any(p.startswith("also_publish[0]: settings.token:") and TOKEN_ENV in p for p in problems), problems
+    assert any(p.startswith("also_publish[1]: No target can run publish-factsheet") for p in problems), problems
+
+
 def test_an_also_publish_pin_to_an_unknown_target_fails_when_the_deployment_loads(tmp_path):
     with pytest.raises(ConfigError, match=r"also_publish\[0\]\.target"):
         load_deployment(_deployment(tmp_path, [{"name": "model-registry", "target": "nowhere", "settings": {"url": "http://r"}}]))
