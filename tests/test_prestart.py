@@ -1,4 +1,5 @@
-"""The local engine's prestarted workers: started ahead of a workload, handed exactly one, isolated as usual."""
+"""Prestarted workers (local engine) and a prestarted private Ray (ray engine): started ahead of a workload,
+handed exactly one, isolated as usual, and gone with their starter when not used."""
 
 import os
 import signal
@@ -157,3 +158,57 @@ def test_an_unused_standby_ends_with_the_process_that_started_it(workload_path):
     while not _gone(standby) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _gone(standby)
+
+
+# -- the ray engine: a private Ray started ahead of the run ------------------------------------------
+
+
+def _ray_processes(directory: str) -> list[int]:
+    """Processes of the private Ray under ``directory``: each names its session directory on its command line."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(directory in arg for arg in proc.info["cmdline"] or ()):
+            found.append(proc.pid)
+    return found
+
+
+def test_an_unused_prestarted_ray_ends_with_the_process_that_started_it_even_when_killed():
+    code = (
+        "import os\n"
+        "from aiplane.core.plugins import Registry\n"
+        "from aiplane.plugins.ray import engine\n"
+        "assert Registry().engine('ray', {'address': 'local', 'num_workers': 1}).prestart('x:y', wait_s=600)\n"
+        "(standby,) = engine._STANDBYS.values()\n"
+        "print(standby.proc.pid, standby.head.tmp, len(os.listdir(standby.head.tmp / 'ray')), flush=True)\n"
+        "os._exit(0)  # as if killed: no atexit clean-up\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=660, check=True)
+    driver, directory, entries = out.stdout.split()
+    assert int(entries) > 0, "the prestarted Ray was up (its session directory written) when its starter died"
+    deadline = time.monotonic() + 60
+    while (not _gone(int(driver)) or _ray_processes(directory) or os.path.exists(directory)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _gone(int(driver)) and _ray_processes(directory) == []
+    assert not os.path.exists(directory)
+
+
+def test_a_prestarted_ray_is_not_used_once_the_environment_changed_and_is_stopped(monkeypatch):
+    from aiplane.plugins.ray import engine as ray_engine
+
+    engine = Registry().engine("ray", {"address": "local", "num_workers": 1})
+    try:
+        engine.prestart("x:y")  # no wait: what is checked is the hand-over, not Ray
+        (standby,) = ray_engine._STANDBYS.values()
+        monkeypatch.setenv("AIPLANE_TEST_CHANGED", "1")
+        taken, why = ray_engine._take_standby(engine._standby_key(), ray_engine._inherited(), os.getcwd())
+        assert taken is None and "AIPLANE_TEST_CHANGED" in why
+        assert _gone(standby.proc.pid) and not standby.head.tmp.exists()
+    finally:
+        ray_engine._discard_standbys()
+
+
+def test_a_ray_cluster_target_prestarts_nothing():
+    from aiplane.plugins.ray import engine as ray_engine
+
+    engine = Registry().engine("ray", {"address": "http://127.0.0.1:1"})
+    assert engine.prestart("x:y", wait_s=1) is False and ray_engine._STANDBYS == {}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -41,9 +42,30 @@ RESULT_PREFIX = "@@aiplane-ray-result "
 _DRAIN_S = 0.25
 
 
-def main() -> int:
-    """Train the workload in ``$AIPLANE_RAY_SPEC`` and print its events, then its result line."""
+def main(argv: list[str] | None = None) -> int:
+    """Train the workload in ``$AIPLANE_RAY_SPEC`` and print its events, then its result line.
+
+    ``--standby READY_FD``: ``$AIPLANE_RAY_SPEC`` holds only how to start the private
+    Ray (``local``, ``runtime_env``, and the ``directory`` it is in). Start it and
+    import Ray Train, close READY_FD, then read the whole spec as one line on stdin
+    and train as above; EOF instead: stop Ray, remove the directory and exit.
+    """
+    args = sys.argv[1:] if argv is None else argv
     spec = json.loads(os.environ[SPEC_ENV])
+    init_s = None
+    if args[:1] == ["--standby"]:
+        init_s = _init(spec)
+        _preload()
+        os.close(int(args[1]))  # the engine sees EOF: Ray is up
+        line = sys.stdin.readline()
+        if not line.strip():
+            import ray
+
+            # Not used (its starter let it go, or died): this Ray and its directory end with the standby.
+            ray.shutdown()
+            shutil.rmtree(spec["directory"], ignore_errors=True)
+            return 0
+        spec = json.loads(line)
     workload = Workload.model_validate(spec["workload"])
     cancelled = threading.Event()
 
@@ -51,7 +73,7 @@ def main() -> int:
         print(format_event(event), flush=True)
 
     try:
-        payload = _drive(spec, workload, emit, cancelled)
+        payload = _drive(spec, workload, emit, cancelled, init_s)
     except (KeyboardInterrupt, WorkloadCancelled):
         payload = _error(WorkloadCancelled(f"workload {workload.name} ({workload.run_id}) was cancelled"))
     except Exception as exc:  # the engine raises it again from the result line
@@ -61,12 +83,35 @@ def main() -> int:
     return 1 if "error" in payload else 0
 
 
+def _preload() -> None:
+    """What ``fit`` imports anyway (Ray Train, its torch trainer and torch), while the driver waits."""
+    try:
+        import ray.train.torch  # noqa: F401
+    except Exception:
+        pass  # the run imports it again and reports the failure where it belongs
+
+
 def _error(exc: BaseException) -> dict[str, str]:
     kind = type(exc).__name__ if isinstance(exc, AiplaneError) else "WorkloadError"
     return {"error_type": kind, "error": str(exc) if isinstance(exc, AiplaneError) else f"{type(exc).__name__}: {exc}"}
 
 
-def _drive(spec: dict[str, Any], workload: Workload, emit: Callable[[Event], None], cancelled: threading.Event) -> dict[str, Any]:
+def _drive(
+    spec: dict[str, Any], workload: Workload, emit: Callable[[Event], None], cancelled: threading.Event, init_s: float | None
+) -> dict[str, Any]:
+    import ray
+
+    if init_s is None:
+        init_s = _init(spec)
+    _install_sigterm(cancelled)
+    try:
+        return _fit(spec, workload, emit, cancelled, init_s)
+    finally:
+        ray.shutdown()
+
+
+def _init(spec: dict[str, Any]) -> float:
+    """Start this run's private Ray (``spec["local"]``) or join the Ray Job's cluster; the seconds it took."""
     import ray
 
     started = time.monotonic()
@@ -88,12 +133,7 @@ def _drive(spec: dict[str, Any], workload: Workload, emit: Callable[[Event], Non
         )
     else:
         ray.init(**options)  # the cluster of the Ray Job this driver is (RAY_ADDRESS)
-    _install_sigterm(cancelled)
-    try:
-        init_s = time.monotonic() - started
-        return _fit(spec, workload, emit, cancelled, init_s)
-    finally:
-        ray.shutdown()
+    return time.monotonic() - started
 
 
 def _free_port() -> int:

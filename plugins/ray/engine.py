@@ -15,24 +15,33 @@ Two ways to reach Ray, one driver (:mod:`aiplane.plugins.ray.driver`):
 
 Either way the events reach ``on_event`` as they happen and the rank-0 result,
 with per-worker resource use, comes back as the engine's result.
+
+Starting a private Ray takes seconds (its head's processes, then worker
+processes importing torch): :meth:`RayEngine.prestart` does it while the
+orchestrator is busy with something else, and the next local run is handed to
+that Ray, which then ends with the run as any other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import json
 import os
 import queue
 import re
 import secrets
+import select
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +51,7 @@ from pydantic_core import PydanticCustomError
 from aiplane.core.components import Engine
 from aiplane.core.config import SecretRef, Target
 from aiplane.core.errors import ConfigError, WorkloadCancelled, WorkloadError
-from aiplane.core.processes import stream_process
+from aiplane.core.processes import follow_process, kill_group, start_process, stream_process
 from aiplane.core.workload import Event, Workload, WorkloadResult, parse_event, read_result
 
 __all__ = ["RayEngine", "RaySettings"]
@@ -200,45 +209,90 @@ class RayEngine(Engine):
 
     # -- a private local Ray ------------------------------------------------------------------
 
-    def _run_local(self, workload: Workload, on_event, cancel: threading.Event) -> tuple[WorkloadResult, dict[str, Any]]:
+    def prestart(self, entrypoint: str, preload: Sequence[str] = (), wait_s: float = 0.0) -> bool:
+        """Start the private Ray of the next local run now: its driver, ``ray.init``, and Ray Train's imports.
+
+        Local mode only (a cluster is up already). The driver starts Ray as :meth:`run`
+        would, imports Ray Train and torch, and waits. The next local run with these
+        settings, on this interpreter, environment and working directory, is handed to
+        it and ends it as usual; one not used is stopped (its process group) when this
+        process ends. A second call keeps the first. ``preload`` is not imported ahead:
+        Ray starts each Train worker as a new process when the run begins (a setup hook
+        importing it in every worker Ray starts cost more than it saved, measured).
+
+        Returns whether Ray is up within ``wait_s`` seconds (0: do not wait).
+        """
+        s: RaySettings = self.settings  # type: ignore[assignment]
+        if s.address is not None:
+            return False
+        key, env, cwd = self._standby_key(), _inherited(), os.getcwd()
+        with _STANDBY_LOCK:
+            standby = _STANDBYS.get(key)
+            if standby is not None and standby.unusable(env, cwd):
+                del _STANDBYS[key]
+                standby.discard()
+                standby = None
+            if standby is None:
+                standby = _Standby.start(self._head(), env, cwd, s.runtime_env)
+                _STANDBYS[key] = standby
+            ready = os.dup(standby.ready)  # a run may take the standby (and close its pipe) while this waits
+        try:
+            up = bool(select.select([ready], [], [], max(0.0, wait_s))[0])
+        finally:
+            os.close(ready)
+        return up and standby.proc.poll() is None
+
+    def _standby_key(self) -> tuple[str, str]:
+        return sys.executable, self.settings.model_dump_json()
+
+    def _head(self) -> "_Head":
+        """A new private Ray's temp dir, ``ray.init`` arguments and driver environment (no workload yet)."""
         s: RaySettings = self.settings  # type: ignore[assignment]
         # Under /tmp, short: Ray's unix socket paths must stay under 108 bytes.
         tmp = Path(tempfile.mkdtemp(prefix="aiplane-ray-", dir="/tmp"))
+        local = {
+            "num_cpus": max(1, int(round(s.num_workers * self._per_worker("CPU", 1)))),
+            "num_gpus": int(s.num_workers * self._per_worker("GPU", 1 if s.use_gpu else 0)),
+            "temp_dir": str(tmp / "ray"),
+        }
+        env = {
+            **_inherited(),
+            **{k: str(v) for k, v in (s.runtime_env.get("env_vars") or {}).items()},
+            "PYTHONUNBUFFERED": "1",
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": _HEALTH_CHECK_S,
+            # A new local Ray turns token auth on and, with no token at hand, generates one and saves
+            # it to ~/.ray/auth_token, where every later `ray start` and ray.init() on this machine finds
+            # it and switches to token mode too. This run's Ray gets its own token instead, in the
+            # environment its processes inherit: authenticated, and nothing written to the home directory.
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        }
+        return _Head(tmp, local, env)
+
+    def _run_local(self, workload: Workload, on_event, cancel: threading.Event) -> tuple[WorkloadResult, dict[str, Any]]:
+        s: RaySettings = self.settings  # type: ignore[assignment]
+        standby, unused = _take_standby(self._standby_key(), _inherited(), os.getcwd())
+        if unused:
+            on_event(Event(type="log", message=f"the prestarted Ray was not used: {unused}"))
+        head = standby.head if standby else self._head()
         try:
-            local = {
-                "num_cpus": max(1, int(round(s.num_workers * self._per_worker("CPU", 1)))),
-                "num_gpus": int(s.num_workers * self._per_worker("GPU", 1 if s.use_gpu else 0)),
-                "temp_dir": str(tmp / "ray"),
-            }
-            # A private Ray must not join whatever cluster this process was pointed at, nor use its credentials.
-            inherited = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
-            env = {
-                **inherited,
-                **{k: str(v) for k, v in (s.runtime_env.get("env_vars") or {}).items()},
-                _SPEC_ENV: self._spec(workload, local, s.storage_path or str(tmp / "storage")),
-                "PYTHONUNBUFFERED": "1",
-                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": _HEALTH_CHECK_S,
-                # A new local Ray turns token auth on and, with no token at hand, generates one and saves
-                # it to ~/.ray/auth_token, where every later `ray start` and ray.init() on this machine finds
-                # it and switches to token mode too. This run's Ray gets its own token instead, in the
-                # environment its processes inherit: authenticated, and nothing written to the home directory.
-                "RAY_AUTH_MODE": "token",
-                "RAY_AUTH_TOKEN": secrets.token_hex(32),
-            }
+            spec = self._spec(workload, head.local, s.storage_path or str(head.tmp / "storage"))
             reader = _Lines(on_event)
+            what = f"workload {workload.name} on a local Ray"
             # Own session: Ray's processes are the driver's children, so the group is this run's Ray and
             # nothing else; cancelling, or an exception here (Dagster's run termination), kills the group.
-            proc = stream_process(
-                [sys.executable, "-m", "aiplane.plugins.ray.driver"],
-                reader.feed,
-                cancel,
-                env=env,
-                what=f"workload {workload.name} on a local Ray",
-            )
+            if standby is not None:
+                proc = follow_process(standby.hand_over(spec), reader.feed, cancel, what=what)
+            else:
+                cmd = [sys.executable, "-m", "aiplane.plugins.ray.driver"]
+                proc = stream_process(cmd, reader.feed, cancel, env={**head.env, _SPEC_ENV: spec}, what=what)
             outcome = reader.result(workload, f"the Ray driver (pid {proc.pid}) exited with code {proc.returncode}")
-            return outcome, {"mode": "local", "driver_pid": proc.pid}
+            facts: dict[str, Any] = {"mode": "local", "driver_pid": proc.pid}
+            if standby is not None:
+                facts["prestarted"] = True
+            return outcome, facts
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(head.tmp, ignore_errors=True)
 
     # -- an existing cluster, through Ray Jobs ----------------------------------------------
 
@@ -421,3 +475,117 @@ def _stop_job(client, job_id: str, wait_s: float = _GRACE_S + 10) -> None:
         except Exception:
             return
         time.sleep(0.2)
+
+
+def _inherited() -> dict[str, str]:
+    # A private Ray must not join whatever cluster this process was pointed at, nor use its credentials.
+    return {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
+
+
+# Set in the orchestrator's environment as it runs, to what a workload sets itself too (see the local
+# engine): their appearance after a prestart does not make the prestarted Ray differ from a new one.
+_SELF_SET = frozenset({"TORCHINDUCTOR_CACHE_DIR", "AWS_REQUEST_CHECKSUM_CALCULATION"})
+
+
+@dataclass
+class _Head:
+    """A private Ray's temp dir (removed after its run), ``ray.init`` arguments and driver environment."""
+
+    tmp: Path
+    local: dict[str, Any]
+    env: dict[str, str]
+
+
+@dataclass
+class _Standby:
+    """A driver started ahead of its workload (``driver --standby``): its Ray is up, or coming up."""
+
+    head: _Head
+    proc: subprocess.Popen
+    inherited: dict[str, str]
+    cwd: str
+    ready: int
+    """Read end of a pipe the driver closes once Ray is up (EOF: up, or dead)."""
+
+    @classmethod
+    def start(cls, head: _Head, inherited: dict[str, str], cwd: str, runtime_env: dict[str, Any]) -> "_Standby":
+        setup = json.dumps({"local": head.local, "runtime_env": runtime_env, "directory": str(head.tmp)})
+        env = {**head.env, _SPEC_ENV: setup}
+        ready, ready_w = os.pipe()
+        try:
+            cmd = [sys.executable, "-m", "aiplane.plugins.ray.driver", "--standby", str(ready_w)]
+            proc = start_process(cmd, env=env, stdin=subprocess.PIPE, pass_fds=(ready_w,))
+        except BaseException:
+            os.close(ready)
+            shutil.rmtree(head.tmp, ignore_errors=True)
+            raise
+        finally:
+            os.close(ready_w)
+        return cls(head, proc, inherited, cwd, ready)
+
+    def unusable(self, inherited: dict[str, str], cwd: str) -> str:
+        """Why this standby cannot run a workload started with ``inherited`` in ``cwd``; empty if it can."""
+        if self.proc.poll() is not None:
+            return f"its driver exited with code {self.proc.returncode}"
+        if self.cwd != cwd:
+            return f"the working directory changed from {self.cwd} to {cwd}"
+        was, now = self.inherited, inherited
+        changed = sorted(k for k in {*was, *now} if was.get(k) != now.get(k) and not (k in _SELF_SET and k not in was))
+        if changed:
+            return f"the environment changed since it started ({', '.join(changed)})"
+        return ""
+
+    def hand_over(self, spec: str) -> subprocess.Popen:
+        """Give the driver its workload (the whole spec, one line); the driver's process."""
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(spec + "\n")
+            self.proc.stdin.close()
+        except (OSError, ValueError):
+            pass  # it died: following it reports its exit and last output, as for any driver
+        finally:
+            self._close_ready()
+        return self.proc
+
+    def discard(self) -> None:
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()  # EOF: the driver stops its Ray and exits
+        except OSError:
+            pass
+        kill_group(self.proc)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._close_ready()
+        shutil.rmtree(self.head.tmp, ignore_errors=True)
+
+    def _close_ready(self) -> None:
+        if self.ready >= 0:
+            os.close(self.ready)
+            self.ready = -1
+
+
+_STANDBYS: dict[tuple[str, str], _Standby] = {}
+_STANDBY_LOCK = threading.Lock()
+
+
+def _take_standby(key: tuple[str, str], inherited: dict[str, str], cwd: str) -> tuple[_Standby | None, str]:
+    """The prestarted driver for ``key``, now this run's, or ``None`` and why the one there could not be used."""
+    with _STANDBY_LOCK:
+        standby = _STANDBYS.pop(key, None)
+    if standby is None:
+        return None, ""
+    why = standby.unusable(inherited, cwd)
+    if why:
+        standby.discard()
+        return None, why + "; a new Ray runs it"
+    return standby, ""
+
+
+@atexit.register
+def _discard_standbys() -> None:
+    with _STANDBY_LOCK:
+        standbys = list(_STANDBYS.values())
+        _STANDBYS.clear()
+    for standby in standbys:
+        standby.discard()
