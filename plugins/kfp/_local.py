@@ -1,4 +1,4 @@
-"""``python -m aiplane.plugins.kfp._local SPEC.yaml ARGS.json OUT.json PIPELINE_ROOT``: run a compiled pipeline with kfp.local.
+"""``python .../aiplane/plugins/kfp/_local.py SPEC.yaml ARGS.json OUT.json PIPELINE_ROOT``: run a compiled pipeline with kfp.local.
 
 The engine runs this in its own process group rather than calling ``kfp.local``
 in the orchestrator: ``kfp.local`` keeps process-wide state, prints task output to
@@ -6,6 +6,10 @@ in the orchestrator: ``kfp.local`` keeps process-wide state, prints task output 
 on cancellation, task subprocess included. Task output (aiplane event lines
 among it) goes to stdout; ``OUT.json`` gets the run's directory and the URI of
 the task's ``result`` artifact.
+
+Run by its path, not with ``-m``: that would import the ``aiplane.plugins.kfp``
+package, and with it ``aiplane.core`` (pydantic, pluggy), which nothing here uses
+(a third of a second of every task). It needs only the standard library and kfp.
 """
 
 import json
@@ -68,4 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Run as a file, Python puts this file's folder first on the path: its modules
+    # (engine, pipeline, settings, ...) must not stand in for top-level ones kfp imports.
+    del sys.path[0]
     sys.exit(main())

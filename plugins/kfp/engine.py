@@ -53,6 +53,7 @@ _TAIL = 40
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _KFP_LOG_PREFIX = re.compile(r"^\d\d:\d\d:\d\d\.\d+ - [A-Z]+ - ")
 _TASK_INDENT = "    "  # kfp.local indents what a task prints
+_LOCAL_RUNNER = str(Path(__file__).with_name("_local.py"))  # run by path: see its docstring
 
 
 class KfpEngine(Engine):
@@ -192,10 +193,7 @@ class KfpEngine(Engine):
                     on_event(event)
 
             proc = stream_process(
-                [
-                    self.settings.python or sys.executable, "-m", "aiplane.plugins.kfp._local",
-                    str(spec), str(args), str(out), str(root),
-                ],  # fmt: skip
+                [self.settings.python or sys.executable, _LOCAL_RUNNER, str(spec), str(args), str(out), str(root)],
                 on_line,
                 cancel,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(task_tmp)},

@@ -10,6 +10,7 @@ version named by its digest, is stable across runs of the same code and config.
 """
 
 # No `from __future__ import annotations`: kfp reads the pipeline function's annotations as types.
+import collections
 import hashlib
 import json
 import os
@@ -115,14 +116,58 @@ def compile_workload(
     """Compile ``workload`` for ``target`` into KFP IR YAML with its run arguments.
 
     Raises :class:`ConfigError` when the target cannot give the workload what it needs.
+    What the spec is made from (everything but the run arguments) names it in a small
+    cache, so a workload that runs again with the same code and configuration is not
+    compiled again: the bytes would be the same.
     """
+    run_params = {k: v for k, v in workload.params.items() if k in settings.run_params}
+    made_of = _json(
+        [
+            workload.model_dump(mode="json", exclude={"run_id", "inputs", "cache_dir"}),
+            sorted(run_params),
+            target.model_dump(mode="json"),
+            settings.model_dump(mode="json"),
+        ]
+    )
+    name, spec, digest = _spec(made_of, workload, target, settings)
+    return CompiledPipeline(
+        name=name,
+        spec=spec,
+        digest=digest,
+        arguments={
+            "run_id": workload.run_id,
+            "inputs_json": _json({k: v.model_dump(mode="json") for k, v in workload.inputs.items()}),
+            "result_path": result_path,
+            "run_params_json": _json(run_params),
+        },
+    )
+
+
+_SPECS: "collections.OrderedDict[str, tuple[str, str, str]]" = collections.OrderedDict()
+_SPECS_KEPT = 32
+
+
+def _spec(made_of: str, workload: Workload, target: Target, settings: KfpSettings) -> tuple[str, str, str]:
+    """(name, IR YAML, digest) of the pipeline made of ``made_of``: cached, else compiled."""
+    with _COMPILE_LOCK:
+        if made_of in _SPECS:
+            _SPECS.move_to_end(made_of)
+            return _SPECS[made_of]
+    compiled = _compile(workload, target, settings)
+    with _COMPILE_LOCK:
+        _SPECS[made_of] = compiled
+        while len(_SPECS) > _SPECS_KEPT:
+            _SPECS.popitem(last=False)
+    return compiled
+
+
+def _compile(workload: Workload, target: Target, settings: KfpSettings) -> tuple[str, str, str]:
     from kfp import compiler, dsl
 
     from .component import aiplane_workload
 
     gpus = pod_gpus(workload, target)
     baked = {k: v for k, v in workload.params.items() if k not in settings.run_params}
-    run_params = {k: v for k, v in workload.params.items() if k in settings.run_params}
     image = settings.base_image or f"python:{sys.version_info.major}.{sys.version_info.minor}"
     res = workload.resources
     cpu_request = settings.cpu_request or cpu_quantity(res.cpus)
@@ -188,14 +233,4 @@ def compile_workload(
         compiler.Compiler().compile(compiled, path)
         with open(path) as f:
             spec = f.read()
-    return CompiledPipeline(
-        name=name,
-        spec=spec,
-        digest="sha256:" + hashlib.sha256(spec.encode()).hexdigest(),
-        arguments={
-            "run_id": workload.run_id,
-            "inputs_json": _json({k: v.model_dump(mode="json") for k, v in workload.inputs.items()}),
-            "result_path": result_path,
-            "run_params_json": _json(run_params),
-        },
-    )
+    return name, spec, "sha256:" + hashlib.sha256(spec.encode()).hexdigest()
