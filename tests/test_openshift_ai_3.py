@@ -242,7 +242,8 @@ def test_training_runs_as_a_trainjob_on_the_shipped_runtime_and_the_adapter_land
 @pytest.mark.e2e
 def test_each_adapter_is_a_registry_version_naming_its_artifact_lineage_and_factsheet(chain):
     registry, first = chain["registry"], chain["first"]
-    props = {k: next(x for f, x in v.items() if f != "metadataType") for k, v in _version(registry, first["adapter"])["customProperties"].items()}
+    custom = _version(registry, first["adapter"])["customProperties"]
+    props = {k: next(x for f, x in v.items() if f != "metadataType") for k, v in custom.items()}
     assert props["aiplane.adapter.digest"] == first["adapter"].digest and props["aiplane.region"] == "eu"
     assert props["aiplane.features.digest"].startswith("iceberg-snapshot:")
     assert props["aiplane.factsheet"] == first["factsheet"].uri, "the registry names where the factsheet is"

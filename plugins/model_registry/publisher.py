@@ -62,7 +62,7 @@ class ModelRegistrySettings(BaseModel):
     def _url(cls, value: str) -> str:
         parts = urlsplit(value.strip())
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{value!r} is not an http(s) address; write e.g. 'https://my-registry-rest.apps.cluster.example.com'")
+            raise ValueError(f"{value!r} is not an http(s) address; write e.g. 'https://my-registry.apps.cluster.example.com'")
         return value.strip().rstrip("/")
 
     @field_validator("model_format", "adapter_format", "author")
