@@ -93,6 +93,23 @@ def test_same_code_and_config_compile_to_identical_yaml_and_version():
     assert out.stdout.strip() == first.digest
 
 
+def test_a_workload_run_again_reuses_its_compiled_spec_and_a_changed_one_is_compiled_anew(monkeypatch):
+    from aiplane.plugins.kfp import pipeline
+
+    settings = Registry().engine("kfp").settings
+    compiled, real = [], pipeline._compile
+    monkeypatch.setattr(pipeline, "_compile", lambda *a: compiled.append(a[0].params) or real(*a))
+    monkeypatch.setattr(pipeline, "_SPECS", type(pipeline._SPECS)())
+    first = compile_workload(_echo("a"), LOCAL, settings)
+    again = compile_workload(_echo("a", run_id="run-2"), LOCAL, settings, "/tmp/r2.json")
+    changed = compile_workload(_echo("b"), LOCAL, settings)
+    assert compiled == [{"name": "a"}, {"name": "b"}]
+    assert again.digest == first.digest and again.arguments["run_id"] == "run-2" and again.arguments["result_path"] == "/tmp/r2.json"
+    assert changed.digest != first.digest
+    pipeline._SPECS.clear()
+    assert compile_workload(_echo("a"), LOCAL, settings).spec == first.spec, "what the cache gave is what compiling gives"
+
+
 def test_run_specific_values_are_run_arguments_not_part_of_the_spec():
     settings = KfpSettings(base_image=IMAGE)
     a = compile_workload(_echo(run_id="run-aaaa", inputs={"features": _features(1)}), LOCAL, settings, "/r/a.json")
