@@ -161,6 +161,21 @@ def test_a_publish_cut_short_before_the_artifact_is_completed_by_the_next(regist
     assert len(registry.versions) == 1 and len(registry.artifacts) == 1
 
 
+def test_a_version_another_publish_creates_first_is_found_on_the_next_attempt(registry):
+    original = registry.answer
+
+    def raced(method, path, query, body):
+        if method == "POST" and path.endswith("/model_versions"):
+            registry.answer = original
+            original(method, path, query, body)  # the other publish wins the race
+            return 409, {"code": "409", "message": "version exists"}
+        return original(method, path, query, body)
+
+    registry.answer = raced
+    _publish(registry, _endpoint())
+    assert len(registry.versions) == 1 and len(registry.artifacts) == 1
+
+
 def test_an_unavailable_registry_is_retried_then_fails_saying_what_to_do(registry):
     registry.fail_next = [503] * 3
     with pytest.raises(WorkloadError) as err:

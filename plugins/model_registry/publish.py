@@ -149,7 +149,8 @@ def publish(
                     f"The model registry at {settings.url} refused the credentials (HTTP {status}: {last}); "
                     f"check {settings.token_source()}: it must hold a token with access to the registry's service."
                 ) from None
-            if status is not None and 400 <= status < 500:
+            # 409: another publish created it between our lookup and our create; the next attempt finds it.
+            if status is not None and 400 <= status < 500 and status != 409:
                 raise WorkloadError(f"The model registry at {settings.url} refused the registration of {wanted.model} "
                                     f"version {wanted.version}: HTTP {status}: {last}") from None
             if i < settings.attempts - 1:
