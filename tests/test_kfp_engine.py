@@ -246,6 +246,56 @@ def test_cancelling_a_local_run_kills_the_kfp_local_task(workload_path, local_en
     assert len(pids) == 1 and _gone(pids[0])
 
 
+def test_the_next_local_run_is_handed_the_runner_the_last_one_started_and_runs_as_a_new_one(workload_path, local_engine):
+    from aiplane.plugins.kfp import standby
+
+    try:
+        first = local_engine.run(_echo("first"), LOCAL, lambda e: None)
+        events = []
+        second = local_engine.run(_echo("second"), LOCAL, events.append)
+        assert second.engine["prestarted"] is True and second.outputs["out"].uri == "/tmp/second"
+        assert second.engine["pid"] != first.engine["pid"], "each run is a runner process of its own"
+        assert second.engine["run_id"] != first.engine["run_id"]
+        workload_events = [str(e) for e in events if e.message.startswith("line") or e.type == "metric"]
+        assert workload_events == ["line 0", "progress=0 (step 0)", "line 1", "progress=1 (step 1)", "line 2", "progress=2 (step 2)"]
+    finally:
+        standby._discard_all()
+
+
+def test_a_kfp_runner_started_before_the_environment_changed_is_not_used(workload_path, local_engine, monkeypatch):
+    from aiplane.plugins.kfp import standby
+
+    try:
+        assert local_engine.prestart("_workloads:echo", wait_s=120)
+        (waiting,) = standby._RUNNERS.values()
+        monkeypatch.setenv("AIPLANE_TEST_CHANGED", "1")
+        events = []
+        result = local_engine.run(_echo("changed"), LOCAL, events.append)
+        assert "prestarted" not in result.engine and result.outputs["out"].uri == "/tmp/changed"
+        assert any("not used" in e.message and "AIPLANE_TEST_CHANGED" in e.message for e in events)
+        assert _gone(waiting.proc.pid)
+    finally:
+        standby._discard_all()
+
+
+def test_an_unused_kfp_runner_ends_with_the_process_that_started_it(tmp_path):
+    code = (
+        "import os\n"
+        "from aiplane.core.plugins import Registry\n"
+        "from aiplane.plugins.kfp import standby\n"
+        f"assert Registry().engine('kfp', {{'pipeline_root': {str(tmp_path)!r}}}).prestart('x:y', wait_s=120)\n"
+        "(waiting,) = standby._RUNNERS.values()\n"
+        "print(waiting.proc.pid, flush=True)\n"
+        "os._exit(0)  # as if killed: no atexit clean-up\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, check=True)
+    runner = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while not _gone(runner) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(runner)
+
+
 def test_lora_trainer_on_kfp_local_produces_an_adapter_peft_can_load(workload_path, local_engine, tiny_base_model, tmp_path):
     import pyarrow as pa
     from peft import PeftModel

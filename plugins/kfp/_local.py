@@ -44,12 +44,31 @@ def _import_kfp():
 
 
 def main(argv: list[str] | None = None) -> int:
-    spec, args_file, out_file, pipeline_root = argv if argv is not None else sys.argv[1:]
-    # Cancellation arrives as SIGTERM: exit through the `with` blocks so the workspace is removed.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    """Run one pipeline; with ``--standby READY_FD``, import kfp first, close READY_FD and wait for it.
+
+    On standby the run's arguments come as one JSON line on stdin, ``{"argv": [SPEC,
+    ARGS, OUT, ROOT], "tmpdir": DIR}``; EOF instead: exit.
+    """
+    argv = sys.argv[1:] if argv is None else argv
     # kfp warns that resources and non-"python" images do nothing locally; that is expected here.
     warnings.simplefilter("ignore")
     components, local = _import_kfp()
+    if argv[:1] == ["--standby"]:
+        os.close(int(argv[1]))  # the engine sees EOF: imported
+        line = sys.stdin.readline()
+        # The tasks' stdin is empty, as for a runner started for the run.
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        if not line.strip():
+            return 0
+        handoff = json.loads(line)
+        os.environ["TMPDIR"] = handoff["tmpdir"]
+        tempfile.tempdir = None  # read TMPDIR again
+        argv = handoff["argv"]
+    spec, args_file, out_file, pipeline_root = argv
+    # Cancellation arrives as SIGTERM: exit through the `with` blocks so the workspace is removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     arguments = json.loads(open(args_file).read())
     with tempfile.TemporaryDirectory(prefix="aiplane-kfp-workspace-") as workspace:

@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +30,7 @@ from aiplane.core.artifacts import atomic_write_text
 from aiplane.core.components import Engine
 from aiplane.core.config import Target
 from aiplane.core.errors import AiplaneError, WorkloadError
-from aiplane.core.processes import stream_process, workload_dir
+from aiplane.core.processes import follow_process, stream_process, workload_dir
 from aiplane.core.storage import Storage, normalize_uri
 from aiplane.core.workload import (
     EVENT_PREFIX,
@@ -42,6 +42,7 @@ from aiplane.core.workload import (
     read_result,
 )
 
+from . import standby
 from .settings import KfpSettings
 
 if TYPE_CHECKING:
@@ -80,6 +81,21 @@ class KfpEngine(Engine):
         if self.settings.mode == "remote":
             return self._run_remote(workload, target, on_event, cancel)
         return self._run_local(workload, target, on_event, cancel)
+
+    def prestart(self, entrypoint: str, preload: Sequence[str] = (), wait_s: float = 0.0) -> bool:
+        """Local mode: start the kfp.local runner of the next run now (its interpreter, kfp imported).
+
+        Each local run also starts the runner of the next one when it is done. A run is
+        handed the waiting runner only if it would have started the same one; an unused
+        one exits with this process. ``preload`` is the task's business: a task is a new
+        process kfp.local starts. Remote mode prepares nothing (``False``).
+        """
+        if self.settings.mode == "remote":
+            return False
+        return standby.prestart(self._python(), _LOCAL_RUNNER, _environment(), wait_s)
+
+    def _python(self) -> str:
+        return self.settings.python or sys.executable
 
     def compile(self, workload: Workload, target: Target, result_path: str = "") -> "CompiledPipeline":
         """The pipeline this engine would run ``workload`` as (IR YAML, digest, run arguments)."""
@@ -192,14 +208,19 @@ class KfpEngine(Engine):
                 if event is not None:
                     on_event(event)
 
-            proc = stream_process(
-                [self.settings.python or sys.executable, _LOCAL_RUNNER, str(spec), str(args), str(out), str(root)],
-                on_line,
-                cancel,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(task_tmp)},
-                what=f"kfp.local run of {workload.name} ({workload.run_id})",
-            )
+            python, env, what = self._python(), _environment(), f"kfp.local run of {workload.name} ({workload.run_id})"
+            argv = [str(spec), str(args), str(out), str(root)]
+            proc, unused = standby.take(python, _LOCAL_RUNNER, env, argv, str(task_tmp))
+            if unused:
+                on_event(Event(type="log", message=f"the prestarted kfp.local runner was not used: {unused}"))
+            prestarted = proc is not None
+            if proc is not None:
+                follow_process(proc, on_line, cancel, what=what)
+            else:
+                proc = stream_process([python, _LOCAL_RUNNER, *argv], on_line, cancel, env={**env, "TMPDIR": str(task_tmp)}, what=what)
             duration = time.monotonic() - started
+            # The next task's runner starts now, while this process records this one's outcome.
+            standby.prestart(python, _LOCAL_RUNNER, env)
             if not result.exists():
                 raise WorkloadError(
                     f"kfp.local run of {workload.name} ({workload.run_id}) exited with code {proc.returncode} "
@@ -218,10 +239,15 @@ class KfpEngine(Engine):
                     result_artifact=facts.get("result_artifact"),
                     pipeline_spec=str(spec),
                     pid=proc.pid,
+                    **({"prestarted": True} if prestarted else {}),
                     duration_s=round(duration, 3),
                 )
             }
         )
+
+
+def _environment() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def _read(storage: Storage, result: str, workload: Workload, url: str) -> WorkloadResult:
