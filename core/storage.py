@@ -45,8 +45,10 @@ COMPLETE_SUFFIX = ".complete"
 QUARANTINE = ".quarantine"
 """Where an entry whose bytes no longer match its digest is moved: ``<kind>/.quarantine/<hex>.<UTC time>``."""
 _log = logging.getLogger(__name__)
-# Answers no retry mends: the store is there, and says no.
-_PERMANENT = ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Path does not exist")
+# Answers no retry mends: the store is there, and says no. Compared lower-case without spaces and underscores,
+# as the SDK writes them either way (NoSuchBucket, NO_SUCH_BUCKET).
+_PERMANENT = ("nosuchbucket", "accessdenied", "forbidden", "invalidaccesskeyid", "signaturedoesnotmatch", "doesnotexist",
+              "notfound")  # fmt: skip
 _SCHEMES = ("file", "s3")
 _DOWNLOAD_CHUNK = 16 << 20
 _CHUNK = 8 << 20
@@ -299,8 +301,8 @@ class Storage:
 
 def _transient(exc: OSError) -> bool:
     """Whether a retry may mend ``exc``: not when the store answered no (a missing bucket, a refused key)."""
-    text = str(exc)
-    return not any(p in text for p in _PERMANENT) and "not found" not in text.lower()
+    text = re.sub(r"[\s_]", "", str(exc).lower())
+    return not any(p in text for p in _PERMANENT)
 
 
 def _explain(exc: OSError, s3: S3Settings | None) -> str:

@@ -95,8 +95,9 @@ def test_an_altered_object_in_the_store_is_refused_on_fetch(s3, s3_env, tmp_path
 
 def test_a_missing_bucket_is_a_clear_error(s3_env, tmp_path):
     store = ArtifactStore("s3://no-such-bucket-aiplane/x", s3=s3_env)
-    with pytest.raises(InputError, match="no-such-bucket-aiplane.*(Create the bucket|NoSuchBucket|does not exist)"):
+    with pytest.raises(InputError, match="no-such-bucket-aiplane.*(Create the bucket|NoSuchBucket|does not exist)") as error:
         store.publish(_adapter(tmp_path), "adapters")
+    assert "tried" not in str(error.value), "a missing bucket is not retried"
 
 
 def test_credentials_are_named_by_reference_never_by_value(s3, monkeypatch, tmp_path):
