@@ -16,7 +16,7 @@ import hashlib
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -31,7 +31,9 @@ __all__ = [
     "MANAGED_BY",
     "ADAPTER_ANNOTATION",
     "VERSIONS_ANNOTATION",
+    "SERVER_MODULE",
     "ServerSettings",
+    "server_args",
     "version_name",
     "is_full_model",
     "base_model_of",
@@ -62,6 +64,8 @@ VERSIONS_ANNOTATION = "aiplane.io/versions"
 """On a cluster's serving object: every version it serves, newest first, as JSON."""
 POD_READABLE = ("s3://", "gs://", "hf://", "pvc://", "oci://", "https://")
 """The URI schemes KServe's storage initializer fetches from: what a cluster's serving pod can read."""
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+"""Started as ``python -m``: the ``vllm`` command of the CPU build looks up a distribution named ``vllm`` and fails."""
 
 
 class ServerSettings(BaseModel):
@@ -90,7 +94,7 @@ class ServerSettings(BaseModel):
         return value
 
     def flags(self, lora: bool = True) -> dict:
-        """These settings as ``server_args``'s keyword arguments (the ``vllm`` plugin's runtime); without
+        """These settings as :func:`server_args`'s keyword arguments; without
         ``lora``, those of a server for one whole model (no adapters, so no LoRA flags)."""
         if not lora:
             return {"lora": False, "max_model_len": self.max_model_len, "dtype": self.dtype, "extra": list(self.extra_args)}
@@ -103,6 +107,45 @@ class ServerSettings(BaseModel):
             "dtype": self.dtype,
             "extra": list(self.extra_args),
         }
+
+
+def server_args(
+    model: str,
+    served_name: str,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    max_lora_rank: int = 16,
+    max_loras: int = 4,
+    max_cpu_loras: int | None = None,
+    max_model_len: int | None = None,
+    dtype: str | None = None,
+    extra: Sequence[str] = (),
+    lora: bool = True,
+) -> list[str]:
+    """The vLLM OpenAI server's arguments: serve ``model`` as ``served_name``, adapters on, by name.
+
+    ``max_loras`` adapters run in one batch; ``max_cpu_loras`` stay loaded
+    (vLLM's default: as many as ``max_loras``), which is what the versions
+    kept for rollback need. ``lora=False``: a server for one whole model,
+    which takes no adapters (the LoRA arguments are left out).
+    """
+    if max_lora_rank not in LORA_RANKS:
+        raise ValueError(f"max_lora_rank must be one of {', '.join(map(str, LORA_RANKS))}, not {max_lora_rank}")
+    args = [f"--model={model}", f"--served-model-name={served_name}"]
+    if host is not None:
+        args.append(f"--host={host}")
+    if port is not None:
+        args.append(f"--port={port}")
+    if lora:
+        args += ["--enable-lora", f"--max-lora-rank={max_lora_rank}", f"--max-loras={max_loras}"]
+    if lora and max_cpu_loras is not None:
+        args.append(f"--max-cpu-loras={max_cpu_loras}")
+    if max_model_len is not None:
+        args.append(f"--max-model-len={max_model_len}")
+    if dtype is not None:
+        args.append(f"--dtype={dtype}")
+    return args + list(extra)
 
 
 def version_name(endpoint: str, adapter_digest: str) -> str:

@@ -2,8 +2,8 @@
 
 Pure functions of the target's settings and what is served, so the tests can
 validate exactly what would be sent against the real CRDs. The runtime's flags
-and environment come from :mod:`aiplane.plugins.vllm.runtime`, the same place
-the local ``vllm`` target takes them from.
+and environment come from :mod:`aiplane.core.serving`, the same place the
+local ``vllm`` target takes them from.
 
 The base model is the InferenceService's ``storageUri`` (mounted at
 ``/mnt/models``); each adapter version is one of ``storageUris``, mounted at
@@ -23,8 +23,9 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from aiplane.core.serving import ADAPTER_ANNOTATION, MANAGED_BY, POD_ENV, VERSIONS_ANNOTATION, served_versions, version_name
-from aiplane.plugins.vllm.runtime import SERVER_MODULE, server_args
+from aiplane.core.serving import (
+    ADAPTER_ANNOTATION, MANAGED_BY, POD_ENV, SERVER_MODULE, VERSIONS_ANNOTATION, server_args, served_versions, version_name,
+)  # fmt: skip
 
 __all__ = [
     "MANAGED_BY",

