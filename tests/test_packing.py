@@ -7,7 +7,7 @@ import torch
 
 from aiplane.core.sample import generate_tickets, to_features
 from aiplane.plugins.peft.base_model import build_tiny_granite
-from aiplane.plugins.peft.methods import label_loss, logits, method_for
+from aiplane.plugins.peft.methods import label_loss, logits, method_for, scored_logits
 from aiplane.plugins.peft.packing import IGNORE, example, pack
 from aiplane.plugins.peft.trainer import LoraSettings
 
@@ -53,6 +53,43 @@ def test_the_loss_of_a_packed_block_is_the_sum_of_its_examples_losses_alone(mode
         alone = [label_loss(model, torch.tensor([x]), torch.tensor([y])) for x, y in (example(tokenizer, r) for r in rows[:3])]
     assert count == sum(n for _, n in alone)
     torch.testing.assert_close(total, sum(t for t, _ in alone), atol=1e-3, rtol=1e-5)
+
+
+def _loss_of_last_example(model, tokenizer, rows):
+    """The training loss (``Method.loss``) of the last of ``rows`` packed, in this order, into one block."""
+    lengths = [len(example(tokenizer, r)[0]) for r in rows]
+    packed = pack(tokenizer, rows, sum(lengths))
+    labels = packed.labels.clone()
+    labels[:, : sum(lengths[:-1])] = IGNORE  # only the last example is scored
+    method = method_for("lora", LoraSettings(r=1, alpha=1, target_modules=["q_proj"], max_steps=1, batch_size=1, seq_len=16, learning_rate=1))
+    with torch.no_grad():
+        total, count = method.loss(model, packed.inputs, labels, packed.positions)
+    assert count == sum(y != IGNORE for y in example(tokenizer, rows[-1])[1])
+    return total / count
+
+
+def test_a_packed_examples_loss_does_not_change_with_the_examples_packed_before_it(model_and_tokenizer, rows):
+    model, tokenizer = model_and_tokenizer
+    a, b, c = rows[0], rows[1], rows[2]
+    assert len(example(tokenizer, b)[0]) != len(example(tokenizer, c)[0])
+    alone = _loss_of_last_example(model, tokenizer, [a])
+    # Example a comes last: under a plain causal mask it would attend to all of its neighbours.
+    beside_b = _loss_of_last_example(model, tokenizer, [b, a])
+    beside_c = _loss_of_last_example(model, tokenizer, [c, b, a])
+    torch.testing.assert_close(beside_b, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(beside_c, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_logits_taken_only_where_a_label_is_scored_are_the_full_logits_there(model_and_tokenizer, rows):
+    model, tokenizer = model_and_tokenizer
+    packed = pack(tokenizer, rows, 48)
+    with torch.no_grad():
+        scores, targets = scored_logits(model, packed.inputs, packed.labels, packed.positions)
+        full = logits(model, packed.inputs, packed.positions)
+    scored = packed.labels[:, 1:] != IGNORE
+    assert scores.shape == (int(scored.sum()), full.size(-1)) and 0 < scores.size(0) < scored.numel() // 2
+    torch.testing.assert_close(scores, full[scored], atol=1e-5, rtol=1e-5)
+    assert targets.tolist() == packed.labels[:, 1:][scored].tolist()
 
 
 def test_positions_restart_with_every_example_and_no_label_crosses_into_the_next(model_and_tokenizer, rows):

@@ -25,7 +25,7 @@ from .trainer import DistillSettings, LoraParams, LoopSettings, LoraSettings, Sf
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Method", "method_for", "label_loss", "logits"]
+__all__ = ["Method", "method_for", "label_loss", "logits", "scored_logits"]
 
 # Files PEFT writes besides the adapter itself (a generated model card); left out so
 # the published directory, and so its digest, is exactly config + weights.
@@ -43,14 +43,31 @@ def logits(net: Any, input_ids: "torch.Tensor", position_ids: "torch.Tensor | No
     return out.logits[:, :-1].float()
 
 
+def scored_logits(net: Any, input_ids, labels, position_ids=None, attention_mask=None) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Next-token logits (float32) of only the positions whose next token is labelled, ``(n, vocab)``, and those n labels.
+
+    The head (hidden state to vocabulary, the largest matrix of a small model)
+    runs only where a loss is taken: in a packed block of prompts and short
+    completions that is about one position in eight. transformers applies it
+    to the positions a boolean ``logits_to_keep`` marks, in row-major order,
+    the order in which the labels are taken here.
+    """
+    import torch.nn.functional as F
+
+    # Position t predicts token t + 1; the last position of a row predicts nothing in it.
+    scored = F.pad(labels[:, 1:] != IGNORE, (0, 1))
+    out = net(
+        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=scored
+    )
+    return out.logits.float(), labels[:, 1:][scored[:, :-1]]
+
+
 def label_loss(net: Any, input_ids, labels, position_ids=None, attention_mask=None) -> tuple["torch.Tensor", int]:
     """(summed cross-entropy over labelled next tokens, number of labelled tokens)."""
     import torch.nn.functional as F
 
-    scores = logits(net, input_ids, position_ids, attention_mask)
-    target = labels[:, 1:]
-    total = F.cross_entropy(scores.reshape(-1, scores.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    return total, int((target != IGNORE).sum())
+    scores, target = scored_logits(net, input_ids, labels, position_ids, attention_mask)
+    return F.cross_entropy(scores, target, reduction="sum"), int(target.numel())
 
 
 @dataclass
@@ -112,18 +129,15 @@ class Method:
         import torch
         import torch.nn.functional as F
 
-        student = logits(net, input_ids, position_ids)
-        target = labels[:, 1:]
-        scored = target != IGNORE
+        s, target = scored_logits(net, input_ids, labels, position_ids)
         with torch.no_grad():
-            teacher = logits(self.teacher, input_ids, position_ids)[scored]
-        s = student[scored]
+            teacher, _ = scored_logits(self.teacher, input_ids, labels, position_ids)
         t = self.temperature
         # KL(teacher || student) at temperature t, summed over the completion tokens; t² keeps its
         # gradients on the scale of the label loss's whatever the temperature (Hinton et al., 2015).
         kl = F.kl_div(F.log_softmax(s / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="sum")
-        ce = F.cross_entropy(s, target[scored], reduction="sum")
-        return self.alpha * t * t * kl + (1 - self.alpha) * ce, int(scored.sum())
+        ce = F.cross_entropy(s, target, reduction="sum")
+        return self.alpha * t * t * kl + (1 - self.alpha) * ce, int(target.numel())
 
     def save(self, model: Any, tokenizer: Any, directory: Path, base_model: BaseModelRecord) -> None:
         """Write what is published into ``directory``: the adapter, or the whole model with its tokenizer."""
