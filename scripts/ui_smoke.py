@@ -1,11 +1,12 @@
 """UI smoke test: materialize the five aiplane assets by clicking "Materialize all" in the Dagster UI.
 
-Starts ``dagster dev`` on a free port with a throw-away ``DAGSTER_HOME`` and
-``AIPLANE_HOME`` and a tiny-trainer copy of ``deployments/local.yaml``, drives
-the UI in headless Chromium (selenium + the Debian ``chromedriver``), waits for
-the run to succeed, checks through GraphQL that every asset was materialized by
-that run, then stops everything it started: ``dagster dev`` by process group and
-the model server ``served_endpoint`` left running through its serving target.
+Starts the UI as a user does, ``aiplane ui --port <free port>``, with a throw-away
+``DAGSTER_HOME`` and ``AIPLANE_HOME`` and a tiny-trainer copy of
+``deployments/local.yaml``, drives it in headless Chromium (selenium + the Debian
+``chromedriver``), waits for the run to succeed, checks through GraphQL that every
+asset was materialized by that run, then stops ``aiplane ui`` as Ctrl-C does and
+checks that it stopped ``dagster dev`` with it, and stops the model server
+``served_endpoint`` left running through its serving target.
 
 Run with the project venv (``pip install -e .[ui-check]`` and Debian's chromium + chromium-driver)::
 
@@ -17,6 +18,7 @@ Exit status 0 only when all five assets materialized from the UI-launched run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -64,13 +66,30 @@ def _log(msg: str) -> None:
     print(f"[ui_smoke {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _prepare_regions(tmp: Path, env: dict[str, str]) -> dict[str, str]:
+    """The env for the second UI: a tiny copy of ``deployments/hybrid-local.yaml`` on an instance of its own, same home.
+
+    Its AP targets run on the example third-party engine, installed into a directory of its own for this run.
+    """
+    site = tmp / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(site),
+         str(_REPO / "examples" / "aiplane-example-cloud")],
+        check=True, env=env, cwd=tmp,
+    )  # fmt: skip
+    deployment = yaml.safe_load((_REPO / "deployments" / "hybrid-local.yaml").read_text())
+    deployment["trainer"]["settings"].update(_TINY_TRAINER)
+    deployment_file = tmp / "ui-smoke-regions.yaml"
+    deployment_file.write_text(yaml.safe_dump(deployment, sort_keys=False))
+    path = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH", "")) if p)
+    return {**env, "DAGSTER_HOME": str(tmp / "dagster-regions"), "AIPLANE_DEPLOYMENT": str(deployment_file), "PYTHONPATH": path}
+
+
 def _prepare(tmp: Path) -> dict[str, str]:
     """Write DAGSTER_HOME, AIPLANE_HOME and the tiny deployment; return the env for ``dagster dev``."""
+    # `aiplane ui` writes DAGSTER_HOME's dagster.yaml as `aiplane up` does (telemetry off).
     dagster_home, aiplane_home = tmp / "dagster", tmp / "aiplane"
-    dagster_home.mkdir()
     aiplane_home.mkdir()
-    # Telemetry off: the machine may have no network and we want nothing leaving it.
-    (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     deployment = yaml.safe_load((_REPO / "deployments" / "local.yaml").read_text())
     deployment["trainer"]["settings"].update(_TINY_TRAINER)
     deployment_file = tmp / "ui-smoke.yaml"
@@ -97,29 +116,71 @@ def _prepare(tmp: Path) -> dict[str, str]:
     }
 
 
-def _start_dagster(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
-    dagster = Path(sys.executable).parent / "dagster"
-    cmd = [str(dagster), "dev", "-w", str(_REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)]
-    # Own session: the whole tree (webserver, daemon, code server, run workers) shares
-    # one process group we can signal, and nothing of ours leaks to the caller's group.
+def _start_ui(env: dict[str, str], port: int, log_path: Path, cwd: Path) -> subprocess.Popen:
+    """``aiplane ui``, from a directory that is not the repository: it needs no workspace file."""
+    aiplane = Path(sys.executable).parent / "aiplane"
+    # Own session, as a terminal gives a command: the smoke signals it alone, as Ctrl-C would.
     return subprocess.Popen(
-        cmd, env=env, cwd=_REPO, start_new_session=True, stdout=log_path.open("w"), stderr=subprocess.STDOUT
-    )
+        [str(aiplane), "ui", "--port", str(port)], env=env, cwd=cwd, start_new_session=True,
+        stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
 
 
-def _wait_for_server(base: str, proc: subprocess.Popen, timeout: float) -> None:
+def _answers(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(base + "/server_info", timeout=5) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _wait_for_server(base: str, proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
+    """Until ``aiplane ui`` prints the URL of a UI that answers."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"dagster dev exited early with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(base + "/server_info", timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
+            raise RuntimeError(f"aiplane ui exited early with status {proc.returncode}: {log_path.read_text()[-2000:]}")
+        if f"Dagster UI: {base}" in log_path.read_text() and _answers(base):
+            return
         time.sleep(1)
-    raise RuntimeError(f"dagster dev did not answer {base}/server_info within {timeout:.0f}s")
+    raise RuntimeError(f"aiplane ui did not print and serve {base} within {timeout:.0f}s")
+
+
+def _stop_ui(proc: subprocess.Popen, base: str, dagster_home: str) -> list[str]:
+    """Ctrl-C to ``aiplane ui``; it must stop ``dagster dev`` and everything it started, and exit 0."""
+    problems = []
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            problems.append("aiplane ui did not exit within 90s of Ctrl-C")
+    if proc.returncode not in (0, None):
+        problems.append(f"aiplane ui exited {proc.returncode} on Ctrl-C, not 0")
+    if _answers(base):
+        problems.append(f"the UI still answers at {base} after aiplane ui exited")
+    _stop_group(proc, "aiplane ui")
+    left = _dagster_processes(dagster_home)
+    if left:
+        problems.append(f"aiplane ui left Dagster processes running: {', '.join(left)}")
+        for pid in left:  # so a failed smoke leaks nothing
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid.split()[0]), signal.SIGKILL)
+    return problems
+
+
+def _dagster_processes(dagster_home: str) -> list[str]:
+    """Dagster's processes (dagster dev, webserver, daemon, code server) started for this smoke's instance."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"DAGSTER_HOME={dagster_home}".encode() in environ and "dagster" in cmdline:
+            found.append(f"{proc.name} ({cmdline.strip()[:80]})")
+    return found
 
 
 def _graphql(base: str, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -214,6 +275,102 @@ def _launch_from_ui(driver, base: str, shots: Path, before: set[str]) -> str:
     return _wait_for(new_run, 60, "the UI to launch a run", interval=1)
 
 
+def _partition_materializations(base: str, names: tuple[str, ...], partition: str | None) -> dict[str, str | None]:
+    """Each asset's latest materialization's run id (of ``partition``, for a partitioned one)."""
+    q = """query($path: [String!]!, $partitions: [String!]) { assetOrError(assetKey: {path: $path}) { ... on Asset {
+        assetMaterializations(limit: 1, partitions: $partitions) { runId } } } }"""
+    out: dict[str, str | None] = {}
+    for name in names:
+        variables = {"path": [name], "partitions": [partition] if partition and name != "base_model" else None}
+        mats = _graphql(base, q, variables)["assetOrError"].get("assetMaterializations") or []
+        out[name] = mats[0]["runId"] if mats else None
+    return out
+
+
+def _launch_region_from_ui(driver, base: str, shots: Path, region: str) -> None:
+    """"Materialize all" on the partitioned graph, with the partition selection narrowed to ``region``."""
+    # For partitioned assets the button opens a dialog, and says so: "Materialize all...".
+    def button() -> list:
+        xp = "//button[starts-with(normalize-space(.), 'Materialize all')]"
+        return [b for b in driver.find_elements("xpath", xp) if b.is_displayed() and b.is_enabled()]
+
+    driver.get(base + "/asset-groups")
+    _wait_for(button, 120, 'the "Materialize all..." button')
+    time.sleep(3)
+    _dismiss_onboarding(driver)
+    button()[0].click()
+    _log('clicked "Materialize all..." (partitioned)')
+    def launch_dialog():
+        # Found anew each time: the dialog re-renders as the selection changes.
+        found = [d for d in driver.find_elements("xpath", "//*[@role='dialog']") if "Launch runs to materialize" in d.text]
+        return found[-1] if found else None
+
+    _wait_for(launch_dialog, 60, "the launch dialog")
+    time.sleep(2)
+    driver.save_screenshot(str(shots / "region-dialog.png"))
+    _log("launch dialog: " + " | ".join(launch_dialog().text.splitlines())[:600])
+    # Partition selection: "Custom", then in the tag selector's list only the region's partition ticked.
+    for choice in launch_dialog().find_elements("xpath", ".//button[normalize-space(.)='Custom']"):
+        choice.click()
+    time.sleep(1)
+    xp_tags = ".//*[contains(@class, 'TagSelector')]//*[contains(@class, 'BaseTag')]//div[@style='cursor: pointer;']"
+    while launch_dialog().find_elements("xpath", xp_tags):
+        launch_dialog().find_elements("xpath", xp_tags)[0].click()  # a key already in the selection
+        time.sleep(0.5)
+    launch_dialog().find_element("xpath", ".//*[@aria-haspopup='dialog']").click()
+    time.sleep(1)
+
+    def listed():
+        items = driver.find_elements("xpath", f"//*[@role='dialog']//*[normalize-space(text())='{region}']")
+        return [i for i in items if i.is_displayed()]
+
+    _wait_for(listed, 30, f"partition {region} in the list")[-1].click()
+    time.sleep(1)
+    # Close the list (a click on the dialog's title), then read what the dialog will launch.
+    launch_dialog().find_element("xpath", ".//*[starts-with(normalize-space(text()), 'Launch runs to materialize')]").click()
+    time.sleep(1)
+    dialog = launch_dialog()
+    driver.save_screenshot(str(shots / "region-dialog-narrowed.png"))
+    _log("narrowed: " + " | ".join(dialog.text.splitlines())[:600])
+    launch = [b for b in dialog.find_elements("xpath", ".//button") if b.is_displayed() and b.is_enabled() and b.text.strip().startswith("Launch")]
+    if not launch:
+        raise RuntimeError(f"no enabled Launch button in the dialog: {dialog.text[:300]!r}")
+    _log(f'clicking "{launch[-1].text.strip()}"')
+    launch[-1].click()
+
+
+def _region_part(driver, env: dict[str, str], tmp: Path, region: str, timeout: float) -> list[str]:
+    """The hybrid local deployment's UI: one region's partition materialized from it, every asset of the chain."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp / "aiplane-ui-regions.log"
+    _log(f"starting aiplane ui for hybrid-local on {base} (log {log_path})")
+    proc = _start_ui(env, port, log_path, tmp)
+    problems: list[str] = []
+    try:
+        _wait_for_server(base, proc, log_path, 180)
+        _launch_region_from_ui(driver, base, tmp, region)
+
+        def done() -> dict[str, str | None] | None:
+            mats = _partition_materializations(base, ASSETS, region)
+            return mats if all(mats.values()) else None
+
+        try:
+            mats = _wait_for(done, timeout, f"region {region}'s partition of every asset", interval=3)
+            _log(f"region {region}: every asset materialized from the UI ({', '.join(f'{k} run {v[:8]}' for k, v in mats.items())})")
+        except RuntimeError as exc:
+            problems.append(f"region {region}: {exc}; have {_partition_materializations(base, ASSETS, region)}")
+        others = {r: _partition_materializations(base, ASSETS[1:], r) for r in ("eu", "us", "ap") if r != region}
+        if any(any(v.values()) for v in others.values()):
+            problems.append(f"partitions other than {region} were materialized: {others}")
+    except Exception as exc:  # noqa: BLE001 - report, then clean up below
+        problems.append(f"region part: {type(exc).__name__}: {exc}")
+        driver.save_screenshot(str(tmp / "region-error.png"))
+    finally:
+        problems += _stop_ui(proc, base, env["DAGSTER_HOME"])
+    return problems
+
+
 def _watch_run(driver, base: str, run_id: str, timeout: float) -> str:
     driver.get(f"{base}/runs/{run_id}")
 
@@ -302,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the smoke test; 0 when all five assets materialized from the UI-launched run."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the run (default 600)")
+    parser.add_argument("--region", default="ap", help="the hybrid local deployment's region to materialize from the UI (default ap)")
     args = parser.parse_args(argv)
 
     started = time.monotonic()
@@ -309,16 +467,17 @@ def main(argv: list[str] | None = None) -> int:
     env = _prepare(tmp)
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    dev_log = tmp / "dagster-dev.log"
-    _log(f"temp dir {tmp}; starting dagster dev on {base} (log {dev_log})")
-    proc = _start_dagster(env, port, dev_log)
+    dev_log = tmp / "aiplane-ui.log"
+    _log(f"temp dir {tmp}; starting aiplane ui on {base} (log {dev_log})")
+    proc = _start_ui(env, port, dev_log, tmp)
     driver = None
+    regional: dict[str, str] | None = None
     run_id, status, problems, notes = "-", "NOT STARTED", [], []
     ok_assets: list[str] = []
     run_started = run_ended = None
     try:
-        _wait_for_server(base, proc, 180)
-        _log(f"dagster dev up after {time.monotonic() - started:.1f}s")
+        _wait_for_server(base, proc, dev_log, 180)
+        _log(f"aiplane ui up after {time.monotonic() - started:.1f}s")
         driver = _browser(env)
         before = {r["runId"] for r in _runs(base)}
         run_id = _launch_from_ui(driver, base, tmp, before)
@@ -345,6 +504,13 @@ def main(argv: list[str] | None = None) -> int:
         if status != "SUCCESS":
             problems.append(f"run ended {status}")
         notes = _ui_observations(driver, base, tmp)
+        problems += _stop_ui(proc, base, env["DAGSTER_HOME"])
+        if not problems:
+            # Regions in the UI: the hybrid local deployment's partition of one region, from "Materialize all".
+            regional = _prepare_regions(tmp, env)
+            region_problems = _region_part(driver, regional, tmp, args.region, args.timeout)
+            problems += region_problems
+            status += f"; region {args.region} " + ("FAILED" if region_problems else "SUCCESS")
     except Exception as exc:  # noqa: BLE001 - report any failure, then clean up below
         problems.append(f"{type(exc).__name__}: {exc}")
         if driver is not None:
@@ -353,17 +519,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if driver is not None:
             driver.quit()
-        _stop_group(proc, "dagster dev")
-        _log("dagster dev stopped")
+        if proc.poll() is None:
+            problems += _stop_ui(proc, base, env["DAGSTER_HOME"])
+        _log("aiplane ui stopped")
         try:
-            for s in _stop_endpoints(env):
+            for s in [*_stop_endpoints(env), *(_stop_endpoints(regional) if regional else [])]:
                 _log(f"stopped model server {s}")
         except Exception as exc:  # noqa: BLE001 - cleanup failures must still be reported
             problems.append(f"stopping endpoints failed: {type(exc).__name__}: {exc}")
 
     for note in notes:
         _log(f"UI note: {note}")
-    for shot in ("graph-before.png", "run-after.png", "graph-after.png"):
+    for shot in ("graph-before.png", "run-after.png", "graph-after.png", "region-dialog.png", "region-dialog-narrowed.png"):
         if (tmp / shot).exists():
             _log(f"screenshot {tmp / shot}")
     for problem in problems:
