@@ -12,7 +12,12 @@ Run with the project venv (``pip install -e .[ui-check]`` and Debian's chromium 
 
     .venv/bin/python scripts/ui_smoke.py [--timeout 600]
 
-Exit status 0 only when all five assets materialized from the UI-launched run.
+Then it starts ``aiplane ui`` for a tiny copy of ``deployments/hybrid-local.yaml`` on an
+instance of its own and materializes one region's partition (``--region``) from
+"Materialize all...": every asset of that partition, and nothing of another region.
+
+Exit status 0 only when all five assets materialized from the UI-launched run, the UI
+stopped cleanly, and the region's partition materialized from the UI.
 """
 
 from __future__ import annotations
@@ -456,7 +461,7 @@ def _stop_endpoints(env: dict[str, str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the smoke test; 0 when all five assets materialized from the UI-launched run."""
+    """Run the smoke test; 0 when all five assets materialized from the UI-launched run, and the region's partition."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the run (default 600)")
     parser.add_argument("--region", default="ap", help="the hybrid local deployment's region to materialize from the UI (default ap)")
