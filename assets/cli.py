@@ -11,12 +11,17 @@ without a traceback (``--debug`` or ``AIPLANE_DEBUG=1`` shows them).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib.util
 import json
 import os
+import signal
 import sys
+import threading
 import urllib.request
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -192,22 +197,34 @@ def _recover(instance, deployment, registry: Registry) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    import dagster as dg
-
+    from aiplane.core.homelock import hold_home
     from aiplane.core.preflight import preflight, raise_for_problems
+
+    deployment = load_deployment(args.deployment or None)
+    registry = Registry()
+    regions = _up_regions(deployment, args)
+    raise_for_problems(deployment, preflight(deployment, registry, _pins(args)))
+    # One run per home: a second `up` waits here, then decides what is stale from what the first one left.
+    with hold_home(deployment.home, "aiplane up", wait=not args.no_wait, on_wait=_say):
+        return _up_held(args, deployment, registry, regions)
+
+
+def _say(message: str) -> None:
+    print(f"aiplane: {message}", file=sys.stderr, flush=True)
+
+
+def _up_held(args: argparse.Namespace, deployment, registry: Registry, regions: list[str | None]) -> int:
+    import dagster as dg
 
     from .definitions import EndpointConfig, TargetConfig, build_definitions
     from .resource import AiplaneResource, prestart_training
     from .state import PID_TAG, chain_of, latest_materialization, latest_record, pid_tag, stale
 
-    deployment = load_deployment(args.deployment or None)
-    registry = Registry()
-    regions = _up_regions(deployment, args)
     # The environment is final before anything starts with it (a prestarted worker must match the run's).
     _dagster_home(deployment.home)
-    # Training's process and imports get ready while the deployment is checked and the sources refreshed.
+    # Training's process and imports get ready while the instance is opened and the sources refreshed; only once
+    # the preflight passed, so a refused deployment starts nothing.
     prestart_training(deployment, registry, args.train_target, regions[0])
-    raise_for_problems(deployment, preflight(deployment, registry, _pins(args)))
     instance = _instance(deployment.home, deployment.dagster.postgres)
     _recover(instance, deployment, registry)
 
@@ -353,9 +370,7 @@ def _execute(job, instance, run_config: dict, selection: list[str], tags: dict, 
 
 def _rollback(args: argparse.Namespace) -> int:
     """Serve an earlier adapter on the endpoint: a materialization of served_endpoint and factsheet like any other."""
-    from .definitions import EndpointConfig, TargetConfig, _adapter_of, build_definitions, configured_name
-    from .resource import AiplaneResource
-    from .state import PID_TAG, latest_record, pid_tag, records
+    from aiplane.core.homelock import hold_home
 
     deployment = load_deployment(args.deployment or None)
     region = args.region or None
@@ -366,6 +381,15 @@ def _rollback(args: argparse.Namespace) -> int:
             f"{deployment.source} serves one endpoint per region: say which with --region "
             f"({', '.join(deployment.regions)})."
         )
+    with hold_home(deployment.home, "aiplane rollback", wait=not args.no_wait, on_wait=_say):
+        return _rollback_held(args, deployment, region)
+
+
+def _rollback_held(args: argparse.Namespace, deployment, region: str | None) -> int:
+    from .definitions import EndpointConfig, TargetConfig, _adapter_of, build_definitions, configured_name
+    from .resource import AiplaneResource
+    from .state import PID_TAG, latest_record, pid_tag, records
+
     _dagster_home(deployment.home)
     instance = _instance(deployment.home, deployment.dagster.postgres)
     current = latest_record(instance, "served_endpoint", region)
@@ -465,12 +489,26 @@ def _error_text(error, debug: bool) -> str:
     while error.cause is not None:
         error = error.cause
     message = error.message.strip()
+    if "No space left on device" in message:  # a full disk during a step: say what to do, as for one outside the run
+        message += ". " + _os_advice(errno.ENOSPC)
     prefix = f"{error.cls_name}: "
     # SerializableErrorInfo writes "module.ClassName: message".
     head, sep, rest = message.partition(": ")
     if sep and head.rsplit(".", 1)[-1] == error.cls_name:
         message = rest
     return message if error.cls_name in _AIPLANE_ERRORS else prefix + message
+
+
+def _os_advice(code: int | None) -> str:
+    """What to do about an operating-system error that stopped a command."""
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            "Free space there (or point AIPLANE_HOME at a larger disk) and run the command again: what was published "
+            "before is intact (artifacts count only once whole), and what this run had not published is redone."
+        )
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "Give this user write access there, or point AIPLANE_HOME at a directory it may write."
+    return "Check that path, then run the command again (--debug shows where it happened)."
 
 
 _AIPLANE_ERRORS = {
@@ -584,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--train-target", default="", help="pin training to this deployment target (placement still checks it)")
     up.add_argument("--force", action="store_true", help="materialize every asset, even those up to date")
     up.add_argument("--region", default="", help="only this region's partition (deployments with regions)")
+    up.add_argument("--no-wait", action="store_true", help="fail at once if another aiplane run holds the home, instead of waiting")
     up.set_defaults(fn=_up)
     sub.add_parser("plugins", help="list installed plugins and the components they provide").set_defaults(fn=_plugins)
     ui = sub.add_parser("ui", help="open the Dagster UI on the instance `up` records to (Ctrl-C stops it)")
@@ -596,20 +635,62 @@ def main(argv: list[str] | None = None) -> int:
     rollback = sub.add_parser("rollback", help="serve an earlier adapter on the endpoint (default: the one before)")
     rollback.add_argument("--to", default="", help="the adapter's digest, or 12 or more of its first hex digits")
     rollback.add_argument("--region", default="", help="the region whose endpoint to roll back (deployments with regions)")
+    rollback.add_argument("--no-wait", action="store_true", help="fail at once if another aiplane run holds the home")
     rollback.set_defaults(fn=_rollback)
     args = parser.parse_args(argv)
     # Output(data_version=...) is how the assets version their data; Dagster's beta label is noise here.
     warnings.filterwarnings("ignore", message=".*data_version.*beta", category=Warning)
+    with _signals() as received:
+        try:
+            return args.fn(args)
+        except (AiplaneError, _RunFailed) as exc:
+            if _debug(args):
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:  # the machine's, not the input's: a full disk, a path this user may not write
+            if _debug(args):
+                raise
+            print(f"error: {exc.strerror or exc}: {exc.filename or ''}. {_os_advice(exc.errno)}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            how = "terminated (SIGTERM)" if signal.SIGTERM in received() else "cancelled (Ctrl-C)"
+            print(f"aiplane: {how}; the run in progress was stopped, its workloads with it.", file=sys.stderr)
+            return 128 + (signal.SIGTERM if signal.SIGTERM in received() else signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _signals() -> Iterator[Callable[[], set[int]]]:
+    """SIGTERM stops a command as Ctrl-C does (cleanly: the run is stopped, its workloads with it), and says so.
+
+    During a run Dagster maps SIGTERM onto its SIGINT handler, so the handler that
+    ran cannot say which signal came; the interpreter's wakeup fd can: it gets the
+    number of every signal a Python handler catches, whoever installed the handler.
+    Yields a function that reads the signals received so far.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield set
+        return
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    seen: set[int] = set()
+
+    def received() -> set[int]:
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(read, 64):
+                seen.update(chunk)
+        return seen
+
+    previous_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        return args.fn(args)
-    except (AiplaneError, _RunFailed) as exc:
-        if _debug(args):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("aiplane: cancelled (Ctrl-C); the run in progress was stopped, its workloads with it.", file=sys.stderr)
-        return 130
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.set_wakeup_fd(previous_fd)
+        os.close(read)
+        os.close(write)
 
 
 def console() -> NoReturn:

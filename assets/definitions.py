@@ -216,6 +216,8 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, aiplane:
         # A region's table holds only the rows it may process; a tag the policy lacks goes nowhere
         # (and fails residency_known below, which judges every row of the source).
         kept = every if region is None else [r for r in every if allows_region(r["residency"], d.residency, region)]
+        if every and not kept:
+            raise InputError(_none_allowed(every, d.residency, region))
         columns = {c: pa.array([row[c] for row in kept], pa.string()) for c in FEATURE_COLUMNS}
         before = store.current(table)
         record: FeaturesRecord = store.publish(pa.table(columns), table)
@@ -241,6 +243,18 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, aiplane:
     yield from _feature_checks(published, d.residency, pa.Table.from_pylist(every) if region else None)
     if region is not None:
         yield _residency_allows(published, d.residency, region)
+
+
+def _none_allowed(rows: list[dict], policy, region: str | None) -> str:
+    """Why a region's partition has no rows although the source has some: the policy, not the data."""
+    tags = sorted({normalize_tag(r["residency"]) for r in rows})
+    allowed = sorted(tag for tag in policy if allows_region(tag, policy, region))
+    policy_says = f"allows region {region!r} only for the tags {', '.join(allowed)}" if allowed else f"allows no tag in region {region!r}"
+    return (
+        f"Region {region!r} may process none of the source's {len(rows)} rows: they are tagged {', '.join(tags)}, "
+        f"and the residency policy {policy_says}. Tag rows for this region, or allow one of their tags in "
+        f"{region!r} under `residency:` in the deployment (or drop the region)."
+    )
 
 
 _SHOWN_ROWS = 20

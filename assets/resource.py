@@ -1,6 +1,7 @@
 """The one Dagster resource: the deployment and the plugin registry, and how workloads are run."""
 
 
+import contextlib
 import os
 from typing import Any
 
@@ -9,6 +10,7 @@ from pydantic import PrivateAttr
 
 from aiplane.core.config import Deployment, load_deployment
 from aiplane.core.errors import AiplaneError, ConfigError
+from aiplane.core.homelock import hold_home
 from aiplane.core.placement import Requirements, place
 from aiplane.core.preflight import location_problems, preflight, raise_for_problems
 from aiplane.core.plugins import DEPLOYMENT_KINDS, Registry, get_plugin_manager
@@ -30,15 +32,28 @@ class AiplaneResource(dg.ConfigurableResource):
 
     _deployment: Deployment | None = PrivateAttr(default=None)
     _registry: Registry | None = PrivateAttr(default=None)
+    _held: contextlib.ExitStack | None = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._load()
         run = context.run
+        if run is not None:
+            # One materializing process per home: a run launched from the UI (or a schedule) while `aiplane up` or
+            # another run works waits for it here. Re-entrant, so `aiplane up`'s own in-process runs go on.
+            # Sensors (no run) only read, and must not wait.
+            held = contextlib.ExitStack()
+            held.enter_context(hold_home(self.config.home, f"Dagster run {run.run_id}", on_wait=context.log.info))
+            self._held = held
         if run is not None and _trains(run):
             # The run's other steps (sources, Dagster's own set-up) overlap the trainer's imports.
             config = ((run.run_config or {}).get("ops") or {}).get("adapter_weights") or {}
             region = run.tags.get("dagster/partition") if self.config.regions else None
             prestart_training(self.config, self.registry, (config.get("config") or {}).get("target", ""), region)
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
     def _load(self) -> None:
         if self._deployment is None:

@@ -68,6 +68,44 @@ def test_up_with_an_unknown_trainer_setting_names_the_key_exits_1_and_prints_no_
     assert not (tmp_path / "iceberg").exists() and not (tmp_path / "models").exists()
 
 
+def test_a_refused_deployment_starts_no_training_worker(tmp_path, monkeypatch):
+    from aiplane.assets import cli, resource
+
+    started = []
+    monkeypatch.setattr(resource, "prestart_training", lambda *a, **k: started.append(a))
+    monkeypatch.setenv("AIPLANE_HOME", str(tmp_path))
+    _deployment(tmp_path, trainer={"qeue": "gold"})
+    assert cli.main(["--deployment", str(tmp_path / "deployment.yaml"), "up"]) == 1
+    assert started == [], "the worker is prestarted only once the preflight has passed"
+
+
+@pytest.fixture
+def full_disk_home(tmp_path):
+    """A home on a 2 MiB filesystem of its own: too small for the base model. Needs root to mount (CI runs as root)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(home)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield home
+    finally:
+        subprocess.run(["umount", "-l", str(home)], check=False)
+
+
+def test_a_full_disk_under_the_home_fails_the_run_saying_so_and_what_to_do_and_publishes_nothing(full_disk_home, tmp_path):
+    deployment = _deployment(tmp_path)
+    env = {**_env(tmp_path), "AIPLANE_HOME": str(full_disk_home)}
+    cmd = [sys.executable, "-m", "aiplane.assets.cli", "--deployment", str(deployment), "up"]
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1, out.stderr[-3000:]
+    last = out.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("error: ") and "No space left on device" in last and "Free space there" in last, last
+    assert "Traceback" not in out.stderr
+    artifacts = full_disk_home / "artifacts"
+    assert not (artifacts.exists() and list(artifacts.rglob("*.complete"))), "nothing counts as published"
+    assert not (full_disk_home / "serving").exists()
+
+
 def test_up_with_debug_shows_the_traceback(tmp_path):
     _deployment(tmp_path, trainer={"qeue": "gold"})
     out = aiplane(tmp_path, "--debug", "up")
@@ -224,6 +262,29 @@ def test_rollback_to_an_adapter_never_trained_here_names_the_ones_that_were(reco
     assert "Traceback" not in out.stderr
 
 
+def test_two_ups_at_once_on_one_home_train_once_and_the_second_finds_the_work_done(recovered):
+    from aiplane.core.homelock import holder_of
+
+    home = recovered["home"]
+    _deployment(home, trainer={**TINY_TRAINING, "seed": 2})
+    trained = len([e for e in _lineage(home) if e["job"]["name"] == "adapter_weights" and e["eventType"] == "COMPLETE"])
+    cmd = [sys.executable, "-m", "aiplane.assets.cli", "--deployment", str(home / "deployment.yaml"), "up"]
+    first = subprocess.Popen(cmd, env=_env(home), cwd=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (holder_of(home) or "").startswith(f"pid {first.pid} "), 120, "the first up to hold the home")
+        second = aiplane_up(home)
+        first_out, first_err = first.communicate(timeout=600)
+    finally:
+        first.kill()
+    assert first.returncode == 0 and second.returncode == 0, (first_err[-2000:], second.stderr[-2000:])
+    assert f"in use by pid {first.pid} (aiplane up)" in second.stderr and "waiting for it to finish" in second.stderr
+    assert f"{'adapter_weights':16} materialized" in first_out, first_out
+    for asset in ("adapter_weights", "served_endpoint", "factsheet"):
+        assert f"{asset:16} up to date" in second.stdout, second.stdout
+    after = [e for e in _lineage(home) if e["job"]["name"] == "adapter_weights" and e["eventType"] == "COMPLETE"]
+    assert len(after) == trained + 1, "the two ups trained once between them"
+
+
 def test_the_dagster_instance_aiplane_creates_sends_no_telemetry(tmp_path, monkeypatch):
     from aiplane.assets.cli import _instance
 
@@ -243,7 +304,7 @@ def test_dagster_loads_the_code_location_with_dash_m_from_any_directory(tmp_path
     assert "Validation successful for code location aiplane.assets" in out.stderr + out.stdout
 
 
-def test_ctrl_c_during_training_says_cancelled_and_exits_130(tmp_path):
+def test_sigterm_during_training_says_terminated_stops_the_run_and_exits_143(tmp_path):
     _deployment(tmp_path, trainer={**TINY_TRAINING, "max_steps": 5000})
     seed_tickets(tmp_path / "sources" / "tickets.jsonl", n=200)
     cmd = [sys.executable, "-m", "aiplane.assets.cli", "--deployment", str(tmp_path / "deployment.yaml"), "up"]
@@ -252,12 +313,13 @@ def test_ctrl_c_during_training_says_cancelled_and_exits_130(tmp_path):
         _wait_for(
             lambda: any(e["job"]["name"] == "adapter_weights" for e in _lineage(tmp_path)), 300, "training to start"
         )
-        proc.send_signal(signal.SIGINT)
+        # What a service manager or Kubernetes sends; during a run Dagster treats it as Ctrl-C, and aiplane says which.
+        proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err[-2000:]
-    assert err.rstrip().splitlines()[-1].startswith("aiplane: cancelled (Ctrl-C)")
+    assert proc.returncode == 143, err[-2000:]
+    assert err.rstrip().splitlines()[-1].startswith("aiplane: terminated (SIGTERM)")
     assert "Traceback" not in err
     assert [e["eventType"] for e in _lineage(tmp_path) if e["job"]["name"] == "adapter_weights"] == ["START", "FAIL"]
 

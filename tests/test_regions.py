@@ -218,6 +218,23 @@ def test_a_region_without_a_target_fails_its_own_partition_before_training(tmp_p
     assert features.partition == "us" and set(features.materialization.metadata["residency"].value.split(", ")) == {"ap", "us"}
 
 
+def test_a_region_no_row_may_go_to_says_the_policy_not_the_source_is_why_it_is_empty(tmp_path):
+    raw = _raw()
+    raw["regions"] = ["eu", "sa"]
+    raw["residency"] = {"eu": ["eu"], "us": ["us", "eu"], "ap": ["eu"]}
+    resource = AiplaneResource(deployment=str(_write(raw, tmp_path)), home=str(tmp_path))
+    seed_tickets(tmp_path / "sources" / "tickets.jsonl", n=60)
+    result = dg.materialize(
+        build_assets(("eu", "sa")), selection=["features"], partition_key="sa",
+        instance=dg.DagsterInstance.ephemeral(), resources={"aiplane": resource}, raise_on_error=False,
+    )  # fmt: skip
+    failure = next(e for e in result.all_events if e.is_step_failure and e.step_key == "features")
+    error = failure.step_failure_data.error
+    message = (error.cause or error).message
+    assert "Region 'sa' may process none of the source's 60 rows: they are tagged ap, eu, us" in message, message
+    assert "the residency policy allows no tag in region 'sa'" in message and "check the source data" not in message
+
+
 @pytest.mark.parametrize(
     ("region", "pin", "runs"),
     [("", "", ["eu", "us", "ap"]), ("us", "", ["us"]), ("", "us-ray", ["us"]), ("ap", "ap-gpu", ["ap"])],
