@@ -7,6 +7,7 @@ daemon, code server) as one group; SIGTERM does the same.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -43,18 +44,17 @@ def _answers(url: str) -> bool:
 
 def _stop(process: subprocess.Popen) -> None:
     """Stop ``dagster dev`` as its own Ctrl-C would, then whatever of its group is left."""
-    if process.poll() is None:
-        # dagster dev maps SIGTERM onto its SIGINT handler and shuts its services down in order.
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=_STOP_WAIT_S)
-        except subprocess.TimeoutExpired:
-            pass
     try:
-        os.killpg(process.pid, signal.SIGKILL)  # the group is this process's own session: nothing else is in it
-    except (ProcessLookupError, PermissionError):
-        pass
-    process.wait()
+        if process.poll() is None:
+            # dagster dev maps SIGTERM onto its SIGINT handler and shuts its services down in order.
+            process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=_STOP_WAIT_S)
+    finally:
+        # Also after a second Ctrl-C: the group is dagster dev's own session, so nothing else is in it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def serve_ui(env: Mapping[str, str], host: str, port: int, say: Callable[[str], None] = print) -> int:
