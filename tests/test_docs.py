@@ -40,3 +40,12 @@ def test_core_imports_no_engine_or_orchestrator():
     code = "import sys, aiplane.core, aiplane.core.worker, aiplane.core.factsheet; print(' '.join(sorted(m for m in sys.modules)))"
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
     assert not {m for m in loaded if m.split(".")[0] in heavy}
+
+
+def test_every_test_the_fault_table_names_exists():
+    section = README.split("### Faults, and what each costs", 1)[1].split("\n### ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| ---")][1:]
+    named = {name for row in rows for name in re.findall(r"`(test_\w+)`", row.rsplit("|", 2)[-2])}
+    assert len(rows) >= 8 and named
+    defined = {m for f in (ROOT / "tests").glob("test_*.py") for m in re.findall(r"^def (test_\w+)\(", f.read_text(), re.M)}
+    assert named <= defined, f"the fault table names tests that do not exist: {sorted(named - defined)}"
