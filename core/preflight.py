@@ -89,6 +89,7 @@ def preflight(
     beside, unplaced = _also_published(deployment, registry)
     problems += unplaced
     asked += [(f"also_publish[{i}]", c, deployment) for i, c in beside.items()]
+    asked += [(f"targets.{name}", engine, deployment) for name, engine in _engines(deployment, registry).items()]
     for where, component, seen in asked:
         try:
             problems += [f"{where}: {p}" for p in component.check(seen)]
@@ -97,6 +98,17 @@ def preflight(
         except AiplaneError as exc:
             problems.append(f"{where}: {exc}")
     return list(dict.fromkeys(problems))
+
+
+def _engines(deployment: Deployment, registry: Registry) -> dict[str, object]:
+    """Each target's engine, with the target's settings; one that cannot be made is reported by ``registry.problems``."""
+    engines = {}
+    for target in deployment.targets:
+        try:
+            engines[target.name] = registry.engine(target.engine, target.settings)
+        except AiplaneError:
+            continue
+    return engines
 
 
 def _placement_problems(deployment: Deployment, registry: Registry, components: Mapping[str, object], pins: Mapping[str, str]) -> list[str]:

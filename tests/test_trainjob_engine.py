@@ -261,3 +261,14 @@ def test_aiplane_plugins_lists_the_engine_and_listing_imports_neither_kubernetes
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert "provides engine 'trainjob'" in listed.stdout, listed.stdout + listed.stderr
     assert out.stdout.strip() == "False False"
+
+
+def test_the_preflight_asks_each_targets_engine_so_check_refuses_keys_the_pods_cannot_see(tmp_path):
+    from aiplane.core.plugins import Registry
+    from aiplane.core.preflight import preflight
+
+    deployment = load_deployment("openshift-ai-3", home=tmp_path)
+    s3 = deployment.storage.s3.model_copy(update={"access_key_id": SecretRef(env="MY_KEY")})
+    deployment = deployment.model_copy(update={"storage": deployment.storage.model_copy(update={"s3": s3})})
+    problems = preflight(deployment, Registry(), offline=True)
+    assert any(p.startswith("targets.trainjob: storage.s3.access_key_id is SecretRef(env='MY_KEY')") for p in problems), problems
