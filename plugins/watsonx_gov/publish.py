@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aiplane.core.errors import AiplaneError, ConfigError, InputError, WorkloadError
+from aiplane.core.factsheet_page import factsheet_page, loss_chart_png
 from aiplane.core.records import EndpointRecord, FactsheetRecord
 from aiplane.core.workload import WorkloadContext
 
@@ -232,14 +233,12 @@ def _set_facts(model: Any, facts: Mapping[str, str]) -> None:
 
 def _attach(model: Any, document: Mapping[str, Any], state_dir: Path, attempt: _Attempts) -> None:
     """The HTML page and loss chart the local publisher renders, as attachments (replacing earlier ones)."""
-    from aiplane.plugins.factsheets.publish import _loss_png, _page
-
-    png = _loss_png(document)
+    png = loss_chart_png(document)
     folder = state_dir / "attachments" / hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     files = {
         # The page has its own <style>, which the service refuses to render inline: it opens in a tab.
-        _HTML_FACT: (folder / "factsheet.html", _page(document, png).encode(), "The aiplane factsheet page", "link_new_tab"),
+        _HTML_FACT: (folder / "factsheet.html", factsheet_page(document, png).encode(), "The aiplane factsheet page", "link_new_tab"),
         _PNG_FACT: (folder / "loss.png", png, "Training loss curve", "inline_image"),
     }
     for fact_id, (path, data, description, hint) in files.items():
