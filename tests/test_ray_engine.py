@@ -35,6 +35,7 @@ from aiplane.core.records import AdapterRecord
 from aiplane.core.sample import generate_tickets, to_features
 from aiplane.core.workload import Event, Runtime, Workload, WorkloadContext
 from aiplane.plugins.peft.base_model import build_tiny_granite, resolve
+from aiplane.plugins.ray import engine as ray_engine
 from aiplane.plugins.peft.train import train
 from conftest import CheckpointingRuntime, crd_validator
 
@@ -399,7 +400,7 @@ def test_cancel_stops_the_ray_job_and_leaves_no_actors_or_placement_groups(head,
     assert not (tmp_path / "artifacts" / "adapters").exists()
 
 
-def test_local_address_trains_on_a_private_ray_that_is_gone_afterwards_and_wrote_nothing_home(
+def test_local_address_trains_on_a_prestarted_private_ray_that_is_gone_afterwards_and_wrote_nothing_home(
     inputs, tmp_path, monkeypatch
 ):
     # An empty home: a new local Ray left to itself would save a token it generated to ~/.ray/auth_token.
@@ -408,9 +409,14 @@ def test_local_address_trains_on_a_private_ray_that_is_gone_afterwards_and_wrote
     monkeypatch.setenv("HOME", str(home))
     recorder = _Recorder()
     engine = Registry().engine("ray", {"address": "local", "num_workers": 1, "resources_per_worker": {"CPU": 2}})
+    # Started ahead, as `aiplane up` does while it checks: the run is handed this Ray, and it ends with the run.
+    assert engine.prestart("aiplane.plugins.peft.train:train", wait_s=600)
+    (standby,) = ray_engine._STANDBYS.values()
     result = engine.run(_workload(inputs, tmp_path / "artifacts", max_steps=20), TARGET, recorder)
     facts = result.engine
     assert facts["mode"] == "local" and facts["num_workers"] == 1 and facts["ray_init_s"] > 0
+    assert facts["prestarted"] is True and facts["driver_pid"] == standby.proc.pid
+    assert ray_engine._STANDBYS == {} and not standby.head.tmp.exists()
     assert _published(tmp_path / "artifacts") == [result.outputs["adapter"].digest]
     # The driver's session held this run's Ray: nothing of it is left.
     leftover = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == facts["driver_pid"]]
