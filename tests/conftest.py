@@ -1,3 +1,4 @@
+import copy
 import os
 import shutil
 import subprocess
@@ -90,12 +91,13 @@ def crd_validator(filename: str, version: str | None = None):
     properties is closed, except where the CRD preserves unknown fields.
     """
     import jsonschema
-    import yaml
+    from _k8s_api_double import _load_yaml
 
     path = CRDS / filename
     if not path.is_file():
         pytest.skip(f"CRD {filename} not found in {CRDS} (set AIPLANE_CRDS_DIR to the shared crds folder)")
-    crd = yaml.safe_load(path.read_text())
+    # Parsed once per session with libyaml (the CRDs run to megabytes); a copy, since the schema is closed below.
+    crd = copy.deepcopy(next(d for d in _load_yaml(path) if d.get("kind") == "CustomResourceDefinition"))
     spec = next(v for v in crd["spec"]["versions"] if (v["name"] == version if version else v.get("storage")))
     schema = spec["schema"]["openAPIV3Schema"]
 

@@ -36,11 +36,13 @@ CRDS_BY_KIND = {
     ("ray.io/v1", "RayJob"): ("ray.io_rayjobs.yaml", "v1"),
     ("serving.kserve.io/v1beta1", "InferenceService"): ("serving.kserve.io_inferenceservices.yaml", "v1beta1"),
     ("serving.kserve.io/v1alpha1", "ServingRuntime"): ("serving.kserve.io_servingruntimes.yaml", "v1alpha1"),
+    ("trainer.kubeflow.org/v1alpha1", "ClusterTrainingRuntime"): ("trainer.kubeflow.org_clustertrainingruntimes.yaml", "v1alpha1"),
     ("datasciencepipelinesapplications.opendatahub.io/v1", "DataSciencePipelinesApplication"): (
         "datasciencepipelinesapplications.opendatahub.io_datasciencepipelinesapplications.yaml",
         "v1",
     ),
 }
+CLUSTER_SCOPED = {"ClusterTrainingRuntime", "ClusterRole", "ClusterRoleBinding"}
 # The files that are not Kubernetes objects.
 NOT_MANIFESTS = {VALUES.name}
 # Where a pod template sits in each kind aiplane writes.
@@ -102,7 +104,8 @@ def test_the_folder_has_the_orchestrator_and_the_cluster_side():
 def test_every_manifest_is_one_the_cluster_accepts(entry):
     _path, doc = entry
     assert validation_errors(doc) == []
-    assert doc["metadata"].get("namespace") == NAMESPACE
+    # A cluster-scoped kind has no namespace; every other object goes in aiplane's.
+    assert doc["metadata"].get("namespace") == (None if doc["kind"] in CLUSTER_SCOPED else NAMESPACE)
 
 
 @pytest.mark.parametrize(
