@@ -43,6 +43,7 @@ __all__ = [
     "managed_by_aiplane",
     "POD_READABLE",
     "cluster_sources",
+    "verify_entry",
     "served_versions",
 ]
 
@@ -228,8 +229,9 @@ def managed_by_aiplane(obj: Mapping[str, Any] | None) -> bool:
 
 def cluster_sources(adapter: AdapterRecord, storage: Any, target: str) -> tuple[BaseModelRecord, bool]:
     """The base model of ``adapter`` and whether it is a whole model, once both are known to be readable by a
-    KServe pod: InputError for a local path, ConfigError for a base model and an adapter in different object
-    stores (the pod's storage initializer fetches everything with one set of keys, its service account's).
+    KServe pod and the adapter to be the artifact its digest names: InputError for a local path or an altered
+    adapter (:func:`verify_entry`), ConfigError for a base model and an adapter in different object stores
+    (the pod's storage initializer fetches everything with one set of keys, its service account's).
 
     ``storage`` is the workload's :class:`~aiplane.core.storage.Storage`; ``target`` names the serving target
     in the messages. Raises before any request, so a refusal changes nothing.
@@ -249,4 +251,25 @@ def cluster_sources(adapter: AdapterRecord, storage: Any, target: str) -> tuple[
             "region's own, storage.regions.<region>.s3, and storage.s3), and a KServe pod fetches both with its "
             "service account's keys. Put the base model in the region's store, or serve this region with vllm."
         )
+    verify_entry(adapter.uri, storage, "model" if full else "adapter")
     return base, full
+
+
+def verify_entry(uri: str, storage: Any, what: str = "adapter") -> None:
+    """Refuse (InputError naming it and what to do) the artifact-store entry at ``uri`` unless its bytes are
+    the ones its digest names.
+
+    For a target whose server fetches the entry itself (KServe's storage initializer), so aiplane never
+    reads those bytes otherwise: called before anything is sent to the cluster. Hashes the entry whole,
+    streamed from object storage.
+    """
+    from .storage import ArtifactStore
+
+    root = uri.rstrip("/").rsplit("/", 2)[0]  # an entry is <root>/<kind>/<sha256 hex>
+    altered = ArtifactStore(root, storage=storage).verify(uri)
+    if altered:
+        raise InputError(
+            f"The {what} {uri!r} is not the artifact its digest names: {', '.join(altered)} changed after it was "
+            "published, so it is not served and nothing was sent to the cluster. Publish it again (aiplane up "
+            "--force trains and publishes it anew), or roll back to another version (aiplane rollback --to)."
+        )

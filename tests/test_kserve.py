@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from _adapter_store import AdapterStore, adapter_store
 from _k8s_api_double import KubernetesApiDouble
 from aiplane.core.errors import ConfigError, InputError, WorkloadError
 from aiplane.core.records import AdapterRecord, BaseModelRecord
@@ -35,19 +36,30 @@ BASE = BaseModelRecord(
 )  # fmt: skip
 
 
+_STORE: list[AdapterStore] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _bucket():
+    """The adapters deployed here are real entries in a loopback S3: the target verifies them first."""
+    with adapter_store() as store:
+        _STORE.append(store)
+        yield store
+        _STORE.clear()
+
+
 def _adapter(n: int, r: int = 16, base: BaseModelRecord = BASE) -> AdapterRecord:
-    digest = f"sha256:{n:064x}"
+    uri, digest = _STORE[0].publish("lora", n)
     return AdapterRecord(
-        uri=f"s3://aiplane-eu/aiplane/adapters/{digest[7:]}", digest=digest, method="lora", config={"r": r},
-        metrics={}, run_id=f"run{n}", sources=(base,),
+        uri=uri, digest=digest, method="lora", config={"r": r}, metrics={}, run_id=f"run{n}", sources=(base,),
     )  # fmt: skip
 
 
 def _model(n: int, base: BaseModelRecord = BASE) -> AdapterRecord:
     """A whole model (what ``sft`` publishes), in object storage, trained from ``base``."""
-    digest = f"sha256:{0xF000 + n:064x}"
+    uri, digest = _STORE[0].publish("sft", n)
     return AdapterRecord(
-        uri=f"s3://aiplane-eu/aiplane/adapters/{digest[7:]}", digest=digest, method="sft",
+        uri=uri, digest=digest, method="sft",
         config={"max_steps": 24, "full_model": True}, metrics={}, run_id=f"sft{n}", sources=(base,),
     )  # fmt: skip
 
@@ -141,10 +153,15 @@ def _settings(cluster, **more):
     return {"namespace": NS, "image": IMAGE, "kubeconfig": cluster["kubeconfig"], "poll_s": 0.05, **more}
 
 
+def _workload(cluster, adapter: AdapterRecord, **more):
+    """The target's deploy workload, its storage the loopback S3 the adapters are in."""
+    workload = KServe(_settings(cluster, **more)).workload(adapter, NAME, "/unused")
+    return workload.model_copy(update={"s3": _STORE[0].s3})
+
+
 def _deploy(cluster, adapter: AdapterRecord, **more):
     lines: list[str] = []
-    workload = KServe(_settings(cluster, **more)).workload(adapter, NAME, "/unused")
-    result = execute(workload, emit=lambda e: lines.append(str(e)))
+    result = execute(_workload(cluster, adapter, **more), emit=lambda e: lines.append(str(e)))
     return result.outputs["endpoint"], lines
 
 
@@ -301,7 +318,7 @@ def test_a_cancelled_rollout_puts_the_previous_spec_back(cluster):
     _deploy(cluster, _adapter(1))
     cluster["controller"].outcome = "never"
     cancel = threading.Event()
-    workload = KServe(_settings(cluster)).workload(_adapter(2), NAME, "/unused")
+    workload = _workload(cluster, _adapter(2))
     threading.Timer(0.5, cancel.set).start()
     with pytest.raises(WorkloadCancelled):
         execute(workload, cancel=cancel)
@@ -321,8 +338,8 @@ def test_a_base_model_and_an_adapter_in_different_stores_are_refused_before_any_
     from aiplane.core.config import S3Settings
 
     # The adapter is in the region's own store (a route over its root); the base model in storage.s3's.
-    own = {"s3://aiplane-eu/aiplane": S3Settings(endpoint="https://s3.us-east-1.amazonaws.com")}
-    workload = KServe(_settings(cluster)).workload(_adapter(1), NAME, "/unused").model_copy(
+    own = {"s3://aiplane-eu/aiplane": _STORE[0].s3}
+    workload = _workload(cluster, _adapter(1)).model_copy(
         update={"s3": S3Settings(endpoint="https://s3.storage.example.com"), "s3_routes": own}
     )
     with pytest.raises(ConfigError, match=r"different object stores .* a KServe pod fetches both with its service account"):
@@ -331,6 +348,27 @@ def test_a_base_model_and_an_adapter_in_different_stores_are_refused_before_any_
     # A route that holds both is one store: the rollout goes ahead.
     together = workload.model_copy(update={"s3_routes": {"s3://aiplane-eu": own["s3://aiplane-eu/aiplane"]}})
     assert execute(together).outputs["endpoint"].model_name == NAME
+
+
+def test_a_flipped_byte_in_the_stored_adapter_is_refused_and_nothing_is_applied(cluster, _bucket):
+    altered = _adapter(90)
+    _bucket.flip_byte(altered.uri)
+    with pytest.raises(InputError, match=rf"adapter '{altered.uri}' is not the artifact its digest names: "
+                                         r"adapter_model.safetensors changed.*aiplane up --force.*roll back"):
+        _deploy(cluster, altered)
+    assert cluster["api"].requests == []
+
+
+def test_a_rollback_to_an_altered_adapter_is_refused_and_the_endpoint_keeps_serving(cluster, _bucket):
+    earlier, current = _adapter(91), _adapter(92)
+    _deploy(cluster, earlier)
+    _deploy(cluster, current)
+    before = _isvc(cluster)
+    _bucket.flip_byte(earlier.uri, "adapter_config.json")
+    with pytest.raises(InputError, match="adapter_config.json changed"):
+        _deploy(cluster, earlier)
+    assert _isvc(cluster)["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    assert _isvc(cluster)["metadata"]["annotations"]["aiplane.io/adapter"] == current.digest
 
 
 def test_a_rank_above_the_runtimes_max_is_refused_before_any_request(cluster):
@@ -390,7 +428,7 @@ def test_raw_deployment_mode_updates_one_whole_model_to_another_without_a_canary
 def test_a_failed_whole_model_rollout_puts_the_previous_whole_model_back(cluster):
     _deploy(cluster, _model(1))
     cluster["controller"].outcome = "fail"
-    with pytest.raises(WorkloadError, match=r"Insufficient nvidia.com/gpu.*so model sha256:0+f001 keeps serving"):
+    with pytest.raises(WorkloadError, match=rf"Insufficient nvidia.com/gpu.*so model {_model(1).digest} keeps serving"):
         _deploy(cluster, _model(2))
     isvc = _isvc(cluster)
     assert isvc["spec"]["predictor"]["model"]["storageUri"] == _model(1).uri

@@ -12,13 +12,13 @@ the rolled-out generation serves.
 from __future__ import annotations
 
 import functools
-import hashlib
 import threading
 
 import jsonschema
 import pytest
 import yaml
 
+from _adapter_store import AdapterStore, adapter_store
 from _k8s_api_double import KubernetesApiDouble, LLMInferenceServiceController
 from aiplane.core.errors import ConfigError, InputError, WorkloadCancelled, WorkloadError
 from aiplane.core.records import AdapterRecord, BaseModelRecord
@@ -38,24 +38,29 @@ BASE = BaseModelRecord(
 )  # fmt: skip
 
 
-def _digest(n: int) -> str:
-    # Distinct from the first character on, as real digests are: version names keep 12 of them.
-    return "sha256:" + hashlib.sha256(str(n).encode()).hexdigest()
+_STORE: list[AdapterStore] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _bucket():
+    """The adapters deployed here are real entries in a loopback S3: the target verifies them first."""
+    with adapter_store() as store:
+        _STORE.append(store)
+        yield store
+        _STORE.clear()
 
 
 def _adapter(n: int, r: int = 16, base: BaseModelRecord = BASE) -> AdapterRecord:
-    digest = _digest(n)
+    uri, digest = _STORE[0].publish("lora", n)
     return AdapterRecord(
-        uri=f"s3://aiplane-eu/aiplane/adapters/{digest[7:]}", digest=digest, method="lora", config={"r": r},
-        metrics={}, run_id=f"run{n}", sources=(base,),
+        uri=uri, digest=digest, method="lora", config={"r": r}, metrics={}, run_id=f"run{n}", sources=(base,),
     )  # fmt: skip
 
 
 def _model(n: int) -> AdapterRecord:
-    digest = _digest(0xF000 + n)
+    uri, digest = _STORE[0].publish("sft", n)
     return AdapterRecord(
-        uri=f"s3://aiplane-eu/aiplane/adapters/{digest[7:]}", digest=digest, method="sft",
-        config={"full_model": True}, metrics={}, run_id=f"sft{n}", sources=(BASE,),
+        uri=uri, digest=digest, method="sft", config={"full_model": True}, metrics={}, run_id=f"sft{n}", sources=(BASE,),
     )  # fmt: skip
 
 
@@ -78,10 +83,15 @@ def _settings(cluster, **more):
     return {"namespace": NS, "kubeconfig": cluster["kubeconfig"], "poll_s": 0.05, "readiness_timeout_s": 30, **more}
 
 
+def _workload(cluster, adapter: AdapterRecord, **more):
+    """The target's deploy workload, its storage the loopback S3 the adapters are in."""
+    workload = KServeLLM(_settings(cluster, **more)).workload(adapter, NAME, "/unused")
+    return workload.model_copy(update={"s3": _STORE[0].s3})
+
+
 def _deploy(cluster, adapter: AdapterRecord, **more):
     lines: list[str] = []
-    workload = KServeLLM(_settings(cluster, **more)).workload(adapter, NAME, "/unused")
-    return execute(workload, emit=lambda e: lines.append(str(e))).outputs["endpoint"], lines
+    return execute(_workload(cluster, adapter, **more), emit=lambda e: lines.append(str(e))).outputs["endpoint"], lines
 
 
 def _svc(cluster) -> dict | None:
@@ -227,7 +237,7 @@ def test_a_cancelled_rollout_puts_the_previous_spec_back(cluster):
     _deploy(cluster, _adapter(1))
     cluster["controller"].outcome = "never"
     cancel = threading.Event()
-    workload = KServeLLM(_settings(cluster)).workload(_adapter(2), NAME, "/unused")
+    workload = _workload(cluster, _adapter(2))
     threading.Timer(0.5, cancel.set).start()
     with pytest.raises(WorkloadCancelled):
         execute(workload, cancel=cancel)
@@ -255,6 +265,27 @@ def test_what_a_pod_cannot_read_or_a_rank_above_max_rank_is_refused_before_any_r
     with pytest.raises(ConfigError, match="rank 32, above the kserve-llm target's max_lora_rank 16"):
         _deploy(cluster, _adapter(1, r=32))
     assert cluster["api"].requests == []
+
+
+def test_a_flipped_byte_in_the_stored_adapter_is_refused_and_nothing_is_applied(cluster, _bucket):
+    altered = _adapter(90)
+    _bucket.flip_byte(altered.uri)
+    with pytest.raises(InputError, match=rf"adapter '{altered.uri}' is not the artifact its digest names: "
+                                         r"adapter_model.safetensors changed.*aiplane up --force.*roll back"):
+        _deploy(cluster, altered)
+    assert cluster["api"].requests == []
+
+
+def test_a_rollback_to_an_altered_kept_version_is_refused_and_the_endpoint_keeps_serving(cluster, _bucket):
+    earlier, current = _adapter(91), _adapter(92)
+    _deploy(cluster, earlier)
+    _deploy(cluster, current)
+    before = _svc(cluster)["metadata"]["resourceVersion"]
+    _bucket.flip_byte(earlier.uri, "adapter_config.json")
+    with pytest.raises(InputError, match="adapter_config.json changed"):
+        _deploy(cluster, earlier)
+    assert _svc(cluster)["metadata"]["resourceVersion"] == before
+    assert _svc(cluster)["metadata"]["annotations"]["aiplane.io/adapter"] == current.digest
 
 
 def test_an_adapter_of_another_base_model_is_refused_and_nothing_changes(cluster):

@@ -2,8 +2,9 @@
 
 A deploy (``run``, the ``deploy-endpoint`` workload):
 
-1. Check the inputs (base model and adapter in object storage, the rank within
-   the runtime's), render both objects, and have the API server validate them
+1. Check the inputs (base model and adapter in object storage, the adapter's
+   bytes the ones its digest names, since KServe's storage initializer fetches
+   it unchecked; the rank within the runtime's), render both objects, and have the API server validate them
    with a dry run (the cluster's own CRD schemas) before anything is changed.
 2. Create or update the ServingRuntime, then the InferenceService: the new
    adapter first in its list, the versions kept for rollback after it.

@@ -2,7 +2,8 @@
 
 A deploy (``run``, the ``deploy-endpoint`` workload):
 
-1. Check the inputs (base model and adapter readable by a pod, the rank within
+1. Check the inputs (base model and adapter readable by a pod, the adapter's
+   bytes the ones its digest names, the rank within
    ``max_lora_rank``, one base model per endpoint), render the object, and have
    the API server validate it with a dry run before anything changes.
 2. Create or replace the LLMInferenceService: the new adapter first, under the
