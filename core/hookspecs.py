@@ -21,6 +21,7 @@ import pluggy
 if TYPE_CHECKING:
     from .components import Engine, FactsheetPublisher, FeatureStore, ServingTarget, Trainer
     from .config import Deployment, S3Settings
+    from .evaluation import Evaluator
     from .records import BaseModelRecord, Record
 
 __all__ = ["hookspec", "hookimpl", "PROJECT"]
@@ -83,6 +84,24 @@ def aiplane_factsheet_publishers() -> list[type[FactsheetPublisher]]:
 
     Return a list of :class:`~aiplane.core.components.FactsheetPublisher` subclasses.
     Results from all plugins are collected.
+    """
+
+
+@hookspec
+def aiplane_evaluators() -> list[type[Evaluator]]:
+    """Evaluations this plugin provides (``trainer.settings.evaluation.<name>``).
+
+    Return a list of :class:`~aiplane.core.evaluation.Evaluator` subclasses: each
+    has a ``name``, a pydantic ``Settings`` model, the ``eval_*`` metric names it
+    adds (``metrics()``) and ``evaluate(rows, predictions, ctx)``. A trainer runs
+    the ones a deployment turns on after its own evaluation, before it publishes,
+    without naming who computes them. Results from all plugins are collected.
+
+    Example::
+
+        @hookimpl
+        def aiplane_evaluators():
+            return [MyJudgeEvaluator]
     """
 
 

@@ -380,3 +380,74 @@ def test_trace_switch_logs_every_observer_call(tmp_path, clean_plugin_env):
     assert "hook aiplane_before_materialize(asset, run_id, inputs, deployment, region) -> openlineage" in err
     assert "hook aiplane_after_materialize(asset, run_id, inputs, deployment, region, output) -> openlineage" in err
     assert "hook aiplane_after_materialize returned" in err
+
+
+def test_no_plugin_imports_another_plugin():
+    """What two plugins share lives in core/ or behind a hook; a plugin module naming another plugin fails here."""
+    import ast
+
+    import aiplane.plugins
+
+    root = Path(aiplane.plugins.__file__).parent
+    crossing = []
+    for path in sorted(root.rglob("*.py")):
+        own = path.relative_to(root).parts[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[:2] == ["aiplane", "plugins"] and len(parts) > 2 and parts[2] != own:
+                    crossing.append(f"{path.relative_to(root.parent)}:{node.lineno} imports {name}")
+    assert crossing == []
+
+
+class _Echo(BaseModel):
+    model_config = {"extra": "forbid"}
+    scale: float = 1.0
+
+
+def _echo_evaluator():
+    from aiplane.core.evaluation import Evaluator
+
+    class Echo(Evaluator):
+        name = "echo"
+        Settings = _Echo
+
+        def metrics(self):
+            return ["eval_echo_len"]
+
+        def evaluate(self, rows, predictions, ctx):
+            return {"eval_echo_len": self.settings.scale * sum(map(len, predictions)) / len(predictions)}
+
+    class Plugin:
+        @hookimpl
+        def aiplane_evaluators(self):
+            return [Echo]
+
+    return Plugin()
+
+
+def test_an_evaluator_a_plugin_provides_is_chosen_by_name_and_adds_its_metrics(clean_plugin_env):
+    from aiplane.core.evaluation import evaluate, evaluation_metrics, evaluation_settings
+
+    pm = get_plugin_manager()
+    pm.register(_echo_evaluator(), name="echo")
+    settings = evaluation_settings({"echo": {"scale": 2.0}}, pm)
+    assert evaluation_metrics(settings) == ["eval_echo_len"]
+    assert evaluate(settings, [{"prompt": "a"}, {"prompt": "b"}], ["abc", "a"], ctx=None) == {"eval_echo_len": 4.0}
+    assert settings.model_dump()["echo"] == {"scale": 2.0} and settings.watsonx_gov is None
+    with pytest.raises(ValueError, match=r"Unknown evaluator 'ecko'; installed evaluators: echo, watsonx_gov\. Did you mean 'echo'\?"):
+        evaluation_settings({"ecko": {}}, pm)
+    with pytest.raises(ValueError, match=r"echo\.scal\b"):
+        evaluation_settings({"echo": {"scal": 2}}, pm)
+    # Without the plugin, the name is unknown: the trainer's settings say so before anything runs.
+    from aiplane.plugins.peft.trainer import LoraTrainer
+
+    with pytest.raises(ConfigError, match="evaluation: Unknown evaluator 'echo'"):
+        LoraTrainer({"r": 8, "alpha": 16, "target_modules": ["q_proj"], "max_steps": 2, "batch_size": 2, "seq_len": 32,
+                     "learning_rate": 1e-3, "evaluation": {"echo": {}}})  # fmt: skip

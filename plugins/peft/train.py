@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiplane.core import __version__ as _AIPLANE_VERSION
 from aiplane.core.errors import ConfigError, InputError, WorkloadError
+from aiplane.core.evaluation import check_evaluation, evaluate
 from aiplane.core.artifacts import sha256_path
 from aiplane.core.records import AdapterRecord, BaseModelRecord, FeaturesRecord, record_from_json, record_to_json
 from aiplane.core.workload import WorkloadContext
@@ -141,8 +142,8 @@ def train(
         sources.append(teacher)
         teacher = teacher.model_copy(update={"uri": str(ctx.local(teacher.uri))})
     eval_rows = eval_rows[: s.eval_limit]
-    if s.evaluation is not None and ctx.is_primary:
-        s.evaluation.check_secrets()
+    if ctx.is_primary:
+        check_evaluation(s.evaluation)
     rank, world = _world(ctx)
     if s.batch_size < world:
         raise ConfigError(
@@ -178,12 +179,8 @@ def train(
     if not ctx.is_primary:
         return None
     eval_loss, eval_accuracy, predictions = _evaluate(model, tokenizer, eval_rows, s, device, ctx)
-    more_metrics: dict[str, float] = {}
-    if s.evaluation is not None:
-        from aiplane.plugins.watsonx_gov.evaluate import evaluate_generations
-
-        # Before publishing: an adapter whose evaluation failed is never published.
-        more_metrics = evaluate_generations(s.evaluation, eval_rows, predictions, ctx)
+    # Before publishing: an adapter whose evaluation failed is never published.
+    more_metrics = evaluate(s.evaluation, eval_rows, predictions, ctx)
 
     k = max(1, min(10, len(curve) // 5))
     metrics: dict[str, Any] = {

@@ -20,8 +20,8 @@ from pydantic_core import PydanticCustomError
 
 from aiplane.core.components import Trainer
 from aiplane.core.errors import ConfigError, InputError
+from aiplane.core.evaluation import evaluation_metrics, evaluation_settings
 from aiplane.core.workload import Workload
-from aiplane.plugins.watsonx_gov.evaluate import EvaluationSettings
 
 if TYPE_CHECKING:
     from aiplane.core.records import BaseModelRecord, FeaturesRecord
@@ -109,9 +109,9 @@ class LoopSettings(BaseModel):
     log_every: int = 10
     max_new_tokens: int = 8
     """Tokens generated per eval prompt to read the predicted label."""
-    evaluation: EvaluationSettings | None = None
-    """More metrics on the eval split's generations, e.g. ``{watsonx_gov: {metrics: [answer_similarity], ...}}``
-    (see :mod:`aiplane.plugins.watsonx_gov.evaluate`); none: loss and exact-match accuracy only."""
+    evaluation: Any = None
+    """More metrics on the eval split's generations, by evaluator name (the ``aiplane_evaluators`` hook), e.g.
+    ``{watsonx_gov: {metrics: [answer_similarity], ...}}``; none: loss and exact-match accuracy only."""
 
     _positive_loop = field_validator("max_steps", "batch_size", "log_every", "max_new_tokens", "learning_rate")(_positive)
 
@@ -120,6 +120,11 @@ class LoopSettings(BaseModel):
     def _seq_len(cls, v: int) -> int:
         _must(v >= 16, f"seq_len must be >= 16 (got {v})")
         return v
+
+    @field_validator("evaluation")
+    @classmethod
+    def _evaluation(cls, v: Any) -> Any:
+        return evaluation_settings(v)  # against the installed evaluators' settings, so errors name their keys
 
     @field_validator("eval_limit")
     @classmethod
@@ -318,7 +323,7 @@ class _PeftTrainer(Trainer):
         s: LoopSettings = self.settings  # type: ignore[assignment]
         if s.eval_limit == 0:
             return _LOOP_METRICS  # no eval row is scored, so the eval metrics are None
-        more = s.evaluation.watsonx_gov.names() if s.evaluation is not None and s.evaluation.watsonx_gov else []
+        more = evaluation_metrics(s.evaluation)
         return _LOOP_METRICS | {"eval_loss", "eval_accuracy", *more}
 
     def _inputs(self, base_model: "BaseModelRecord", features: "FeaturesRecord") -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Evaluation with IBM's ``ibm-watsonx-gov``: its metrics on the eval split's generations, as ``eval_*`` metrics.
 
-The ``lora`` trainer calls :func:`evaluate_generations` after its own exact-match
-evaluation when ``trainer.settings.evaluation.watsonx_gov`` is set; the metrics
+:class:`WatsonxGovEvaluator` is the ``watsonx_gov`` evaluator (the ``aiplane_evaluators``
+hook): a trainer runs it after its own exact-match evaluation when
+``trainer.settings.evaluation.watsonx_gov`` is set, without knowing this plugin; the metrics
 join the adapter record, so the factsheet, the governance gate and the
 ``watsonx-governance`` publisher see them like ``eval_accuracy``.
 
@@ -30,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from aiplane.core.config import SecretRef
 from aiplane.core.errors import WorkloadError
+from aiplane.core.evaluation import Evaluator
 from aiplane.core.runtimes import RuntimeSpec
 
 from .connection import WatsonxConnection
@@ -37,7 +39,7 @@ from .connection import WatsonxConnection
 if TYPE_CHECKING:
     from aiplane.core.workload import WorkloadContext
 
-__all__ = ["EvaluationSettings", "LOCAL_METRICS", "JUDGE_METRICS", "WXGOV_RUNTIME", "evaluate_generations"]
+__all__ = ["EvaluationSettings", "WatsonxGovEvaluator", "LOCAL_METRICS", "JUDGE_METRICS", "WXGOV_RUNTIME", "evaluate_generations"]
 
 _VERSION = "1.5.2"
 
@@ -156,6 +158,23 @@ class EvaluationSettings(BaseModel):
         self.watsonx_gov.api_key.resolve()
         if self.watsonx_gov.judge and self.watsonx_gov.judge.api_key:
             self.watsonx_gov.judge.api_key.resolve()
+
+
+class WatsonxGovEvaluator(Evaluator):
+    """The ``watsonx_gov`` evaluator: ibm-watsonx-gov's metrics on the eval split's generations."""
+
+    name = "watsonx_gov"
+    Settings = WatsonxGovEvaluation
+    settings: WatsonxGovEvaluation
+
+    def metrics(self) -> list[str]:
+        return self.settings.names()
+
+    def check(self) -> None:
+        EvaluationSettings(watsonx_gov=self.settings).check_secrets()
+
+    def evaluate(self, rows: Sequence[Mapping[str, Any]], predictions: Sequence[str], ctx: "WorkloadContext") -> dict[str, float]:
+        return evaluate_generations(EvaluationSettings(watsonx_gov=self.settings), rows, predictions, ctx)
 
 
 def evaluate_generations(
