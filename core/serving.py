@@ -44,6 +44,7 @@ __all__ = [
     "POD_READABLE",
     "cluster_sources",
     "verify_entry",
+    "intact_versions",
     "served_versions",
 ]
 
@@ -253,6 +254,21 @@ def cluster_sources(adapter: AdapterRecord, storage: Any, target: str) -> tuple[
         )
     verify_entry(adapter.uri, storage, "model" if full else "adapter")
     return base, full
+
+
+def intact_versions(kept: Sequence[Mapping[str, Any]], storage: Any, log: Any) -> list[dict[str, Any]]:
+    """The versions in ``kept`` (those an endpoint keeps serving for rollback) still the artifacts their digests
+    name: a new pod fetches each again, so one altered (or gone) since it was first served is left out, and
+    ``log`` says which and why, rather than served as ``<endpoint>@<digest>``."""
+    intact = []
+    for version in kept:
+        try:
+            verify_entry(version["uri"], storage)
+        except InputError as exc:
+            log(f"version {version['digest']} is no longer kept for rollback: {exc}")
+            continue
+        intact.append(dict(version))
+    return intact
 
 
 def verify_entry(uri: str, storage: Any, what: str = "adapter") -> None:

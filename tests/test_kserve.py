@@ -371,6 +371,16 @@ def test_a_rollback_to_an_altered_adapter_is_refused_and_the_endpoint_keeps_serv
     assert _isvc(cluster)["metadata"]["annotations"]["aiplane.io/adapter"] == current.digest
 
 
+def test_a_version_kept_for_rollback_that_was_altered_is_no_longer_served(cluster, _bucket):
+    kept, new = _adapter(93), _adapter(94)
+    _deploy(cluster, kept)
+    _bucket.flip_byte(kept.uri)
+    _, lines = _deploy(cluster, new)
+    assert [s["uri"] for s in _isvc(cluster)["spec"]["predictor"]["storageUris"]] == [new.uri]
+    assert any(f"version {kept.digest} is no longer kept for rollback" in line and "adapter_model.safetensors changed" in line
+               for line in lines)  # fmt: skip
+
+
 def test_a_rank_above_the_runtimes_max_is_refused_before_any_request(cluster):
     with pytest.raises(ConfigError, match="rank 32, above the kserve target's max_lora_rank 16"):
         _deploy(cluster, _adapter(1, r=32))

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiplane.core.errors import ConfigError, InputError, PluginError, WorkloadCancelled, WorkloadError
 from aiplane.core.records import AdapterRecord, EndpointRecord
-from aiplane.core.serving import cluster_sources, endpoint_record, first_completion, managed_by_aiplane
+from aiplane.core.serving import cluster_sources, endpoint_record, first_completion, intact_versions, managed_by_aiplane
 from aiplane.core.workload import WorkloadContext
 
 from .render import (
@@ -147,7 +147,8 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     adapter = ctx.inputs.get("adapter")
     if not isinstance(adapter, AdapterRecord):
         raise InputError("deploy-endpoint needs an adapter_weights record as its 'adapter' input")
-    base, full = cluster_sources(adapter, ctx.workload.storage(), "kserve")
+    storage = ctx.storage
+    base, full = cluster_sources(adapter, storage, "kserve")
     rank = 0 if full else int(adapter.config.get("r") or 0)
     if rank > settings.max_lora_rank:
         raise ConfigError(
@@ -177,7 +178,7 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     else:
         entry = {"digest": adapter.digest, "uri": adapter.uri}
         kept = [] if previous_full else [v for v in previous if v["digest"] != adapter.digest]
-        versions = [entry, *kept][: 1 + settings.keep_previous]
+        versions = [entry, *intact_versions(kept[: settings.keep_previous], storage, ctx.log)]
         storage_uri = base.uri
     canary = settings.canary_traffic_percent if current is not None and settings.deployment_mode == "Serverless" else None
     runtime = runtime_object(runtime_name, settings.namespace, settings)

@@ -35,6 +35,7 @@ from aiplane.core.serving import (
     cluster_sources,
     endpoint_record,
     first_completion,
+    intact_versions,
     managed_by_aiplane,
     served_versions,
     version_name,
@@ -144,7 +145,8 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     adapter = ctx.inputs.get("adapter")
     if not isinstance(adapter, AdapterRecord):
         raise InputError("deploy-endpoint needs an adapter_weights record as its 'adapter' input")
-    base, full = cluster_sources(adapter, ctx.workload.storage(), "kserve-llm")
+    storage = ctx.storage
+    base, full = cluster_sources(adapter, storage, "kserve-llm")
     rank = 0 if full else int(adapter.config.get("r") or 0)
     if rank > settings.max_lora_rank:
         raise ConfigError(
@@ -171,7 +173,8 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
         versions = [{"digest": adapter.digest, "uri": adapter.uri, "full_model": True}]
     else:
         kept = [] if previous_full else [v for v in previous if v["digest"] != adapter.digest]
-        versions = [{"digest": adapter.digest, "uri": adapter.uri}, *kept][: 1 + settings.keep_previous]
+        kept = intact_versions(kept[: settings.keep_previous], storage, ctx.log)
+        versions = [{"digest": adapter.digest, "uri": adapter.uri}, *kept]
     desired = llm_inference_service(name, ns, settings, adapter.uri if full else base.uri, versions)
     # The API server validates it against the cluster's CRD (and KServe's admission webhook) before anything changes.
     cluster.apply(desired, current, dry_run=True)
