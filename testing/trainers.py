@@ -27,11 +27,14 @@ def check_trainer(
     base_model: BaseModelRecord | None = None,
     features: FeaturesRecord | None = None,
     engine: Any = None,
+    describe: bool = True,
 ) -> None:
     """Check trainer ``cls``'s contract; raise ConformanceError naming the broken promise.
 
     ``model_config`` (a ``config.json`` the settings fit) is handed to ``check_model``. With ``base_model`` and
     ``features`` (real ones, small) the training workload is run too and its ``adapter`` record checked.
+    ``describe=False`` leaves ``workload()`` out: a trainer that checks the model there may build it, which costs
+    seconds (torch, transformers) a quick suite may not have.
     """
     trainer = check_settings(cls, Trainer, "trainer", settings)
     broken = Broken("trainer", cls.name)
@@ -57,6 +60,8 @@ def check_trainer(
         except AiplaneError as exc:
             raise broken(f"check_model() refused the model config the test gave it: {exc}") from None
     broken.require(not writes.changed(), f"check() and check_model() must not write anything; they wrote {writes.changed()[:3]}")
+    if not describe:
+        return
     work = trainer.workload(base, given, str(tmp_path / "artifacts"))
     broken.require(isinstance(work, Workload), f"workload() must return a Workload, not {type(work).__name__}")
     broken.require(work.entrypoint == cls.entrypoint, f"workload().entrypoint {work.entrypoint!r} is not the declared entrypoint {cls.entrypoint!r}")
