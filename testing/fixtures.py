@@ -111,7 +111,7 @@ def conformance_target(engine: str = "local") -> Target:
 
 
 def sample_deployment(root: Path, kind: str = "", name: str = "", settings: dict[str, Any] | None = None) -> Deployment:
-    """A deployment whose ``kind`` (``feature_store``, ``trainer``, ``serving``, ``factsheet``) is ``name``.
+    """A deployment whose ``kind`` (``engine``, ``feature_store``, ``trainer``, ``serving``, ``factsheet``) is ``name``.
 
     The other components are the built-ins' names; nothing here loads a plugin.
     """
@@ -121,7 +121,9 @@ def sample_deployment(root: Path, kind: str = "", name: str = "", settings: dict
         "serving": ComponentSpec(name="vllm"),
         "factsheet": ComponentSpec(name="local"),
     }
-    if kind:
+    target = conformance_target(name if kind == "engine" else "local")
+    if kind == "engine":
+        target = target.model_copy(update={"settings": dict(settings or {})})
+    elif kind:
         specs[kind] = ComponentSpec(name=name, settings=dict(settings or {}))
-    engine = name if kind == "engine" else "local"
-    return Deployment(name="conformance", home=Path(root), targets=(conformance_target(engine),), **specs)
+    return Deployment(name="conformance", home=Path(root), targets=(target,), **specs)
