@@ -32,8 +32,9 @@ if TYPE_CHECKING:
     from .workload import Event, Workload, WorkloadResult
 
 __all__ = [
-    "PodSettings", "SecretKey", "Toleration", "check_cpu", "check_dns_label", "check_memory", "cpu_quantity",
-    "default_api_client", "follow_pod_log", "memory_quantity", "pod_env", "pod_gpus", "pod_resources", "pvc_volumes",
+    "FATAL_WAITING", "PodSettings", "SecretKey", "Toleration", "WorkloadWatcher", "await_workload", "check_cpu",
+    "check_dns_label", "check_memory", "container_status", "cpu_quantity", "default_api_client", "fatal_waiting",
+    "follow_pod_log", "memory_quantity", "pod_env", "pod_gpus", "pod_resources", "pod_state", "pvc_volumes",
     "read_pod_result", "restricted_security_context", "run_pod_task", "RESULT_ENV", "TERMINATION_ENV", "WORKLOAD_ENV",
 ]
 
@@ -453,3 +454,245 @@ def _fail(message: str) -> int:
     except OSError:
         pass  # no termination log outside a pod; stderr (the pod log) has it
     return 1
+
+
+# Waiting reasons after which a pod never starts by itself: fail now, with the kubelet's message.
+FATAL_WAITING = frozenset({
+    "CreateContainerConfigError", "CreateContainerError", "InvalidImageName", "ErrImageNeverPull", "ImagePullBackOff",
+})
+_LOG_GRACE_S = 10.0
+_API_RETRIES = 5
+
+
+def await_workload(
+    what: str,
+    watch: Callable[[Callable[["Event"], None]], dict[str, Any]],
+    follow_log: Callable[[Callable[["Event"], None]], None],
+    on_event: Callable[["Event"], None],
+    cancel: threading.Event,
+    stop: threading.Event,
+) -> dict[str, Any]:
+    """Run ``watch`` and ``follow_log`` on two threads; hand their events to ``on_event`` here, in this thread.
+
+    ``what`` names the object (``"TrainJob ns/name"``). Every ``on_event`` call, and so
+    every exception it raises (a Dagster run termination), happens in the caller's
+    thread, and a cancel is seen at once, not when a watch request ends. ``watch``
+    returns the outcome; one with ``"ran": False`` (a container that never started)
+    stops the log at once.
+    """
+    import queue
+    import time
+
+    from .errors import WorkloadCancelled
+    from .workload import Event
+
+    inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+    def post_event(event: "Event") -> None:
+        inbox.put(("event", event))
+
+    def watcher() -> None:
+        try:
+            inbox.put(("done", watch(post_event)))
+        except BaseException as exc:  # raised again in the caller's thread
+            inbox.put(("error", exc))
+
+    def logs() -> None:
+        try:
+            follow_log(post_event)
+        finally:
+            inbox.put(("logs-done", None))
+
+    for target, label in ((watcher, "watch"), (logs, "log")):
+        threading.Thread(target=target, name=f"{label} {what}", daemon=True).start()
+    outcome: dict[str, Any] | None = None
+    logs_done = False
+    deadline = None
+    while True:
+        if cancel.is_set():
+            on_event(Event(type="log", message=f"{what}: cancelled, deleting it and its pods"))
+            raise WorkloadCancelled(f"{what} was cancelled; it was deleted with its pods.")
+        try:
+            kind, value = inbox.get(timeout=0.2)
+        except queue.Empty:
+            if deadline is not None and time.monotonic() > deadline:
+                return outcome  # type: ignore[return-value]  # the log did not end in time: do not wait for it
+            continue
+        if kind == "event":
+            on_event(value)
+        elif kind == "error":
+            raise value
+        elif kind == "logs-done":
+            logs_done = True
+        elif kind == "done":
+            outcome = value
+            if not outcome.get("ran", True):
+                stop.set()  # a container never started: there is no log to wait for
+            deadline = time.monotonic() + _LOG_GRACE_S  # the log's last lines may still be on the way
+        if outcome is not None and logs_done:
+            while not inbox.empty():
+                kind, value = inbox.get_nowait()
+                if kind == "event":
+                    on_event(value)
+            return outcome
+
+
+def container_status(pod: Any, container: str) -> Any:
+    """The pod's status of ``container``, or ``None`` while it has none."""
+    for status in (pod.status.container_statuses if pod.status else None) or ():
+        if status.name == container:
+            return status
+    return None
+
+
+def pod_state(pod: Any, container: str) -> str:
+    """The pod's phase, with the container's waiting reason or exit code when it has one."""
+    phase = (pod.status.phase if pod.status else None) or "Pending"
+    status = container_status(pod, container)
+    if status is not None and status.state is not None:
+        if status.state.waiting is not None and status.state.waiting.reason:
+            return f"{phase} ({status.state.waiting.reason})"
+        if status.state.terminated is not None:
+            return f"{phase} (exit code {status.state.terminated.exit_code})"
+    return phase
+
+
+def fatal_waiting(pods: list, container: str) -> str | None:
+    """Why a pod will never start by itself (:data:`FATAL_WAITING`), or ``None``."""
+    for pod in pods:
+        status = container_status(pod, container)
+        waiting = status.state.waiting if status is not None and status.state is not None else None
+        if waiting is not None and waiting.reason in FATAL_WAITING:
+            return f"pod {pod.metadata.name} cannot start: {waiting.reason}: {waiting.message or 'no message'}"
+    return None
+
+
+class WorkloadWatcher:
+    """Watches one object that runs pods (a Job, a TrainJob) to its end, reporting its pods' states and events.
+
+    A subclass names the object (``what``: ``"TrainJob"``; ``kind`` and ``resource`` for
+    the permission message) and says how to watch it (:meth:`stream`), list its pods,
+    read its end (:meth:`finished`) and what went wrong (:meth:`failure`).
+    """
+
+    what = kind = resource = container = ""
+
+    def __init__(self, core_api: "kubernetes.client.CoreV1Api", namespace: str, name: str,
+                 watch_timeout_s: int, emit: Callable[["Event"], None]):
+        self.core_api, self.namespace, self.name, self.emit = core_api, namespace, name, emit
+        self.watch_timeout_s = watch_timeout_s
+        self._seen_events: set[str] = set()
+        self._pod_state: dict[str, str] = {}
+
+    def stream(self) -> tuple[Callable[..., Any], tuple]:
+        """The list call to watch and its positional arguments."""
+        raise NotImplementedError
+
+    def pods(self) -> list:
+        raise NotImplementedError
+
+    def finished(self, obj: Any) -> str | None:
+        """``"Complete"``, ``"Failed"``, or ``None`` while it runs."""
+        raise NotImplementedError
+
+    def failure(self, obj: Any, pods: list) -> str:
+        raise NotImplementedError
+
+    def wait(self, stop: threading.Event) -> dict[str, Any]:
+        """``{"succeeded": bool, "message": str, "pod": name}`` once the object ends (or ``stop`` is set)."""
+        from kubernetes.client.rest import ApiException
+
+        from .errors import WorkloadError
+        from .workload import Event
+
+        ns, failures = self.namespace, 0
+        while True:
+            if stop.is_set():
+                return {"succeeded": False, "pod": None, "message": "stopped"}
+            try:
+                outcome = self._once(stop)
+                failures = 0
+            except ApiException as exc:
+                if exc.status in (401, 403):
+                    raise WorkloadError(
+                        f"Kubernetes API refused to show {self.kind} {ns}/{self.name} ({exc.status} {exc.reason}): the "
+                        f"service account needs get, list and watch on {self.resource}, pods, pods/log and events in "
+                        "that namespace."
+                    ) from None
+                failures += 1
+                reason = detail = f"{exc.status} {exc.reason}"
+            except (OSError, ValueError) as exc:  # connection reset, a truncated stream: an API server blip
+                failures += 1
+                reason, detail = type(exc).__name__, f"{type(exc).__name__}: {exc}"
+            else:
+                if outcome is not None:
+                    return outcome
+                continue
+            if failures >= _API_RETRIES:
+                raise WorkloadError(
+                    f"Kubernetes API: watching {self.kind} {ns}/{self.name} failed {failures} times in a row: {detail}"
+                ) from None
+            self.emit(Event(type="log", message=f"Kubernetes API: watching failed ({reason}); retrying"))
+            stop.wait(min(0.5 * 2.0**failures, 30.0))
+
+    def _once(self, stop: threading.Event) -> dict[str, Any] | None:
+        """One watch request (up to ``watch_timeout_s``) and a look at the pods; the outcome once the object ended."""
+        from kubernetes import watch
+
+        ns = self.namespace
+        w = watch.Watch()
+        obj = None
+        call, args = self.stream()
+        for event in w.stream(call, *args, field_selector=f"metadata.name={self.name}",
+                              timeout_seconds=self.watch_timeout_s):
+            if event["type"] == "DELETED":
+                w.stop()
+                return {"succeeded": False, "pod": None,
+                        "message": f"{self.what} {ns}/{self.name} was deleted by someone else before it finished"}
+            obj = event["object"]
+            if self.finished(obj) or stop.is_set():
+                w.stop()
+                break
+        pods = self.pods()
+        self._report(pods)
+        if stop.is_set():
+            return None
+        fatal = fatal_waiting(pods, self.container)
+        if fatal:
+            return {"succeeded": False, "pod": pods[0].metadata.name, "message": fatal, "ran": False}
+        if obj is None or not self.finished(obj):
+            return None
+        # The pods' last states (their termination messages) may land after the object's condition.
+        pods = self.pods()
+        self._report(pods)
+        succeeded = self.finished(obj) == "Complete"
+        return {
+            "succeeded": succeeded,
+            "pod": pods[0].metadata.name if pods else None,
+            "message": "" if succeeded else self.failure(obj, pods),
+        }
+
+    def _report(self, pods: list) -> None:
+        from .workload import Event
+
+        for pod in pods:
+            state = pod_state(pod, self.container)
+            if self._pod_state.get(pod.metadata.name) != state:
+                self._pod_state[pod.metadata.name] = state
+                self.emit(Event(type="log", message=f"pod {pod.metadata.name}: {state}"))
+        events = []
+        for involved in (self.name, *(p.metadata.name for p in pods)):
+            try:
+                events += self.core_api.list_namespaced_event(
+                    self.namespace, field_selector=f"involvedObject.name={involved}"
+                ).items
+            except Exception:
+                return  # events are a courtesy; a Role without them must not fail the workload
+        for e in sorted(events, key=lambda e: str(e.last_timestamp or e.event_time or e.first_timestamp or "")):
+            if e.metadata.uid in self._seen_events:
+                continue
+            self._seen_events.add(e.metadata.uid)
+            self.emit(Event(
+                type="log",
+                message=f"k8s event {e.type or 'Normal'} {e.reason} ({e.involved_object.kind} {e.involved_object.name}): {e.message}",
+            ))

@@ -17,7 +17,6 @@ workload ends, fails, is cancelled or this call is interrupted.
 from __future__ import annotations
 
 import contextlib
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -25,9 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiplane.core.components import Engine
 from aiplane.core.config import Target
-from aiplane.core.errors import WorkloadCancelled, WorkloadError
+from aiplane.core.kube import WorkloadWatcher, await_workload, container_status, follow_pod_log, read_pod_result
 from aiplane.core.kube import default_api_client as kube_api_client
-from aiplane.core.kube import follow_pod_log, read_pod_result
 from aiplane.core.storage import normalize_uri
 from aiplane.core.workload import Event, Workload, WorkloadResult
 
@@ -39,11 +37,6 @@ if TYPE_CHECKING:
     from dagster_k8s.client import DagsterKubernetesClient
 
 __all__ = ["K8sJobEngine", "default_api_client"]
-
-# Waiting reasons after which the pod never starts by itself: fail now, with the kubelet's message.
-_FATAL_WAITING = {"CreateContainerConfigError", "CreateContainerError", "InvalidImageName", "ErrImageNeverPull", "ImagePullBackOff"}
-_LOG_GRACE_S = 10.0
-_API_RETRIES = 5
 
 
 def default_api_client(settings: K8sJobSettings) -> "kubernetes.client.ApiClient":
@@ -144,206 +137,41 @@ def _wait(
     cancel: threading.Event,
     stop: threading.Event,
 ) -> dict[str, Any]:
-    """Watch the Job and follow its log on two threads; hand their events to ``on_event`` here, in this thread.
-
-    Every ``on_event`` call, and so every exception it raises (a Dagster run
-    termination), happens in the caller's thread, and a cancel is seen at once,
-    not when a watch request ends.
-    """
-    inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
-
-    def post_event(event: Event) -> None:
-        inbox.put(("event", event))
-
-    def watch() -> None:
-        try:
-            inbox.put(("done", _JobWatcher(kube, s, name, post_event).wait(stop)))
-        except BaseException as exc:  # raised again in the caller's thread
-            inbox.put(("error", exc))
-
-    def logs() -> None:
-        try:
-            _follow_logs(kube, s.namespace, name, post_event, stop)
-        finally:
-            inbox.put(("logs-done", None))
-
-    for target, label in ((watch, "watch"), (logs, "log")):
-        threading.Thread(target=target, name=f"k8s-{label}-{name}", daemon=True).start()
-    outcome: dict[str, Any] | None = None
-    logs_done = False
-    deadline = None
-    while True:
-        if cancel.is_set():
-            on_event(Event(type="log", message=f"Kubernetes Job {s.namespace}/{name}: cancelled, deleting it and its pods"))
-            raise WorkloadCancelled(f"Kubernetes Job {s.namespace}/{name} was cancelled; it was deleted with its pods.")
-        try:
-            kind, value = inbox.get(timeout=0.2)
-        except queue.Empty:
-            if deadline is not None and time.monotonic() > deadline:
-                return outcome  # type: ignore[return-value]  # the log did not end in time: do not wait for it
-            continue
-        if kind == "event":
-            on_event(value)
-        elif kind == "error":
-            raise value
-        elif kind == "logs-done":
-            logs_done = True
-        elif kind == "done":
-            outcome = value
-            if not outcome.get("ran", True):
-                stop.set()  # the container never started: there is no log to wait for
-            # The log ends with the container; its last lines may still be on the way.
-            deadline = time.monotonic() + _LOG_GRACE_S
-        if outcome is not None and logs_done:
-            # Drain what is left, then done.
-            while not inbox.empty():
-                kind, value = inbox.get_nowait()
-                if kind == "event":
-                    on_event(value)
-            return outcome
+    """Watch the Job and follow its log (:func:`~aiplane.core.kube.await_workload`); the outcome."""
+    return await_workload(
+        f"Kubernetes Job {s.namespace}/{name}",
+        lambda emit: _JobWatcher(kube, s, name, emit).wait(stop),
+        lambda emit: _follow_logs(kube, s.namespace, name, emit, stop),
+        on_event, cancel, stop,
+    )
 
 
-class _JobWatcher:
+class _JobWatcher(WorkloadWatcher):
     """Watches one Job to its end, reporting its pod's phase and the Kubernetes events about both."""
 
+    what, kind, resource, container = "Kubernetes Job", "Job", "jobs", CONTAINER
+
     def __init__(self, kube: "DagsterKubernetesClient", settings: K8sJobSettings, name: str, emit: Callable[[Event], None]):
-        self.kube, self.s, self.name, self.emit = kube, settings, name, emit
-        self._seen_events: set[str] = set()
-        self._pod_state: dict[str, str] = {}
+        super().__init__(kube.core_api, settings.namespace, name, settings.watch_timeout_s, emit)
+        self.kube = kube
 
-    def wait(self, stop: threading.Event) -> dict[str, Any]:
-        """``{"succeeded": bool, "message": str, "pod": name}`` once the Job ends (or ``stop`` is set)."""
-        from kubernetes.client.rest import ApiException
+    def stream(self) -> tuple[Callable[..., Any], tuple]:
+        return self.kube.batch_api.list_namespaced_job, (self.namespace,)
 
-        ns, failures = self.s.namespace, 0
-        while True:
-            if stop.is_set():
-                return {"succeeded": False, "pod": None, "message": "stopped"}
-            try:
-                outcome = self._once(stop)
-                failures = 0
-            except ApiException as exc:
-                if exc.status in (401, 403):
-                    raise WorkloadError(
-                        f"Kubernetes API refused to show Job {ns}/{self.name} ({exc.status} {exc.reason}): the service "
-                        "account needs get, list and watch on jobs, pods, pods/log and events in that namespace."
-                    ) from None
-                failures += 1
-                if failures >= _API_RETRIES:
-                    raise WorkloadError(
-                        f"Kubernetes API: watching Job {ns}/{self.name} failed {failures} times in a row: "
-                        f"{exc.status} {exc.reason}"
-                    ) from None
-                self.emit(Event(type="log", message=f"Kubernetes API: watching failed ({exc.status} {exc.reason}); retrying"))
-                stop.wait(min(0.5 * 2.0**failures, 30.0))
-                continue
-            except (OSError, ValueError) as exc:  # connection reset, a truncated stream: an API server blip
-                failures += 1
-                if failures >= _API_RETRIES:
-                    raise WorkloadError(
-                        f"Kubernetes API: watching Job {ns}/{self.name} failed {failures} times in a row: {exc}"
-                    ) from None
-                self.emit(Event(type="log", message=f"Kubernetes API: watching failed ({type(exc).__name__}); retrying"))
-                stop.wait(min(0.5 * 2.0**failures, 30.0))
-                continue
-            if outcome is not None:
-                return outcome
+    def pods(self) -> list:
+        return self.kube.get_pods_in_job(self.name, self.namespace)
 
-    def _once(self, stop: threading.Event) -> dict[str, Any] | None:
-        """One watch request (up to ``watch_timeout_s``) and a look at the pods; the outcome once the Job ended."""
-        from kubernetes import watch
+    def finished(self, obj: Any) -> str | None:
+        return _finished(obj)
 
-        s, ns = self.s, self.s.namespace
-        w = watch.Watch()
-        job = None
-        for event in w.stream(
-            self.kube.batch_api.list_namespaced_job,
-            ns,
-            field_selector=f"metadata.name={self.name}",
-            timeout_seconds=s.watch_timeout_s,
-        ):
-            if event["type"] == "DELETED":
-                w.stop()
-                return {"succeeded": False, "pod": None,
-                        "message": f"Kubernetes Job {ns}/{self.name} was deleted by someone else before it finished"}
-            job = event["object"]
-            if _finished(job) or stop.is_set():
-                w.stop()
-                break
-        pods = self.kube.get_pods_in_job(self.name, ns)
-        self._report(pods)
-        if stop.is_set():
-            return None
-        fatal = _fatal_waiting(pods)
-        if fatal:
-            return {"succeeded": False, "pod": pods[0].metadata.name, "message": fatal, "ran": False}
-        if job is None or not _finished(job):
-            return None
-        # The last state of the pod (its termination message) may land after the Job's condition.
-        pods = self.kube.get_pods_in_job(self.name, ns)
-        self._report(pods)
-        succeeded = _finished(job) == "Complete"
-        return {
-            "succeeded": succeeded,
-            "pod": pods[0].metadata.name if pods else None,
-            "message": "" if succeeded else _failure(ns, self.name, job, pods),
-        }
-
-    def _report(self, pods: list) -> None:
-        for pod in pods:
-            state = _pod_state(pod)
-            if self._pod_state.get(pod.metadata.name) != state:
-                self._pod_state[pod.metadata.name] = state
-                self.emit(Event(type="log", message=f"pod {pod.metadata.name}: {state}"))
-        events = []
-        for involved in (self.name, *(p.metadata.name for p in pods)):
-            try:
-                events += self.kube.core_api.list_namespaced_event(
-                    self.s.namespace, field_selector=f"involvedObject.name={involved}"
-                ).items
-            except Exception:
-                return  # events are a courtesy; a Role without them must not fail the workload
-        for e in sorted(events, key=lambda e: str(e.last_timestamp or e.event_time or e.first_timestamp or "")):
-            if e.metadata.uid in self._seen_events:
-                continue
-            self._seen_events.add(e.metadata.uid)
-            self.emit(Event(
-                type="log",
-                message=f"k8s event {e.type or 'Normal'} {e.reason} ({e.involved_object.kind} {e.involved_object.name}): {e.message}",
-            ))
+    def failure(self, obj: Any, pods: list) -> str:
+        return _failure(self.namespace, self.name, obj, pods)
 
 
 def _finished(job) -> str | None:
     for condition in (job.status.conditions if job.status else None) or ():
         if condition.type in ("Complete", "Failed") and condition.status == "True":
             return condition.type
-    return None
-
-
-def _container(pod):
-    for status in (pod.status.container_statuses if pod.status else None) or ():
-        if status.name == CONTAINER:
-            return status
-    return None
-
-
-def _pod_state(pod) -> str:
-    phase = (pod.status.phase if pod.status else None) or "Pending"
-    status = _container(pod)
-    if status is not None and status.state is not None:
-        if status.state.waiting is not None and status.state.waiting.reason:
-            return f"{phase} ({status.state.waiting.reason})"
-        if status.state.terminated is not None:
-            return f"{phase} (exit code {status.state.terminated.exit_code})"
-    return phase
-
-
-def _fatal_waiting(pods: list) -> str | None:
-    for pod in pods:
-        status = _container(pod)
-        waiting = status.state.waiting if status is not None and status.state is not None else None
-        if waiting is not None and waiting.reason in _FATAL_WAITING:
-            return f"pod {pod.metadata.name} cannot start: {waiting.reason}: {waiting.message or 'no message'}"
     return None
 
 
@@ -354,7 +182,7 @@ def _failure(namespace: str, name: str, job, pods: list) -> str:
         if condition.type == "Failed" and condition.status == "True":
             parts.append(f"{condition.reason or 'Failed'}: {condition.message or ''}".rstrip(": "))
     for pod in pods:
-        status = _container(pod)
+        status = container_status(pod, CONTAINER)
         terminated = status.state.terminated if status is not None and status.state is not None else None
         if terminated is not None:
             detail = f"pod {pod.metadata.name}: container exited {terminated.exit_code} ({terminated.reason})"
