@@ -6,7 +6,7 @@ Each ``check_*`` drives one component kind through its contract on this machine 
     from aiplane.testing import check_serving_target
 
     def test_my_target_keeps_the_contract(tmp_path):
-        check_serving_target(MyTarget, {"port": 0}, tmp_path)
+        check_serving_target(MyTarget, {"directory": str(tmp_path / "endpoints")}, tmp_path)
 
 The inputs a check hands the component (records over small local files, feature rows, a factsheet
 document) come from :mod:`aiplane.testing.fixtures`. Imports ``aiplane.core`` only.

@@ -57,7 +57,7 @@ def check_engine(cls: type, settings: Mapping[str, Any] | None, tmp_path: Path, 
 def _check_cancel(engine: Engine, target: Any, tmp_path: Path, broken: Broken, within_s: float) -> None:
     beat = tmp_path / "conformance-heartbeat"
     beat.unlink(missing_ok=True)
-    work = Workload(name="conformance-heartbeat", entrypoint=f"{_HERE}:heartbeat", params={"file": str(beat)})
+    work = Workload(name="conformance-heartbeat", entrypoint=f"{_HERE}:heartbeat", params={"file": str(beat), "seconds": within_s * 4})
     cancel, outcome = threading.Event(), {}
 
     def run() -> None:
