@@ -119,3 +119,12 @@ def test_kit_names_an_endpoint_record_that_does_not_name_its_target(tmp_path):
 def test_kit_names_a_second_stop_that_claims_to_stop_something(tmp_path):
     with pytest.raises(ConformanceError, match=r"serving target 'careless': stop\(\) after stop\(\) must return False"):
         check_serving_target(_Careless, {}, tmp_path, engine=_InProcess())
+
+
+def test_kit_imports_no_plugin_and_no_orchestrator():
+    import subprocess
+    import sys
+
+    code = ("import sys, aiplane.testing\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('aiplane.plugins', 'aiplane.assets', 'dagster'))))")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
