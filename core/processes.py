@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,6 +39,7 @@ __all__ = [
     "start_process",
     "follow_process",
     "kill_group",
+    "Standby",
     "workload_dir",
     "sweep_orphaned_workdirs",
     "process_token",
@@ -165,6 +167,55 @@ def kill_group(proc: subprocess.Popen) -> None:
         if not _group_alive(pgid):
             break
     proc.wait()
+
+
+# Variables set in the orchestrator's own environment, as it runs, to what a worker sets itself too:
+# torch's inductor cache (on import, a default under the temp dir) and the S3 checksum policy (when
+# storage is first opened, from the same settings the workload carries). Their appearance after a
+# standby started does not make it differ from a new worker.
+_SELF_SET = frozenset({"TORCHINDUCTOR_CACHE_DIR", "AWS_REQUEST_CHECKSUM_CALCULATION"})
+
+
+@dataclass
+class Standby:
+    """A process started ahead of its workload, idle on its stdin until handed one (EOF: it exits by itself)."""
+
+    proc: subprocess.Popen
+    env: dict[str, str]
+    cwd: str
+    ready: int
+    """Read end of a pipe the process closes once it is prepared (EOF: prepared, or dead)."""
+
+    exited = "it"  # how :meth:`unusable` names the process (a class attribute, not a field)
+
+    def usable(self, env: Mapping[str, str], cwd: str) -> bool:
+        return not self.unusable(env, cwd)
+
+    def unusable(self, env: Mapping[str, str], cwd: str) -> str:
+        """Why this standby cannot run a workload started with ``env`` in ``cwd``; empty if it can."""
+        if self.proc.poll() is not None:
+            return f"{self.exited} exited with code {self.proc.returncode}"
+        if self.cwd != cwd:
+            return f"the working directory changed from {self.cwd} to {cwd}"
+        was = self.env
+        changed = sorted(k for k in {*was, *env} if was.get(k) != env.get(k) and not (k in _SELF_SET and k not in was))
+        return f"the environment changed since it started ({', '.join(changed)})" if changed else ""
+
+    def discard(self) -> None:
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()  # EOF: an idle standby exits by itself
+        except OSError:
+            pass
+        kill_group(self.proc)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.close_ready()
+
+    def close_ready(self) -> None:
+        if self.ready >= 0:
+            os.close(self.ready)
+            self.ready = -1
 
 
 def _group_alive(pgid: int) -> bool:

@@ -17,49 +17,14 @@ import select
 import subprocess
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
-from aiplane.core.processes import kill_group, start_process
+from aiplane.core.processes import Standby, start_process
 
 __all__ = ["prestart", "take"]
 
-# Set in the orchestrator's environment as it runs, to what a workload sets itself too (see the
-# local engine): their appearance after a runner started does not make it differ from a new one.
-_SELF_SET = frozenset({"TORCHINDUCTOR_CACHE_DIR", "AWS_REQUEST_CHECKSUM_CALCULATION"})
 
-
-@dataclass
-class _Runner:
-    proc: subprocess.Popen
-    env: dict[str, str]
-    cwd: str
-    ready: int
-    """Read end of a pipe the runner closes once kfp is imported (EOF: imported, or dead)."""
-
-    def unusable(self, env: Mapping[str, str], cwd: str) -> str:
-        if self.proc.poll() is not None:
-            return f"it exited with code {self.proc.returncode}"
-        if self.cwd != cwd:
-            return f"the working directory changed from {self.cwd} to {cwd}"
-        was = self.env
-        changed = sorted(k for k in {*was, *env} if was.get(k) != env.get(k) and not (k in _SELF_SET and k not in was))
-        return f"the environment changed since it started ({', '.join(changed)})" if changed else ""
-
-    def discard(self) -> None:
-        try:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()  # EOF: an idle runner exits by itself
-        except OSError:
-            pass
-        kill_group(self.proc)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self.close_ready()
-
-    def close_ready(self) -> None:
-        if self.ready >= 0:
-            os.close(self.ready)
-            self.ready = -1
+class _Runner(Standby):
+    """A ``kfp.local`` runner started ahead of its run; its ``ready`` pipe closes once kfp is imported."""
 
 
 _RUNNERS: dict[tuple[str, str], _Runner] = {}

@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -30,7 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from aiplane.core.components import Engine
 from aiplane.core.config import Target
 from aiplane.core.errors import WorkloadError
-from aiplane.core.processes import follow_process, kill_group, start_process, workload_dir
+from aiplane.core.processes import Standby, follow_process, start_process, workload_dir
 from aiplane.core.workload import Event, Workload, WorkloadResult, parse_event, read_result
 
 __all__ = ["LocalEngine"]
@@ -130,26 +129,15 @@ class LocalEngine(Engine):
 _WORKER = "aiplane.core.worker"
 
 
-# Variables set in the orchestrator's own environment, as it runs, to what the worker sets itself too:
-# torch's inductor cache (on import, a default under the temp dir) and the S3 checksum policy (when
-# storage is first opened, from the same settings the workload carries). Their appearance after a
-# standby started does not make it differ from a new worker.
-_SELF_SET = frozenset({"TORCHINDUCTOR_CACHE_DIR", "AWS_REQUEST_CHECKSUM_CALCULATION"})
-
-
 def _environment() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-@dataclass
-class _Standby:
-    """A worker started ahead of its workload (``python -m aiplane.core.worker --standby``)."""
+class _Standby(Standby):
+    """A worker started ahead of its workload (``python -m aiplane.core.worker --standby``).
 
-    proc: subprocess.Popen
-    env: dict[str, str]
-    cwd: str
-    ready: int
-    """Read end of a pipe the worker closes once it has imported what it preloads (EOF: imported, or dead)."""
+    Its ``ready`` pipe closes once it has imported what it preloads.
+    """
 
     @classmethod
     def start(cls, python: str, preload: Sequence[str], env: dict[str, str], cwd: str) -> "_Standby":
@@ -164,22 +152,6 @@ class _Standby:
             os.close(ready_w)
         return cls(proc, env, cwd, ready)
 
-    def usable(self, env: dict[str, str], cwd: str) -> bool:
-        return not self.unusable(env, cwd)
-
-    def unusable(self, env: dict[str, str], cwd: str) -> str:
-        """Why this standby cannot run a workload started with ``env`` in ``cwd``; empty if it can."""
-        if self.proc.poll() is not None:
-            return f"it exited with code {self.proc.returncode}"
-        if self.cwd != cwd:
-            return f"the working directory changed from {self.cwd} to {cwd}"
-        changed = sorted(
-            k for k in {*self.env, *env} if self.env.get(k) != env.get(k) and not (k in _SELF_SET and k not in self.env)
-        )
-        if changed:
-            return f"the environment changed since it started ({', '.join(changed)})"
-        return ""
-
     def hand_over(self, spec: Path, result: Path) -> bool:
         try:
             assert self.proc.stdin is not None
@@ -188,24 +160,8 @@ class _Standby:
         except (OSError, ValueError):
             return False
         finally:
-            self._close_ready()
+            self.close_ready()
         return True
-
-    def discard(self) -> None:
-        try:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()  # EOF: an idle standby exits by itself
-        except OSError:
-            pass
-        kill_group(self.proc)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._close_ready()
-
-    def _close_ready(self) -> None:
-        if self.ready >= 0:
-            os.close(self.ready)
-            self.ready = -1
 
 
 _STANDBYS: dict[tuple[str, str], _Standby] = {}

@@ -51,7 +51,7 @@ from pydantic_core import PydanticCustomError
 from aiplane.core.components import Engine
 from aiplane.core.config import SecretRef, Target
 from aiplane.core.errors import ConfigError, WorkloadCancelled, WorkloadError
-from aiplane.core.processes import follow_process, kill_group, start_process, stream_process
+from aiplane.core.processes import Standby, follow_process, start_process, stream_process
 from aiplane.core.workload import Event, Workload, WorkloadResult, parse_event, read_result
 
 __all__ = ["RayEngine", "RaySettings"]
@@ -482,11 +482,6 @@ def _inherited() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
 
 
-# Set in the orchestrator's environment as it runs, to what a workload sets itself too (see the local
-# engine): their appearance after a prestart does not make the prestarted Ray differ from a new one.
-_SELF_SET = frozenset({"TORCHINDUCTOR_CACHE_DIR", "AWS_REQUEST_CHECKSUM_CALCULATION"})
-
-
 @dataclass
 class _Head:
     """A private Ray's temp dir (removed after its run), ``ray.init`` arguments and driver environment."""
@@ -497,15 +492,14 @@ class _Head:
 
 
 @dataclass
-class _Standby:
-    """A driver started ahead of its workload (``driver --standby``): its Ray is up, or coming up."""
+class _Standby(Standby):
+    """A driver started ahead of its workload (``driver --standby``): its Ray is up, or coming up.
+
+    Its ``env`` is what it inherited from this process; its ``ready`` pipe closes once Ray is up.
+    """
 
     head: _Head
-    proc: subprocess.Popen
-    inherited: dict[str, str]
-    cwd: str
-    ready: int
-    """Read end of a pipe the driver closes once Ray is up (EOF: up, or dead)."""
+    exited = "its driver"
 
     @classmethod
     def start(cls, head: _Head, inherited: dict[str, str], cwd: str, runtime_env: dict[str, Any]) -> "_Standby":
@@ -521,19 +515,7 @@ class _Standby:
             raise
         finally:
             os.close(ready_w)
-        return cls(head, proc, inherited, cwd, ready)
-
-    def unusable(self, inherited: dict[str, str], cwd: str) -> str:
-        """Why this standby cannot run a workload started with ``inherited`` in ``cwd``; empty if it can."""
-        if self.proc.poll() is not None:
-            return f"its driver exited with code {self.proc.returncode}"
-        if self.cwd != cwd:
-            return f"the working directory changed from {self.cwd} to {cwd}"
-        was, now = self.inherited, inherited
-        changed = sorted(k for k in {*was, *now} if was.get(k) != now.get(k) and not (k in _SELF_SET and k not in was))
-        if changed:
-            return f"the environment changed since it started ({', '.join(changed)})"
-        return ""
+        return cls(proc, inherited, cwd, ready, head)
 
     def hand_over(self, spec: str) -> subprocess.Popen:
         """Give the driver its workload (the whole spec, one line); the driver's process."""
@@ -544,25 +526,12 @@ class _Standby:
         except (OSError, ValueError):
             pass  # it died: following it reports its exit and last output, as for any driver
         finally:
-            self._close_ready()
+            self.close_ready()
         return self.proc
 
     def discard(self) -> None:
-        try:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()  # EOF: the driver stops its Ray and exits
-        except OSError:
-            pass
-        kill_group(self.proc)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._close_ready()
+        super().discard()  # EOF: the driver stops its Ray and exits
         shutil.rmtree(self.head.tmp, ignore_errors=True)
-
-    def _close_ready(self) -> None:
-        if self.ready >= 0:
-            os.close(self.ready)
-            self.ready = -1
 
 
 _STANDBYS: dict[tuple[str, str], _Standby] = {}
