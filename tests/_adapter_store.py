@@ -17,9 +17,10 @@ import pytest
 
 from _s3 import s3_server
 from aiplane.core.config import S3Settings
+from aiplane.core.records import AdapterRecord, BaseModelRecord
 from aiplane.core.storage import ArtifactStore
 
-__all__ = ["AdapterStore", "adapter_store"]
+__all__ = ["AdapterStore", "adapter_store", "adapter_bucket", "published_adapter", "published_model", "bucket_s3"]
 
 BUCKET = "aiplane-eu"
 ROOT = f"s3://{BUCKET}/aiplane"
@@ -58,3 +59,34 @@ def adapter_store() -> Iterator[AdapterStore]:
         mp.setenv("AWS_SECRET_ACCESS_KEY", server.secret_access_key)
         server.create_bucket(BUCKET)
         yield AdapterStore(S3Settings(endpoint=server.endpoint_url, region=server.region), server.boto3_client())
+
+
+_CURRENT: list[AdapterStore] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def adapter_bucket() -> Iterator[AdapterStore]:
+    """Imported into a test module: its adapters are real entries in a loopback S3, which the targets verify."""
+    with adapter_store() as store:
+        _CURRENT.append(store)
+        yield store
+        _CURRENT.clear()
+
+
+def published_adapter(n: int, base: BaseModelRecord, r: int = 16) -> AdapterRecord:
+    """LoRA adapter ``n`` of ``base``, published into the module's bucket (the same ``n``, the same entry)."""
+    uri, digest = _CURRENT[0].publish("lora", n)
+    return AdapterRecord(uri=uri, digest=digest, method="lora", config={"r": r}, metrics={}, run_id=f"run{n}",
+                         sources=(base,))  # fmt: skip
+
+
+def published_model(n: int, base: BaseModelRecord, **config) -> AdapterRecord:
+    """Whole model ``n`` (what ``sft`` publishes), trained from ``base``, published into the module's bucket."""
+    uri, digest = _CURRENT[0].publish("sft", n)
+    return AdapterRecord(uri=uri, digest=digest, method="sft", config={**config, "full_model": True}, metrics={},
+                         run_id=f"sft{n}", sources=(base,))  # fmt: skip
+
+
+def bucket_s3() -> S3Settings:
+    """The module's bucket's S3 settings, for a workload that reads it."""
+    return _CURRENT[0].s3

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from _adapter_store import AdapterStore, adapter_store
+from _adapter_store import adapter_bucket, bucket_s3, published_adapter, published_model  # noqa: F401 (adapter_bucket: an autouse fixture)
 from _k8s_api_double import KubernetesApiDouble
 from aiplane.core.errors import ConfigError, InputError, WorkloadError
 from aiplane.core.records import AdapterRecord, BaseModelRecord
@@ -36,32 +36,13 @@ BASE = BaseModelRecord(
 )  # fmt: skip
 
 
-_STORE: list[AdapterStore] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _bucket():
-    """The adapters deployed here are real entries in a loopback S3: the target verifies them first."""
-    with adapter_store() as store:
-        _STORE.append(store)
-        yield store
-        _STORE.clear()
-
-
 def _adapter(n: int, r: int = 16, base: BaseModelRecord = BASE) -> AdapterRecord:
-    uri, digest = _STORE[0].publish("lora", n)
-    return AdapterRecord(
-        uri=uri, digest=digest, method="lora", config={"r": r}, metrics={}, run_id=f"run{n}", sources=(base,),
-    )  # fmt: skip
+    return published_adapter(n, base, r)
 
 
 def _model(n: int, base: BaseModelRecord = BASE) -> AdapterRecord:
     """A whole model (what ``sft`` publishes), in object storage, trained from ``base``."""
-    uri, digest = _STORE[0].publish("sft", n)
-    return AdapterRecord(
-        uri=uri, digest=digest, method="sft",
-        config={"max_steps": 24, "full_model": True}, metrics={}, run_id=f"sft{n}", sources=(base,),
-    )  # fmt: skip
+    return published_model(n, base, max_steps=24)
 
 
 class _Vllm:
@@ -156,7 +137,7 @@ def _settings(cluster, **more):
 def _workload(cluster, adapter: AdapterRecord, **more):
     """The target's deploy workload, its storage the loopback S3 the adapters are in."""
     workload = KServe(_settings(cluster, **more)).workload(adapter, NAME, "/unused")
-    return workload.model_copy(update={"s3": _STORE[0].s3})
+    return workload.model_copy(update={"s3": bucket_s3()})
 
 
 def _deploy(cluster, adapter: AdapterRecord, **more):
@@ -338,7 +319,7 @@ def test_a_base_model_and_an_adapter_in_different_stores_are_refused_before_any_
     from aiplane.core.config import S3Settings
 
     # The adapter is in the region's own store (a route over its root); the base model in storage.s3's.
-    own = {"s3://aiplane-eu/aiplane": _STORE[0].s3}
+    own = {"s3://aiplane-eu/aiplane": bucket_s3()}
     workload = _workload(cluster, _adapter(1)).model_copy(
         update={"s3": S3Settings(endpoint="https://s3.storage.example.com"), "s3_routes": own}
     )
@@ -350,31 +331,31 @@ def test_a_base_model_and_an_adapter_in_different_stores_are_refused_before_any_
     assert execute(together).outputs["endpoint"].model_name == NAME
 
 
-def test_a_flipped_byte_in_the_stored_adapter_is_refused_and_nothing_is_applied(cluster, _bucket):
+def test_a_flipped_byte_in_the_stored_adapter_is_refused_and_nothing_is_applied(cluster, adapter_bucket):
     altered = _adapter(90)
-    _bucket.flip_byte(altered.uri)
+    adapter_bucket.flip_byte(altered.uri)
     with pytest.raises(InputError, match=rf"adapter '{altered.uri}' is not the artifact its digest names: "
                                          r"adapter_model.safetensors changed.*aiplane up --force.*roll back"):
         _deploy(cluster, altered)
     assert cluster["api"].requests == []
 
 
-def test_a_rollback_to_an_altered_adapter_is_refused_and_the_endpoint_keeps_serving(cluster, _bucket):
+def test_a_rollback_to_an_altered_adapter_is_refused_and_the_endpoint_keeps_serving(cluster, adapter_bucket):
     earlier, current = _adapter(91), _adapter(92)
     _deploy(cluster, earlier)
     _deploy(cluster, current)
     before = _isvc(cluster)
-    _bucket.flip_byte(earlier.uri, "adapter_config.json")
+    adapter_bucket.flip_byte(earlier.uri, "adapter_config.json")
     with pytest.raises(InputError, match="adapter_config.json changed"):
         _deploy(cluster, earlier)
     assert _isvc(cluster)["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
     assert _isvc(cluster)["metadata"]["annotations"]["aiplane.io/adapter"] == current.digest
 
 
-def test_a_version_kept_for_rollback_that_was_altered_is_no_longer_served(cluster, _bucket):
+def test_a_version_kept_for_rollback_that_was_altered_is_no_longer_served(cluster, adapter_bucket):
     kept, new = _adapter(93), _adapter(94)
     _deploy(cluster, kept)
-    _bucket.flip_byte(kept.uri)
+    adapter_bucket.flip_byte(kept.uri)
     _, lines = _deploy(cluster, new)
     assert [s["uri"] for s in _isvc(cluster)["spec"]["predictor"]["storageUris"]] == [new.uri]
     assert any(f"version {kept.digest} is no longer kept for rollback" in line and "adapter_model.safetensors changed" in line

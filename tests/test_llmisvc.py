@@ -18,7 +18,7 @@ import jsonschema
 import pytest
 import yaml
 
-from _adapter_store import AdapterStore, adapter_store
+from _adapter_store import adapter_bucket, bucket_s3, published_adapter, published_model  # noqa: F401 (adapter_bucket: an autouse fixture)
 from _k8s_api_double import KubernetesApiDouble, LLMInferenceServiceController
 from aiplane.core.errors import ConfigError, InputError, WorkloadCancelled, WorkloadError
 from aiplane.core.records import AdapterRecord, BaseModelRecord
@@ -38,30 +38,12 @@ BASE = BaseModelRecord(
 )  # fmt: skip
 
 
-_STORE: list[AdapterStore] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _bucket():
-    """The adapters deployed here are real entries in a loopback S3: the target verifies them first."""
-    with adapter_store() as store:
-        _STORE.append(store)
-        yield store
-        _STORE.clear()
-
-
 def _adapter(n: int, r: int = 16, base: BaseModelRecord = BASE) -> AdapterRecord:
-    uri, digest = _STORE[0].publish("lora", n)
-    return AdapterRecord(
-        uri=uri, digest=digest, method="lora", config={"r": r}, metrics={}, run_id=f"run{n}", sources=(base,),
-    )  # fmt: skip
+    return published_adapter(n, base, r)
 
 
 def _model(n: int) -> AdapterRecord:
-    uri, digest = _STORE[0].publish("sft", n)
-    return AdapterRecord(
-        uri=uri, digest=digest, method="sft", config={"full_model": True}, metrics={}, run_id=f"sft{n}", sources=(BASE,),
-    )  # fmt: skip
+    return published_model(n, BASE)
 
 
 @functools.lru_cache(maxsize=1)
@@ -86,7 +68,7 @@ def _settings(cluster, **more):
 def _workload(cluster, adapter: AdapterRecord, **more):
     """The target's deploy workload, its storage the loopback S3 the adapters are in."""
     workload = KServeLLM(_settings(cluster, **more)).workload(adapter, NAME, "/unused")
-    return workload.model_copy(update={"s3": _STORE[0].s3})
+    return workload.model_copy(update={"s3": bucket_s3()})
 
 
 def _deploy(cluster, adapter: AdapterRecord, **more):
@@ -267,21 +249,21 @@ def test_what_a_pod_cannot_read_or_a_rank_above_max_rank_is_refused_before_any_r
     assert cluster["api"].requests == []
 
 
-def test_a_flipped_byte_in_the_stored_adapter_is_refused_and_nothing_is_applied(cluster, _bucket):
+def test_a_flipped_byte_in_the_stored_adapter_is_refused_and_nothing_is_applied(cluster, adapter_bucket):
     altered = _adapter(90)
-    _bucket.flip_byte(altered.uri)
+    adapter_bucket.flip_byte(altered.uri)
     with pytest.raises(InputError, match=rf"adapter '{altered.uri}' is not the artifact its digest names: "
                                          r"adapter_model.safetensors changed.*aiplane up --force.*roll back"):
         _deploy(cluster, altered)
     assert cluster["api"].requests == []
 
 
-def test_a_rollback_to_an_altered_kept_version_is_refused_and_the_endpoint_keeps_serving(cluster, _bucket):
+def test_a_rollback_to_an_altered_kept_version_is_refused_and_the_endpoint_keeps_serving(cluster, adapter_bucket):
     earlier, current = _adapter(91), _adapter(92)
     _deploy(cluster, earlier)
     _deploy(cluster, current)
     before = _svc(cluster)["metadata"]["resourceVersion"]
-    _bucket.flip_byte(earlier.uri, "adapter_config.json")
+    adapter_bucket.flip_byte(earlier.uri, "adapter_config.json")
     with pytest.raises(InputError, match="adapter_config.json changed"):
         _deploy(cluster, earlier)
     assert _svc(cluster)["metadata"]["resourceVersion"] == before
