@@ -35,7 +35,8 @@ __all__ = [
     "FATAL_WAITING", "PodSettings", "SecretKey", "Toleration", "WorkloadWatcher", "await_workload", "check_cpu",
     "check_dns_label", "check_memory", "container_status", "cpu_quantity", "default_api_client", "fatal_waiting",
     "follow_pod_log", "memory_quantity", "pod_env", "pod_gpus", "pod_resources", "pod_state", "pvc_volumes",
-    "read_pod_result", "restricted_security_context", "run_pod_task", "RESULT_ENV", "TERMINATION_ENV", "WORKLOAD_ENV",
+    "read_pod_result", "restricted_security_context", "run_pod_task", "workload_metadata", "workload_object_name",
+    "RESULT_ENV", "TERMINATION_ENV", "WORKLOAD_ENV",
 ]
 
 # The API server's quantity grammars (what kfp's PipelineTask applies too).
@@ -294,6 +295,26 @@ def pod_resources(
         if gpu_type:
             node_selector[s.gpu_type_label] = gpu_type
     return requests, limits, dict(sorted(node_selector.items()))
+
+
+def workload_object_name(workload: "Workload", max_len: int, run_id_chars: int) -> str:
+    """``aiplane-<workload>-<run id>-<attempt>``: a DNS label of at most ``max_len``, unique per attempt."""
+    import uuid
+
+    suffix = f"-{re.sub(r'[^a-z0-9]', '', workload.run_id.lower())[:run_id_chars]}-{uuid.uuid4().hex[:6]}"
+    slug = re.sub(r"[^a-z0-9]+", "-", workload.name.lower()).strip("-") or "workload"
+    return f"aiplane-{slug[: max_len - len('aiplane-') - len(suffix)].rstrip('-')}{suffix}"
+
+
+def workload_metadata(workload: "Workload", settings: PodSettings) -> tuple[dict[str, str], dict[str, str]]:
+    """The labels and annotations of the object that runs ``workload``: the settings' labels, aiplane's own."""
+    labels = {
+        **settings.labels,
+        "app.kubernetes.io/managed-by": "aiplane",
+        "app.kubernetes.io/component": "workload",
+        "aiplane.io/run-id": re.sub(r"[^A-Za-z0-9_.-]", "-", workload.run_id)[:63].strip("-_.") or "run",
+    }
+    return labels, {"aiplane.io/workload": workload.name, "aiplane.io/entrypoint": workload.entrypoint}
 
 
 def restricted_security_context(settings: PodSettings) -> dict[str, Any]:

@@ -7,12 +7,12 @@ before anything is sent (a :class:`ConfigError` means nothing was created).
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from typing import Any
 
 from aiplane.core.config import Target
-from aiplane.core.kube import pod_env, pod_resources, pvc_volumes, restricted_security_context
+from aiplane.core.kube import (
+    pod_env, pod_resources, pvc_volumes, restricted_security_context, workload_metadata, workload_object_name,
+)
 from aiplane.core.workload import Workload
 
 from .settings import K8sJobSettings
@@ -26,9 +26,7 @@ _MAX_NAME = 63  # a Job's name is also its pods' `job-name` label value
 
 def job_name(workload: Workload) -> str:
     """``aiplane-<workload>-<run id>-<attempt>``: a DNS label, unique per attempt (a retried step gets a new Job)."""
-    suffix = f"-{re.sub(r'[^a-z0-9]', '', workload.run_id.lower())[:12]}-{uuid.uuid4().hex[:6]}"
-    slug = re.sub(r"[^a-z0-9]+", "-", workload.name.lower()).strip("-") or "workload"
-    return f"aiplane-{slug[: _MAX_NAME - len('aiplane-') - len(suffix)].rstrip('-')}{suffix}"
+    return workload_object_name(workload, _MAX_NAME, 12)
 
 
 def job_manifest(
@@ -38,13 +36,7 @@ def job_manifest(
     s = settings
     env = pod_env(workload, s, "k8s-job", result_uri)
     requests, limits, node_selector = pod_resources(workload, target, s)
-    labels = {
-        **s.labels,
-        "app.kubernetes.io/managed-by": MANAGED_BY,
-        "app.kubernetes.io/component": "workload",
-        "aiplane.io/run-id": re.sub(r"[^A-Za-z0-9_.-]", "-", workload.run_id)[:63].strip("-_.") or "run",
-    }
-    annotations = {"aiplane.io/workload": workload.name, "aiplane.io/entrypoint": workload.entrypoint}
+    labels, annotations = workload_metadata(workload, s)
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": s.image,

@@ -13,12 +13,12 @@ aiplane, on the runtime's ``node`` replicated job.
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from typing import Any
 
 from aiplane.core.config import Target
-from aiplane.core.kube import pod_env, pod_resources, pvc_volumes, restricted_security_context
+from aiplane.core.kube import (
+    pod_env, pod_resources, pvc_volumes, restricted_security_context, workload_metadata, workload_object_name,
+)
 from aiplane.core.workload import Workload
 
 from .settings import TrainJobSettings
@@ -31,16 +31,13 @@ NODE = "node"
 MANAGER = "aiplane.io/trainjob-engine"
 """Who owns aiplane's runtime patch (``runtimePatches[].manager``)."""
 TASK = "aiplane.plugins.trainjob.task"
-MANAGED_BY = "aiplane"
 # The Trainer names the pods <trainjob>-node-<job index>-<pod index>-<suffix>; they must stay DNS labels.
 _MAX_NAME = 46
 
 
 def trainjob_name(workload: Workload) -> str:
     """``aiplane-<workload>-<run id>-<attempt>``: a DNS label, unique per attempt (a retried step gets a new TrainJob)."""
-    suffix = f"-{re.sub(r'[^a-z0-9]', '', workload.run_id.lower())[:10]}-{uuid.uuid4().hex[:6]}"
-    slug = re.sub(r"[^a-z0-9]+", "-", workload.name.lower()).strip("-") or "workload"
-    return f"aiplane-{slug[: _MAX_NAME - len('aiplane-') - len(suffix)].rstrip('-')}{suffix}"
+    return workload_object_name(workload, _MAX_NAME, 10)
 
 
 def trainjob_manifest(
@@ -50,13 +47,7 @@ def trainjob_manifest(
     s = settings
     env = pod_env(workload, s, "trainjob", result_uri)
     requests, limits, node_selector = pod_resources(workload, target, s)
-    labels = {
-        **s.labels,
-        "app.kubernetes.io/managed-by": MANAGED_BY,
-        "app.kubernetes.io/component": "workload",
-        "aiplane.io/run-id": re.sub(r"[^A-Za-z0-9_.-]", "-", workload.run_id)[:63].strip("-_.") or "run",
-    }
-    annotations = {"aiplane.io/workload": workload.name, "aiplane.io/entrypoint": workload.entrypoint}
+    labels, annotations = workload_metadata(workload, s)
     # One process needs no launcher; several get torchrun, which reads the PET_* variables the Trainer's
     # torch plugin sets on every node (nodes, processes per node, node rank, master address and port).
     launcher = ["-m", "torch.distributed.run"] if s.world_size > 1 else []
