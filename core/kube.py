@@ -34,9 +34,9 @@ if TYPE_CHECKING:
 __all__ = [
     "FATAL_WAITING", "PodSettings", "SecretKey", "Toleration", "WorkloadWatcher", "await_workload", "check_cpu",
     "check_dns_label", "check_memory", "container_status", "cpu_quantity", "default_api_client", "fatal_waiting",
-    "follow_pod_log", "memory_quantity", "pod_env", "pod_gpus", "pod_resources", "pod_state", "pvc_volumes",
-    "read_pod_result", "restricted_security_context", "run_pod_task", "workload_metadata", "workload_object_name",
-    "RESULT_ENV", "TERMINATION_ENV", "WORKLOAD_ENV",
+    "follow_pod_log", "memory_quantity", "pod_env", "pod_gpus", "pod_resources", "pod_secret_refs", "pod_state",
+    "pvc_volumes", "read_pod_result", "restricted_security_context", "run_pod_task", "workload_metadata",
+    "workload_object_name", "RESULT_ENV", "TERMINATION_ENV", "WORKLOAD_ENV",
 ]
 
 # The API server's quantity grammars (what kfp's PipelineTask applies too).
@@ -233,20 +233,29 @@ class PodSettings(BaseModel):
         return self
 
 
-def pod_env(workload: "Workload", settings: PodSettings, engine: str, result_uri: str) -> list[dict[str, Any]]:
-    """The container's ``env``: the workload, where its result goes, the settings' env, secrets as ``secretKeyRef``.
+def pod_secret_refs(workload: "Workload", pod: str) -> list:
+    """The workload's credential references, each a Kubernetes Secret a ``pod`` pod can mount.
 
-    Storage credentials arrive each as the variable its SecretRef resolves from. A
-    reference to this process's environment (``{env: VAR}``) would be unset in the
+    A reference to this process's environment (``{env: VAR}``) would be unset in the
     pod, and copying its value into the manifest would put a secret in it: refused.
     """
     refs = workload.secret_refs()
     local = [repr(r) for r in refs if r.env]
     if local:
         raise ConfigError(
-            f"storage: {', '.join(local)} name this process's environment, which a {engine} pod does not see; "
-            "reference a Kubernetes Secret in the pod's namespace instead: {secret: NAME, key: KEY}"
+            f"storage: {', '.join(local)} name this process's environment, which a {pod} pod does not see; "
+            "reference a Kubernetes Secret instead (in the pod's namespace): {secret: NAME, key: KEY}"
         )
+    return refs
+
+
+def pod_env(workload: "Workload", settings: PodSettings, engine: str, result_uri: str) -> list[dict[str, Any]]:
+    """The container's ``env``: the workload, where its result goes, the settings' env, secrets as ``secretKeyRef``.
+
+    Storage credentials arrive each as the variable its SecretRef resolves from
+    (:func:`pod_secret_refs`).
+    """
+    refs = pod_secret_refs(workload, engine)
     # The pod has its own cache: the orchestrator's path means nothing there.
     spec = workload.model_copy(update={"cache_dir": None}).model_dump_json()
     env: list[dict[str, Any]] = [

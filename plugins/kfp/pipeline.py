@@ -22,7 +22,7 @@ from typing import Any
 
 from aiplane.core.config import Target
 from aiplane.core.errors import ConfigError
-from aiplane.core.kube import cpu_quantity, memory_quantity, pod_gpus
+from aiplane.core.kube import cpu_quantity, memory_quantity, pod_gpus, pod_secret_refs
 from aiplane.core.workload import Workload
 
 from .settings import KfpSettings
@@ -68,15 +68,8 @@ def _secret_env(workload: Workload) -> dict[str, list[tuple[str, str]]]:
     environment (``{env: VAR}``) would be unset there, so it is refused here,
     before anything is sent.
     """
-    refs = workload.secret_refs()
-    local = [repr(r) for r in refs if r.env]
-    if local:
-        raise ConfigError(
-            f"storage: {', '.join(local)} name this process's environment, which a pipeline pod does not see; "
-            "reference a Kubernetes Secret instead: {secret: NAME, key: KEY}"
-        )
     mounts: dict[str, list[tuple[str, str]]] = {}
-    for ref in refs:
+    for ref in pod_secret_refs(workload, "pipeline"):
         mounts.setdefault(ref.secret, []).append((ref.key, ref.env_var))
     return mounts
 
