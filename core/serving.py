@@ -21,11 +21,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .errors import ConfigError, InputError, WorkloadError
+from .errors import ConfigError, InputError, PluginError, WorkloadError
 from .records import AdapterRecord, BaseModelRecord, EndpointRecord
 
 __all__ = [
     "PROTOCOLS",
+    "cluster_api_client",
+    "cluster_api_error",
+    "check_pinned_image",
     "LORA_RANKS",
     "POD_ENV",
     "MANAGED_BY",
@@ -289,3 +292,39 @@ def verify_entry(uri: str, storage: Any, what: str = "adapter") -> None:
             "published, so it is not served and nothing was sent to the cluster. Publish it again (aiplane up "
             "--force trains and publishes it anew), or roll back to another version (aiplane rollback --to)."
         )
+
+
+def check_pinned_image(image: str | None) -> str | None:
+    """``image``, refused (``ValueError``, for a settings validator) unless pinned to a tag or digest other than latest."""
+    if image is not None and (":" not in image.rsplit("/", 1)[-1] and "@" not in image or image.endswith(":latest")):
+        raise ValueError(f"image {image!r} must be pinned to a tag or digest (not latest)")
+    return image
+
+
+def cluster_api_client(settings: Any, target: str) -> Any:
+    """A ``kubernetes`` ApiClient from the ``target``'s kubeconfig, or the pod's service account in a cluster."""
+    try:
+        from kubernetes import client, config
+    except ImportError:
+        raise PluginError(f"The {target} target needs the kubernetes client: pip install 'aiplane[serve]'") from None
+    if settings.kubeconfig:
+        return config.new_client_from_config(config_file=settings.kubeconfig, context=settings.context)
+    try:
+        configuration = client.Configuration()
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException as exc:
+        raise ConfigError(
+            f"The {target} target found no cluster: set its kubeconfig setting, or run it in a pod ({exc})."
+        ) from None
+    return client.ApiClient(configuration)
+
+
+def cluster_api_error(exc: Any, doing: str, target: str) -> Exception:
+    """The API server's own message (a Status body) for a failed call of the ``target``, as an aiplane error."""
+    try:
+        message = json.loads(exc.body).get("message") or exc.reason
+    except (TypeError, ValueError):
+        message = exc.reason
+    cls = InputError if exc.status in (400, 409, 422) else WorkloadError
+    hint = f" Check the {target} target's namespace and the RBAC of its service account." if exc.status in (401, 403) else ""
+    return cls(f"Could not {doing}: the Kubernetes API answered {exc.status}: {message}.{hint}")

@@ -32,13 +32,15 @@ binds adapters only: from a whole model, an adapter of any base model rolls out.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from aiplane.core.errors import ConfigError, InputError, PluginError, WorkloadCancelled, WorkloadError
+from aiplane.core.errors import ConfigError, InputError, WorkloadCancelled, WorkloadError
 from aiplane.core.records import AdapterRecord, EndpointRecord
-from aiplane.core.serving import cluster_sources, endpoint_record, first_completion, intact_versions, managed_by_aiplane
+from aiplane.core.serving import (
+    cluster_api_client, cluster_api_error, cluster_sources, endpoint_record, first_completion, intact_versions,
+    managed_by_aiplane,
+)
 from aiplane.core.workload import WorkloadContext
 
 from .render import (
@@ -121,20 +123,7 @@ class Cluster:
 
 def api_client(settings: "KServe.Settings") -> Any:
     """A ``kubernetes`` ApiClient from the target's kubeconfig, or the pod's service account in a cluster."""
-    try:
-        from kubernetes import client, config
-    except ImportError:
-        raise PluginError("The kserve target needs the kubernetes client: pip install 'aiplane[serve]'") from None
-    if settings.kubeconfig:
-        return config.new_client_from_config(config_file=settings.kubeconfig, context=settings.context)
-    try:
-        configuration = client.Configuration()
-        config.load_incluster_config(client_configuration=configuration)
-    except config.ConfigException as exc:
-        raise ConfigError(
-            f"The kserve target found no cluster: set its kubeconfig setting, or run it in a pod ({exc})."
-        ) from None
-    return client.ApiClient(configuration)
+    return cluster_api_client(settings, "kserve")
 
 
 def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
@@ -308,11 +297,4 @@ def stop(cluster: Cluster, name: str, runtime: str) -> bool:
 
 
 def _api_error(exc: Any, doing: str) -> Exception:
-    """The API server's own message (a Status body) for a failed call, as an aiplane error."""
-    try:
-        message = json.loads(exc.body).get("message") or exc.reason
-    except (TypeError, ValueError):
-        message = exc.reason
-    cls = InputError if exc.status in (400, 409, 422) else WorkloadError
-    hint = " Check the kserve target's namespace and the RBAC of its service account." if exc.status in (401, 403) else ""
-    return cls(f"Could not {doing}: the Kubernetes API answered {exc.status}: {message}.{hint}")
+    return cluster_api_error(exc, doing, "kserve")

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from aiplane.core.components import ServingTarget
 from aiplane.core.errors import AiplaneError, ConfigError, InputError
 from aiplane.core.kube import Toleration, check_cpu, check_memory
-from aiplane.core.serving import ADAPTER_ANNOTATION, POD_READABLE, ServerSettings, base_model_of
+from aiplane.core.serving import ADAPTER_ANNOTATION, POD_READABLE, ServerSettings, base_model_of, check_pinned_image
 from aiplane.core.workload import Workload
 
 if TYPE_CHECKING:
@@ -83,9 +83,7 @@ class KServeLLM(ServingTarget):
 
         @model_validator(mode="after")
         def _pinned_image(self):
-            image = self.image
-            if image is not None and (":" not in image.rsplit("/", 1)[-1] and "@" not in image or image.endswith(":latest")):
-                raise ValueError(f"image {image!r} must be pinned to a tag or digest (not latest)")
+            check_pinned_image(self.image)
             return self
 
     def __init__(self, settings: Mapping[str, Any] | BaseModel | None = None, api_client: Any = None):
