@@ -21,13 +21,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .errors import ConfigError, InputError, PluginError, WorkloadError
+from .errors import AiplaneError, ConfigError, InputError, PluginError, WorkloadError
 from .records import AdapterRecord, BaseModelRecord, EndpointRecord
 
 __all__ = [
     "PROTOCOLS",
     "cluster_api_client",
     "cluster_api_error",
+    "probe_api_client",
     "check_pinned_image",
     "LORA_RANKS",
     "POD_ENV",
@@ -328,3 +329,13 @@ def cluster_api_error(exc: Any, doing: str, target: str) -> Exception:
     cls = InputError if exc.status in (400, 409, 422) else WorkloadError
     hint = f" Check the {target} target's namespace and the RBAC of its service account." if exc.status in (401, 403) else ""
     return cls(f"Could not {doing}: the Kubernetes API answered {exc.status}: {message}.{hint}")
+
+
+def probe_api_client(settings: Any, given: Any, target: str) -> tuple[Any, list[str]]:
+    """The ApiClient a ``target``'s probe asks through (``given``, else one from its settings), or why there is none."""
+    try:
+        return given or cluster_api_client(settings, target), []
+    except AiplaneError as exc:
+        return None, [f"settings: {exc}"]
+    except Exception as exc:  # noqa: BLE001 - the kubernetes client's own errors for an unreadable kubeconfig
+        return None, [f"settings.kubeconfig {settings.kubeconfig!r} cannot be used: {exc}"]

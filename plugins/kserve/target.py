@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from aiplane.core.components import ServingTarget
-from aiplane.core.errors import AiplaneError, ConfigError, InputError
+from aiplane.core.errors import ConfigError, InputError
 from aiplane.core.kube import Toleration, check_cpu, check_memory
-from aiplane.core.serving import ServerSettings, check_pinned_image
+from aiplane.core.serving import ServerSettings, check_pinned_image, probe_api_client
 from aiplane.core.workload import Workload
 
 if TYPE_CHECKING:
@@ -142,14 +142,9 @@ class KServe(ServingTarget):
         """The cluster's API server answers ``/version``: one request, a few seconds at most."""
         from aiplane.core.preflight import PROBE_TIMEOUT_S
 
-        from .rollout import api_client
-
-        try:
-            client = self._api_client or api_client(self.settings)
-        except AiplaneError as exc:
-            return [f"settings: {exc}"]
-        except Exception as exc:  # noqa: BLE001 - the kubernetes client's own errors for an unreadable kubeconfig
-            return [f"settings.kubeconfig {self.settings.kubeconfig!r} cannot be used: {exc}"]
+        client, problems = probe_api_client(self.settings, self._api_client, "kserve")
+        if client is None:
+            return problems
         from kubernetes.client import ApiException, VersionApi
         from urllib3.exceptions import HTTPError
 

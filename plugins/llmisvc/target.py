@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from aiplane.core.components import ServingTarget
-from aiplane.core.errors import AiplaneError, ConfigError, InputError
+from aiplane.core.errors import ConfigError, InputError
 from aiplane.core.kube import Toleration, check_cpu, check_memory
-from aiplane.core.serving import ADAPTER_ANNOTATION, POD_READABLE, ServerSettings, base_model_of, check_pinned_image
+from aiplane.core.serving import (
+    ADAPTER_ANNOTATION, POD_READABLE, ServerSettings, base_model_of, check_pinned_image, probe_api_client,
+)
 from aiplane.core.workload import Workload
 
 if TYPE_CHECKING:
@@ -125,14 +127,9 @@ class KServeLLM(ServingTarget):
 
     def probe(self, deployment: "Deployment") -> list[str]:
         """The cluster serves LLMInferenceServices: one discovery request, with a short timeout."""
-        from .rollout import api_client
-
-        try:
-            client = self._api_client or api_client(self.settings)
-        except AiplaneError as exc:
-            return [f"settings: {exc}"]
-        except Exception as exc:  # noqa: BLE001 - the kubernetes client's own errors for an unreadable kubeconfig
-            return [f"settings.kubeconfig {self.settings.kubeconfig!r} cannot be used: {exc}"]
+        client, problems = probe_api_client(self.settings, self._api_client, "kserve-llm")
+        if client is None:
+            return problems
         from kubernetes.client import ApiException, CustomObjectsApi
 
         host = client.configuration.host
