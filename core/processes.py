@@ -40,6 +40,7 @@ __all__ = [
     "follow_process",
     "kill_group",
     "Standby",
+    "discard_standbys",
     "workload_dir",
     "sweep_orphaned_workdirs",
     "process_token",
@@ -217,6 +218,15 @@ class Standby:
             os.close(self.ready)
             self.ready = -1
 
+
+
+def discard_standbys(pool: dict[Any, Standby], lock: threading.Lock) -> None:
+    """Discard every standby left in ``pool`` (registered with ``atexit``: none outlives its starter)."""
+    with lock:
+        standbys = list(pool.values())
+        pool.clear()
+    for standby in standbys:
+        standby.discard()
 
 def _group_alive(pgid: int) -> bool:
     try:

@@ -18,7 +18,7 @@ import subprocess
 import threading
 from collections.abc import Mapping, Sequence
 
-from aiplane.core.processes import Standby, start_process
+from aiplane.core.processes import Standby, discard_standbys, start_process
 
 __all__ = ["prestart", "take"]
 
@@ -91,8 +91,4 @@ def _start(python: str, runner: str, env: dict[str, str], cwd: str) -> _Runner:
 
 @atexit.register
 def _discard_all() -> None:
-    with _LOCK:
-        runners = list(_RUNNERS.values())
-        _RUNNERS.clear()
-    for waiting in runners:
-        waiting.discard()
+    discard_standbys(_RUNNERS, _LOCK)

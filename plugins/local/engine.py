@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from aiplane.core.components import Engine
 from aiplane.core.config import Target
 from aiplane.core.errors import WorkloadError
-from aiplane.core.processes import Standby, follow_process, start_process, workload_dir
+from aiplane.core.processes import Standby, discard_standbys, follow_process, start_process, workload_dir
 from aiplane.core.workload import Event, Workload, WorkloadResult, parse_event, read_result
 
 __all__ = ["LocalEngine"]
@@ -188,8 +188,4 @@ def _take_standby(
 
 @atexit.register
 def _discard_standbys() -> None:
-    with _STANDBY_LOCK:
-        standbys = list(_STANDBYS.values())
-        _STANDBYS.clear()
-    for standby in standbys:
-        standby.discard()
+    discard_standbys(_STANDBYS, _STANDBY_LOCK)

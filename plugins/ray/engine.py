@@ -51,7 +51,7 @@ from pydantic_core import PydanticCustomError
 from aiplane.core.components import Engine
 from aiplane.core.config import SecretRef, Target
 from aiplane.core.errors import ConfigError, WorkloadCancelled, WorkloadError
-from aiplane.core.processes import Standby, follow_process, start_process, stream_process
+from aiplane.core.processes import Standby, discard_standbys, follow_process, start_process, stream_process
 from aiplane.core.workload import Event, Workload, WorkloadResult, parse_event, read_result
 
 __all__ = ["RayEngine", "RaySettings"]
@@ -553,8 +553,4 @@ def _take_standby(key: tuple[str, str], inherited: dict[str, str], cwd: str) -> 
 
 @atexit.register
 def _discard_standbys() -> None:
-    with _STANDBY_LOCK:
-        standbys = list(_STANDBYS.values())
-        _STANDBYS.clear()
-    for standby in standbys:
-        standby.discard()
+    discard_standbys(_STANDBYS, _STANDBY_LOCK)
