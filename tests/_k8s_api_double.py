@@ -1042,6 +1042,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_json(self, code: int, body: Any) -> None:
         data = json.dumps(body).encode()
+        # Recorded before the answer leaves: a client that got it must find the request in `requests`.
+        self._record(code)
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))

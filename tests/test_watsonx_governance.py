@@ -484,12 +484,13 @@ def test_the_service_is_declared_as_a_location_no_region_holds():
     assert _publisher(state_dir="/data/eu/gov").locations() == {"url": "", "state_dir": "/data/eu/gov"}
 
 
-def test_preflight_check_names_an_unset_api_key_reference(monkeypatch):
+def test_the_online_preflight_names_an_unset_api_key_reference_and_the_offline_one_does_not_ask(monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
-    (problem,) = _publisher().check(None)
+    assert _publisher().check(None) == [], "offline, this machine's environment is not asked"
+    (problem,) = _publisher().probe(None)
     assert f"export {KEY_ENV}=" in problem
     monkeypatch.setenv(KEY_ENV, "x")
-    assert _publisher().check(None) == []
+    assert _publisher().probe(None) == []
 
 
 def test_aiplane_plugins_lists_the_watsonx_governance_publisher(tmp_path):

@@ -70,13 +70,15 @@ class WatsonxGovernancePublisher(FactsheetPublisher):
         s: Any = self.settings
         return {"url": ""} | ({"state_dir": s.state_dir} if s.state_dir else {})
 
-    def check(self, deployment) -> list[str]:
+    def probe(self, deployment) -> list[str]:
+        """The API key's variable, where the publish runs: this machine's environment, so not asked offline
+        (a deployment checked on a laptop for a cluster gets the key from a Secret there)."""
         import os
 
         s: Any = self.settings
         if not os.environ.get(s.api_key.env_var):
             return [
-                f"factsheet.settings.api_key: {s.api_key!r} is not set; export {s.api_key.env_var}=... "
+                f"settings.api_key: {s.api_key!r} is not set; export {s.api_key.env_var}=... "
                 "(or mount the Secret as that variable) before publishing to watsonx.governance"
             ]
         return []
