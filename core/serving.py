@@ -19,12 +19,14 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .kube import Toleration, check_cpu, check_memory
 from .errors import AiplaneError, ConfigError, InputError, PluginError, WorkloadError
 from .records import AdapterRecord, BaseModelRecord, EndpointRecord
 
 __all__ = [
+    "ClusterServerSettings",
     "PROTOCOLS",
     "cluster_api_client",
     "cluster_api_error",
@@ -293,6 +295,47 @@ def verify_entry(uri: str, storage: Any, what: str = "adapter") -> None:
             "published, so it is not served and nothing was sent to the cluster. Publish it again (aiplane up "
             "--force trains and publishes it anew), or roll back to another version (aiplane rollback --to)."
         )
+
+
+class ClusterServerSettings(ServerSettings):
+    """What a vLLM server on a Kubernetes cluster takes besides its flags: the pod's size and placement, and how
+    the orchestrator reaches the cluster. Both KServe targets' settings build on it; each adds its own object's
+    fields and its ``image`` (required, or the platform preset's when unset)."""
+
+    namespace: str
+    """Where the serving objects live (the data science project)."""
+    cpu: str = "2"
+    """The vLLM container's CPU request."""
+    memory: str = "16Gi"
+    """The vLLM container's memory, requested and its limit."""
+    gpus: int = Field(1, ge=0)
+    gpu_type: str = "nvidia.com/gpu"
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: tuple[Toleration, ...] = ()
+    service_account: str | None = None
+    """The ServiceAccount whose Secret gives the storage initializer the bucket's keys (KServe's S3 convention)."""
+    smoke: bool = True
+    """Send the new version one completion before it serves the endpoint (the orchestrator must reach the URL)."""
+    readiness_timeout_s: float = Field(1800.0, gt=0)
+    poll_s: float = Field(2.0, gt=0)
+    kubeconfig: str | None = None
+    """A kubeconfig file; unset: the service account of the pod this runs in."""
+    context: str | None = None
+
+    @field_validator("cpu")
+    @classmethod
+    def _cpu(cls, v: str) -> str:
+        return check_cpu(v, "cpu")
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        return check_memory(v, "memory")
+
+    @model_validator(mode="after")
+    def _pinned_image(self):
+        check_pinned_image(getattr(self, "image", None))
+        return self
 
 
 def check_pinned_image(image: str | None) -> str | None:

@@ -7,12 +7,11 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field
 
 from aiplane.core.components import ServingTarget
 from aiplane.core.errors import ConfigError, InputError
-from aiplane.core.kube import Toleration, check_cpu, check_memory
-from aiplane.core.serving import ServerSettings, check_pinned_image, probe_api_client
+from aiplane.core.serving import ClusterServerSettings, probe_api_client
 from aiplane.core.workload import Workload
 
 if TYPE_CHECKING:
@@ -44,49 +43,15 @@ class KServe(ServingTarget):
     name = "kserve"
     engines = ("local",)
 
-    class Settings(ServerSettings):
-        namespace: str
-        """Where the InferenceService and ServingRuntime live (the data science project)."""
+    class Settings(ClusterServerSettings):
         image: str
         """The vLLM serving image, pinned (a tag or digest), e.g. OpenShift AI's vLLM image for your accelerator."""
         deployment_mode: Literal["Serverless", "RawDeployment"] = "Serverless"
         canary_traffic_percent: int = Field(10, ge=1, le=99)
         """Serverless only: the share of traffic a new adapter's revision gets until its first completion succeeds."""
         runtime_name: str = "aiplane-vllm"
-        cpu: str = "2"
-        """The predictor's CPU request."""
-        memory: str = "16Gi"
-        """The predictor's memory, requested and its limit."""
-        gpus: int = Field(1, ge=0)
-        gpu_type: str = "nvidia.com/gpu"
         min_replicas: int = Field(1, ge=0)
         max_replicas: int = Field(1, ge=1)
-        node_selector: dict[str, str] = Field(default_factory=dict)
-        tolerations: tuple[Toleration, ...] = ()
-        service_account: str | None = None
-        """The ServiceAccount whose Secret gives the storage initializer the bucket's keys (KServe's S3 convention)."""
-        smoke: bool = True
-        """Send one completion to the new revision before it is promoted (the orchestrator must reach the cluster's URLs)."""
-        readiness_timeout_s: float = Field(1800.0, gt=0)
-        poll_s: float = Field(2.0, gt=0)
-        kubeconfig: str | None = None
-        """A kubeconfig file; unset: the service account of the pod this runs in."""
-        context: str | None = None
-
-        @field_validator("cpu")
-        @classmethod
-        def _cpu(cls, v: str) -> str:
-            return check_cpu(v, "cpu")
-
-        @field_validator("memory")
-        @classmethod
-        def _memory(cls, v: str) -> str:
-            return check_memory(v, "memory")
-
-        @model_validator(mode="after")
-        def _pinned_image(self):
-            check_pinned_image(self.image)
-            return self
 
     def __init__(self, settings: Mapping[str, Any] | BaseModel | None = None, api_client: Any = None):
         super().__init__(settings)

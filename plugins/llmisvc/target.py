@@ -7,14 +7,11 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field
 
 from aiplane.core.components import ServingTarget
 from aiplane.core.errors import ConfigError, InputError
-from aiplane.core.kube import Toleration, check_cpu, check_memory
-from aiplane.core.serving import (
-    ADAPTER_ANNOTATION, POD_READABLE, ServerSettings, base_model_of, check_pinned_image, probe_api_client,
-)
+from aiplane.core.serving import ADAPTER_ANNOTATION, POD_READABLE, ClusterServerSettings, base_model_of, probe_api_client
 from aiplane.core.workload import Workload
 
 if TYPE_CHECKING:
@@ -45,48 +42,14 @@ class KServeLLM(ServingTarget):
     name = "kserve-llm"
     engines = ("local",)
 
-    class Settings(ServerSettings):
-        namespace: str
-        """Where the LLMInferenceService lives (the data science project)."""
+    class Settings(ClusterServerSettings):
         image: str | None = None
         """The vLLM image for the ``main`` container, pinned (a tag or digest); unset: the platform preset's."""
         base_refs: tuple[str, ...] = ()
         """LLMInferenceServiceConfigs to build on (``spec.baseRefs``), e.g. an accelerator's preset."""
         replicas: int = Field(1, ge=1)
-        cpu: str = "2"
-        """The vLLM container's CPU request."""
-        memory: str = "16Gi"
-        """The vLLM container's memory, requested and its limit."""
-        gpus: int = Field(1, ge=0)
-        gpu_type: str = "nvidia.com/gpu"
-        node_selector: dict[str, str] = Field(default_factory=dict)
-        tolerations: tuple[Toleration, ...] = ()
-        service_account: str | None = None
-        """The ServiceAccount whose Secret gives the storage initializer the bucket's keys (KServe's S3 convention)."""
         scheduler: bool = True
         """Route through llm-d's scheduler (the endpoint picker, ``router.scheduler``), not only the gateway."""
-        smoke: bool = True
-        """Send the new version one completion before the rollout counts as done (the orchestrator must reach the URL)."""
-        readiness_timeout_s: float = Field(1800.0, gt=0)
-        poll_s: float = Field(2.0, gt=0)
-        kubeconfig: str | None = None
-        """A kubeconfig file; unset: the service account of the pod this runs in."""
-        context: str | None = None
-
-        @field_validator("cpu")
-        @classmethod
-        def _cpu(cls, v: str) -> str:
-            return check_cpu(v, "cpu")
-
-        @field_validator("memory")
-        @classmethod
-        def _memory(cls, v: str) -> str:
-            return check_memory(v, "memory")
-
-        @model_validator(mode="after")
-        def _pinned_image(self):
-            check_pinned_image(self.image)
-            return self
 
     def __init__(self, settings: Mapping[str, Any] | BaseModel | None = None, api_client: Any = None):
         super().__init__(settings)
