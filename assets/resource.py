@@ -136,7 +136,9 @@ def _placed(
     region: str | None = None,
 ) -> tuple[Any, PlacementDecision]:
     spec = deployment.spec(spec_key, region)
-    component = registry.create(DEPLOYMENT_KINDS[spec_key], spec.name, spec.settings)
+    # A serving target whose servers run here keeps their state under the deployment's home.
+    options = {"home": deployment.home} if spec_key == "serving" else {}
+    component = registry.create(DEPLOYMENT_KINDS[spec_key], spec.name, spec.settings, **options)
     requirements = Requirements(
         workload=workload,
         residency=tuple(residency),

@@ -12,13 +12,16 @@ never at module import, so listing plugins stays cheap everywhere.
 from __future__ import annotations
 
 import math
+import os
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import ConfigError, validation_problems
+from .errors import ConfigError, PluginError, validation_problems
 
 if TYPE_CHECKING:
     import pyarrow
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Component",
+    "S",
     "NoSettings",
     "Engine",
     "FeatureStore",
@@ -46,10 +50,29 @@ class NoSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Component:
-    """Base of every pluggable component: a name and validated settings."""
+S = TypeVar("S", bound=BaseModel)
+"""A component's settings model: ``class MyTarget(ServingTarget[MySettings])`` types ``self.settings``."""
+
+
+class Component(ABC, Generic[S]):
+    """Base of every pluggable component: a name and validated settings.
+
+    Generic over its settings model, which it also names as ``Settings``::
+
+        class MySettings(BaseModel):
+            bucket: str
+
+        class MyTarget(ServingTarget[MySettings]):
+            name = "my-cloud"
+            Settings = MySettings   # self.settings is a MySettings
+
+    Each kind's methods marked abstract must be defined: a class missing one is refused
+    with a :class:`~aiplane.core.errors.PluginError` naming it when aiplane makes one.
+    """
 
     name: ClassVar[str]
+    settings: S
+    """The validated settings, an instance of :attr:`Settings`."""
     Settings: ClassVar[type[BaseModel]] = NoSettings
     """Unknown keys are rejected at every level, whatever the model's own ``extra`` says; so are a boolean
     given for a number (``r: true``) and a number that is not finite (``.inf``, ``.nan``)."""
@@ -67,6 +90,17 @@ class Component:
     imports them while the orchestrator is busy with something else.
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Component[S]":
+        missing = sorted(getattr(cls, "__abstractmethods__", ()))
+        if missing:
+            # Said here rather than by object.__new__'s TypeError, which names neither the component nor what to do.
+            raise PluginError(
+                f"{cls.__module__}.{cls.__qualname__} ({getattr(cls, 'name', '?')!r}) does not define "
+                f"{', '.join(missing)}, which aiplane calls; define {'them' if len(missing) > 1 else 'it'} "
+                "(see aiplane.core.components)"
+            )
+        return super().__new__(cls)
+
     def __init__(self, settings: Mapping[str, Any] | BaseModel | None = None):
         if isinstance(settings, BaseModel):
             settings = settings.model_dump()
@@ -74,7 +108,7 @@ class Component:
             # extra="forbid" here, not only in the plugin's model: a model that ignores unknown keys
             # (pydantic's default), or one of its sub-models, would run a typo (`qeue:`) with the default.
             raw = dict(settings or {})
-            self.settings = self.Settings.model_validate(raw, extra="forbid")
+            self.settings = cast(S, self.Settings.model_validate(raw, extra="forbid"))
         except ValidationError as exc:
             problems = "; ".join(validation_problems(exc, self.Settings, key_word="setting"))
             raise ConfigError(f"Invalid settings for {type(self).__name__} {self.name!r}: {problems}") from None
@@ -141,9 +175,14 @@ def _loose_numbers(raw: Any, value: Any, where: str = "") -> list[str]:
     return [p for key, r, v in pairs for p in _loose_numbers(r, v, f"{where}.{key}" if where else key)]
 
 
-class Engine(Component):
-    """Runs workloads somewhere: a subprocess, a Ray cluster, a KFP pipeline."""
+class Engine(Component[S]):
+    """Runs workloads somewhere: a subprocess, a Ray cluster, a KFP pipeline.
 
+    Everything here runs in the orchestrator (``aiplane up``, the Dagster step); the workload's entry point
+    runs where the engine puts it, through :func:`aiplane.core.workload.execute`.
+    """
+
+    @abstractmethod
     def run(
         self,
         workload: "Workload",
@@ -156,11 +195,11 @@ class Engine(Component):
         Forward every progress event to ``on_event`` as it happens. Stop the
         workload and raise :class:`~aiplane.core.errors.WorkloadCancelled` when
         ``cancel`` is set, and also when this call is interrupted (Dagster run
-        termination raises in the calling thread): nothing may keep running.
+        termination raises in the calling thread): nothing may keep running,
+        and a local process's whole process group ends with it.
         Raise :class:`~aiplane.core.errors.WorkloadError` (or the aiplane error
         the workload raised) on failure.
         """
-        raise NotImplementedError
 
     def prestart(self, entrypoint: str, preload: Sequence[str] = (), wait_s: float = 0.0) -> bool:
         """Get ready, now, to run the next workload with ``entrypoint`` sooner (start its process, import ``preload``).
@@ -173,36 +212,44 @@ class Engine(Component):
         return False
 
 
-class FeatureStore(Component):
-    """Versioned tables of training features."""
+class FeatureStore(Component[S]):
+    """Versioned tables of training features.
 
+    :meth:`publish` and :meth:`current` run in the orchestrator; :meth:`read` runs in the training
+    workload, wherever its engine put it, from the record's ``store`` (name and settings) alone.
+    """
+
+    @abstractmethod
     def publish(self, rows: "pyarrow.Table", table: str) -> "FeaturesRecord":
-        """Make ``rows`` the content of ``table`` and return a record pinned to the snapshot.
+        """Make ``rows`` (columns :data:`FEATURE_COLUMNS`) the content of ``table``; the record pinned to the snapshot.
 
+        The record's ``digest`` and ``snapshot_id`` name the snapshot, ``residency``
+        the distinct ``residency`` values of the rows, ``store`` this store's name and settings
+        (``{"name": ..., "settings": ...}``) so a workload can read it anywhere.
         If the table already holds exactly these rows, create no new snapshot and
         return the record of the current one, so nothing downstream re-runs.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def current(self, table: str) -> "FeaturesRecord | None":
         """The record of ``table``'s current snapshot, or ``None`` if the table does not exist yet."""
-        raise NotImplementedError
 
+    @abstractmethod
     def read(self, features: "FeaturesRecord") -> "pyarrow.Table":
         """The rows of ``features``, read at its pinned snapshot, never the latest.
 
         Raise :class:`~aiplane.core.errors.InputError` when the table or the
         snapshot is missing or its columns are not :data:`FEATURE_COLUMNS`.
         """
-        raise NotImplementedError
 
 
-class Trainer(Component):
+class Trainer(Component[S]):
     """A training method (``lora``, ``sft``, ``distill``, or a plugin's).
 
     Its workload's ``adapter`` output is an :class:`~aiplane.core.records.AdapterRecord`
     whatever it trains; ``config["full_model"]`` says when the published directory is a
-    whole model rather than an adapter on the base model.
+    whole model rather than an adapter on the base model. The ``check_*``/``validate`` methods
+    and :meth:`workload` run in the orchestrator; the workload's entry point where the engine puts it.
     """
 
     entrypoint: ClassVar[str] = ""
@@ -249,23 +296,63 @@ class Trainer(Component):
         """
         return None
 
+    @abstractmethod
     def workload(self, base_model: "BaseModelRecord", features: "FeaturesRecord", artifact_root: str) -> "Workload":
-        """The training workload; its result has one output, ``adapter``, an AdapterRecord."""
-        raise NotImplementedError
+        """The training workload; its result has one output, ``adapter``, an AdapterRecord.
+
+        The record's ``uri`` is the published directory under ``artifact_root`` (content-addressed: ``digest``
+        is the ``sha256:`` of its files), ``sources`` holds ``base_model`` and ``features``, ``method`` this
+        trainer's ``name``, ``metrics`` what the governance gate reads.
+        """
 
 
-class ServingTarget(Component):
-    """Somewhere a model is served from."""
+class ServingTarget(Component[S]):
+    """Somewhere a model is served from.
 
-    def workload(self, adapter: "AdapterRecord", endpoint_name: str, home: str) -> "Workload":
-        """The deploy workload; its result has one output, ``endpoint``, an EndpointRecord.
+    **Where things run.** :meth:`workload` builds the deploy in the orchestrator; the workload's entry point
+    runs where the engine puts it and returns ``{"endpoint": EndpointRecord}`` (see
+    :class:`~aiplane.core.records.EndpointRecord` for the fields a target sets; ``serving`` must be
+    this target's ``name``). :meth:`running`, :meth:`stop` and :meth:`cleanup` run in the orchestrator, on a
+    target made afresh from the deployment's settings, and get back only the record (its ``handle``), or the
+    endpoint's name: keep in ``handle`` what they need, never a secret (Dagster shows it).
+
+    **Promises.** Re-deploying an endpoint name changes what it serves without a gap and keeps its URL:
+    the new adapter answers before the endpoint routes to it, and a deploy that fails leaves the endpoint
+    serving what it served (rollback). A server that must outlive the deploy workload leaves the engine's
+    process group (its own session), since the engine ends that group with the workload; aiplane calls
+    :meth:`cleanup` when a deploy fails or is cancelled. Put ``"openai-completions"``
+    (:data:`~aiplane.core.records.OPENAI_COMPLETIONS`) in ``protocols`` only if ``url`` answers it:
+    ``aiplane up`` then asks for one sample completion.
+
+    **State on this machine.** A target whose servers run on the orchestrator's machine (``vllm``) keeps
+    their state under :attr:`home`, the deployment's home directory, which aiplane passes when it makes
+    the target (``MyTarget(settings, home=...)``); a remote target ignores it.
+    """
+
+    home: Path | None
+    """The deployment's home directory on the orchestrator's machine, or ``None`` when made without one."""
+
+    def __init__(self, settings: Mapping[str, Any] | BaseModel | None = None, *, home: str | os.PathLike[str] | None = None):
+        super().__init__(settings)
+        self.home = Path(home).expanduser().absolute() if home is not None else None
+
+    @abstractmethod
+    def workload(self, adapter: "AdapterRecord", endpoint_name: str) -> "Workload":
+        """The deploy workload of ``adapter`` as endpoint ``endpoint_name``; its result has one output,
+        ``endpoint``, an EndpointRecord whose ``model_name`` is ``endpoint_name``.
 
         Re-deploying an endpoint name changes what it serves without a gap and
         keeps its URL: the new adapter must answer before the endpoint routes to
         it, and one that fails leaves the endpoint serving what it served.
         Deploying an adapter the endpoint served before is a rollback.
+        Raise :class:`~aiplane.core.errors.ConfigError` here, before anything runs,
+        for an endpoint name or adapter this target cannot serve.
         """
-        raise NotImplementedError
+
+    def check(self, deployment: "Deployment", endpoint_name: str = "") -> list[str]:
+        """As :meth:`Component.check`; the preflight also passes the name each endpoint will be deployed under
+        (one per region with per-region storage), so a name this target refuses fails before anything runs."""
+        return []
 
     def max_lora_rank(self) -> int | None:
         """The largest LoRA rank this target serves (vLLM's ``--max-lora-rank``); ``None``: no limit known.
@@ -282,17 +369,36 @@ class ServingTarget(Component):
         """
         return None
 
+    @abstractmethod
     def stop(self, endpoint: "EndpointRecord") -> bool:
         """Stop the server behind ``endpoint``; ``True`` if it stopped a running one, ``False`` if none was running.
 
-        Stopping a stopped endpoint is not an error: it returns ``False``.
+        Stopping a stopped endpoint is not an error: it returns ``False``. Nothing of it may keep running.
         """
-        raise NotImplementedError
+
+    def cleanup(self, endpoint_name: str) -> None:
+        """Called by aiplane after a deploy of ``endpoint_name`` failed or was cancelled, wherever it stopped.
+
+        Stop whatever that deploy started that the endpoint's current state does not name (a server
+        started for it, a half-made cloud resource); leave what the endpoint served before serving.
+        Idempotent; no error when nothing is there. Runs in the orchestrator, on a target made afresh
+        (with :attr:`home`). The default does nothing: right only for a target whose deploy starts
+        nothing that outlives its workload and undoes its own changes when it fails.
+        """
 
 
-class FactsheetPublisher(Component):
-    """Publishes a factsheet document (see :func:`aiplane.core.factsheet.build_factsheet`)."""
+class FactsheetPublisher(Component[S]):
+    """Publishes a factsheet document (see :func:`aiplane.core.factsheet.build_factsheet`).
 
+    :meth:`workload` runs in the orchestrator; the workload's entry point where the engine puts it.
+    """
+
+    @abstractmethod
     def workload(self, endpoint: "EndpointRecord", document: Mapping[str, Any]) -> "Workload":
-        """The publish workload; its result has one output, ``factsheet``, a FactsheetRecord."""
-        raise NotImplementedError
+        """The publish workload; its result has one output, ``factsheet``, a
+        :class:`~aiplane.core.records.FactsheetRecord` whose ``uri`` holds ``document`` as given (with its
+        ``"lineage"`` list), ``publisher`` this publisher's name and ``sources`` the endpoint.
+
+        Publishing is all or nothing: a reader of ``uri`` never sees a partial document, and a failed or
+        cancelled publish leaves what was published before. Publishing the same document twice is not an error.
+        """

@@ -213,9 +213,14 @@ class Registry:
                 return f"The {kind} {name!r} comes from plugin {info.name!r}, which is disabled: {how}"
         return unknown_name(kind, name, found, hint=self._broken_hint())
 
-    def create(self, kind: str, name: str, settings: Any = None) -> Any:
-        """An instance of the named component with validated settings."""
-        return self.get(kind, name)(settings)
+    def create(self, kind: str, name: str, settings: Any = None, **options: Any) -> Any:
+        """An instance of the named component with validated settings (and its kind's ``options``:
+        a serving target's ``home``)."""
+        cls = self.get(kind, name)
+        try:
+            return cls(settings, **options)
+        except PluginError as exc:  # a class that leaves out a method aiplane calls: say whose it is
+            raise PluginError(f"{self._owner(cls)}: {exc}") from None
 
     def engine(self, name: str, settings: Any = None) -> Engine:
         return self.create("engine", name, settings)

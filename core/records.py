@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Union
 
+from typing_extensions import TypeAlias
+
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 __all__ = [
@@ -23,10 +25,26 @@ __all__ = [
     "FactsheetRecord",
     "PlacementDecision",
     "AnyRecord",
+    "Handle",
+    "OPENAI_COMPLETIONS",
+    "OPENAI_CHAT_COMPLETIONS",
     "record_from_json",
     "record_to_json",
     "lineage",
 ]
+
+
+OPENAI_COMPLETIONS = "openai-completions"
+"""In :attr:`EndpointRecord.protocols`: the URL answers OpenAI's ``POST /v1/completions`` for ``model_name``.
+``aiplane up`` asks such an endpoint for one sample completion, and only such an endpoint."""
+OPENAI_CHAT_COMPLETIONS = "openai-chat-completions"
+"""In :attr:`EndpointRecord.protocols`: the URL answers OpenAI's ``POST /v1/chat/completions`` for ``model_name``."""
+
+_Scalar: TypeAlias = Union[str, bool, int, float, None]
+Handle: TypeAlias = dict[str, Union[_Scalar, list[_Scalar]]]
+"""An endpoint's :attr:`EndpointRecord.handle`: JSON scalars (or lists of them) by name. Dagster shows it in
+the asset's metadata and it is stored with every materialization, so it must never hold a secret's value;
+name a secret (an environment variable, a Kubernetes Secret) instead."""
 
 
 def _now() -> str:
@@ -91,7 +109,16 @@ class FeaturesRecord(Record):
     """Plugin name and settings of the feature store, so a workload can read it anywhere."""
 
 
-class AdapterRecord(Record):
+class _Executed(Record):
+    """Where the workload that made a record ran: :class:`AdapterRecord`'s and :class:`EndpointRecord`'s."""
+
+    placement: PlacementDecision | None = None
+    """Set by aiplane from the placement decision; a plugin leaves it out."""
+    execution: dict[str, Any] = Field(default_factory=dict)
+    """What the engine reported about the run: engine, target, job or run ids, workers, resource use."""
+
+
+class AdapterRecord(_Executed):
     """Trained weights in the content-addressed artifact store: an adapter on the base model (``lora``), or,
     where ``config["full_model"]`` is true, a whole model (``sft``, a full ``distill`` student) whose base
     model stays in ``sources`` for lineage."""
@@ -101,31 +128,40 @@ class AdapterRecord(Record):
     config: dict[str, Any]
     metrics: dict[str, Any]
     run_id: str
-    placement: PlacementDecision | None = None
-    execution: dict[str, Any] = Field(default_factory=dict)
-    """What the engine reported about the run: engine, target, job or run ids, workers, resource use."""
 
 
-class EndpointRecord(Record):
-    """A running model server."""
+class EndpointRecord(_Executed):
+    """A served model, as a serving target's deploy workload returns it under the ``endpoint`` output.
+
+    The target sets every field but ``placement``/``execution``/``created_at``: ``uri`` (where the endpoint
+    is, e.g. ``kserve://ns/name``), ``digest`` (changes whenever what is served or where does, so
+    downstream assets re-run), ``sources`` (the served :class:`AdapterRecord`, for lineage).
+    """
 
     kind: Literal["served_endpoint"] = "served_endpoint"
     url: str
+    """The base URL clients call (``http://host:port``); kept across re-deploys of one endpoint name."""
     model_name: str
+    """The model name clients send; the endpoint name aiplane deployed."""
     protocols: tuple[str, ...]
+    """What ``url`` answers: :data:`OPENAI_COMPLETIONS`, :data:`OPENAI_CHAT_COMPLETIONS`, or a target's own names."""
     serving: str
-    handle: dict[str, Any] = Field(default_factory=dict)
-    """What the serving target needs to find and stop this server later."""
-    placement: PlacementDecision | None = None
-    execution: dict[str, Any] = Field(default_factory=dict)
+    """The serving target's ``name``: ``aiplane stop`` and ``up`` make the target again from it and the deployment."""
+    handle: Handle = Field(default_factory=dict)
+    """All the target's ``running()``/``stop()`` get back, in the orchestrator, to find this server (see :data:`Handle`)."""
 
 
 class FactsheetRecord(Record):
-    """A published factsheet: machine-readable JSON plus a human-readable page."""
+    """A published factsheet, as a publisher's workload returns it under the ``factsheet`` output.
+
+    ``uri`` holds the factsheet document as given (JSON, with its ``"lineage"`` list); ``digest`` pins its bytes.
+    """
 
     kind: Literal["factsheet"] = "factsheet"
     publisher: str
+    """The publisher's ``name``."""
     page_uri: str
+    """A human-readable page of the same factsheet (HTML), or ``uri`` again if the publisher makes none."""
 
 
 AnyRecord = Annotated[
@@ -133,7 +169,7 @@ AnyRecord = Annotated[
     Field(discriminator="kind"),
 ]
 
-for _cls in (Record, BaseModelRecord, FeaturesRecord, AdapterRecord, EndpointRecord, FactsheetRecord):
+for _cls in (Record, _Executed, BaseModelRecord, FeaturesRecord, AdapterRecord, EndpointRecord, FactsheetRecord):
     _cls.model_rebuild()
 
 _ADAPTER: TypeAdapter = TypeAdapter(AnyRecord)

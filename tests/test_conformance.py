@@ -91,7 +91,7 @@ class _InProcess(Engine):
 def careless_deploy(ctx):
     adapter = ctx.inputs["adapter"]
     return {"endpoint": EndpointRecord(uri="http://127.0.0.1:9", digest=adapter.digest, url="http://127.0.0.1:9",
-                                       model_name="m", protocols=(), serving=ctx.params["serving"], sources=(adapter,))}  # fmt: skip
+                                       model_name=ctx.params["name"], protocols=(), serving=ctx.params["serving"], sources=(adapter,))}  # fmt: skip
 
 
 class _Careless(ServingTarget):
@@ -99,9 +99,9 @@ class _Careless(ServingTarget):
     says: str = "careless"
     stops: bool = True
 
-    def workload(self, adapter, endpoint_name, home):
+    def workload(self, adapter, endpoint_name):
         entry = f"{__name__}:careless_deploy"
-        return Workload(name="serve-endpoint", entrypoint=entry, inputs={"adapter": adapter}, params={"serving": self.says})
+        return Workload(name="serve-endpoint", entrypoint=entry, inputs={"adapter": adapter}, params={"serving": self.says, "name": endpoint_name})
 
     def stop(self, endpoint):
         return self.stops

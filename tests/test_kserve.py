@@ -136,7 +136,7 @@ def _settings(cluster, **more):
 
 def _workload(cluster, adapter: AdapterRecord, **more):
     """The target's deploy workload, its storage the loopback S3 the adapters are in."""
-    workload = KServe(_settings(cluster, **more)).workload(adapter, NAME, "/unused")
+    workload = KServe(_settings(cluster, **more)).workload(adapter, NAME)
     return workload.model_copy(update={"s3": bucket_s3()})
 
 
@@ -220,7 +220,7 @@ def test_settings_refuse_an_unpinned_image_and_a_rank_vllm_does_not_allow():
 
 def test_an_endpoint_name_kubernetes_would_refuse_is_refused_first():
     with pytest.raises(ConfigError, match="cannot name an InferenceService"):
-        KServe({"namespace": NS, "image": IMAGE}).workload(_adapter(1), "Support_Tickets", "/unused")
+        KServe({"namespace": NS, "image": IMAGE}).workload(_adapter(1), "Support_Tickets")
 
 
 # ---------------------------------------------------------------- rollouts

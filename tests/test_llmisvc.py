@@ -67,7 +67,7 @@ def _settings(cluster, **more):
 
 def _workload(cluster, adapter: AdapterRecord, **more):
     """The target's deploy workload, its storage the loopback S3 the adapters are in."""
-    workload = KServeLLM(_settings(cluster, **more)).workload(adapter, NAME, "/unused")
+    workload = KServeLLM(_settings(cluster, **more)).workload(adapter, NAME)
     return workload.model_copy(update={"s3": bucket_s3()})
 
 
@@ -150,7 +150,7 @@ def test_settings_name_a_mistyped_key_refuse_an_unpinned_image_and_a_rank_vllm_d
 
 def test_an_endpoint_name_kubernetes_would_refuse_is_refused_first():
     with pytest.raises(ConfigError, match="cannot name an LLMInferenceService"):
-        KServeLLM({"namespace": NS}).workload(_adapter(1), "Support_Tickets", "/unused")
+        KServeLLM({"namespace": NS}).workload(_adapter(1), "Support_Tickets")
 
 
 # ---------------------------------------------------------------- rollouts

@@ -180,7 +180,7 @@ def whole(models):
 def _deploy(models, adapter: AdapterRecord, name: str = NAME, **settings) -> tuple[EndpointRecord, list[str]]:
     """Deploy through the local engine, as the asset does; returns the record and the workload's log lines."""
     lines: list[str] = []
-    workload = VllmLocal(settings).workload(adapter, name, str(models["home"]))
+    workload = VllmLocal(settings, home=models["home"]).workload(adapter, name)
     result = Registry().engine("local").run(
         workload, Target(name="local", engine="local", region="eu"), on_event=lambda e: lines.append(str(e))
     )
@@ -239,7 +239,7 @@ def test_unknown_setting_and_a_rank_vllm_does_not_allow_are_rejected():
 
 def test_endpoint_name_that_is_not_a_safe_path_segment_is_rejected(models):
     with pytest.raises(ConfigError, match="Endpoint name '../x' is not usable"):
-        VllmLocal().workload(models["a"], "../x", str(models["home"]))
+        VllmLocal(home=models["home"]).workload(models["a"], "../x")
 
 
 def test_the_server_flags_are_the_ones_the_cluster_runtime_gets():

@@ -33,7 +33,7 @@ class _Settings(BaseModel):
         return value
 
 
-class LocalFactsheetPublisher(FactsheetPublisher):
+class LocalFactsheetPublisher(FactsheetPublisher[_Settings]):
     """Publishes ``<directory>/<model>-<digest>/`` with ``factsheet.json``, ``factsheet.html`` and ``loss.png``."""
 
     name: ClassVar[str] = "local"
@@ -41,7 +41,7 @@ class LocalFactsheetPublisher(FactsheetPublisher):
     Settings: ClassVar[type[BaseModel]] = _Settings
 
     def locations(self) -> dict[str, str]:
-        return {"directory": self.settings.directory}  # type: ignore[attr-defined]
+        return {"directory": self.settings.directory}
 
     def workload(self, endpoint: EndpointRecord, document: Mapping[str, Any]) -> Workload:
         """The ``publish-factsheet`` workload; its one output, ``factsheet``, is a FactsheetRecord."""

@@ -24,7 +24,7 @@ _DNS_1123 = re.compile(r"[a-z0-9]([-a-z0-9]{0,43}[a-z0-9])?")
 """An InferenceService name: KServe derives longer names (``<name>-predictor-...``) from it, hence 45 characters."""
 
 
-class KServe(ServingTarget):
+class KServe(ServingTarget["KServe.Settings"]):
     """Serves adapters from a KServe InferenceService on a vLLM ServingRuntime, through the Kubernetes API.
 
     The base model comes from object storage (``storageUri``), each adapter
@@ -57,7 +57,7 @@ class KServe(ServingTarget):
         super().__init__(settings)
         self._api_client = api_client
 
-    def workload(self, adapter: "AdapterRecord", endpoint_name: str, home: str) -> Workload:
+    def workload(self, adapter: "AdapterRecord", endpoint_name: str) -> Workload:
         """The ``deploy-endpoint`` workload; its result's ``endpoint`` output is the new EndpointRecord."""
         from aiplane.core.serving import base_model_of
 

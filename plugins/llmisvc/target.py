@@ -24,7 +24,7 @@ _DNS_1123 = re.compile(r"[a-z0-9]([-a-z0-9]{0,43}[a-z0-9])?")
 """An LLMInferenceService name: KServe derives longer names (``<name>-kserve-workload-svc``, ...) from it."""
 
 
-class KServeLLM(ServingTarget):
+class KServeLLM(ServingTarget["KServeLLM.Settings"]):
     """Serves adapters from a KServe LLMInferenceService (``serving.kserve.io/v1alpha2``), through the Kubernetes API.
 
     The base model is ``spec.model.uri``; each live adapter version is one of
@@ -55,7 +55,7 @@ class KServeLLM(ServingTarget):
         super().__init__(settings)
         self._api_client = api_client
 
-    def workload(self, adapter: "AdapterRecord", endpoint_name: str, home: str) -> Workload:
+    def workload(self, adapter: "AdapterRecord", endpoint_name: str) -> Workload:
         """The ``deploy-endpoint`` workload; its result's ``endpoint`` output is the new EndpointRecord."""
         _check_name(endpoint_name)
         base_model_of(adapter)

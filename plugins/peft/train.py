@@ -129,7 +129,7 @@ def train(
     if trainer not in _TRAINERS:
         raise ConfigError(f"Unknown trainer {trainer!r} for the train-adapter workload; known: {', '.join(_TRAINERS)}.")
     component = _TRAINERS[trainer](settings)
-    s: LoopSettings = component.settings  # type: ignore[assignment]
+    s: LoopSettings = component.settings
     method = method_for(trainer, s)
     train_rows, eval_rows = _split_rows(rows, features)
     # A base model in object storage is fetched once per digest; the rest reads it from disk. The record

@@ -13,7 +13,7 @@ import functools
 import json
 from pathlib import Path
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -294,7 +294,10 @@ def _unfreeze_in_weights(unfreeze: Sequence[str] | None, weights: Mapping[str, S
     return unfreeze is None or all(any(unfrozen(p, [u]) for p in weights) for u in unfreeze)
 
 
-class _PeftTrainer(Trainer):
+L = TypeVar("L", bound=LoopSettings)
+
+
+class _PeftTrainer(Trainer[L]):
     """What the three trainers share: the base-model checks' skeleton and the ``train-adapter`` workload."""
 
     # modeling_utils, not just `transformers`: the top-level package is lazy, and the seconds go in modeling_utils.
@@ -320,7 +323,7 @@ class _PeftTrainer(Trainer):
     def produced_metrics(self) -> frozenset[str]:
         """The loop's metrics; with evaluation on (``eval_limit`` > 0), ``eval_loss``, ``eval_accuracy`` and
         the ``evaluation`` settings' ``eval_*`` metrics."""
-        s: LoopSettings = self.settings  # type: ignore[assignment]
+        s: LoopSettings = self.settings
         if s.eval_limit == 0:
             return _LOOP_METRICS  # no eval row is scored, so the eval metrics are None
         more = evaluation_metrics(s.evaluation)
@@ -340,7 +343,7 @@ class _PeftTrainer(Trainer):
         )
 
 
-class LoraTrainer(_PeftTrainer):
+class LoraTrainer(_PeftTrainer[LoraSettings]):
     """Trains a LoRA adapter on a causal language model with PEFT.
 
     Prompt and completion are packed into fixed-length blocks and the loss is
@@ -366,10 +369,10 @@ class LoraTrainer(_PeftTrainer):
 
     def lora_rank(self) -> int:
         """``r``: every adapter this trainer trains has it."""
-        return self.settings.r  # type: ignore[attr-defined]
+        return self.settings.r
 
 
-class SftTrainer(_PeftTrainer):
+class SftTrainer(_PeftTrainer[SftSettings]):
     """Full supervised fine-tuning: every weight of the base model trains, or only the ``unfreeze`` ones.
 
     Same loop, packing, loss (completion tokens), checkpoints and evaluation as
@@ -399,7 +402,7 @@ class SftTrainer(_PeftTrainer):
         return _unfreeze_in_weights(self.settings.unfreeze, weights)
 
 
-class DistillTrainer(_PeftTrainer):
+class DistillTrainer(_PeftTrainer[DistillSettings]):
     """Knowledge distillation: a student (the base model, LoRA or full) learns from a teacher's token distributions.
 
     On the completion tokens, the loss is ``alpha * T² * KL(teacher_T || student_T)
@@ -419,19 +422,19 @@ class DistillTrainer(_PeftTrainer):
 
     def check_model(self, config: Mapping[str, Any], model_name: str) -> None:
         """The student's settings must fit the model ``config`` describes (LoRA targets, or ``unfreeze``)."""
-        s: DistillSettings = self.settings  # type: ignore[assignment]
+        s: DistillSettings = self.settings
         if s.lora is not None:
             _check_lora(s.lora, config, model_name, "lora.target_modules")
         _check_unfreeze(s.unfreeze, config, model_name)
 
     def check_weights(self, weights: Mapping[str, Sequence[int]], model_name: str) -> bool:
         """True when the files' weights show the student's settings fit (else :meth:`check_model` decides)."""
-        s: DistillSettings = self.settings  # type: ignore[assignment]
+        s: DistillSettings = self.settings
         return (s.lora is None or _lora_in_weights(s.lora, weights)) and _unfreeze_in_weights(s.unfreeze, weights)
 
     def lora_rank(self) -> int | None:
         """The student adapter's ``r``; ``None`` for a whole-model student."""
-        s: DistillSettings = self.settings  # type: ignore[assignment]
+        s: DistillSettings = self.settings
         return s.lora.r if s.lora is not None else None
 
     def check(self, deployment) -> list[str]:
@@ -440,7 +443,7 @@ class DistillTrainer(_PeftTrainer):
 
         from .base_model import BUILTIN
 
-        s: DistillSettings = self.settings  # type: ignore[assignment]
+        s: DistillSettings = self.settings
         problems = []
         if s.teacher == BUILTIN and deployment.base_model.uri != BUILTIN:
             problems.append(
@@ -492,7 +495,7 @@ class DistillTrainer(_PeftTrainer):
 
         from .base_model import BUILTIN, read_config
 
-        s: DistillSettings = self.settings  # type: ignore[assignment]
+        s: DistillSettings = self.settings
         if s.teacher.startswith("builtin:"):
             if s.teacher != BUILTIN:
                 raise ConfigError(f"trainer.settings.teacher: unknown built-in model {s.teacher!r}; the built-in model is {BUILTIN!r}.")

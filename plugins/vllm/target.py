@@ -3,8 +3,9 @@ and one per whole model an endpoint serves."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["VllmLocal"]
 
 
-class VllmLocal(ServingTarget):
+class VllmLocal(ServingTarget["VllmLocal.Settings"]):
     """Serves adapters from a vLLM server on this machine, the same runtime KServe runs on OpenShift AI.
 
     Every endpoint of one base model shares one server, which batches requests
@@ -48,8 +49,17 @@ class VllmLocal(ServingTarget):
         """0 picks a free port when the server first starts; it keeps that port for its life, restarts included."""
         readiness_timeout_s: float = Field(300.0, gt=0)
         """How long a starting server may take to load the model and answer /health."""
+        adapters: Literal["merged", "lora"] = "merged"
+        """How an endpoint serves an adapter. ``merged`` (the default): merged into the base model's weights,
+        on a server of the endpoint's own, at the base model's speed (vLLM's LoRA path costs 2-4x on CPU);
+        a new adapter or a rollback swaps the weights in place, after a candidate server answered with them.
+        ``lora``: one server per base model, adapters loaded by request, shared by every endpoint of that base
+        and switched instantly; for many adapters on one base."""
+        preload_libraries: bool = True
+        """Preload tcmalloc and the runtime's Intel OpenMP into the server (on a CPU machine that has them), as
+        vLLM's CPU backend asks; false leaves LD_PRELOAD as it is."""
 
-    def workload(self, adapter: "AdapterRecord", endpoint_name: str, home: str) -> Workload:
+    def workload(self, adapter: "AdapterRecord", endpoint_name: str) -> Workload:
         """The ``deploy-endpoint`` workload for an adapter or a whole model (``config["full_model"]``); its
         result's ``endpoint`` output is the new EndpointRecord."""
         from .deploy import base_model_of
@@ -62,15 +72,33 @@ class VllmLocal(ServingTarget):
             inputs={"adapter": adapter},
             params={
                 "endpoint_name": endpoint_name,
-                "home": str(Path(home).expanduser().absolute()),
+                "home": str(self._home()),
                 "settings": self.settings.model_dump(),
             },
             resources=Resources(cpus=1.0),
         )
 
+    def _home(self) -> Path:
+        if self.home is None:
+            raise ConfigError(
+                "The vllm serving target keeps its servers' state under the deployment's home; "
+                "make it with VllmLocal(settings, home=...) (aiplane does)."
+            )
+        return self.home
+
+    def cleanup(self, endpoint_name: str) -> None:
+        """Stop every vLLM server recorded under :attr:`home` that no endpoint serves from: what a failed or
+        cancelled deploy (of ``endpoint_name`` or any other) started and did not get to hand an endpoint."""
+        servers = server.servers_dir(self._home())
+        for sdir in sorted(p for p in servers.glob("*") if p.is_dir()):
+            with server.locked(sdir):  # a deploy starting this server holds the lock until its endpoint names it
+                if server.server_info(sdir) is not None and not server.endpoints_on(self._home(), sdir.name):
+                    server.forget(sdir)
+
     def max_lora_rank(self) -> int:
-        """The server's ``--max-lora-rank``: a larger adapter is refused when it is loaded."""
-        return self.settings.max_lora_rank
+        """The server's ``--max-lora-rank``: a larger adapter is refused when it is loaded. None when adapters
+        are merged: any rank merges."""
+        return self.settings.max_lora_rank if self.settings.adapters == "lora" else None
 
     def check(self, deployment: "Deployment", endpoint_name: str = "support-tickets") -> list[str]:
         """A fixed port someone else holds, unless it is this deployment's own server. No side effects."""
@@ -121,6 +149,7 @@ class VllmLocal(ServingTarget):
             with server.locked(sdir):
                 running = server.release(home, sdir, state)
                 (edir / server.ENDPOINT_STATE).unlink()
+            shutil.rmtree(edir / "merged", ignore_errors=True)  # a merged endpoint's weights: a model's size each
             return running
 
     def _dirs(self, endpoint: "EndpointRecord") -> tuple[Path, Path]:
