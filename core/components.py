@@ -361,6 +361,16 @@ class ServingTarget(Component[S]):
         """
         return None
 
+    def prepare(self, base_model: "BaseModelRecord", endpoint_name: str) -> None:
+        """A hint, given as training starts: an adapter of ``base_model`` will be deployed as ``endpoint_name``.
+
+        A target may start now what the deploy will need (the ``vllm`` target starts the server, on the base
+        model's weights, while the adapter trains) and must return at once; it must not change what any endpoint
+        serves, and must stop what it started and no endpoint uses if the run ends without a deploy. The default
+        does nothing. Runs in the orchestrator; a failure here is the target's to swallow (the deploy still runs).
+        """
+        return None
+
     def running(self, endpoint: "EndpointRecord") -> bool | None:
         """Whether the server behind ``endpoint`` is up and still the endpoint's current one.
 
