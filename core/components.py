@@ -40,10 +40,22 @@ __all__ = [
     "ServingTarget",
     "FactsheetPublisher",
     "FEATURE_COLUMNS",
+    "DEFAULT_ENDPOINT",
+    "endpoint_name",
 ]
 
 FEATURE_COLUMNS: tuple[str, ...] = ("id", "prompt", "completion", "residency", "split")
 """The columns every training feature table has; ``split`` is ``train`` or ``eval``."""
+
+
+DEFAULT_ENDPOINT = "support-tickets"
+"""The endpoint name aiplane deploys when the run's asset config names none."""
+
+
+def endpoint_name(name: str, region: str | None) -> str:
+    """The endpoint a region's partition serves (``support-tickets-eu``): one per region, so each serves its own
+    adapter; ``name`` itself unpartitioned. What :meth:`ServingTarget.workload` and ``check`` are given."""
+    return name if region is None else f"{name}-{region}"
 
 
 class NoSettings(BaseModel):

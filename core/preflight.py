@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .components import DEFAULT_ENDPOINT, ServingTarget, Trainer, endpoint_name
 from .config import Deployment, S3Settings
 from .errors import AiplaneError, ConfigError, PlacementError
 from .governance import unproduced_metrics
@@ -92,7 +93,11 @@ def preflight(
     asked += [(f"targets.{name}", engine, deployment) for name, engine in _engines(deployment, registry).items()]
     for where, component, seen in asked:
         try:
-            problems += [f"{where}: {p}" for p in component.check(seen)]
+            if isinstance(component, ServingTarget):
+                for name in _endpoint_names(deployment, where):
+                    problems += [f"{where}: {p}" for p in component.check(seen, name)]
+            else:
+                problems += [f"{where}: {p}" for p in component.check(seen)]
             if not offline:
                 problems += [f"{where}: {p}" for p in component.probe(seen)]
         except AiplaneError as exc:
@@ -138,16 +143,17 @@ def _placement_problems(deployment: Deployment, registry: Registry, components: 
 def _pairing_problems(deployment: Deployment, components: Mapping[str, object], where: str) -> list[str]:
     """What the trainer makes against what serving takes and what governance asks for (``where``: a region's prefix)."""
     trainer, serving = components.get("trainer"), components.get("serving")
+    trainer = trainer if isinstance(trainer, Trainer) else None
     problems = []
-    if trainer is not None and serving is not None:
-        rank, limit = trainer.lora_rank(), serving.max_lora_rank()  # type: ignore[attr-defined]
+    if trainer is not None and isinstance(serving, ServingTarget):
+        rank, limit = trainer.lora_rank(), serving.max_lora_rank()
         if rank is not None and limit is not None and rank > limit:
             problems.append(
-                f"{where}trainer.settings: the LoRA rank (r) is {rank}, above the {serving.name} serving target's "  # type: ignore[attr-defined]
+                f"{where}trainer.settings: the LoRA rank (r) is {rank}, above the {serving.name} serving target's "
                 f"max_lora_rank {limit}, so no server would load the adapter; train with r <= {limit}, or raise "
                 f"{where}serving.settings.max_lora_rank to {rank} or more."
             )
-    produced = trainer.produced_metrics() if trainer is not None else None  # type: ignore[attr-defined]
+    produced = trainer.produced_metrics() if trainer is not None else None
     if produced is not None:
         problems += [f"{where}{p}" if where else p for p in unproduced_metrics(deployment.governance, produced)]
     return problems
@@ -230,6 +236,17 @@ def _unreachable(url: str) -> str:
             return f"no answer within {PROBE_TIMEOUT_S:g} s"
         return exc.strerror or str(exc) or type(exc).__name__
     return ""
+
+
+def _endpoint_names(deployment: Deployment, where: str) -> list[str]:
+    """The endpoint names the serving target at ``where`` (``serving``, ``regions.eu.serving``) deploys, as the
+    run's default endpoint config makes them: one per region it serves with per-region storage."""
+    if where.startswith("regions."):
+        return [endpoint_name(DEFAULT_ENDPOINT, where.removeprefix("regions.").removesuffix(".serving"))]
+    if not deployment.regions:
+        return [endpoint_name(DEFAULT_ENDPOINT, None)]
+    own = {r for r, overrides in deployment.regions.items() if "serving" in overrides}
+    return [endpoint_name(DEFAULT_ENDPOINT, r) for r in deployment.regions if r not in own]
 
 
 def _regional_components(deployment: Deployment, registry: Registry) -> dict[tuple[str, str], object]:

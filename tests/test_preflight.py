@@ -260,3 +260,9 @@ def test_every_problem_is_listed_at_once(check, tmp_path):
 
 def _record(path: Path) -> BaseModelRecord:
     return BaseModelRecord(uri=str(path), digest="sha256:" + "0" * 64, name="model", architecture="GraniteForCausalLM", parameters=1)
+
+
+def test_the_serving_target_checks_each_regions_endpoint_name_before_anything_runs(check):
+    region = "europe-west-" + "x" * 40  # support-tickets-<region> is longer than a vLLM endpoint name may be
+    code, out = check(_set("regions", {region: {}}))
+    assert code == 1 and f"serving: Endpoint name 'support-tickets-{region}'" in out, out
