@@ -20,12 +20,13 @@ checkpoints, so the same entry point runs unchanged on every engine.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,7 @@ __all__ = [
     "EVENT_PREFIX",
     "read_result",
     "parse_result",
+    "cleanup_on_failure",
 ]
 
 EVENT_PREFIX = "@@aiplane-event "
@@ -351,3 +353,20 @@ def parse_result(text: str, workload: Workload) -> WorkloadResult:
             cls = WorkloadError
         raise cls(f"Workload {workload.name} ({workload.run_id}) failed: {data['error']}")
     return WorkloadResult.model_validate(data)
+
+
+@contextlib.contextmanager
+def cleanup_on_failure(cleanup: Callable[[], None], log: Callable[[str], None]) -> Iterator[None]:
+    """Run the block (a deploy); when it raises, a cancel or an interrupt included, call ``cleanup`` and raise again.
+
+    What a failed cleanup raises goes to ``log``, never in place of the block's error: that error is
+    what the run failed of, and the cleanup's is news about what may still run.
+    """
+    try:
+        yield
+    except BaseException:
+        try:
+            cleanup()
+        except Exception as exc:  # reported, not raised: see the docstring
+            log(f"cleanup after the failure below failed too, so something it started may still run: {exc!r}")
+        raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import threading
 import time
@@ -28,6 +29,8 @@ from ._common import Broken, Writes, check_settings, run_workload
 from .fixtures import sample_adapter, sample_deployment
 
 __all__ = ["check_serving_target", "complete", "OPENAI_COMPLETIONS"]
+
+_MARK = "AIPLANE_CONFORMANCE_DEPLOY"
 
 
 def complete(url: str, model: str, prompt: str = "Hello", timeout: float = 60) -> str:
@@ -169,14 +172,15 @@ def _cancelled_deploy(cls: type, settings: Mapping[str, Any] | None, broken: Bro
     """A deploy cancelled once it started a process outside its group (or failing on its own), then ``cleanup()``."""
     import psutil
 
-    name = "conformance-cancelled"
+    name, mark = "conformance-cancelled", secrets.token_hex(8)
     work = cls(dict(settings or {}), home=home).workload(adapter, name)
     detached: dict[int, float] = {}  # pid -> create time, of the deploy's processes outside its group
     cancel, done = threading.Event(), threading.Event()
     with workload_dir(work.name) as tmp:
         spec, result = Path(tmp, "workload.json"), Path(tmp, "result.json")
         spec.write_text(work.model_dump_json())
-        proc = start_process([sys.executable, "-m", "aiplane.core.worker", str(spec), str(result)])
+        # The mark is inherited by what the deploy starts (unless it clears its environment: the watch catches that).
+        proc = start_process([sys.executable, "-m", "aiplane.core.worker", str(spec), str(result)], env={**os.environ, _MARK: mark})
 
         def watch() -> None:
             while not done.is_set():
@@ -208,8 +212,23 @@ def _cancelled_deploy(cls: type, settings: Mapping[str, Any] | None, broken: Bro
             fresh.cleanup(name)
         except Exception as exc:  # any error is the broken promise, named here
             raise broken(f"{attempt} after a cancelled deploy raised {exc!r}; it must be idempotent") from None
+    detached.update(_marked(psutil, mark))
     left = _survivors(psutil, detached)
+    if left:
+        _kill(psutil, detached)  # the check failed; what it made run must not outlive it
     broken.require(not left, f"cleanup() after a cancelled deploy left its processes running: {left}")
+
+
+def _marked(psutil: Any, mark: str) -> dict[int, float]:
+    """The running processes that carry ``mark`` in their environment, by pid with their create time."""
+    found = {}
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(_MARK) == mark:
+                found[proc.pid] = proc.create_time()
+        except psutil.Error:
+            continue
+    return found
 
 
 def _descendants(psutil: Any, pid: int) -> list[Any]:
@@ -219,7 +238,18 @@ def _descendants(psutil: Any, pid: int) -> list[Any]:
         return []
 
 
-def _survivors(psutil: Any, started: Mapping[int, float], within_s: float = 10) -> list[str]:
+def _kill(psutil: Any, started: Mapping[int, float]) -> None:
+    for pid, created in started.items():
+        try:
+            proc = psutil.Process(pid)
+            if proc.create_time() == created:
+                for each in (*proc.children(recursive=True), proc):
+                    each.kill()
+        except psutil.Error:
+            continue
+
+
+def _survivors(psutil: Any, started: Mapping[int, float], within_s: float = 5) -> list[str]:
     """Which of ``started`` (pid -> create time), and what they started since, still run after ``within_s``."""
     deadline = time.monotonic() + within_s
     while True:

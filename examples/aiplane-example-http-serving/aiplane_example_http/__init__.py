@@ -2,7 +2,9 @@
 
 ``workload()`` describes the deploy; :func:`deploy` runs wherever the engine puts it and starts (or reuses)
 the endpoint's server; ``running()`` and ``stop()`` run in the orchestrator with the record's ``handle``
-(a pid, its start token and the state file: nothing secret, since it is shown in the UI).
+(a pid, its start token and the state file: nothing secret, since it is shown in the UI); ``cleanup()``
+runs there too after a deploy failed or was cancelled, and stops a server the deploy started but never
+recorded as the endpoint's.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from aiplane.core import EndpointRecord, ServingTarget, Workload, WorkloadError, hookimpl
+from aiplane.core.records import OPENAI_COMPLETIONS
 from aiplane.core.processes import process_gone, process_token
 
 __all__ = ["HttpServingTarget", "deploy", "aiplane_serving_targets"]
 
-PROTOCOLS = ("openai-completions",)
+PROTOCOLS = (OPENAI_COMPLETIONS,)
 
 
 class _Settings(BaseModel):
@@ -34,14 +37,14 @@ class _Settings(BaseModel):
     start_timeout_s: float = 30.0
 
 
-class HttpServingTarget(ServingTarget):
+class HttpServingTarget(ServingTarget[_Settings]):
     name = "example-http"
     Settings = _Settings
 
     def locations(self) -> dict[str, str]:
         return {"directory": self.settings.directory}
 
-    def workload(self, adapter, endpoint_name: str, home: str) -> Workload:
+    def workload(self, adapter, endpoint_name: str) -> Workload:
         return Workload(
             name="serve-endpoint",
             entrypoint="aiplane_example_http:deploy",
@@ -55,16 +58,31 @@ class HttpServingTarget(ServingTarget):
 
     def stop(self, endpoint: EndpointRecord) -> bool:
         handle = endpoint.handle
-        if process_gone(handle["pid"], handle["token"]):
-            return False
-        os.killpg(handle["pid"], signal.SIGTERM)  # the server leads its own session: its group is its own
-        deadline = time.monotonic() + 10
-        while not process_gone(handle["pid"], handle["token"]):
-            if time.monotonic() > deadline:
-                os.killpg(handle["pid"], signal.SIGKILL)
-            time.sleep(0.05)
-        Path(handle["state"]).unlink(missing_ok=True)
-        return True
+        stopped = _kill(int(handle["pid"]), str(handle["token"]))
+        if stopped:
+            Path(str(handle["state"])).unlink(missing_ok=True)
+        return stopped
+
+    def cleanup(self, endpoint_name: str) -> None:
+        # A deploy notes the server it starts before waiting for it; a finished one drops the note.
+        starting = Path(self.settings.directory).expanduser() / f"{endpoint_name}.starting"
+        if starting.exists():
+            known = json.loads(starting.read_text())
+            _kill(known["pid"], known["token"])
+            starting.unlink(missing_ok=True)
+
+
+def _kill(pid: int, token: str) -> bool:
+    """Stop the server ``pid`` (by its start token, so a reused pid is never signalled); whether it ran."""
+    if process_gone(pid, token):
+        return False
+    os.killpg(pid, signal.SIGTERM)  # the server leads its own session: its group is its own
+    deadline = time.monotonic() + 10
+    while not process_gone(pid, token):
+        if time.monotonic() > deadline:
+            os.killpg(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    return True
 
 
 def deploy(ctx) -> dict[str, EndpointRecord]:
@@ -92,15 +110,16 @@ def _start(ctx, name: str, state: Path, serves: Path, timeout_s: float) -> dict:
     cmd = [sys.executable, "-m", "aiplane_example_http.server", name, str(serves), str(port_file)]
     # Its own session: the engine ends the workload's process group when the workload returns.
     proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    starting = state.with_suffix(".starting")  # for cleanup(), should this deploy be cancelled before it records it
+    _write(starting, json.dumps({"pid": proc.pid, "token": process_token(proc.pid)}))
     deadline = time.monotonic() + timeout_s
     while not port_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            if proc.poll() is None:  # nothing of a failed deploy stays behind
-                os.killpg(proc.pid, signal.SIGKILL)
             raise WorkloadError(f"example-http: the server for {name!r} did not start within {timeout_s:g} s")
         time.sleep(0.05)
     known = {"pid": proc.pid, "token": process_token(proc.pid), "port": int(port_file.read_text())}
     _write(state, json.dumps(known))
+    starting.unlink()
     ctx.log(f"example-http: serving {name!r} on port {known['port']} (pid {proc.pid})")
     return known
 

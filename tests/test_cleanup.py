@@ -1,0 +1,60 @@
+"""Cleanup is aiplane's promise: after a deploy that failed or was cancelled, what it started does not survive.
+
+The careless target (tests/_careless_target.py) starts a server in a session of its own, then fails; only its
+``cleanup()`` knows the server. The kit holds a target's cleanup to that; the Dagster asset calls it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from _careless_target import CarelessTarget, ForgetfulTarget
+from aiplane.core.components import ServingTarget
+from aiplane.core.errors import PluginError
+from aiplane.core.hookspecs import hookimpl
+from aiplane.core.plugins import Registry, get_plugin_manager
+from aiplane.testing import ConformanceError, check_serving_target
+
+
+def _gone(pid: int, within_s: float = 10) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_kit_passes_a_careless_target_whose_cleanup_stops_what_its_failed_deploy_left(tmp_path, workload_path):
+    check_serving_target(CarelessTarget, {"directory": str(tmp_path / "noted")}, tmp_path, deploy=False)
+    assert _gone(int((tmp_path / "noted" / "server.pid").read_text()))
+
+
+def test_kit_names_a_cleanup_that_leaves_a_failed_deploys_server_running(tmp_path, workload_path):
+    with pytest.raises(ConformanceError, match=r"serving target 'forgetful': cleanup\(\) after a cancelled deploy left its processes running: \['pid \d+ \(.*time.sleep"):
+        check_serving_target(ForgetfulTarget, {"directory": str(tmp_path / "noted")}, tmp_path, deploy=False)
+    assert _gone(int((tmp_path / "noted" / "server.pid").read_text())), "the kit stops what it found left running"
+
+
+class _NoStop(ServingTarget):
+    name = "no-stop"
+
+    def workload(self, adapter, endpoint_name):
+        raise NotImplementedError
+
+
+def test_a_serving_target_missing_a_method_aiplane_calls_is_refused_naming_its_plugin_and_the_method(clean_plugin_env):
+    class Plugin:
+        @hookimpl
+        def aiplane_serving_targets(self):
+            return [_NoStop]
+
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(Plugin(), name="half-done")
+    with pytest.raises(PluginError, match=r"plugin 'half-done': test_cleanup._NoStop \('no-stop'\) does not define stop, which aiplane calls"):
+        Registry(pm).create("serving target", "no-stop")
