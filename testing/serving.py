@@ -202,9 +202,10 @@ def _cancelled_deploy(cls: type, settings: Mapping[str, Any] | None, broken: Bro
         finally:
             done.set()
             watcher.join()
-        if not cancel.is_set() and result.exists():
-            # It ended before starting anything outside its group: nothing to clean up but the endpoint.
-            cls(dict(settings or {}), home=home).stop(read_result(result, work).outputs["endpoint"])
+        deployed = _endpoint_of(result, work)
+        if deployed is not None:
+            # It finished before the cancel reached it: what it started is the endpoint's, which stop() ends.
+            cls(dict(settings or {}), home=home).stop(deployed)
             return
     fresh = cls(dict(settings or {}), home=home)
     for attempt in ("cleanup()", "a second cleanup()"):
@@ -217,6 +218,14 @@ def _cancelled_deploy(cls: type, settings: Mapping[str, Any] | None, broken: Bro
     if left:
         _kill(psutil, detached)  # the check failed; what it made run must not outlive it
     broken.require(not left, f"cleanup() after a cancelled deploy left its processes running: {left}")
+
+
+def _endpoint_of(result: Path, work: Workload) -> EndpointRecord | None:
+    try:
+        record = read_result(result, work).outputs.get("endpoint") if result.exists() else None
+    except AiplaneError:
+        return None  # it failed on its own
+    return record if isinstance(record, EndpointRecord) else None
 
 
 def _marked(psutil: Any, mark: str) -> dict[int, float]:

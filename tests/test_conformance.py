@@ -128,3 +128,11 @@ def test_kit_imports_no_plugin_and_no_orchestrator():
     code = ("import sys, aiplane.testing\n"
             "print(sorted(m for m in sys.modules if m.startswith(('aiplane.plugins', 'aiplane.assets', 'dagster'))))")  # fmt: skip
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_vllm_target_leaves_nothing_of_a_deploy_cancelled_while_its_server_starts(tmp_path):
+    # Only the cancelled deploy: the base model has no weights, so the server never answers; the kit cancels
+    # the deploy as soon as the server's process has left the deploy's group, then holds cleanup() to it.
+    from aiplane.plugins.vllm.target import VllmLocal
+
+    check_serving_target(VllmLocal, {"adapters": "lora"}, tmp_path, deploy=False)
