@@ -8,18 +8,30 @@ known to aiplane by an entry point in the ``aiplane`` group::
 
 Component hooks return a list of classes (subclasses of the interfaces in
 :mod:`aiplane.core.components`); results from all plugins are collected, and a
-deployment file picks one by its ``name``. Lifecycle hooks observe every
-materialization; their return values are ignored.
+deployment file picks one by its ``name``::
+
+    from aiplane.core import hookimpl
+
+    @hookimpl
+    def aiplane_serving_targets():
+        return [MyCloudTarget]
+
+What each class must do (what its methods return, which record with which
+fields, what runs in the orchestrator and what in the workload, and the
+promises: no-gap swap, rollback, cleanup) is in the docstrings of
+:mod:`aiplane.core.components` and :mod:`aiplane.core.records`; the
+``aiplane.testing`` kit checks a component against them. Lifecycle hooks
+observe every materialization; their return values are ignored.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
-    from .components import Engine, FactsheetPublisher, FeatureStore, ServingTarget, Trainer
     from .config import Deployment, S3Settings
     from .evaluation import Evaluator
     from .records import BaseModelRecord, Record
@@ -35,56 +47,28 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 # ---------------------------------------------------------------- components
 
 
-@hookspec
-def aiplane_engines() -> list[type[Engine]]:
-    """Engines this plugin provides: where workloads run.
+def _component_hook(hook: str, interface: str, key: str) -> Callable[[], list[type]]:
+    """The hookspec ``hook``: a plugin's ``interface`` subclasses, one of which a deployment's ``key`` names."""
 
-    Called whenever aiplane needs the installed engines. Return a list of
-    :class:`~aiplane.core.components.Engine` subclasses; a deployment target's
-    ``engine:`` names one by its ``name``. Results from all plugins are collected.
+    def spec() -> list[type]:
+        """Filled in below."""
+        return []
 
-    Example::
-
-        @hookimpl
-        def aiplane_engines():
-            return [MyCloudEngine]
-    """
-
-
-@hookspec
-def aiplane_feature_stores() -> list[type[FeatureStore]]:
-    """Feature stores this plugin provides (``feature_store.name`` in a deployment).
-
-    Return a list of :class:`~aiplane.core.components.FeatureStore` subclasses.
-    Results from all plugins are collected.
-    """
+    spec.__name__ = spec.__qualname__ = hook
+    spec.__doc__ = (
+        f"The {interface} subclasses this plugin provides (:class:`~aiplane.core.components.{interface}`); a deployment's "
+        f"``{key}`` names one by its ``name``. Called whenever aiplane needs them; results from all plugins are collected."
+    )
+    marked: Callable[[], list[type]] = hookspec(spec)
+    return marked
 
 
-@hookspec
-def aiplane_trainers() -> list[type[Trainer]]:
-    """Training methods this plugin provides (``trainer.name``: ``lora``, ``sft``, ...).
-
-    Return a list of :class:`~aiplane.core.components.Trainer` subclasses.
-    Results from all plugins are collected.
-    """
-
-
-@hookspec
-def aiplane_serving_targets() -> list[type[ServingTarget]]:
-    """Serving targets this plugin provides (``serving.name``).
-
-    Return a list of :class:`~aiplane.core.components.ServingTarget` subclasses.
-    Results from all plugins are collected.
-    """
-
-
-@hookspec
-def aiplane_factsheet_publishers() -> list[type[FactsheetPublisher]]:
-    """Factsheet publishers this plugin provides (``factsheet.name``).
-
-    Return a list of :class:`~aiplane.core.components.FactsheetPublisher` subclasses.
-    Results from all plugins are collected.
-    """
+# Each returns a list of classes, e.g. ``@hookimpl def aiplane_engines(): return [MyCloudEngine]``.
+aiplane_engines = _component_hook("aiplane_engines", "Engine", "targets[].engine")
+aiplane_feature_stores = _component_hook("aiplane_feature_stores", "FeatureStore", "feature_store.name")
+aiplane_trainers = _component_hook("aiplane_trainers", "Trainer", "trainer.name")
+aiplane_serving_targets = _component_hook("aiplane_serving_targets", "ServingTarget", "serving.name")
+aiplane_factsheet_publishers = _component_hook("aiplane_factsheet_publishers", "FactsheetPublisher", "factsheet.name")
 
 
 @hookspec

@@ -21,6 +21,9 @@ BUILTINS = {"local", "iceberg", "peft", "kserve", "llmisvc", "vllm", "factsheets
 class _ThrowawayEngine(Engine):
     name = "throwaway"
 
+    def run(self, workload, target, on_event, cancel=None):
+        raise NotImplementedError("only looked up, never run")
+
 
 class _ThrowawayPlugin:
     @hookimpl
@@ -116,7 +119,7 @@ class _Retry(BaseModel):  # no extra="forbid", as a plugin author may well write
     attempts: int = 1
 
 
-class _LaxEngine(Engine):
+class _LaxEngine(_ThrowawayEngine):
     name = "lax"
 
     class Settings(BaseModel):  # no extra="forbid" either

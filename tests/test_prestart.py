@@ -112,6 +112,9 @@ def test_engines_that_cannot_prepare_ahead_say_so():
     class Plain(Engine):
         name = "plain"
 
+        def run(self, workload, target, on_event, cancel=None):
+            raise NotImplementedError("never run here")
+
     assert Plain().prestart("x:y", preload=["torch"], wait_s=1) is False
 
 
