@@ -10,15 +10,8 @@ from .errors import AiplaneError, ConfigError, InputError, PlacementError, Plugi
 from .hookspecs import hookimpl
 from .placement import Requirements, place
 from .plugins import Registry, get_plugin_manager, materialization
-from .records import (
-    AdapterRecord,
-    BaseModelRecord,
-    EndpointRecord,
-    FactsheetRecord,
-    FeaturesRecord,
-    PlacementDecision,
-    lineage,
-)
+from . import records as _records
+from .records import *  # noqa: F403  # the records are the core's vocabulary: all of records.__all__, listed once there
 from .workload import Resources, Workload, WorkloadContext, WorkloadResult
 
 __version__ = "0.1.0"
@@ -43,13 +36,6 @@ __all__ = [
     "Trainer",
     "ServingTarget",
     "FactsheetPublisher",
-    "BaseModelRecord",
-    "FeaturesRecord",
-    "AdapterRecord",
-    "EndpointRecord",
-    "FactsheetRecord",
-    "PlacementDecision",
-    "lineage",
     "AiplaneError",
     "ConfigError",
     "PluginError",
@@ -57,4 +43,5 @@ __all__ = [
     "InputError",
     "WorkloadError",
     "WorkloadCancelled",
+    *_records.__all__,
 ]

@@ -14,7 +14,7 @@ from aiplane.core.errors import ConfigError
 from aiplane.core.processes import follow_process, start_process, workload_dir
 from aiplane.core.workload import Workload, WorkloadResult, parse_event, read_result
 
-__all__ = ["ConformanceError", "Broken", "check_settings", "Writes", "run_workload"]
+__all__ = ["ConformanceError", "Broken", "check_settings", "check_check", "Writes", "run_workload"]
 
 
 class ConformanceError(AssertionError):
@@ -54,6 +54,17 @@ def check_settings(cls: type, base: type, kind: str, settings: Mapping[str, Any]
     else:
         raise broken(f"settings typo {typo!r} not refused (a typo must fail at load time with the key named)")
     return component
+
+
+def check_check(component: Any, broken: Broken, tmp_path: Path, key: str, settings: Mapping[str, Any] | None, *args: Any) -> None:
+    """``component.check()``, on a deployment whose ``key`` names it with ``settings``, gives a list of sentences and
+    writes nothing under ``tmp_path``. ``args`` follow the deployment (a serving target's endpoint name)."""
+    from .fixtures import sample_deployment
+
+    writes = Writes([tmp_path])
+    problems = component.check(sample_deployment(tmp_path, key, component.name, dict(settings or {})), *args)
+    broken.require(isinstance(problems, list) and all(isinstance(p, str) for p in problems), "check() must return a list of sentences")
+    broken.require(not writes.changed(), f"check() must not write anything; it wrote {writes.changed()[:3]}")
 
 
 class Writes:

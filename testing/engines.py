@@ -12,8 +12,8 @@ from aiplane.core.components import Engine
 from aiplane.core.errors import AiplaneError, WorkloadCancelled
 from aiplane.core.workload import Event, Workload
 
-from ._common import Broken, Writes, check_settings
-from .fixtures import conformance_target, sample_base_model, sample_deployment
+from ._common import Broken, check_check, check_settings
+from .fixtures import conformance_target, sample_base_model
 
 __all__ = ["check_engine"]
 
@@ -30,10 +30,7 @@ def check_engine(cls: type, settings: Mapping[str, Any] | None, tmp_path: Path, 
     broken = Broken("engine", cls.name)
     target = conformance_target(cls.name)
     record = sample_base_model(tmp_path)
-    writes = Writes([tmp_path])
-    problems = engine.check(sample_deployment(tmp_path, "engine", cls.name, dict(settings or {})))
-    broken.require(isinstance(problems, list) and all(isinstance(p, str) for p in problems), "check() must return a list of sentences")
-    broken.require(not writes.changed(), f"check() must not write anything; it wrote {writes.changed()[:3]}")
+    check_check(engine, broken, tmp_path, "engine", settings)
     echo = Workload(name="conformance-echo", entrypoint=f"{_HERE}:echo", inputs={"record": record}, params={"line": "hello"})
     events: list[Event] = []
     result = engine.run(echo, target, events.append)

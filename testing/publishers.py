@@ -14,8 +14,8 @@ from aiplane.core.records import FactsheetRecord
 from aiplane.core.storage import Storage
 from aiplane.core.workload import Workload
 
-from ._common import Broken, Writes, check_settings, run_workload
-from .fixtures import sample_deployment, sample_document, sample_endpoint
+from ._common import Broken, check_check, check_settings, run_workload
+from .fixtures import sample_document, sample_endpoint
 
 __all__ = ["check_factsheet_publisher"]
 
@@ -28,10 +28,7 @@ def check_factsheet_publisher(cls: type, settings: Mapping[str, Any] | None, tmp
     """
     publisher = check_settings(cls, FactsheetPublisher, "factsheet publisher", settings)
     broken = Broken("factsheet publisher", cls.name)
-    writes = Writes([tmp_path])
-    problems = publisher.check(sample_deployment(tmp_path, "factsheet", cls.name, dict(settings or {})))
-    broken.require(isinstance(problems, list) and all(isinstance(p, str) for p in problems), "check() must return a list of sentences")
-    broken.require(not writes.changed(), f"check() must not write anything; it wrote {writes.changed()[:3]}")
+    check_check(publisher, broken, tmp_path, "factsheet", settings)
     endpoint = sample_endpoint(tmp_path)
     document = sample_document(endpoint)
     try:

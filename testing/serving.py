@@ -25,8 +25,8 @@ from aiplane.core.processes import follow_process, start_process, workload_dir
 from aiplane.core.records import OPENAI_COMPLETIONS, AdapterRecord, EndpointRecord, record_from_json, record_to_json
 from aiplane.core.workload import Workload, read_result
 
-from ._common import Broken, Writes, check_settings, run_workload
-from .fixtures import sample_adapter, sample_deployment
+from ._common import Broken, check_check, check_settings, run_workload
+from .fixtures import sample_adapter
 
 __all__ = ["check_serving_target", "complete", "OPENAI_COMPLETIONS"]
 
@@ -65,10 +65,7 @@ def check_serving_target(
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     target = cls(dict(settings or {}), home=home)
-    writes = Writes([tmp_path])
-    problems = target.check(sample_deployment(tmp_path, "serving", cls.name, dict(settings or {})), "conformance-endpoint")
-    broken.require(isinstance(problems, list) and all(isinstance(p, str) for p in problems), "check() must return a list of sentences")
-    broken.require(not writes.changed(), f"check() must not write anything; it wrote {writes.changed()[:3]}")
+    check_check(target, broken, tmp_path, "serving", settings, "conformance-endpoint")
     try:
         target.cleanup("conformance-never-deployed")
     except Exception as exc:  # any error is the broken promise, named below

@@ -10,8 +10,8 @@ from aiplane.core.components import FEATURE_COLUMNS, FeatureStore
 from aiplane.core.errors import InputError
 from aiplane.core.records import FeaturesRecord
 
-from ._common import Broken, Writes, check_settings
-from .fixtures import sample_deployment, sample_rows
+from ._common import Broken, check_check, check_settings
+from .fixtures import sample_rows
 
 __all__ = ["check_feature_store"]
 
@@ -23,10 +23,7 @@ def check_feature_store(cls: type, settings: Mapping[str, Any] | None, tmp_path:
     """
     store = check_settings(cls, FeatureStore, "feature store", settings)
     broken = Broken("feature store", cls.name)
-    writes = Writes([tmp_path])
-    problems = store.check(sample_deployment(tmp_path, "feature_store", cls.name, dict(settings or {})))
-    broken.require(isinstance(problems, list) and all(isinstance(p, str) for p in problems), "check() must return a list of sentences")
-    broken.require(not writes.changed(), f"check() must not write anything; it wrote {writes.changed()[:3]}")
+    check_check(store, broken, tmp_path, "feature_store", settings)
     broken.require(store.current(table) is None, "current() of a table never published must be None")
 
     first_rows, second_rows = sample_rows(0), sample_rows(1)

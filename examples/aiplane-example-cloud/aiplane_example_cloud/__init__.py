@@ -24,7 +24,7 @@ class _Settings(BaseModel):
     """The cloud project workloads are billed to."""
 
 
-class ExampleCloudEngine(Engine):
+class ExampleCloudEngine(Engine[_Settings]):
     name = "example-cloud"
     Settings = _Settings
 

@@ -12,7 +12,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -23,21 +25,21 @@ from aiplane.core.factsheet import publishable
 __all__ = ["JsonFactsheetPublisher", "publish", "aiplane_factsheet_publishers"]
 
 
-class _Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class JsonFactsheetPublisher(FactsheetPublisher["JsonFactsheetPublisher.Settings"]):
+    """``self.settings`` is a :class:`Settings`: the model is declared in the class, and named in its base."""
 
-    directory: str
-    """Where factsheet folders are written (created if missing)."""
-
-
-class JsonFactsheetPublisher(FactsheetPublisher):
     name = "example-json"
-    Settings = _Settings
+
+    class Settings(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+        directory: str
+        """Where factsheet folders are written (created if missing)."""
 
     def locations(self) -> dict[str, str]:
         return {"directory": self.settings.directory}
 
-    def workload(self, endpoint: EndpointRecord, document) -> Workload:
+    def workload(self, endpoint: EndpointRecord, document: Mapping[str, Any]) -> Workload:
         return Workload(
             name="publish-factsheet",
             entrypoint="aiplane_example_json:publish",

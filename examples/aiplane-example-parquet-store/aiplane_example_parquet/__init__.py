@@ -31,7 +31,7 @@ class _Settings(BaseModel):
     """Where each table's folder of snapshots lives (created on first publish)."""
 
 
-class ParquetFeatureStore(FeatureStore):
+class ParquetFeatureStore(FeatureStore[_Settings]):
     name = "example-parquet"
     Settings = _Settings
 
