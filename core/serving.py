@@ -7,7 +7,9 @@ an adapter the same way: the endpoint name routes to the newest version, each
 version is also served as ``<endpoint>@<digest>`` for rollback, and the
 endpoint's record pins what is served where. Those promises live here, once,
 so no serving plugin imports another. Pure functions and pydantic models: no
-Kubernetes client, no vLLM.
+Kubernetes client, no vLLM. What only the targets on a cluster share is in
+:mod:`aiplane.core.serving_cluster` (talking to it) and
+:mod:`aiplane.core.serving_rollout` (what a rollout there does).
 """
 
 from __future__ import annotations
@@ -16,42 +18,27 @@ import hashlib
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .kube import Toleration, check_cpu, check_memory
-from .errors import AiplaneError, ConfigError, InputError, PluginError, WorkloadError
+from .errors import InputError, WorkloadError
 from .records import AdapterRecord, BaseModelRecord, EndpointRecord
 
 __all__ = [
-    "ClusterServerSettings",
-    "PROTOCOLS",
-    "cluster_api_client",
-    "cluster_api_error",
-    "probe_api_client",
-    "check_pinned_image",
     "LORA_RANKS",
     "POD_ENV",
-    "MANAGED_BY",
-    "ADAPTER_ANNOTATION",
-    "VERSIONS_ANNOTATION",
+    "PROTOCOLS",
     "SERVER_MODULE",
     "ServerSettings",
-    "server_args",
-    "version_name",
-    "is_full_model",
     "base_model_of",
     "endpoint_digest",
     "endpoint_record",
     "first_completion",
-    "managed_by_aiplane",
-    "POD_READABLE",
-    "cluster_sources",
-    "verify_entry",
-    "intact_versions",
-    "served_versions",
+    "is_full_model",
+    "server_args",
+    "version_name",
 ]
 
 PROTOCOLS = ("openai-completions", "openai-chat-completions")
@@ -64,14 +51,6 @@ POD_ENV: dict[str, str] = {
     "HOME": "/tmp",
 }
 """The vLLM server's environment in a cluster's pods (the ``kserve`` and ``kserve-llm`` targets)."""
-MANAGED_BY = {"app.kubernetes.io/managed-by": "aiplane"}
-"""On every cluster object aiplane creates: stop deletes what carries it, and nothing else."""
-ADAPTER_ANNOTATION = "aiplane.io/adapter"
-"""On a cluster's serving object: the digest the endpoint name serves."""
-VERSIONS_ANNOTATION = "aiplane.io/versions"
-"""On a cluster's serving object: every version it serves, newest first, as JSON."""
-POD_READABLE = ("s3://", "gs://", "hf://", "pvc://", "oci://", "https://")
-"""The URI schemes KServe's storage initializer fetches from: what a cluster's serving pod can read."""
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 """Started as ``python -m``: the ``vllm`` command of the CPU build looks up a distribution named ``vllm`` and fails."""
 
@@ -170,7 +149,7 @@ def is_full_model(adapter: AdapterRecord) -> bool:
 def base_model_of(adapter: AdapterRecord) -> BaseModelRecord:
     """The base model an adapter applies to; for a whole model, the one it was trained from (its lineage)."""
     try:
-        return adapter.source("base_model")
+        base = adapter.source("base_model")
     except LookupError:
         if is_full_model(adapter):
             raise InputError(
@@ -181,11 +160,14 @@ def base_model_of(adapter: AdapterRecord) -> BaseModelRecord:
             f"Adapter {adapter.uri!r} records no base_model source, so there is nothing to apply it to; "
             "re-train it so its record carries the base model."
         ) from None
+    if not isinstance(base, BaseModelRecord):
+        raise InputError(f"Adapter {adapter.uri!r} names a {base.kind} record as its base_model; re-train it.")
+    return base
 
 
 def endpoint_digest(adapter: AdapterRecord, base: BaseModelRecord, name: str, url: str) -> str:
     """What the endpoint serves and where: a new adapter or model, or a new URL, is a new version downstream."""
-    served = {"adapter": adapter.digest, "base_model": base.digest, "model_name": name, "url": url}
+    served: dict[str, str | bool] = {"adapter": adapter.digest, "base_model": base.digest, "model_name": name, "url": url}
     if is_full_model(adapter):
         served["full_model"] = True  # the adapter is the model served; the base model is its lineage
     canonical = json.dumps(served, sort_keys=True, separators=(",", ":"))
@@ -215,170 +197,3 @@ def first_completion(url: str, model: str, timeout: float) -> str:
                             f"{exc.read().decode(errors='replace')[:300]}") from None  # fmt: skip
     except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
         raise WorkloadError(f"the new version ({model!r}) did not answer its first completion at {url}: {exc}") from None
-
-
-def served_versions(obj: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """The versions a cluster serving object aiplane rendered serves (its :data:`VERSIONS_ANNOTATION`), newest
-    (current) first; each ``{"digest", "uri"}``, ``"full_model": True`` for a whole model."""
-    raw = (((obj or {}).get("metadata") or {}).get("annotations") or {}).get(VERSIONS_ANNOTATION)
-    try:
-        versions = json.loads(raw) if raw else []
-    except ValueError:
-        return []
-    return [v for v in versions if isinstance(v, dict) and {"digest", "uri"} <= set(v)]
-
-
-def managed_by_aiplane(obj: Mapping[str, Any] | None) -> bool:
-    """Whether aiplane created cluster object ``obj``: it changes and deletes nothing else."""
-    labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
-    return all(labels.get(k) == v for k, v in MANAGED_BY.items())
-
-
-def cluster_sources(adapter: AdapterRecord, storage: Any, target: str) -> tuple[BaseModelRecord, bool]:
-    """The base model of ``adapter`` and whether it is a whole model, once both are known to be readable by a
-    KServe pod and the adapter to be the artifact its digest names: InputError for a local path or an altered
-    adapter (:func:`verify_entry`), ConfigError for a base model and an adapter in different object stores
-    (the pod's storage initializer fetches everything with one set of keys, its service account's).
-
-    ``storage`` is the workload's :class:`~aiplane.core.storage.Storage`; ``target`` names the serving target
-    in the messages. Raises before any request, so a refusal changes nothing.
-    """
-    base = base_model_of(adapter)
-    full = is_full_model(adapter)
-    stored = (("model", adapter.uri),) if full else (("base model", base.uri), ("adapter", adapter.uri))
-    for what, uri in stored:
-        if not uri.startswith(POD_READABLE):
-            raise InputError(
-                f"The {what} is at {uri!r}, which a KServe pod cannot read: the {target} target serves from object "
-                "storage. Set the deployment's storage.root (and base_model.uri) to a bucket."
-            )
-    if len({storage.settings_for(uri) for _, uri in stored if uri.startswith("s3://")}) > 1:
-        raise ConfigError(
-            f"The base model ({base.uri}) and the adapter ({adapter.uri}) are in different object stores (the "
-            "region's own, storage.regions.<region>.s3, and storage.s3), and a KServe pod fetches both with its "
-            "service account's keys. Put the base model in the region's store, or serve this region with vllm."
-        )
-    verify_entry(adapter.uri, storage, "model" if full else "adapter")
-    return base, full
-
-
-def intact_versions(kept: Sequence[Mapping[str, Any]], storage: Any, log: Any) -> list[dict[str, Any]]:
-    """The versions in ``kept`` (those an endpoint keeps serving for rollback) still the artifacts their digests
-    name: a new pod fetches each again, so one altered (or gone) since it was first served is left out, and
-    ``log`` says which and why, rather than served as ``<endpoint>@<digest>``."""
-    intact = []
-    for version in kept:
-        try:
-            verify_entry(version["uri"], storage)
-        except InputError as exc:
-            log(f"version {version['digest']} is no longer kept for rollback: {exc}")
-            continue
-        intact.append(dict(version))
-    return intact
-
-
-def verify_entry(uri: str, storage: Any, what: str = "adapter") -> None:
-    """Refuse (InputError naming it and what to do) the artifact-store entry at ``uri`` unless its bytes are
-    the ones its digest names.
-
-    For a target whose server fetches the entry itself (KServe's storage initializer), so aiplane never
-    reads those bytes otherwise: called before anything is sent to the cluster. Hashes the entry whole,
-    streamed from object storage.
-    """
-    from .storage import ArtifactStore
-
-    root = uri.rstrip("/").rsplit("/", 2)[0]  # an entry is <root>/<kind>/<sha256 hex>
-    altered = ArtifactStore(root, storage=storage).verify(uri)
-    if altered:
-        raise InputError(
-            f"The {what} {uri!r} is not the artifact its digest names: {', '.join(altered)} changed after it was "
-            "published, so it is not served and nothing was sent to the cluster. Publish it again (aiplane up "
-            "--force trains and publishes it anew), or roll back to another version (aiplane rollback --to)."
-        )
-
-
-class ClusterServerSettings(ServerSettings):
-    """What a vLLM server on a Kubernetes cluster takes besides its flags: the pod's size and placement, and how
-    the orchestrator reaches the cluster. Both KServe targets' settings build on it; each adds its own object's
-    fields and its ``image`` (required, or the platform preset's when unset)."""
-
-    namespace: str
-    """Where the serving objects live (the data science project)."""
-    cpu: str = "2"
-    """The vLLM container's CPU request."""
-    memory: str = "16Gi"
-    """The vLLM container's memory, requested and its limit."""
-    gpus: int = Field(1, ge=0)
-    gpu_type: str = "nvidia.com/gpu"
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: tuple[Toleration, ...] = ()
-    service_account: str | None = None
-    """The ServiceAccount whose Secret gives the storage initializer the bucket's keys (KServe's S3 convention)."""
-    smoke: bool = True
-    """Send the new version one completion before it serves the endpoint (the orchestrator must reach the URL)."""
-    readiness_timeout_s: float = Field(1800.0, gt=0)
-    poll_s: float = Field(2.0, gt=0)
-    kubeconfig: str | None = None
-    """A kubeconfig file; unset: the service account of the pod this runs in."""
-    context: str | None = None
-
-    @field_validator("cpu")
-    @classmethod
-    def _cpu(cls, v: str) -> str:
-        return check_cpu(v, "cpu")
-
-    @field_validator("memory")
-    @classmethod
-    def _memory(cls, v: str) -> str:
-        return check_memory(v, "memory")
-
-    @model_validator(mode="after")
-    def _pinned_image(self):
-        check_pinned_image(getattr(self, "image", None))
-        return self
-
-
-def check_pinned_image(image: str | None) -> str | None:
-    """``image``, refused (``ValueError``, for a settings validator) unless pinned to a tag or digest other than latest."""
-    if image is not None and (":" not in image.rsplit("/", 1)[-1] and "@" not in image or image.endswith(":latest")):
-        raise ValueError(f"image {image!r} must be pinned to a tag or digest (not latest)")
-    return image
-
-
-def cluster_api_client(settings: Any, target: str) -> Any:
-    """A ``kubernetes`` ApiClient from the ``target``'s kubeconfig, or the pod's service account in a cluster."""
-    try:
-        from kubernetes import client, config
-    except ImportError:
-        raise PluginError(f"The {target} target needs the kubernetes client: pip install 'aiplane[serve]'") from None
-    if settings.kubeconfig:
-        return config.new_client_from_config(config_file=settings.kubeconfig, context=settings.context)
-    try:
-        configuration = client.Configuration()
-        config.load_incluster_config(client_configuration=configuration)
-    except config.ConfigException as exc:
-        raise ConfigError(
-            f"The {target} target found no cluster: set its kubeconfig setting, or run it in a pod ({exc})."
-        ) from None
-    return client.ApiClient(configuration)
-
-
-def cluster_api_error(exc: Any, doing: str, target: str) -> Exception:
-    """The API server's own message (a Status body) for a failed call of the ``target``, as an aiplane error."""
-    try:
-        message = json.loads(exc.body).get("message") or exc.reason
-    except (TypeError, ValueError):
-        message = exc.reason
-    cls = InputError if exc.status in (400, 409, 422) else WorkloadError
-    hint = f" Check the {target} target's namespace and the RBAC of its service account." if exc.status in (401, 403) else ""
-    return cls(f"Could not {doing}: the Kubernetes API answered {exc.status}: {message}.{hint}")
-
-
-def probe_api_client(settings: Any, given: Any, target: str) -> tuple[Any, list[str]]:
-    """The ApiClient a ``target``'s probe asks through (``given``, else one from its settings), or why there is none."""
-    try:
-        return given or cluster_api_client(settings, target), []
-    except AiplaneError as exc:
-        return None, [f"settings: {exc}"]
-    except Exception as exc:  # noqa: BLE001 - the kubernetes client's own errors for an unreadable kubeconfig
-        return None, [f"settings.kubeconfig {settings.kubeconfig!r} cannot be used: {exc}"]

@@ -419,7 +419,7 @@ def test_raw_deployment_mode_updates_one_whole_model_to_another_without_a_canary
 def test_a_failed_whole_model_rollout_puts_the_previous_whole_model_back(cluster):
     _deploy(cluster, _model(1))
     cluster["controller"].outcome = "fail"
-    with pytest.raises(WorkloadError, match=rf"Insufficient nvidia.com/gpu.*so model {_model(1).digest} keeps serving"):
+    with pytest.raises(WorkloadError, match=rf"Insufficient nvidia.com/gpu.*so model {_model(1).digest} serves again"):
         _deploy(cluster, _model(2))
     isvc = _isvc(cluster)
     assert isvc["spec"]["predictor"]["model"]["storageUri"] == _model(1).uri
@@ -456,6 +456,35 @@ def test_stop_deletes_what_aiplane_created_and_nothing_else(cluster):
     assert _isvc(cluster) is None and cluster["api"].get("ServingRuntime", NS, "aiplane-vllm") is None
     assert cluster["api"].get("InferenceService", NS, "someone-else") is not None
     assert target.stop(endpoint) is False and target.running(endpoint) is False
+
+
+def test_running_says_not_running_only_when_the_service_is_gone_and_raises_on_a_refusal_or_no_answer(cluster):
+    endpoint, _ = _deploy(cluster, _adapter(1))
+    target = KServe(_settings(cluster))
+    cluster["api"].fail("GET", "/inferenceservices/", code=403)
+    with pytest.raises(WorkloadError, match=r"answered 403.*Check the kserve target's namespace and the RBAC"):
+        target.running(endpoint)
+    nowhere = KServe({**_settings(cluster), "kubeconfig": None}, api_client=_unreachable_client())
+    with pytest.raises(WorkloadError, match=r"nothing answered at http://127\.0\.0\.1:\d+ .*Check the kserve target's kubeconfig"):
+        nowhere.running(endpoint)
+    assert target.running(endpoint) is True
+    cluster["api"].delete("InferenceService", NS, NAME)
+    assert target.running(endpoint) is False
+
+
+def _unreachable_client():
+    """An ApiClient for an API server that is not there (a closed loopback port), failing at once."""
+    import socket
+
+    from kubernetes import client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    configuration = client.Configuration()
+    configuration.host = f"http://127.0.0.1:{port}"
+    configuration.retries = 0
+    return client.ApiClient(configuration)
 
 
 def test_the_target_uses_an_injected_client(cluster):

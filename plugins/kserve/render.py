@@ -23,21 +23,16 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from aiplane.core.serving import (
-    ADAPTER_ANNOTATION, MANAGED_BY, POD_ENV, SERVER_MODULE, VERSIONS_ANNOTATION, server_args, served_versions, version_name,
-)  # fmt: skip
+from aiplane.core.serving import POD_ENV, SERVER_MODULE, server_args
+from aiplane.core.serving_cluster import MANAGED_BY
+from aiplane.core.serving_rollout import (
+    lora_names,
+    object_metadata,
+    pod_placement,
+    pod_resources,
+)
 
-__all__ = [
-    "MANAGED_BY",
-    "ADAPTER_ANNOTATION",
-    "VERSIONS_ANNOTATION",
-    "MODEL_DIR",
-    "ADAPTERS_DIR",
-    "runtime_object",
-    "inference_service",
-    "served_versions",
-    "serves_full_model",
-]
+__all__ = ["ADAPTERS_DIR", "MODEL_DIR", "inference_service", "runtime_object"]
 
 MODEL_DIR = "/mnt/models"
 ADAPTERS_DIR = "/mnt/adapters"
@@ -93,69 +88,30 @@ def inference_service(
     The first version is what the endpoint name routes to. A whole model's version
     (``"full_model": True``) is the only one: ``base_uri`` is then its own URI.
     """
-    if not versions:
-        raise ValueError("an InferenceService serves at least one adapter version")
-    full = bool(versions[0].get("full_model"))
-    if full and (len(versions) != 1 or versions[0]["uri"] != base_uri):
-        raise ValueError("an InferenceService serving a whole model serves it alone, from its own storageUri")
-    if full:
-        args = ["--served-model-name", name]
-        storage_uris: list[dict[str, str]] = []
-    else:
-        lora_modules = [f"{name}={_mount(versions[0]['digest'])}"]
-        lora_modules += [f"{version_name(name, v['digest'])}={_mount(v['digest'])}" for v in versions]
-        args = ["--lora-modules", *lora_modules]
-        storage_uris = [{"uri": v["uri"], "mountPath": _mount(v["digest"])} for v in versions]
-    resources: dict[str, Any] = {
-        "requests": {"cpu": settings.cpu, "memory": settings.memory},
-        "limits": {"memory": settings.memory},
-    }
-    if settings.gpus:
-        resources["requests"][settings.gpu_type] = str(settings.gpus)
-        resources["limits"][settings.gpu_type] = str(settings.gpus)
+    metadata = object_metadata(name, namespace, "InferenceService", base_uri, versions,
+                               **{"serving.kserve.io/deploymentMode": settings.deployment_mode})  # fmt: skip
+    served = lora_names(name, versions)
+    model: dict[str, Any] = {
+        "modelFormat": {"name": "vLLM"},
+        "runtime": runtime,
+        "storageUri": base_uri,
+        # A whole model answers to the endpoint's name (overriding the runtime's "base"), adapters to theirs.
+        "args": ["--lora-modules", *(f"{n}={_mount(v['digest'])}" for n, v in served)] if served
+        else ["--served-model-name", name],
+        "resources": pod_resources(settings),
+    }  # fmt: skip
     predictor: dict[str, Any] = {
         "minReplicas": settings.min_replicas,
         "maxReplicas": max(settings.min_replicas, settings.max_replicas),
-        "model": {
-            "modelFormat": {"name": "vLLM"},
-            "runtime": runtime,
-            "storageUri": base_uri,
-            "args": args,
-            "resources": resources,
-        },
+        "model": model,
+        **pod_placement(settings),
     }
-    if storage_uris:
-        predictor["storageUris"] = storage_uris
-    if settings.service_account:
-        predictor["serviceAccountName"] = settings.service_account  # how the storage initializer gets its keys
-    if settings.node_selector:
-        predictor["nodeSelector"] = dict(settings.node_selector)
-    if settings.tolerations:
-        predictor["tolerations"] = [t.manifest() for t in settings.tolerations]
+    if served:
+        predictor["storageUris"] = [{"uri": v["uri"], "mountPath": _mount(v["digest"])} for v in versions]
     if canary_percent is not None:
         predictor["canaryTrafficPercent"] = canary_percent
-    return {
-        "apiVersion": "serving.kserve.io/v1beta1",
-        "kind": "InferenceService",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {**MANAGED_BY, "opendatahub.io/dashboard": "true"},
-            "annotations": {
-                "serving.kserve.io/deploymentMode": settings.deployment_mode,
-                "openshift.io/display-name": name,
-                ADAPTER_ANNOTATION: versions[0]["digest"],
-                VERSIONS_ANNOTATION: json.dumps([dict(v) for v in versions], separators=(",", ":")),
-            },
-        },
-        "spec": {"predictor": predictor},
-    }
-
-
-def serves_full_model(isvc: Mapping[str, Any] | None) -> bool:
-    """Whether an InferenceService aiplane rendered serves a whole model (not adapters on a base model)."""
-    versions = served_versions(isvc)
-    return bool(versions and versions[0].get("full_model"))
+    return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": metadata,
+            "spec": {"predictor": predictor}}  # fmt: skip
 
 
 def _mount(digest: str) -> str:

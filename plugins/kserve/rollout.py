@@ -31,99 +31,48 @@ binds adapters only: from a whole model, an adapter of any base model rolls out.
 
 from __future__ import annotations
 
-import copy
-import time
 from typing import TYPE_CHECKING, Any
 
-from aiplane.core.errors import ConfigError, InputError, WorkloadCancelled, WorkloadError
-from aiplane.core.records import AdapterRecord, EndpointRecord
-from aiplane.core.serving import (
-    cluster_api_client, cluster_api_error, cluster_sources, endpoint_record, first_completion, intact_versions,
-    managed_by_aiplane,
-)
+from aiplane.core import serving_rollout as steps
+from aiplane.core.errors import InputError, WorkloadError
+from aiplane.core.records import AdapterRecord, BaseModelRecord, EndpointRecord
+from aiplane.core.serving import endpoint_record, first_completion
+from aiplane.core.serving_cluster import ClusterObjects, managed_by_aiplane
 from aiplane.core.workload import WorkloadContext
 
-from .render import (
-    inference_service,
-    runtime_object,
-    served_versions,
-    serves_full_model,
-)
+from .render import inference_service, runtime_object
 
 if TYPE_CHECKING:
     from .target import KServe
 
-__all__ = ["run", "Cluster"]
+__all__ = ["Cluster", "run", "stop"]
 
-_GROUP = "serving.kserve.io"
+_ISVC, _RUNTIME = "serving.kserve.io/v1beta1", "serving.kserve.io/v1alpha1"
 
 
-class Cluster:
+class Cluster(ClusterObjects):
     """The two kinds this target manages, in one namespace, through an injected ``kubernetes`` ApiClient."""
 
     def __init__(self, api_client: Any, namespace: str):
-        from kubernetes import client
-
-        self.api = client.CustomObjectsApi(api_client)
-        self.namespace = namespace
+        super().__init__(api_client, namespace, "kserve")
 
     def get(self, plural: str, name: str) -> dict[str, Any] | None:
-        from kubernetes.client.exceptions import ApiException
+        return self.read(_RUNTIME if plural == "servingruntimes" else _ISVC, plural, name)
 
-        version = "v1alpha1" if plural == "servingruntimes" else "v1beta1"
-        try:
-            return self.api.get_namespaced_custom_object(_GROUP, version, self.namespace, plural, name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise _api_error(exc, f"read {plural}/{name}") from None
-
-    def apply(self, obj: dict[str, Any], current: dict[str, Any] | None, dry_run: bool = False) -> dict[str, Any]:
-        """Create ``obj``, or replace ``current`` with it (optimistically, on ``current``'s resourceVersion)."""
-        from kubernetes.client.exceptions import ApiException
-
-        group, version = obj["apiVersion"].split("/")
-        plural = obj["kind"].lower() + "s"
-        kwargs = {"dry_run": "All"} if dry_run else {}
-        try:
-            if current is None:
-                return self.api.create_namespaced_custom_object(group, version, self.namespace, plural, obj, **kwargs)
-            obj = copy.deepcopy(obj)
-            obj["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-            return self.api.replace_namespaced_custom_object(
-                group, version, self.namespace, plural, obj["metadata"]["name"], obj, **kwargs
-            )
-        except ApiException as exc:
-            raise _api_error(exc, f"{'validate' if dry_run else 'apply'} {obj['kind']} {obj['metadata']['name']}") from None
-
-    def delete(self, plural: str, name: str) -> bool:
-        from kubernetes.client.exceptions import ApiException
-
-        version = "v1alpha1" if plural == "servingruntimes" else "v1beta1"
-        try:
-            self.api.delete_namespaced_custom_object(
-                _GROUP, version, self.namespace, plural, name, propagation_policy="Foreground"
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise _api_error(exc, f"delete {plural}/{name}") from None
-        return True
+    def remove(self, plural: str, name: str) -> bool:
+        return self.delete(_RUNTIME if plural == "servingruntimes" else _ISVC, plural, name)
 
     def in_use(self, runtime: str, except_name: str) -> list[str]:
         """InferenceServices other than ``except_name`` that run on ``runtime``."""
-        listed = self.api.list_namespaced_custom_object(_GROUP, "v1beta1", self.namespace, "inferenceservices")
+        group, version = _ISVC.split("/")
+        listed = self.call("list inferenceservices", lambda: self.api.list_namespaced_custom_object(
+            group, version, self.namespace, "inferenceservices"))  # fmt: skip
         return [
             i["metadata"]["name"]
-            for i in listed.get("items", [])
+            for i in (listed or {}).get("items", [])
             if i["metadata"]["name"] != except_name
             and (i.get("spec", {}).get("predictor", {}).get("model") or {}).get("runtime") == runtime
         ]
-
-
-def api_client(settings: "KServe.Settings") -> Any:
-    """A ``kubernetes`` ApiClient from the target's kubeconfig, or the pod's service account in a cluster."""
-    return cluster_api_client(settings, "kserve")
 
 
 def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
@@ -131,134 +80,96 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     from .target import KServe
 
     target = KServe(ctx.params.get("settings"))
-    settings = target.settings
-    name = ctx.params["endpoint_name"]
-    adapter = ctx.inputs.get("adapter")
-    if not isinstance(adapter, AdapterRecord):
-        raise InputError("deploy-endpoint needs an adapter_weights record as its 'adapter' input")
-    storage = ctx.storage
-    base, full = cluster_sources(adapter, storage, "kserve")
-    rank = 0 if full else int(adapter.config.get("r") or 0)
-    if rank > settings.max_lora_rank:
-        raise ConfigError(
-            f"Adapter {adapter.digest} has LoRA rank {rank}, above the kserve target's max_lora_rank "
-            f"{settings.max_lora_rank}; raise max_lora_rank or train with a smaller r."
-        )
-
-    cluster = Cluster(api_client(settings), settings.namespace)
-    runtime_name = settings.runtime_name
+    settings, name = target.settings, ctx.params["endpoint_name"]
+    adapter, base, full = steps.deploy_inputs(ctx, settings, "kserve")
+    cluster = Cluster(target.client(), settings.namespace)
     current = cluster.get("inferenceservices", name)
-    if current is not None and not managed_by_aiplane(current):
-        raise InputError(
-            f"InferenceService {settings.namespace}/{name} exists and was not created by aiplane; "
-            "aiplane will not change it. Serve under another endpoint name, or delete it yourself."
-        )
-    previous = served_versions(current)
-    previous_full = serves_full_model(current)
-    if previous and not previous_full and not full and current["spec"]["predictor"]["model"].get("storageUri") != base.uri:
-        raise InputError(
-            f"Endpoint {name!r} serves adapters of base model {current['spec']['predictor']['model'].get('storageUri')}, "
-            f"and adapter {adapter.digest} was trained on {base.uri}: one endpoint, one base model."
-        )
-    if full:
-        # Served as its own base model: the model is the storageUri, alone.
-        versions = [{"digest": adapter.digest, "uri": adapter.uri, "full_model": True}]
-        storage_uri = adapter.uri
-    else:
-        entry = {"digest": adapter.digest, "uri": adapter.uri}
-        kept = [] if previous_full else [v for v in previous if v["digest"] != adapter.digest]
-        versions = [entry, *intact_versions(kept[: settings.keep_previous], storage, ctx.log)]
-        storage_uri = base.uri
+    steps.refuse_foreign(current, f"InferenceService {settings.namespace}/{name}")
+    served_base = (((current or {}).get("spec") or {}).get("predictor") or {}).get("model", {}).get("storageUri")
+    previous = steps.served_versions(current)
+    versions = steps.next_versions(name, adapter, base, previous, served_base, settings.keep_previous, ctx.storage, ctx.log)
+    model_uri = adapter.uri if full else base.uri
     canary = settings.canary_traffic_percent if current is not None and settings.deployment_mode == "Serverless" else None
-    runtime = runtime_object(runtime_name, settings.namespace, settings)
-    isvc = inference_service(name, settings.namespace, settings, runtime_name, storage_uri, versions, canary)
-    existing_runtime = cluster.get("servingruntimes", runtime_name)
-    # The API server validates both against the cluster's CRDs (and admission webhooks) before anything changes.
-    cluster.apply(runtime, existing_runtime, dry_run=True)
-    cluster.apply(isvc, current, dry_run=True)
-
-    if existing_runtime is None or existing_runtime.get("spec") != runtime["spec"]:
-        if existing_runtime is not None and not managed_by_aiplane(existing_runtime):
-            raise InputError(f"ServingRuntime {settings.namespace}/{runtime_name} was not created by aiplane; set runtime_name.")
-        cluster.apply(runtime, existing_runtime)
-        ctx.log(f"{'created' if existing_runtime is None else 'updated'} ServingRuntime {settings.namespace}/{runtime_name}")
-    applied = cluster.apply(isvc, current)
+    applied = _apply(ctx, cluster, target, name, current, model_uri, versions, canary)
     ctx.log(
         f"{'created' if current is None else 'updated'} InferenceService {settings.namespace}/{name} "
         f"({'model' if full else 'adapter'} {adapter.digest}{f', canary at {canary}%' if canary is not None else ''})"
     )
-    try:
+    def put_back() -> str:
+        return steps.undo(name, "InferenceService", current, lambda: cluster.remove("inferenceservices", name),
+                          lambda spec: _reapply(cluster, spec))  # fmt: skip
+
+    with steps.put_back_on_failure(put_back):
         status = _wait_ready(ctx, cluster, name, applied["metadata"]["generation"], settings, canary is not None)
         if settings.smoke:
             first_completion(_candidate_url(status), name, settings.readiness_timeout_s)
         if canary is not None:
-            promoted = inference_service(name, settings.namespace, settings, runtime_name, storage_uri, versions, 100)
+            promoted = inference_service(name, settings.namespace, settings, settings.runtime_name, model_uri, versions, 100)
             applied = cluster.apply(promoted, cluster.get("inferenceservices", name))
             status = _wait_ready(ctx, cluster, name, applied["metadata"]["generation"], settings, False)
             ctx.log(f"promoted the new revision of {name!r} to all traffic")
-    except BaseException as exc:
-        # Failed or cancelled (Dagster's run termination too): what served before serves again.
-        if current is None:
-            cluster.delete("inferenceservices", name)
-            undone = f"the new InferenceService {name!r} was deleted"
-        else:
-            restore = copy.deepcopy(current)
-            restore["spec"]["predictor"].pop("canaryTrafficPercent", None)
-            for key in ("uid", "creationTimestamp", "generation", "managedFields"):
-                restore["metadata"].pop(key, None)
-            restore.pop("status", None)
-            cluster.apply(restore, cluster.get("inferenceservices", name))
-            was = "model" if previous_full else "adapter"
-            undone = f"the previous spec of {name!r} was put back, so {was} {previous[0]['digest']} keeps serving"
-        if isinstance(exc, (WorkloadError, InputError)) and not isinstance(exc, WorkloadCancelled):
-            raise WorkloadError(f"{exc}; {undone}.") from None
-        raise
-    url = status.get("url") or ""
-    return {
-        "endpoint": endpoint_record(
-            adapter, base, name, url, uri=f"kserve://{settings.namespace}/{name}", serving="kserve",
-            handle={
-                "namespace": settings.namespace, "inference_service": name, "runtime": runtime_name,
-                "adapter": adapter.digest, "full_model": full, "revision": _predictor(status).get("latestReadyRevision"),
-                "deployment_mode": settings.deployment_mode,
-            },  # fmt: skip
-        )
-    }
+    return {"endpoint": _record(adapter, base, full, name, status, settings)}
+
+
+def _apply(ctx: WorkloadContext, cluster: Cluster, target: KServe, name: str, current: dict[str, Any] | None,
+           model_uri: str, versions: list[dict[str, Any]], canary: int | None) -> dict[str, Any]:  # fmt: skip
+    """Validate both objects with the API server (dry runs), then apply the runtime if it changed and the service."""
+    settings = target.settings
+    runtime = runtime_object(settings.runtime_name, settings.namespace, settings)
+    isvc = inference_service(name, settings.namespace, settings, settings.runtime_name, model_uri, versions, canary)
+    existing_runtime = cluster.get("servingruntimes", settings.runtime_name)
+    # The API server validates both against the cluster's CRDs (and admission webhooks) before anything changes.
+    cluster.apply(runtime, existing_runtime, dry_run=True)
+    cluster.apply(isvc, current, dry_run=True)
+    if existing_runtime is None or existing_runtime.get("spec") != runtime["spec"]:
+        if existing_runtime is not None and not managed_by_aiplane(existing_runtime):
+            raise InputError(
+                f"ServingRuntime {settings.namespace}/{settings.runtime_name} was not created by aiplane; set runtime_name."
+            )
+        cluster.apply(runtime, existing_runtime)
+        ctx.log(f"{'created' if existing_runtime is None else 'updated'} ServingRuntime "
+                f"{settings.namespace}/{settings.runtime_name}")  # fmt: skip
+    return cluster.apply(isvc, current)
+
+
+def _reapply(cluster: Cluster, spec: dict[str, Any]) -> None:
+    """The previous InferenceService again, serving all traffic: a canary it was in the middle of is dropped."""
+    spec["spec"]["predictor"].pop("canaryTrafficPercent", None)
+    cluster.apply(spec, cluster.get("inferenceservices", spec["metadata"]["name"]))
+
+
+def _record(adapter: AdapterRecord, base: BaseModelRecord, full: bool, name: str, status: dict[str, Any],
+            settings: Any) -> EndpointRecord:  # fmt: skip
+    return endpoint_record(
+        adapter, base, name, status.get("url") or "", uri=f"kserve://{settings.namespace}/{name}", serving="kserve",
+        handle={
+            "namespace": settings.namespace, "inference_service": name, "runtime": settings.runtime_name,
+            "adapter": adapter.digest, "full_model": full, "revision": _predictor(status).get("latestReadyRevision"),
+            "deployment_mode": settings.deployment_mode,
+        },
+    )  # fmt: skip
 
 
 def _predictor(status: dict[str, Any]) -> dict[str, Any]:
     return (status.get("components") or {}).get("predictor") or {}
 
 
-def _wait_ready(ctx, cluster: Cluster, name: str, generation: int, settings, canary: bool) -> dict[str, Any]:
+def _wait_ready(ctx: WorkloadContext, cluster: Cluster, name: str, generation: int, settings: Any, canary: bool) -> dict[str, Any]:
     """The InferenceService's status once ``generation`` is Ready; WorkloadError with its messages on failure."""
-    deadline = time.monotonic() + settings.readiness_timeout_s
-    last = ""
-    while True:
-        ctx.check_cancelled()
-        obj = cluster.get("inferenceservices", name) or {}
-        status = obj.get("status") or {}
-        conditions = {c.get("type"): c for c in status.get("conditions") or []}
-        ready = conditions.get("Ready", {})
+
+    def look() -> tuple[dict[str, Any] | None, str]:
+        status = (cluster.get("inferenceservices", name) or {}).get("status") or {}
+        conditions = steps.conditions_of(status)
         seen = (status.get("observedGeneration") or 0) >= generation
         failed = _failure(status, conditions)
         if seen and failed:
             raise WorkloadError(f"InferenceService {name!r} failed to roll out: {failed}")
         predictor = _predictor(status)
         rolled = not canary or predictor.get("latestReadyRevision") == predictor.get("latestCreatedRevision")
-        if seen and ready.get("status") == "True" and rolled:
-            return status
-        summary = "; ".join(f"{t}={c.get('status')}" + (f" ({c.get('message')})" if c.get("message") else "")
-                            for t, c in conditions.items())  # fmt: skip
-        if summary != last:
-            ctx.log(f"InferenceService {name!r}: {summary or 'no conditions yet'}")
-            last = summary
-        if time.monotonic() > deadline:
-            raise WorkloadError(
-                f"InferenceService {name!r} was not Ready within readiness_timeout_s={settings.readiness_timeout_s:g} s"
-                f" (last conditions: {summary or 'none'})"
-            )
-        time.sleep(settings.poll_s)
+        ready = seen and conditions.get("Ready", {}).get("status") == "True" and rolled
+        return (status if ready else None), steps.condition_summary(conditions, "message")
+
+    return steps.wait_for(ctx, settings, f"InferenceService {name!r}", "Ready", look)
 
 
 def _failure(status: dict[str, Any], conditions: dict[str, dict]) -> str | None:
@@ -267,12 +178,7 @@ def _failure(status: dict[str, Any], conditions: dict[str, dict]) -> str | None:
     if (model.get("states") or {}).get("targetModelState") == "FailedToLoad":
         info = model.get("lastFailureInfo") or {}
         return f"the model failed to load: {info.get('message') or info.get('reason') or 'no message'}"
-    messages = [
-        f"{t}: {c.get('reason')}: {c.get('message')}" if c.get("message") else f"{t}: {c.get('reason')}"
-        for t, c in conditions.items()
-        if c.get("status") == "False" and c.get("reason")
-    ]
-    return "; ".join(messages) or None
+    return steps.failed_conditions(conditions, passing=lambda condition: False)
 
 
 def _candidate_url(status: dict[str, Any]) -> str:
@@ -284,17 +190,10 @@ def _candidate_url(status: dict[str, Any]) -> str:
 
 
 def stop(cluster: Cluster, name: str, runtime: str) -> bool:
-    """Delete what aiplane created for endpoint ``name``: its InferenceService, and the runtime once unused."""
-    current = cluster.get("inferenceservices", name)
-    if not managed_by_aiplane(current):
+    """Delete endpoint ``name``'s InferenceService, and its runtime once no other uses it, if aiplane created them."""
+    if not managed_by_aiplane(cluster.get("inferenceservices", name)):
         return False
-    cluster.delete("inferenceservices", name)
-    served = cluster.get("servingruntimes", runtime)
-    if managed_by_aiplane(served):
-        if not cluster.in_use(runtime, except_name=name):
-            cluster.delete("servingruntimes", runtime)
-    return True
-
-
-def _api_error(exc: Any, doing: str) -> Exception:
-    return cluster_api_error(exc, doing, "kserve")
+    deleted = cluster.remove("inferenceservices", name)
+    if managed_by_aiplane(cluster.get("servingruntimes", runtime)) and not cluster.in_use(runtime, except_name=name):
+        cluster.remove("servingruntimes", runtime)
+    return deleted

@@ -24,13 +24,18 @@ initializer the bucket's keys. vLLM flags beyond the adapters' go in
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from aiplane.core.serving import ADAPTER_ANNOTATION, MANAGED_BY, POD_ENV, VERSIONS_ANNOTATION, version_name
+from aiplane.core.serving import POD_ENV
+from aiplane.core.serving_rollout import (
+    lora_names,
+    object_metadata,
+    pod_placement,
+    pod_resources,
+)
 
-__all__ = ["API_VERSION", "KIND", "PLURAL", "BASE_NAME", "llm_inference_service", "workload_name"]
+__all__ = ["API_VERSION", "BASE_NAME", "KIND", "PLURAL", "llm_inference_service", "workload_name"]
 
 API_VERSION = "serving.kserve.io/v1alpha2"
 KIND = "LLMInferenceService"
@@ -47,21 +52,16 @@ def llm_inference_service(
     The first version is what the endpoint name routes to. A whole model's version
     (``"full_model": True``) is the only one: ``base_uri`` is then its own URI.
     """
-    if not versions:
-        raise ValueError("an LLMInferenceService serves at least one version")
-    full = bool(versions[0].get("full_model"))
-    if full and (len(versions) != 1 or versions[0]["uri"] != base_uri):
-        raise ValueError("an LLMInferenceService serving a whole model serves it alone, as its spec.model.uri")
-    model: dict[str, Any] = {"uri": base_uri, "name": name if full else BASE_NAME}
-    if not full:
-        adapters = [{"name": name, "uri": versions[0]["uri"]}]
-        adapters += [{"name": version_name(name, v["digest"]), "uri": v["uri"]} for v in versions]
+    metadata = object_metadata(name, namespace, KIND, base_uri, versions)
+    served = lora_names(name, versions)
+    model: dict[str, Any] = {"uri": base_uri, "name": BASE_NAME if served else name}
+    if served:
         model["lora"] = {
-            "adapters": adapters,
+            "adapters": [{"name": n, "uri": v["uri"]} for n, v in served],
             "maxRank": settings.max_lora_rank,
             "maxAdapters": settings.max_loras,
             # Every configured name stays loaded: the endpoint's, and each version kept for rollback.
-            "maxCpuAdapters": max(settings.max_loras, len(adapters)),
+            "maxCpuAdapters": max(settings.max_loras, len(served)),
         }
     spec: dict[str, Any] = {
         "model": model,
@@ -73,21 +73,7 @@ def llm_inference_service(
     }
     if settings.base_refs:
         spec["baseRefs"] = [{"name": ref} for ref in settings.base_refs]
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {**MANAGED_BY, "opendatahub.io/dashboard": "true"},
-            "annotations": {
-                "openshift.io/display-name": name,
-                ADAPTER_ANNOTATION: versions[0]["digest"],
-                VERSIONS_ANNOTATION: json.dumps([dict(v) for v in versions], separators=(",", ":")),
-            },
-        },
-        "spec": spec,
-    }
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec}
 
 
 def _pod_template(settings: Any) -> dict[str, Any]:
@@ -96,24 +82,10 @@ def _pod_template(settings: Any) -> dict[str, Any]:
              *([f"--dtype={settings.dtype}"] if settings.dtype else []), *settings.extra_args]  # fmt: skip
     if flags:
         env.append({"name": "VLLM_ADDITIONAL_ARGS", "value": " ".join(flags)})
-    resources: dict[str, Any] = {
-        "requests": {"cpu": settings.cpu, "memory": settings.memory},
-        "limits": {"memory": settings.memory},
-    }
-    if settings.gpus:
-        resources["requests"][settings.gpu_type] = str(settings.gpus)
-        resources["limits"][settings.gpu_type] = str(settings.gpus)
-    main: dict[str, Any] = {"name": "main", "env": env, "resources": resources}
+    main: dict[str, Any] = {"name": "main", "env": env, "resources": pod_resources(settings)}
     if settings.image:
         main["image"] = settings.image
-    template: dict[str, Any] = {"containers": [main]}
-    if settings.service_account:
-        template["serviceAccountName"] = settings.service_account  # how the storage initializer gets its keys
-    if settings.node_selector:
-        template["nodeSelector"] = dict(settings.node_selector)
-    if settings.tolerations:
-        template["tolerations"] = [t.manifest() for t in settings.tolerations]
-    return template
+    return {"containers": [main], **pod_placement(settings)}
 
 
 def workload_name(name: str) -> str:

@@ -24,226 +24,108 @@ A deploy (``run``, the ``deploy-endpoint`` workload):
 
 from __future__ import annotations
 
-import copy
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from aiplane.core.errors import ConfigError, InputError, WorkloadCancelled, WorkloadError
-from aiplane.core.records import AdapterRecord, EndpointRecord
-from aiplane.core.serving import (
-    cluster_api_client,
-    cluster_api_error,
-    cluster_sources,
-    endpoint_record,
-    first_completion,
-    intact_versions,
-    managed_by_aiplane,
-    served_versions,
-    version_name,
-)
+from aiplane.core import serving_rollout as steps
+from aiplane.core.errors import WorkloadError
+from aiplane.core.records import EndpointRecord
+from aiplane.core.serving import endpoint_record, first_completion, version_name
+from aiplane.core.serving_cluster import ClusterObjects
 from aiplane.core.workload import WorkloadContext
 
 from .render import API_VERSION, KIND, PLURAL, llm_inference_service, workload_name
 
-if TYPE_CHECKING:
-    from .target import KServeLLM
+__all__ = ["Cluster", "run"]
 
-__all__ = ["run", "stop", "Cluster", "api_client"]
-
-_GROUP, _VERSION = API_VERSION.split("/")
 _PROGRESSING = {"MinimumReplicasUnavailable", "Progressing", "ReplicaSetUpdated", "NewReplicaSetCreated",
                 "FoundNewReplicaSet", "Deploying", "Pending"}  # fmt: skip
 """Reasons KServe copies from a Deployment that is still rolling out: not a failure yet."""
 
 
-class Cluster:
+class Cluster(ClusterObjects):
     """The LLMInferenceServices of one namespace, and the Deployments KServe runs them in, through an injected
     ``kubernetes`` ApiClient."""
 
     def __init__(self, api_client: Any, namespace: str):
         from kubernetes import client
 
-        self.api = client.CustomObjectsApi(api_client)
+        super().__init__(api_client, namespace, "kserve-llm")
         self.apps = client.AppsV1Api(api_client)
-        self.namespace = namespace
 
     def get(self, name: str) -> dict[str, Any] | None:
-        from kubernetes.client.exceptions import ApiException
+        return self.read(API_VERSION, PLURAL, name)
 
-        try:
-            return self.api.get_namespaced_custom_object(_GROUP, _VERSION, self.namespace, PLURAL, name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise _api_error(exc, f"read {KIND} {name}") from None
+    def remove(self, name: str) -> bool:
+        return self.delete(API_VERSION, PLURAL, name)
 
     def workload(self, name: str) -> dict[str, Any] | None:
         """The Deployment of ``name``'s vLLM pods, as a dict; None while (or where) there is none."""
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            deployment = self.apps.read_namespaced_deployment(workload_name(name), self.namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise _api_error(exc, f"read Deployment {workload_name(name)}") from None
-        return self.apps.api_client.sanitize_for_serialization(deployment)
-
-    def apply(self, obj: dict[str, Any], current: dict[str, Any] | None, dry_run: bool = False) -> dict[str, Any]:
-        """Create ``obj``, or replace ``current`` with it (optimistically, on ``current``'s resourceVersion)."""
-        from kubernetes.client.exceptions import ApiException
-
-        kwargs = {"dry_run": "All"} if dry_run else {}
-        try:
-            if current is None:
-                return self.api.create_namespaced_custom_object(_GROUP, _VERSION, self.namespace, PLURAL, obj, **kwargs)
-            obj = copy.deepcopy(obj)
-            obj["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-            return self.api.replace_namespaced_custom_object(
-                _GROUP, _VERSION, self.namespace, PLURAL, obj["metadata"]["name"], obj, **kwargs
-            )
-        except ApiException as exc:
-            raise _api_error(exc, f"{'validate' if dry_run else 'apply'} {KIND} {obj['metadata']['name']}") from None
-
-    def delete(self, name: str) -> bool:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            self.api.delete_namespaced_custom_object(
-                _GROUP, _VERSION, self.namespace, PLURAL, name, propagation_policy="Foreground"
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise _api_error(exc, f"delete {KIND} {name}") from None
-        return True
-
-
-def api_client(settings: "KServeLLM.Settings") -> Any:
-    """A ``kubernetes`` ApiClient from the target's kubeconfig, or the pod's service account in a cluster."""
-    return cluster_api_client(settings, "kserve-llm")
+        read = self.apps.read_namespaced_deployment
+        deployment = self.call(f"read Deployment {workload_name(name)}", lambda: read(workload_name(name), self.namespace))
+        return None if deployment is None else self.apps.api_client.sanitize_for_serialization(deployment)
 
 
 def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     """Roll ``ctx.inputs["adapter"]`` out as endpoint ``ctx.params["endpoint_name"]``; see the module docstring."""
     from .target import KServeLLM
 
-    settings = KServeLLM(ctx.params.get("settings")).settings
-    name, ns = ctx.params["endpoint_name"], settings.namespace
-    adapter = ctx.inputs.get("adapter")
-    if not isinstance(adapter, AdapterRecord):
-        raise InputError("deploy-endpoint needs an adapter_weights record as its 'adapter' input")
-    storage = ctx.storage
-    base, full = cluster_sources(adapter, storage, "kserve-llm")
-    rank = 0 if full else int(adapter.config.get("r") or 0)
-    if rank > settings.max_lora_rank:
-        raise ConfigError(
-            f"Adapter {adapter.digest} has LoRA rank {rank}, above the kserve-llm target's max_lora_rank "
-            f"{settings.max_lora_rank} (the LLMInferenceService's maxRank); raise max_lora_rank or train with a smaller r."
-        )
-
-    cluster = Cluster(api_client(settings), ns)
+    target = KServeLLM(ctx.params.get("settings"))
+    settings, name, ns = target.settings, ctx.params["endpoint_name"], target.settings.namespace
+    adapter, base, full = steps.deploy_inputs(ctx, settings, "kserve-llm", " (the LLMInferenceService's maxRank)")
+    cluster = Cluster(target.client(), ns)
     current = cluster.get(name)
-    if current is not None and not managed_by_aiplane(current):
-        raise InputError(
-            f"{KIND} {ns}/{name} exists and was not created by aiplane; aiplane will not change it. "
-            "Serve under another endpoint name, or delete it yourself."
-        )
-    previous = served_versions(current)
-    previous_full = bool(previous and previous[0].get("full_model"))
+    steps.refuse_foreign(current, f"{KIND} {ns}/{name}")
     served_base = ((current or {}).get("spec") or {}).get("model", {}).get("uri")
-    if previous and not previous_full and not full and served_base != base.uri:
-        raise InputError(
-            f"Endpoint {name!r} serves adapters of base model {served_base}, and adapter {adapter.digest} was "
-            f"trained on {base.uri}: one endpoint, one base model."
-        )
-    if full:
-        versions = [{"digest": adapter.digest, "uri": adapter.uri, "full_model": True}]
-    else:
-        kept = [] if previous_full else [v for v in previous if v["digest"] != adapter.digest]
-        kept = intact_versions(kept[: settings.keep_previous], storage, ctx.log)
-        versions = [{"digest": adapter.digest, "uri": adapter.uri}, *kept]
+    previous = steps.served_versions(current)
+    versions = steps.next_versions(name, adapter, base, previous, served_base, settings.keep_previous, ctx.storage, ctx.log)
     desired = llm_inference_service(name, ns, settings, adapter.uri if full else base.uri, versions)
     # The API server validates it against the cluster's CRD (and KServe's admission webhook) before anything changes.
     cluster.apply(desired, current, dry_run=True)
     applied = cluster.apply(desired, current)
     ctx.log(f"{'created' if current is None else 'updated'} {KIND} {ns}/{name} "
             f"({'model' if full else 'adapter'} {adapter.digest})")  # fmt: skip
-    try:
+
+    def put_back() -> str:
+        return steps.undo(name, KIND, current, lambda: cluster.remove(name), lambda spec: cluster.apply(spec, cluster.get(name)))
+
+    with steps.put_back_on_failure(put_back):
         status = _wait_rolled_out(ctx, cluster, name, applied["metadata"]["generation"], settings)
         url = _url(status)
         if settings.smoke:
             first_completion(url, name if full else version_name(name, adapter.digest), settings.readiness_timeout_s)
-    except BaseException as exc:
-        # Failed or cancelled (Dagster's run termination too): what served before serves again.
-        undone = _put_back(cluster, name, current, previous, previous_full)
-        if isinstance(exc, (WorkloadError, InputError)) and not isinstance(exc, WorkloadCancelled):
-            raise WorkloadError(f"{exc}; {undone}.") from None
-        raise
-    return {
-        "endpoint": endpoint_record(
-            adapter, base, name, url, uri=f"llmisvc://{ns}/{name}", serving="kserve-llm",
-            handle={"namespace": ns, "llm_inference_service": name, "adapter": adapter.digest, "full_model": full,
-                    "generation": applied["metadata"]["generation"], "versions": [v["digest"] for v in versions]},
-        )  # fmt: skip
-    }
+    handle = {"namespace": ns, "llm_inference_service": name, "adapter": adapter.digest, "full_model": full,
+              "generation": applied["metadata"]["generation"], "versions": [v["digest"] for v in versions]}  # fmt: skip
+    record = endpoint_record(adapter, base, name, url, uri=f"llmisvc://{ns}/{name}", serving="kserve-llm", handle=handle)
+    return {"endpoint": record}
 
 
-def _put_back(cluster: Cluster, name: str, current: dict | None, previous: list[dict], previous_full: bool) -> str:
-    """Restore what served before this deploy; what was done, for the error message."""
-    if current is None:
-        cluster.delete(name)
-        return f"the new {KIND} {name!r} was deleted"
-    restore = copy.deepcopy(current)
-    for key in ("uid", "creationTimestamp", "generation", "managedFields"):
-        restore["metadata"].pop(key, None)
-    restore.pop("status", None)
-    cluster.apply(restore, cluster.get(name))
-    was = "model" if previous_full else "adapter"
-    return f"the previous spec of {name!r} was put back, so {was} {previous[0]['digest'] if previous else '?'} serves again"
-
-
-def _wait_rolled_out(ctx, cluster: Cluster, name: str, generation: int, settings) -> dict[str, Any]:
+def _wait_rolled_out(ctx: WorkloadContext, cluster: Cluster, name: str, generation: int, settings: Any) -> dict[str, Any]:
     """The service's status once ``generation`` is Ready and rolled out; WorkloadError with KServe's words if not."""
-    deadline = time.monotonic() + settings.readiness_timeout_s
-    last = ""
-    while True:
-        ctx.check_cancelled()
+
+    def look() -> tuple[dict[str, Any] | None, str]:
         status = (cluster.get(name) or {}).get("status") or {}
-        conditions = {c.get("type"): c for c in status.get("conditions") or []}
+        conditions = steps.conditions_of(status)
         seen = (status.get("observedGeneration") or 0) >= generation
         workload = cluster.workload(name) if seen else None
         failed = _failure(conditions, workload) if seen else None
         if failed:
             raise WorkloadError(f"{KIND} {name!r} failed to roll out: {failed}")
-        summary = "; ".join(f"{t}={c.get('status')}" + (f" ({c.get('reason')})" if c.get("reason") else "")
-                            for t, c in conditions.items())  # fmt: skip
         waiting = _rollout_waits_for(workload) if workload is not None else None
-        if seen and conditions.get("Ready", {}).get("status") == "True" and not waiting and _url(status):
-            return status
-        if summary != last:
-            ctx.log(f"{KIND} {name!r}: {summary or 'no conditions yet'}" + (f"; {waiting}" if waiting else ""))
-            last = summary
-        if time.monotonic() > deadline:
-            raise WorkloadError(
-                f"{KIND} {name!r} was not rolled out within readiness_timeout_s={settings.readiness_timeout_s:g} s"
-                f" (last conditions: {summary or 'none'}{f'; {waiting}' if waiting else ''})"
-            )
-        time.sleep(settings.poll_s)
+        done = seen and conditions.get("Ready", {}).get("status") == "True" and not waiting and _url(status)
+        return (status if done else None), steps.condition_summary(conditions, "reason") + (f"; {waiting}" if waiting else "")
+
+    return steps.wait_for(ctx, settings, f"{KIND} {name!r}", "rolled out", look)
 
 
 def _failure(conditions: dict[str, dict], workload: dict[str, Any] | None) -> str | None:
     """What went wrong, when KServe or its Deployment says the rollout failed."""
-    for c in ((workload or {}).get("status") or {}).get("conditions") or []:
+    deployment = workload or {}
+    for c in (deployment.get("status") or {}).get("conditions") or []:
         if c.get("type") == "Progressing" and c.get("status") == "False" and c.get("reason") == "ProgressDeadlineExceeded":
-            return f"its Deployment {workload['metadata']['name']}: {c.get('reason')}: {c.get('message')}"
-    messages = [
-        f"{t}: {c.get('reason')}: {c.get('message')}" if c.get("message") else f"{t}: {c.get('reason')}"
-        for t, c in conditions.items()
-        if c.get("status") == "False" and c.get("reason") and c.get("reason") not in _PROGRESSING
-        and c.get("severity") not in ("Info", "Warning")
-    ]
-    return "; ".join(messages) or None
+            return f"its Deployment {deployment['metadata']['name']}: {c.get('reason')}: {c.get('message')}"
+    return steps.failed_conditions(
+        conditions, passing=lambda c: c.get("reason") in _PROGRESSING or c.get("severity") in ("Info", "Warning")
+    )
 
 
 def _rollout_waits_for(workload: dict[str, Any]) -> str | None:
@@ -266,13 +148,3 @@ def _rollout_waits_for(workload: dict[str, Any]) -> str | None:
 def _url(status: dict[str, Any]) -> str:
     return status.get("url") or next((a.get("url") for a in status.get("addresses") or [] if a.get("url")), "")
 
-
-def stop(cluster: Cluster, name: str) -> bool:
-    """Delete endpoint ``name``'s LLMInferenceService if aiplane created it (KServe deletes what it made for it)."""
-    if not managed_by_aiplane(cluster.get(name)):
-        return False
-    return cluster.delete(name)
-
-
-def _api_error(exc: Any, doing: str) -> Exception:
-    return cluster_api_error(exc, doing, "kserve-llm")
