@@ -21,20 +21,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
 
 if TYPE_CHECKING:
     import kubernetes.client
 
-    from .config import Target
+    from .config import Deployment, Target
     from .workload import Event, Workload, WorkloadResult
 
 __all__ = [
     "FATAL_WAITING", "PodSettings", "SecretKey", "Toleration", "WorkloadWatcher", "await_workload", "check_cpu",
     "check_dns_label", "check_memory", "container_status", "cpu_quantity", "default_api_client", "fatal_waiting",
     "follow_pod_log", "memory_quantity", "pod_env", "pod_gpus", "pod_resources", "pod_secret_refs", "pod_state",
+    "pod_spec", "pod_storage_problems", "PodResources",
     "pvc_volumes", "read_pod_result", "restricted_security_context", "run_pod_task", "workload_metadata",
     "workload_object_name", "RESULT_ENV", "TERMINATION_ENV", "WORKLOAD_ENV",
 ]
@@ -128,16 +129,58 @@ class SecretKey(BaseModel):
     key: str
 
 
-class PodSettings(BaseModel):
+class PodResources(BaseModel):
+    """Where and how big a workload's pod is: service account, CPU, memory, GPUs, placement, volumes.
+
+    Every engine that runs a workload in a pod takes these (``k8s-job``,
+    ``trainjob``, and ``kfp`` for its pipeline task), checked when the deployment loads.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    service_account: str | None = None
+    """The service account the pod runs as (its Role decides what the workload may touch)."""
+    cpu_request: str | None = None
+    """Defaults to the workload's ``resources.cpus``."""
+    cpu_limit: str | None = None
+    memory_request: str | None = None
+    """Defaults to the workload's ``resources.memory_gb``."""
+    memory_limit: str | None = None
+    """``k8s-job`` and ``trainjob`` default it to ``memory_request``: a pod that outgrows its request is killed,
+    not the node."""
+    accelerator_type: str = "nvidia.com/gpu"
+    """Kubernetes resource name of the GPUs; the count comes from the workload or the target."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: tuple[Toleration, ...] = ()
+    pvc_mounts: dict[str, str] = Field(default_factory=dict)
+    """PersistentVolumeClaims to mount, claim name -> mount path (the volume of the artifact store
+    and of a path ``results_dir``, mounted at the same path as in this process)."""
+
+    @field_validator("cpu_request", "cpu_limit")
+    @classmethod
+    def _cpu(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return check_cpu(v, str(info.field_name))
+
+    @field_validator("memory_request", "memory_limit")
+    @classmethod
+    def _memory(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return check_memory(v, str(info.field_name))
+
+    @field_validator("service_account")
+    @classmethod
+    def _service_account(cls, v: str | None) -> str | None:
+        return check_dns_label(v, "service_account")
+
+
+class PodSettings(PodResources):
     """What an engine that runs each workload in a Kubernetes pod needs to know: image, namespace, resources, secrets.
 
     The pod's container runs the engine's task module in ``image`` (which must hold
     the installed aiplane and what the workload imports) and writes the result to
     ``results_dir``, where this process reads it back. Engines extend it with what
-    is their own (a Job's TTL, a TrainJob's runtime).
+    is their own (a Job's TTL, a TrainJob's runtime). Its size and placement are
+    :class:`PodResources`.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     image: str
     """The container image: it must hold the installed ``aiplane`` (with the workload's extras)."""
@@ -146,25 +189,12 @@ class PodSettings(BaseModel):
     """Where the pod writes each result and this process reads it: object storage (``s3://bucket/prefix``,
     reached with the deployment's storage settings), or a volume mounted at the same path here and in
     the pod (``pvc_mounts``)."""
-    service_account: str | None = None
-    """The service account the pod runs as (its Role decides what the workload may touch)."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
     image_pull_secrets: tuple[str, ...] = ()
     python: str = "python"
     """The interpreter in ``image``."""
-    cpu_request: str | None = None
-    """Defaults to the workload's ``resources.cpus``."""
-    cpu_limit: str | None = None
-    memory_request: str | None = None
-    """Defaults to the workload's ``resources.memory_gb``."""
-    memory_limit: str | None = None
-    """Defaults to ``memory_request``: a pod that outgrows its request is killed, not the node."""
-    accelerator_type: str = "nvidia.com/gpu"
-    """Kubernetes resource name of the GPUs; the count comes from the workload or the target."""
     gpu_type_label: str = "nvidia.com/gpu.product"
     """Node label that must equal the workload's (or the target's) ``gpu_type``, when one is given."""
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: tuple[Toleration, ...] = ()
     labels: dict[str, str] = Field(default_factory=dict)
     """Extra labels on the engine's object and its pods."""
     env: dict[str, str] = Field(default_factory=dict)
@@ -173,9 +203,6 @@ class PodSettings(BaseModel):
     """Environment variables the pod reads from Secrets (``secretKeyRef``), by name:
     ``{HF_TOKEN: {secret: hf, key: token}}``. Storage credentials given as Secret references
     are added on their own."""
-    pvc_mounts: dict[str, str] = Field(default_factory=dict)
-    """PersistentVolumeClaims to mount, claim name -> mount path (the volume of the artifact store
-    and of a path ``results_dir``, mounted at the same path as in this process)."""
     timeout_s: float | None = Field(default=None, gt=0)
     """``activeDeadlineSeconds``: the cluster stops the workload after this long."""
     run_as_non_root: bool = True
@@ -188,20 +215,10 @@ class PodSettings(BaseModel):
     context: str | None = None
     """The kubeconfig context to use."""
 
-    @field_validator("cpu_request", "cpu_limit")
+    @field_validator("namespace")
     @classmethod
-    def _cpu(cls, v: str | None, info) -> str | None:
-        return check_cpu(v, info.field_name)
-
-    @field_validator("memory_request", "memory_limit")
-    @classmethod
-    def _memory(cls, v: str | None, info) -> str | None:
-        return check_memory(v, info.field_name)
-
-    @field_validator("namespace", "service_account")
-    @classmethod
-    def _dns_label(cls, v: str | None, info) -> str | None:
-        return check_dns_label(v, info.field_name)
+    def _namespace(cls, v: str) -> str | None:
+        return check_dns_label(v, "namespace")
 
     @field_validator("env", "secret_env")
     @classmethod
@@ -247,6 +264,20 @@ def pod_secret_refs(workload: "Workload", pod: str) -> list:
             "reference a Kubernetes Secret instead (in the pod's namespace): {secret: NAME, key: KEY}"
         )
     return refs
+
+
+def pod_storage_problems(deployment: "Deployment", kind: str) -> list[str]:
+    """What :func:`pod_secret_refs` would refuse at run time, found in ``deployment`` before anything runs: each
+    storage credential (every region's) that names this process's environment, which a ``kind``'s pods do not see."""
+    stores = [("storage.s3", deployment.storage.s3)]
+    stores += [(f"storage.regions.{r}.s3", where.s3) for r, where in deployment.storage.regions.items()]
+    return [
+        f"{where}.{field} is {ref!r}, this process's environment, which a {kind}'s pods do not see; "
+        f"reference a Kubernetes Secret in the {kind}'s namespace instead: {{secret: NAME, key: KEY}}"
+        for where, s3 in stores
+        for field in ("access_key_id", "secret_access_key")
+        if (ref := getattr(s3, field, None)) is not None and ref.env
+    ]
 
 
 def pod_env(workload: "Workload", settings: PodSettings, engine: str, result_uri: str) -> list[dict[str, Any]]:
@@ -296,8 +327,9 @@ def pod_resources(
     limits: dict[str, str] = {}
     if s.cpu_limit:
         limits["cpu"] = s.cpu_limit
-    if s.memory_limit or memory:
-        limits["memory"] = s.memory_limit or memory  # type: ignore[assignment]
+    memory_limit = s.memory_limit or memory
+    if memory_limit:
+        limits["memory"] = memory_limit
     node_selector = dict(s.node_selector)
     if gpus:
         requests[s.accelerator_type] = limits[s.accelerator_type] = str(gpus)
@@ -343,6 +375,24 @@ def pvc_volumes(settings: PodSettings) -> tuple[list[dict[str, Any]], list[dict[
         [{"name": v, "persistentVolumeClaim": {"claimName": claim}} for v, claim, _ in named],
         [{"name": v, "mountPath": path} for v, _, path in named],
     )
+
+
+def pod_spec(settings: PodSettings, container: dict[str, Any], node_selector: dict[str, str]) -> dict[str, Any]:
+    """A pod spec of ``container``, with the settings' volumes (mounted in it), service account, pull secrets,
+    tolerations and ``node_selector``."""
+    s = settings
+    pod: dict[str, Any] = {"containers": [container]}
+    if s.pvc_mounts:
+        pod["volumes"], container["volumeMounts"] = pvc_volumes(s)
+    if s.service_account:
+        pod["serviceAccountName"] = s.service_account
+    if s.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in s.image_pull_secrets]
+    if node_selector:
+        pod["nodeSelector"] = node_selector
+    if s.tolerations:
+        pod["tolerations"] = [t.manifest() for t in s.tolerations]
+    return pod
 
 
 def default_api_client(settings: PodSettings, engine: str) -> "kubernetes.client.ApiClient":
@@ -407,28 +457,69 @@ def follow_pod_log(
 ) -> None:
     """Follow one pod's log to its end, one event per line; ``find_pod`` names it once it runs (``None``: not yet).
 
-    Gives up quietly when ``stop`` is set or the pod is gone.
+    A stream that drops (a proxy's timeout, an API server restart) is opened again and
+    resumes after the last line emitted, found by the kubelet's timestamp on each line:
+    no line twice, none skipped. Gives up quietly when ``stop`` is set or the pod is gone.
     """
     from kubernetes import watch
     from kubernetes.client.rest import ApiException
+    from urllib3.exceptions import HTTPError
 
     from .workload import parse_event
 
-    pod = None
+    pod, seen = None, _LogPosition()
     while not stop.is_set():
         try:
             pod = pod or find_pod()
             if pod is not None:
-                for line in watch.Watch().stream(core_api.read_namespaced_pod_log, pod, namespace, container=container):
-                    emit(parse_event(line))
+                seen.reopen()
+                lines = watch.Watch().stream(
+                    core_api.read_namespaced_pod_log, pod, namespace, container=container, timestamps=True
+                )
+                for line in lines:
+                    text = seen.new(line)
+                    if text is not None:
+                        emit(parse_event(text))
                 return
         except ApiException as exc:
             if exc.status == 404:
-                return  # the pod is gone (deleted, cancelled)
-        except Exception:  # a dropped stream: look again, unless told to stop
-            if stop.is_set():
-                return
+                return  # the pod is gone (deleted, cancelled); any other answer: ask again
+        except (HTTPError, OSError):  # a dropped stream: resume, unless told to stop
+            pass
         stop.wait(0.5)
+
+
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?Z (.*)$", re.DOTALL)
+
+
+class _LogPosition:
+    """Where a followed log is: the timestamp of the last line emitted, and how many lines emitted had it."""
+
+    def __init__(self) -> None:
+        self.last: tuple[str, str] = ("", "")
+        self.count = 0
+        self._skip = 0
+
+    def reopen(self) -> None:
+        """A new stream starts from the log's beginning: what was emitted comes again, to be passed over."""
+        self._skip = self.count
+
+    def new(self, line: str) -> str | None:
+        """The line without its timestamp if it was not emitted before, else ``None``."""
+        match = _STAMP.match(line)
+        if match is None:
+            return line  # no timestamp (an API that ignores the flag): nothing to resume by
+        key = (match[1], (match[2] or "").ljust(9, "0"))  # RFC3339Nano drops trailing zeros: pad to compare
+        if key < self.last:
+            return None
+        if key == self.last:
+            if self._skip:
+                self._skip -= 1
+                return None
+            self.count += 1
+        else:
+            self.last, self.count, self._skip = key, 1, 0
+        return match[3]
 
 
 def run_pod_task(execute_to: Callable[[Path, Path], int] | None = None, *, write_result: bool = True) -> int:
@@ -545,8 +636,8 @@ def await_workload(
         try:
             kind, value = inbox.get(timeout=0.2)
         except queue.Empty:
-            if deadline is not None and time.monotonic() > deadline:
-                return outcome  # type: ignore[return-value]  # the log did not end in time: do not wait for it
+            if outcome is not None and deadline is not None and time.monotonic() > deadline:
+                return outcome  # the log did not end in time: do not wait for it
             continue
         if kind == "event":
             on_event(value)
@@ -716,8 +807,8 @@ class WorkloadWatcher:
                 events += self.core_api.list_namespaced_event(
                     self.namespace, field_selector=f"involvedObject.name={involved}"
                 ).items
-            except Exception:
-                return  # events are a courtesy; a Role without them must not fail the workload
+            except Exception:  # events are a courtesy: a Role without them, or a blip, must not fail the workload
+                return
         for e in sorted(events, key=lambda e: str(e.last_timestamp or e.event_time or e.first_timestamp or "")):
             if e.metadata.uid in self._seen_events:
                 continue

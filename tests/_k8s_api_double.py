@@ -437,6 +437,8 @@ class KubernetesApiDouble:
         self._kinds: list[_Kind] = list(copy.deepcopy(_CORE_KINDS))
         self._store: dict[tuple[str, str], dict[tuple[str, str], dict]] = {}
         self._logs: dict[tuple[str, str], list[str]] = {}
+        self._log_times: dict[tuple[str, str], list[str]] = {}  # the kubelet's timestamp of each line
+        self._log_drops = 0  # bumped by drop_log_streams: following reads end mid-chunk
         self._history: list[tuple[int, tuple[str, str], str, dict]] = []
         self._rv = 0
         self._lock = threading.RLock()
@@ -643,6 +645,13 @@ class KubernetesApiDouble:
         """Add lines to a pod's log (what ``read_namespaced_pod_log`` returns and ``follow`` streams)."""
         with self._lock:
             self._logs.setdefault((namespace, pod), []).extend(line.rstrip("\n") for line in lines)
+            self._log_times.setdefault((namespace, pod), []).extend(_rfc3339_nano(time.time_ns()) for _ in lines)
+            self._changed.notify_all()
+
+    def drop_log_streams(self) -> None:
+        """Cut every following log read now, mid-chunk, as a proxy or a restarted API server does."""
+        with self._lock:
+            self._log_drops += 1
             self._changed.notify_all()
 
     def log(self, namespace: str, pod: str) -> list[str]:
@@ -929,6 +938,14 @@ class KubernetesApiDouble:
     def _group(name: str, versions: list[str]) -> dict:
         gvs = [{"groupVersion": f"{name}/{v}", "version": v} for v in versions]
         return {"kind": "APIGroup", "apiVersion": "v1", "name": name, "versions": gvs, "preferredVersion": gvs[0]}
+
+
+def _rfc3339_nano(ns: int) -> str:
+    # As Go's time.RFC3339Nano writes it (what the kubelet's timestamps=true prefixes): trailing zeros dropped.
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    stamp = datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    digits = f"{fraction:09d}".rstrip("0")
+    return f"{stamp}.{digits}Z" if digits else f"{stamp}Z"
 
 
 def _flag(value: str | None) -> bool:
@@ -1251,14 +1268,21 @@ class _Handler(BaseHTTPRequestHandler):
     def _log(self, namespace: str, name: str, query: dict) -> int:
         api = self.api
         pods = api._kind("Pod")
+        stamped = _flag(query.get("timestamps"))
+
+        def text(lines: list[str], first: int) -> bytes:
+            times = api._log_times.get((namespace, name), [])[first:]
+            return "".join((f"{t} " if stamped else "") + line + "\n" for t, line in zip(times, lines)).encode()
+
         with api._lock:
             api._get_or_404(pods, namespace, name)
             lines = list(api._logs.get((namespace, name), []))
+            drops, total = api._log_drops, len(lines)
         if not _flag(query.get("follow")):
             tail = query.get("tailLines")
             if tail is not None:
                 lines = lines[-int(tail):] if int(tail) else []
-            data = "".join(line + "\n" for line in lines).encode()
+            data = text(lines, total - len(lines))
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(data)))
@@ -1273,12 +1297,17 @@ class _Handler(BaseHTTPRequestHandler):
                 new = lines[sent:]
                 pod = api._store.get(("", "pods"), {}).get((namespace, name))
                 done = api._stopping or pod is None or (pod.get("status") or {}).get("phase") in _TERMINAL_PHASES
+                if api._log_drops != drops:
+                    self.wfile.write(b"ff\r\ncut")  # a chunk that never ends, then the connection goes
+                    self.wfile.flush()
+                    return 200
                 if not new and not done:
                     api._changed.wait(0.5)
                     continue
+                data = text(new, sent)
             if new:
                 sent += len(new)
-                self._chunk("".join(line + "\n" for line in new).encode())
+                self._chunk(data)
             elif done:
                 break
         self._end_stream()

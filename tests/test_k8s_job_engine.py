@@ -341,3 +341,30 @@ def test_the_plugin_lists_the_engine_without_importing_kubernetes_or_dagster_k8s
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
+
+
+def test_a_dropped_pod_log_stream_resumes_after_the_last_line_and_repeats_none():
+    from kubernetes import client
+
+    from aiplane.core.kube import follow_pod_log
+
+    with KubernetesApiDouble() as api:
+        api.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": NS},
+                    "spec": {"containers": [{"name": "c", "image": "i"}]}})
+        api.set_status("Pod", NS, "p", {"phase": "Running"})
+        api.append_log(NS, "p", "one", "two")
+        lines: list[str] = []
+        stop = threading.Event()
+        core = client.CoreV1Api(api.api_client())
+        follower = threading.Thread(target=follow_pod_log, args=(core, NS, lambda: "p", "c", lambda e: lines.append(e.message), stop))
+        follower.start()
+        try:
+            api.wait_for(lambda: len(lines) == 2)
+            api.drop_log_streams()
+            api.append_log(NS, "p", "three")
+            api.wait_for(lambda: len([r for r in api.requests if r.path.endswith("/log")]) == 2)
+            api.set_status("Pod", NS, "p", {"phase": "Succeeded"})
+            follower.join(20)
+        finally:
+            stop.set()
+        assert not follower.is_alive() and lines == ["one", "two", "three"]

@@ -601,3 +601,15 @@ def test_raycluster_manifest_with_a_worker_group_lacking_its_template_is_rejecte
     manifest = yaml.safe_load((REPO / "deployments" / "openshift-ai" / "raycluster.yaml").read_text())
     manifest["spec"]["headGroupSpec"]["rayStartParam"] = {}  # misspelled: the API server would refuse it
     assert any("Additional properties" in e.message for e in validator.iter_errors(manifest))
+
+
+def test_a_ray_job_whose_stop_fails_is_said_in_the_log_with_the_command_that_stops_it():
+    class DashboardGone:
+        def stop_job(self, job_id):
+            raise ConnectionError("connection refused")
+
+    events = []
+    ray_engine._stop_job(DashboardGone(), "aiplane-train-1", events.append, "http://head:8265")
+    (said,) = [e.message for e in events]
+    assert "stop failed (ConnectionError: connection refused)" in said
+    assert "ray job stop aiplane-train-1 --address http://head:8265" in said

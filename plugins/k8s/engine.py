@@ -22,12 +22,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from aiplane.core.components import Engine
 from aiplane.core.config import Target
-from aiplane.core.kube import WorkloadWatcher, await_workload, container_status, follow_pod_log, read_pod_result
+from aiplane.core.engines import EngineRun, PodEngine
+from aiplane.core.kube import WorkloadWatcher, await_workload, container_status, follow_pod_log
 from aiplane.core.kube import default_api_client as kube_api_client
-from aiplane.core.storage import normalize_uri
-from aiplane.core.workload import Event, Workload, WorkloadResult
+from aiplane.core.workload import Event, Workload
 
 from .manifest import CONTAINER, describe, job_manifest, job_name
 from .settings import K8sJobSettings
@@ -44,7 +43,7 @@ def default_api_client(settings: K8sJobSettings) -> "kubernetes.client.ApiClient
     return kube_api_client(settings, "k8s-job")
 
 
-class K8sJobEngine(Engine):
+class K8sJobEngine(PodEngine[K8sJobSettings]):
     """Runs each workload as a Kubernetes Job (through dagster-k8s), in the target's namespace and image.
 
     ``api_client``: a ``kubernetes.client.ApiClient``; by default :func:`default_api_client`
@@ -53,97 +52,58 @@ class K8sJobEngine(Engine):
 
     name = "k8s-job"
     Settings = K8sJobSettings
+    kind, kubectl = "Kubernetes Job", "job"
+    object_name, describe = staticmethod(job_name), staticmethod(describe)
 
-    def __init__(self, settings: Any = None, *, api_client: "kubernetes.client.ApiClient | None" = None):
-        super().__init__(settings)
-        self._api_client = api_client
-        self._client_lock = threading.Lock()
+    def build(self, workload: Workload, target: Target, name: str, result_uri: str) -> dict[str, Any]:
+        return job_manifest(workload, target, self.settings, name, result_uri)
 
-    def locations(self) -> dict[str, str]:
-        return {"results_dir": self.settings.results_dir}
-
-    def manifest(self, workload: Workload, target: Target) -> dict[str, Any]:
-        """The Job this engine would create for ``workload`` (a fresh name each call); sends nothing."""
-        name = job_name(workload)
-        return job_manifest(workload, target, self.settings, name, self._result_uri(name))
-
-    def _result_uri(self, name: str) -> str:
-        return f"{normalize_uri(self.settings.results_dir).rstrip('/')}/k8s-job-results/{name}.json"
-
-    def _kube(self) -> "DagsterKubernetesClient":
+    def create(self, manifest: dict[str, Any], run: EngineRun) -> "DagsterKubernetesClient":
         from dagster_k8s.client import DagsterKubernetesClient
+        from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
         from kubernetes import client
 
-        with self._client_lock:
-            if self._api_client is None:
-                self._api_client = default_api_client(self.settings)
-        return DagsterKubernetesClient(
-            batch_api=client.BatchV1Api(self._api_client),
-            core_api=client.CoreV1Api(self._api_client),
+        # Through dagster-k8s's model conversion: a misspelled field fails here, before anything is sent.
+        body = k8s_model_from_dict(client.V1Job, k8s_snake_case_dict(client.V1Job, manifest))
+        api_client = self.api_client()
+        kube = DagsterKubernetesClient(
+            batch_api=client.BatchV1Api(api_client),
+            core_api=client.CoreV1Api(api_client),
             logger=lambda message: None,  # what matters goes to on_event
             sleeper=time.sleep,
             timer=time.time,
         )
+        kube.create_namespaced_job_with_retries(body, self.settings.namespace, wait_time_between_attempts=1.0)
+        return kube
 
-    def run(
-        self,
-        workload: Workload,
-        target: Target,
-        on_event: Callable[[Event], None],
-        cancel: threading.Event | None = None,
-    ) -> WorkloadResult:
-        from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
-        from kubernetes import client
+    def wait(self, cluster: Any, name: str, run: EngineRun, stop: threading.Event) -> dict[str, Any]:
+        kube, s = cluster, self.settings
+        return await_workload(
+            f"Kubernetes Job {s.namespace}/{name}",
+            lambda emit: _JobWatcher(kube, s, name, emit).wait(stop),
+            lambda emit: _follow_logs(kube, s.namespace, name, emit, stop),
+            run.on_event, run.cancel, stop,
+        )
 
-        cancel = cancel or threading.Event()
-        s: K8sJobSettings = self.settings  # type: ignore[assignment]
-        name = job_name(workload)
-        result_uri = self._result_uri(name)
-        manifest = job_manifest(workload, target, s, name, result_uri)  # ConfigError here: nothing sent yet
-        # Through dagster-k8s's model conversion: a misspelled field fails here, before anything is sent.
-        body = k8s_model_from_dict(client.V1Job, k8s_snake_case_dict(client.V1Job, manifest))
-        kube = self._kube()
-        started = time.monotonic()
-        kube.create_namespaced_job_with_retries(body, s.namespace, wait_time_between_attempts=1.0)
-        # From here on the Job exists: whatever happens, it is deleted before this call returns.
-        outcome: dict[str, Any] | None = None
-        stop = threading.Event()
+    def delete(self, cluster: Any, name: str) -> None:
+        from kubernetes.client.rest import ApiException
+
+        kube, s = cluster, self.settings
         try:
-            on_event(Event(type="log", message=f"{describe(manifest)} created"))
-            outcome = _wait(kube, s, name, on_event, cancel, stop)
-        finally:
-            stop.set()
-            if outcome is None or not s.keep_finished_jobs:
-                _delete(kube, s, name, on_event)
-        meta = {
-            "engine": self.name,
-            "target": target.name,
-            "namespace": s.namespace,
-            "job": name,
-            "pod": outcome.get("pod"),
-            "image": s.image,
-            "duration_s": round(time.monotonic() - started, 3),
-        }
-        result = read_pod_result(workload, result_uri, outcome["succeeded"], outcome["message"],
-                                 f"Kubernetes Job {s.namespace}/{name}", s.results_dir)
-        return result.model_copy(update={"engine": meta})
+            kube.batch_api.delete_namespaced_job(name, s.namespace, propagation_policy=s.propagation_policy)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        # The garbage collector deletes the pods in the background; do it now, so nothing outlives the call.
+        for pod in kube.get_pod_names_in_job(name, s.namespace):
+            with contextlib.suppress(ApiException):
+                kube.core_api.delete_namespaced_pod(pod, s.namespace)
 
+    def keep(self, outcome: dict[str, Any]) -> bool:
+        return self.settings.keep_finished_jobs
 
-def _wait(
-    kube: "DagsterKubernetesClient",
-    s: K8sJobSettings,
-    name: str,
-    on_event: Callable[[Event], None],
-    cancel: threading.Event,
-    stop: threading.Event,
-) -> dict[str, Any]:
-    """Watch the Job and follow its log (:func:`~aiplane.core.kube.await_workload`); the outcome."""
-    return await_workload(
-        f"Kubernetes Job {s.namespace}/{name}",
-        lambda emit: _JobWatcher(kube, s, name, emit).wait(stop),
-        lambda emit: _follow_logs(kube, s.namespace, name, emit, stop),
-        on_event, cancel, stop,
-    )
+    def facts(self, name: str, run: EngineRun) -> dict[str, Any]:
+        return {"job": name}
 
 
 class _JobWatcher(WorkloadWatcher):
@@ -205,23 +165,3 @@ def _follow_logs(
         return pods[0].metadata.name if pods else None
 
     follow_pod_log(kube.core_api, namespace, started_pod, CONTAINER, emit, stop)
-
-
-def _delete(kube: "DagsterKubernetesClient", s: K8sJobSettings, name: str, emit: Callable[[Event], None]) -> None:
-    """Delete the Job with its pods; best effort, never raises (we may be on the way out with an error)."""
-    from kubernetes.client.rest import ApiException
-
-    try:
-        try:
-            kube.batch_api.delete_namespaced_job(name, s.namespace, propagation_policy=s.propagation_policy)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-        # The garbage collector deletes the pods in the background; do it now, so nothing outlives the call.
-        for pod in kube.get_pod_names_in_job(name, s.namespace):
-            with contextlib.suppress(ApiException):
-                kube.core_api.delete_namespaced_pod(pod, s.namespace)
-    except BaseException as exc:
-        with contextlib.suppress(BaseException):
-            emit(Event(type="log", message=f"Kubernetes Job {s.namespace}/{name}: delete failed "
-                                           f"({type(exc).__name__}); delete it with kubectl delete job {name} -n {s.namespace}"))

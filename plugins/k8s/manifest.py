@@ -11,7 +11,7 @@ from typing import Any
 
 from aiplane.core.config import Target
 from aiplane.core.kube import (
-    pod_env, pod_resources, pvc_volumes, restricted_security_context, workload_metadata, workload_object_name,
+    pod_env, pod_resources, pod_spec, restricted_security_context, workload_metadata, workload_object_name,
 )
 from aiplane.core.workload import Workload
 
@@ -49,17 +49,7 @@ def job_manifest(
     }
     if s.image_pull_policy:
         container["imagePullPolicy"] = s.image_pull_policy
-    pod: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
-    if s.pvc_mounts:
-        pod["volumes"], container["volumeMounts"] = pvc_volumes(s)
-    if s.service_account:
-        pod["serviceAccountName"] = s.service_account
-    if s.image_pull_secrets:
-        pod["imagePullSecrets"] = [{"name": n} for n in s.image_pull_secrets]
-    if node_selector:
-        pod["nodeSelector"] = node_selector
-    if s.tolerations:
-        pod["tolerations"] = [t.manifest() for t in s.tolerations]
+    pod = {"restartPolicy": "Never", **pod_spec(s, container, node_selector)}
     job_spec: dict[str, Any] = {
         "backoffLimit": 0,  # retries are the orchestrator's (a Dagster retry policy), never a silent second pod
         "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod},

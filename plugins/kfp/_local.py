@@ -34,7 +34,7 @@ def _import_kfp():
         from kfp import components, local
 
         return components, local
-    except Exception:
+    except Exception:  # any failure of the runtime-mode import: retry in kfp's ordinary mode, which says what is wrong
         for name in [m for m in sys.modules if m == "kfp" or m.startswith("kfp.")]:
             del sys.modules[name]
         del os.environ["_KFP_RUNTIME"]

@@ -19,17 +19,16 @@ import os
 import re
 import sys
 import tempfile
-import threading
-import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiplane.core.artifacts import atomic_write_text
-from aiplane.core.components import Engine
-from aiplane.core.config import Target
+from aiplane.core.config import Deployment, Target
+from aiplane.core.engines import EngineBase, EngineRun
 from aiplane.core.errors import AiplaneError, WorkloadError
+from aiplane.core.kube import pod_storage_problems
 from aiplane.core.processes import follow_process, stream_process, workload_dir
 from aiplane.core.storage import Storage, normalize_uri
 from aiplane.core.workload import (
@@ -57,30 +56,27 @@ _TASK_INDENT = "    "  # kfp.local indents what a task prints
 _LOCAL_RUNNER = str(Path(__file__).with_name("_local.py"))  # run by path: see its docstring
 
 
-class KfpEngine(Engine):
+class KfpEngine(EngineBase[KfpSettings]):
     """Runs each workload as a Kubeflow Pipelines v2 run (remote DSP server, or ``kfp.local``)."""
 
     name = "kfp"
     Settings = KfpSettings
 
     def locations(self) -> dict[str, str]:
-        s: KfpSettings = self.settings  # type: ignore[assignment]
+        s = self.settings
         if s.mode != "remote":
             return {"pipeline_root": s.pipeline_root} if s.pipeline_root else {}
         # Unset, the server's default bucket gets the task outputs: somewhere aiplane cannot hold to a region.
         return {"results_dir": s.results_dir or "", "pipeline_root": s.pipeline_root or ""}
 
-    def run(
-        self,
-        workload: Workload,
-        target: Target,
-        on_event: Callable[[Event], None],
-        cancel: threading.Event | None = None,
-    ) -> WorkloadResult:
-        cancel = cancel or threading.Event()
+    def check(self, deployment: Deployment) -> list[str]:
+        """Remote: storage credentials the pipeline's pods must get by Secret reference."""
+        return pod_storage_problems(deployment, "KFP pipeline run") if self.settings.mode == "remote" else []
+
+    def execute(self, run: EngineRun) -> tuple[WorkloadResult, dict[str, Any]]:
         if self.settings.mode == "remote":
-            return self._run_remote(workload, target, on_event, cancel)
-        return self._run_local(workload, target, on_event, cancel)
+            return self._run_remote(run)
+        return self._run_local(run)
 
     def prestart(self, entrypoint: str, preload: Sequence[str] = (), wait_s: float = 0.0) -> bool:
         """Local mode: start the kfp.local runner of the next run now (its interpreter, kfp imported).
@@ -103,11 +99,9 @@ class KfpEngine(Engine):
 
         return compile_workload(workload, target, self.settings, result_path)
 
-    def _metadata(self, target: Target, compiled: "CompiledPipeline", **extra: Any) -> dict[str, Any]:
+    def _metadata(self, compiled: "CompiledPipeline", **extra: Any) -> dict[str, Any]:
         return {
-            "engine": self.name,
             "mode": self.settings.mode,
-            "target": target.name,
             "pipeline": compiled.name,
             "pipeline_version": compiled.version,
             "pipeline_digest": compiled.digest,
@@ -116,10 +110,10 @@ class KfpEngine(Engine):
 
     # -- remote ---------------------------------------------------------------------------------
 
-    def _run_remote(
-        self, workload: Workload, target: Target, on_event: Callable[[Event], None], cancel: threading.Event
-    ) -> WorkloadResult:
+    def _run_remote(self, engine_run: EngineRun) -> tuple[WorkloadResult, dict[str, Any]]:
         from .remote import KfpRemote
+
+        workload, on_event = engine_run.workload, engine_run.on_event
 
         s = self.settings
         assert s.results_dir is not None  # the settings validator requires it for remote mode
@@ -128,19 +122,15 @@ class KfpEngine(Engine):
         # there with the workload's own storage settings, and this process reads it back.
         storage = workload.storage()
         result = f"{normalize_uri(s.results_dir).rstrip('/')}/kfp-results/{workload.name}-{workload.run_id}-{uuid.uuid4().hex[:8]}.json"
-        compiled = self.compile(workload, target, result)  # ConfigError here: nothing sent yet
-        started = time.monotonic()
+        compiled = self.compile(workload, engine_run.target, result)  # ConfigError here: nothing sent yet
         remote = KfpRemote(s)
         run = remote.start(compiled, display_name=f"{workload.name} {workload.run_id}")
         try:
-            on_event(
-                Event(
-                    type="log",
-                    message=f"KFP run {run.run_id} of {compiled.name} version {compiled.version} "
-                    f"({'reused' if run.version_reused else 'uploaded'}): {run.url}",
-                )
+            engine_run.log(
+                f"KFP run {run.run_id} of {compiled.name} version {compiled.version} "
+                f"({'reused' if run.version_reused else 'uploaded'}): {run.url}"
             )
-            final = remote.wait(run, on_event, cancel)
+            final = remote.wait(run, on_event, engine_run.cancel)
         except BaseException:
             # Cancelled, timed out, or the caller was interrupted (Dagster run termination):
             # the run on the cluster must not keep going.
@@ -167,58 +157,50 @@ class KfpEngine(Engine):
         finally:
             with contextlib.suppress(AiplaneError):
                 storage.delete(result)
-        return outcome.model_copy(
-            update={
-                "engine": self._metadata(
-                    target,
-                    compiled,
-                    run_id=run.run_id,
-                    run_url=run.url,
-                    pipeline_id=run.pipeline_id,
-                    pipeline_version_id=run.version_id,
-                    version_reused=run.version_reused,
-                    experiment_id=run.experiment_id,
-                    host=s.host,
-                    duration_s=round(time.monotonic() - started, 3),
-                )
-            }
+        return outcome, self._metadata(
+            compiled,
+            run_id=run.run_id,
+            run_url=run.url,
+            pipeline_id=run.pipeline_id,
+            pipeline_version_id=run.version_id,
+            version_reused=run.version_reused,
+            experiment_id=run.experiment_id,
+            host=s.host,
         )
 
     # -- local ----------------------------------------------------------------------------------
 
-    def _run_local(
-        self, workload: Workload, target: Target, on_event: Callable[[Event], None], cancel: threading.Event
-    ) -> WorkloadResult:
+    def _run_local(self, run: EngineRun) -> tuple[WorkloadResult, dict[str, Any]]:
+        workload = run.workload
         root = Path(self.settings.pipeline_root or Path(tempfile.gettempdir()) / "aiplane-kfp").expanduser().absolute()
         with workload_dir(f"kfp-{workload.name}") as tmp:
             result, args, out = Path(tmp, "result.json"), Path(tmp, "arguments.json"), Path(tmp, "out.json")
-            compiled = self.compile(workload, target, str(result))
+            compiled = self.compile(workload, run.target, str(result))
             spec = _keep_spec(root, compiled)
             args.write_text(json.dumps(compiled.arguments))
             # kfp.local's task script (`mktemp -d`) and a crashed task leave temporary files
             # behind; giving the run its own TMPDIR removes them with this directory.
             task_tmp = Path(tmp, "tmp")
             task_tmp.mkdir()
-            started = time.monotonic()
             tail: collections.deque[str] = collections.deque(maxlen=_TAIL)
             output = _LocalOutput(tail)
 
             def on_line(line: str) -> None:
                 event = output.event(line)
                 if event is not None:
-                    on_event(event)
+                    run.on_event(event)
 
             python, env, what = self._python(), _environment(), f"kfp.local run of {workload.name} ({workload.run_id})"
             argv = [str(spec), str(args), str(out), str(root)]
             proc, unused = standby.take(python, _LOCAL_RUNNER, env, argv, str(task_tmp))
             if unused:
-                on_event(Event(type="log", message=f"the prestarted kfp.local runner was not used: {unused}"))
+                run.log(f"the prestarted kfp.local runner was not used: {unused}")
             prestarted = proc is not None
             if proc is not None:
-                follow_process(proc, on_line, cancel, what=what)
+                follow_process(proc, on_line, run.cancel, what=what)
             else:
-                proc = stream_process([python, _LOCAL_RUNNER, *argv], on_line, cancel, env={**env, "TMPDIR": str(task_tmp)}, what=what)
-            duration = time.monotonic() - started
+                env_tmp = {**env, "TMPDIR": str(task_tmp)}
+                proc = stream_process([python, _LOCAL_RUNNER, *argv], on_line, run.cancel, env=env_tmp, what=what)
             # The next task's runner starts now, while this process records this one's outcome.
             standby.prestart(python, _LOCAL_RUNNER, env)
             if not result.exists():
@@ -229,20 +211,14 @@ class KfpEngine(Engine):
             outcome = read_result(result, workload)  # a failed workload raises its own aiplane error here
             facts = json.loads(out.read_text()) if out.exists() else {}
         run_dir = facts.get("run_dir", "")
-        return outcome.model_copy(
-            update={
-                "engine": self._metadata(
-                    target,
-                    compiled,
-                    run_id=Path(run_dir).name if run_dir else None,
-                    run_url=Path(run_dir).as_uri() if run_dir else None,
-                    result_artifact=facts.get("result_artifact"),
-                    pipeline_spec=str(spec),
-                    pid=proc.pid,
-                    **({"prestarted": True} if prestarted else {}),
-                    duration_s=round(duration, 3),
-                )
-            }
+        return outcome, self._metadata(
+            compiled,
+            run_id=Path(run_dir).name if run_dir else None,
+            run_url=Path(run_dir).as_uri() if run_dir else None,
+            result_artifact=facts.get("result_artifact"),
+            pipeline_spec=str(spec),
+            pid=proc.pid,
+            **({"prestarted": True} if prestarted else {}),
         )
 
 

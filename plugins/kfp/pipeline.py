@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiplane.core.config import Target
-from aiplane.core.errors import ConfigError
 from aiplane.core.kube import cpu_quantity, memory_quantity, pod_gpus, pod_secret_refs
 from aiplane.core.workload import Workload
 

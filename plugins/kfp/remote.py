@@ -160,7 +160,7 @@ class KfpRemote:
                     ssl_ca_cert=self.settings.ca_cert,
                     verify_ssl=self.settings.verify_ssl,
                 )
-            except Exception as exc:
+            except Exception as exc:  # kfp.Client raises bare errors for auth, TLS and HTTP: each said as an aiplane error
                 raise self._api_error("connecting", exc) from None
 
     def _call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
@@ -172,7 +172,7 @@ class KfpRemote:
             raise self._api_error(what, exc) from None
         except OSError as exc:  # urllib3 connection errors
             raise self._unreachable(f"{what}: {exc}") from None
-        except Exception as exc:
+        except Exception as exc:  # urllib3's errors are not OSErrors; anything else is raised again unchanged
             if type(exc).__module__.startswith("urllib3"):
                 raise self._unreachable(f"{what}: {type(exc).__name__}") from None
             raise
@@ -336,10 +336,10 @@ class KfpRemote:
         try:
             self._client.runs.run_service_terminate_run(run_id=run.run_id, _request_timeout=_TERMINATE_GRACE_S)
             message = f"KFP run {run.run_id}: terminate requested"
-        except Exception as exc:
+        except Exception as exc:  # on the way out with the original error: said in the log, never raised over it
             message = f"KFP run {run.run_id}: terminate failed ({type(exc).__name__}); stop it at {run.url}"
         if on_event is not None:
             try:
                 on_event(Event(type="log", message=message))
-            except BaseException:
-                pass  # we are on the way out with the original error; do not replace it
+            except Exception:  # the log sink failing too: the original error is what the caller must see
+                pass

@@ -8,10 +8,10 @@ from __future__ import annotations
 import string
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from aiplane.core.config import SecretRef
-from aiplane.core.kube import Toleration, check_cpu, check_memory
+from aiplane.core.kube import PodResources, Toleration
 
 __all__ = ["KfpSettings", "Toleration"]
 
@@ -19,16 +19,13 @@ __all__ = ["KfpSettings", "Toleration"]
 _RUN_URL_FIELDS = {"host", "namespace", "experiment_id", "run_id"}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class KfpSettings(_Strict):
+class KfpSettings(PodResources):
     """How and where the ``kfp`` engine runs workloads as Kubeflow Pipelines v2 runs.
 
     ``mode: local`` runs the compiled pipeline with ``kfp.local`` on this machine
     (no cluster); ``mode: remote`` uploads it to a KFP / OpenShift AI Data Science
-    Pipelines API server and runs it there.
+    Pipelines API server and runs it there. The pipeline task's service account,
+    size, placement and volumes are :class:`~aiplane.core.kube.PodResources`.
     """
 
     mode: Literal["local", "remote"] = "local"
@@ -48,21 +45,6 @@ class KfpSettings(_Strict):
     verify_ssl: bool = True
     ca_cert: str | None = None
     """Path of a CA bundle for the API server's TLS certificate."""
-    service_account: str | None = None
-    """Kubernetes service account the pipeline pods run as."""
-    cpu_request: str | None = None
-    """Defaults to the workload's ``resources.cpus``."""
-    cpu_limit: str | None = None
-    memory_request: str | None = None
-    """Defaults to the workload's ``resources.memory_gb``."""
-    memory_limit: str | None = None
-    accelerator_type: str = "nvidia.com/gpu"
-    """Kubernetes resource name of the GPUs; the count comes from the workload or the target."""
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: tuple[Toleration, ...] = ()
-    pvc_mounts: dict[str, str] = Field(default_factory=dict)
-    """PersistentVolumeClaims to mount in the task, claim name -> mount path: the volume holding
-    the artifact store and ``results_dir``, mounted at the same path as in this process."""
     pipeline_root: str | None = None
     """Where task outputs go: remote, an object-store URI (default: the DSPA's bucket);
     local, a directory (default: ``<tmp>/aiplane-kfp``)."""
@@ -83,16 +65,6 @@ class KfpSettings(_Strict):
     """Give up (and terminate the run) after this long; ``None`` waits as long as it takes."""
     python: str | None = None
     """Local: the interpreter that runs ``kfp.local``; defaults to the one running aiplane."""
-
-    @field_validator("cpu_request", "cpu_limit")
-    @classmethod
-    def _cpu(cls, v: str | None, info) -> str | None:
-        return check_cpu(v, info.field_name)
-
-    @field_validator("memory_request", "memory_limit")
-    @classmethod
-    def _memory(cls, v: str | None, info) -> str | None:
-        return check_memory(v, info.field_name)
 
     @field_validator("host")
     @classmethod

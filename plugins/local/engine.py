@@ -12,25 +12,20 @@ is handed to it. It is still a fresh process that runs that one workload only.
 
 from __future__ import annotations
 
-import atexit
 import collections
 import json
 import os
-import select
-import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from aiplane.core.components import Engine
-from aiplane.core.config import Target
+from aiplane.core.engines import EngineBase, EngineRun, StandbyPool, start_standby
 from aiplane.core.errors import WorkloadError
-from aiplane.core.processes import Standby, discard_standbys, follow_process, start_process, workload_dir
-from aiplane.core.workload import Event, Workload, WorkloadResult, parse_event, read_result
+from aiplane.core.processes import Standby, follow_process, start_process, workload_dir
+from aiplane.core.workload import WorkloadResult, parse_event, read_result
 
 __all__ = ["LocalEngine"]
 
@@ -44,51 +39,40 @@ class _Settings(BaseModel):
     """Interpreter to run workloads with; defaults to the one running aiplane."""
 
 
-class LocalEngine(Engine):
+class LocalEngine(EngineBase[_Settings]):
     """Runs a workload with ``python -m aiplane.core.worker`` in a subprocess."""
 
     name = "local"
     Settings = _Settings
 
-    def run(
-        self,
-        workload: Workload,
-        target: Target,
-        on_event: Callable[[Event], None],
-        cancel: threading.Event | None = None,
-    ) -> WorkloadResult:
+    def execute(self, run: EngineRun) -> tuple[WorkloadResult, dict[str, Any]]:
+        workload = run.workload
         tail: collections.deque[str] = collections.deque(maxlen=_TAIL)
 
         def on_line(line: str) -> None:
             event = parse_event(line)
             if event.type == "log":
                 tail.append(event.message)
-            on_event(event)
+            run.on_event(event)
 
         python, env = self._python(), _environment()
         # Records this process as its owner: if it is killed, `aiplane up` sweeps the directory later.
         with workload_dir(workload.name) as tmp:
             spec, result = Path(tmp, "workload.json"), Path(tmp, "result.json")
             spec.write_text(workload.model_dump_json())
-            started = time.monotonic()
-            proc, unused = _take_standby(python, workload.entrypoint, env, spec, result)
-            prestarted = proc is not None
+            handed = json.dumps({"spec": str(spec), "result": str(result)})
+            standby, unused = _STANDBYS.take((python, workload.entrypoint), env, os.getcwd(), handed)
             if unused:
-                on_line(f"the prestarted worker for {workload.entrypoint} was not used: {unused}")
-            if proc is None:
-                proc = start_process([python, "-m", _WORKER, str(spec), str(result)], env=env)
-            follow_process(proc, on_line, cancel, what=f"workload {workload.name} ({workload.run_id})")
-            duration = time.monotonic() - started
+                on_line(f"the prestarted worker for {workload.entrypoint} was not used: {unused}; a new worker runs it")
+            proc = standby.proc if standby else start_process([python, "-m", _WORKER, str(spec), str(result)], env=env)
+            follow_process(proc, on_line, run.cancel, what=f"workload {workload.name} ({workload.run_id})")
             if proc.returncode != 0 and not result.exists():
                 raise WorkloadError(
                     f"Workload {workload.name} ({workload.run_id}) exited with code {proc.returncode} "
                     "and no result. Last output:\n" + "\n".join(tail)
                 )
             outcome = read_result(result, workload)
-        facts = {"engine": self.name, "target": target.name, "pid": proc.pid, "duration_s": round(duration, 3)}
-        if prestarted:
-            facts["prestarted"] = True
-        return outcome.model_copy(update={"engine": facts})
+        return outcome, {"pid": proc.pid, **({"prestarted": True} if standby else {})}
 
     def prestart(self, entrypoint: str, preload: Sequence[str] = (), wait_s: float = 0.0) -> bool:
         """Start the worker for the next workload that runs ``entrypoint`` now, importing ``preload``.
@@ -104,23 +88,14 @@ class LocalEngine(Engine):
         Returns whether it finished importing within ``wait_s`` seconds (0: do not wait).
         """
         module = entrypoint.partition(":")[0]
-        key, env, cwd = (self._python(), entrypoint), _environment(), os.getcwd()
-        with _STANDBY_LOCK:
-            standby = _STANDBYS.get(key)
-            if standby is not None and not standby.usable(env, cwd):
-                del _STANDBYS[key]
-                standby.discard()
-                standby = None
-            if standby is None:
-                standby = _Standby.start(key[0], [*preload, module], env, cwd)
-                _STANDBYS[key] = standby
-            # A copy: a run may take the standby (and close its pipe) while this waits.
-            ready = os.dup(standby.ready)
-        try:
-            imported = bool(select.select([ready], [], [], max(0.0, wait_s))[0])
-        finally:
-            os.close(ready)
-        return imported and standby.proc.poll() is None
+        python, env, cwd = self._python(), _environment(), os.getcwd()
+        cmd = [python, "-m", _WORKER, "--standby", "--preload", ",".join([*preload, module]), "--ready-fd"]
+
+        def start() -> Standby:
+            proc, ready = start_standby(lambda fd: [*cmd, str(fd)], env)
+            return Standby(proc, env, cwd, ready)
+
+        return _STANDBYS.prestart((python, entrypoint), env, cwd, start, wait_s)
 
     def _python(self) -> str:
         return self.settings.python or sys.executable
@@ -133,59 +108,7 @@ def _environment() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-class _Standby(Standby):
-    """A worker started ahead of its workload (``python -m aiplane.core.worker --standby``).
-
-    Its ``ready`` pipe closes once it has imported what it preloads.
-    """
-
-    @classmethod
-    def start(cls, python: str, preload: Sequence[str], env: dict[str, str], cwd: str) -> "_Standby":
-        ready, ready_w = os.pipe()
-        try:
-            cmd = [python, "-m", _WORKER, "--standby", "--preload", ",".join(preload), "--ready-fd", str(ready_w)]
-            proc = start_process(cmd, env=env, stdin=subprocess.PIPE, pass_fds=(ready_w,))
-        except BaseException:
-            os.close(ready)
-            raise
-        finally:
-            os.close(ready_w)
-        return cls(proc, env, cwd, ready)
-
-    def hand_over(self, spec: Path, result: Path) -> bool:
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(json.dumps({"spec": str(spec), "result": str(result)}) + "\n")
-            self.proc.stdin.close()
-        except (OSError, ValueError):
-            return False
-        finally:
-            self.close_ready()
-        return True
-
-
-_STANDBYS: dict[tuple[str, str], _Standby] = {}
-_STANDBY_LOCK = threading.Lock()
-
-
-def _take_standby(
-    python: str, entrypoint: str, env: dict[str, str], spec: Path, result: Path
-) -> tuple[subprocess.Popen | None, str]:
-    """The prestarted worker for ``entrypoint``, now running the workload in ``spec``, or ``None``
-    and why the one there was could not take it (empty if there was none)."""
-    with _STANDBY_LOCK:
-        standby = _STANDBYS.pop((python, entrypoint), None)
-    if standby is None:
-        return None, ""
-    why = standby.unusable(env, os.getcwd())
-    if not why and not standby.hand_over(spec, result):
-        why = "it could not be handed the workload"
-    if why:
-        standby.discard()
-        return None, why + "; a new worker runs it"
-    return standby.proc, ""
-
-
-@atexit.register
-def _discard_standbys() -> None:
-    discard_standbys(_STANDBYS, _STANDBY_LOCK)
+# A worker started ahead of its workload (``python -m aiplane.core.worker --standby``); its ``ready``
+# pipe closes once it has imported what it preloads. By (interpreter, entry point).
+_STANDBYS: StandbyPool[Standby] = StandbyPool()
+_discard_standbys = _STANDBYS.discard_all

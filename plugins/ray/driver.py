@@ -87,8 +87,8 @@ def _preload() -> None:
     """What ``fit`` imports anyway (Ray Train, its torch trainer and torch), while the driver waits."""
     try:
         import ray.train.torch  # noqa: F401
-    except Exception:
-        pass  # the run imports it again and reports the failure where it belongs
+    except Exception:  # any import failure: the run imports it again and reports it where it belongs
+        pass
 
 
 def _error(exc: BaseException) -> dict[str, str]:
@@ -196,8 +196,6 @@ def _fit(
     spec: dict[str, Any], workload: Workload, emit: Callable[[Event], None], cancelled: threading.Event, init_s: float
 ) -> dict[str, Any]:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     sink = ray.remote(num_cpus=0)(EventSink).remote()
     storage = spec.get("storage_path") or os.path.expanduser("~/ray_results")
@@ -207,29 +205,7 @@ def _fit(
     if storage.startswith("s3://"):
         filesystem, storage = workload.storage().filesystem(storage)
     run_name = f"aiplane-{workload.name}-{workload.run_id}-{uuid.uuid4().hex[:6]}"
-    resources = spec.get("resources_per_worker") or None
-    gpus_per_worker = (resources or {}).get("GPU", 1 if spec["use_gpu"] else 0)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "workload": workload.model_dump_json(),
-            "sink": sink,
-            "checkpoint_every": spec["checkpoint_every"],
-            "monitor_interval_s": spec["monitor_interval_s"],
-            "gpus_per_worker": gpus_per_worker,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=spec["num_workers"], use_gpu=spec["use_gpu"], resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage,
-            storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=spec["max_failures"]),
-            # Two, not one: the newest may be half-registered when a worker dies during the report.
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
+    trainer = _trainer(spec, workload, sink, run_name, storage, filesystem)
     pump = _Pump(sink, emit)
     pump.start()
     fit_started, fit_started_wall = time.monotonic(), time.time()
@@ -273,6 +249,36 @@ def _fit(
         **summarize(pump.stats),
     }
     return outcome.model_copy(update={"engine": facts}).model_dump(mode="json")
+
+
+def _trainer(spec: dict[str, Any], workload: Workload, sink: Any, run_name: str, storage: str, filesystem: Any) -> Any:
+    """Ray Train's TorchTrainer for the workload: its workers, their resources, failures to recover from, checkpoints."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = spec.get("resources_per_worker") or None
+    gpus_per_worker = (resources or {}).get("GPU", 1 if spec["use_gpu"] else 0)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "workload": workload.model_dump_json(),
+            "sink": sink,
+            "checkpoint_every": spec["checkpoint_every"],
+            "monitor_interval_s": spec["monitor_interval_s"],
+            "gpus_per_worker": gpus_per_worker,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=spec["num_workers"], use_gpu=spec["use_gpu"], resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=spec["max_failures"]),
+            # Two, not one: the newest may be half-registered when a worker dies during the report.
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
 
 
 def _remove_run_dir(storage: str, run_name: str, filesystem=None) -> None:

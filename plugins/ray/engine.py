@@ -25,17 +25,15 @@ that Ray, which then ends with the run as any other.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import collections
+import contextlib
 import json
 import os
 import queue
 import re
 import secrets
-import select
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,10 +46,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from aiplane.core.components import Engine
-from aiplane.core.config import SecretRef, Target
+from aiplane.core.engines import EngineBase, EngineRun, StandbyPool, hand_over, start_standby
+from aiplane.core.config import SecretRef
 from aiplane.core.errors import ConfigError, WorkloadCancelled, WorkloadError
-from aiplane.core.processes import Standby, discard_standbys, follow_process, start_process, stream_process
+from aiplane.core.processes import Standby, follow_process, stream_process
 from aiplane.core.workload import Event, Workload, WorkloadResult, parse_event, read_result
 
 __all__ = ["RayEngine", "RaySettings"]
@@ -150,7 +148,7 @@ class RaySettings(BaseModel):
         return v
 
 
-class RayEngine(Engine):
+class RayEngine(EngineBase[RaySettings]):
     """Runs a workload on Ray Train's TorchTrainer: a private local Ray, or a cluster through Ray Jobs."""
 
     name = "ray"
@@ -158,36 +156,20 @@ class RayEngine(Engine):
 
     def locations(self) -> dict[str, str]:
         # Unset, checkpoints stay on the cluster's own nodes (local mode: this run's temp dir), in its region.
-        storage_path = self.settings.storage_path  # type: ignore[attr-defined]
+        storage_path = self.settings.storage_path
         return {"storage_path": storage_path} if storage_path else {}
 
-    def run(
-        self,
-        workload: Workload,
-        target: Target,
-        on_event: Callable[[Event], None],
-        cancel: threading.Event | None = None,
-    ) -> WorkloadResult:
-        cancel = cancel or threading.Event()
-        s: RaySettings = self.settings  # type: ignore[assignment]
-        started = time.monotonic()
-        if s.address is None:
-            outcome, facts = self._run_local(workload, on_event, cancel)
+    def execute(self, run: EngineRun) -> tuple[WorkloadResult, dict[str, Any]]:
+        if self.settings.address is None:
+            outcome, facts = self._run_local(run.workload, run.on_event, run.cancel)
         else:
-            outcome, facts = self._run_job(workload, on_event, cancel)
-        facts = {
-            "engine": self.name,
-            "target": target.name,
-            **facts,
-            **outcome.engine,
-            "duration_s": round(time.monotonic() - started, 3),
-        }
-        return outcome.model_copy(update={"engine": facts})
+            outcome, facts = self._run_job(run.workload, run.on_event, run.cancel)
+        return outcome, {**facts, **outcome.engine}  # the driver's own facts: workers, resource use
 
     # -- what the driver needs -------------------------------------------------------------
 
     def _spec(self, workload: Workload, local: dict[str, Any] | None, storage_path: str | None) -> str:
-        s: RaySettings = self.settings  # type: ignore[assignment]
+        s = self.settings
         return json.dumps(
             {
                 "workload": workload.model_dump(mode="json"),
@@ -204,7 +186,7 @@ class RayEngine(Engine):
         )
 
     def _per_worker(self, resource: str, default: float) -> float:
-        s: RaySettings = self.settings  # type: ignore[assignment]
+        s = self.settings
         return float(s.resources_per_worker.get(resource, default))
 
     # -- a private local Ray ------------------------------------------------------------------
@@ -222,32 +204,22 @@ class RayEngine(Engine):
 
         Returns whether Ray is up within ``wait_s`` seconds (0: do not wait).
         """
-        s: RaySettings = self.settings  # type: ignore[assignment]
+        s = self.settings
         if s.address is not None:
             return False
-        key, env, cwd = self._standby_key(), _inherited(), os.getcwd()
-        with _STANDBY_LOCK:
-            standby = _STANDBYS.get(key)
-            if standby is not None and standby.unusable(env, cwd):
-                del _STANDBYS[key]
-                standby.discard()
-                standby = None
-            if standby is None:
-                standby = _Standby.start(self._head(), env, cwd, s.runtime_env)
-                _STANDBYS[key] = standby
-            ready = os.dup(standby.ready)  # a run may take the standby (and close its pipe) while this waits
-        try:
-            up = bool(select.select([ready], [], [], max(0.0, wait_s))[0])
-        finally:
-            os.close(ready)
-        return up and standby.proc.poll() is None
+        env, cwd = _inherited(), os.getcwd()
+
+        def start() -> _Standby:
+            return _Standby.start(self._head(), env, cwd, s.runtime_env)
+
+        return _STANDBYS.prestart(self._standby_key(), env, cwd, start, wait_s)
 
     def _standby_key(self) -> tuple[str, str]:
         return sys.executable, self.settings.model_dump_json()
 
     def _head(self) -> "_Head":
         """A new private Ray's temp dir, ``ray.init`` arguments and driver environment (no workload yet)."""
-        s: RaySettings = self.settings  # type: ignore[assignment]
+        s = self.settings
         # Under /tmp, short: Ray's unix socket paths must stay under 108 bytes.
         tmp = Path(tempfile.mkdtemp(prefix="aiplane-ray-", dir="/tmp"))
         local = {
@@ -270,10 +242,10 @@ class RayEngine(Engine):
         return _Head(tmp, local, env)
 
     def _run_local(self, workload: Workload, on_event, cancel: threading.Event) -> tuple[WorkloadResult, dict[str, Any]]:
-        s: RaySettings = self.settings  # type: ignore[assignment]
-        standby, unused = _take_standby(self._standby_key(), _inherited(), os.getcwd())
+        s = self.settings
+        standby, unused = _STANDBYS.take(self._standby_key(), _inherited(), os.getcwd())
         if unused:
-            on_event(Event(type="log", message=f"the prestarted Ray was not used: {unused}"))
+            on_event(Event(type="log", message=f"the prestarted Ray was not used: {unused}; a new Ray runs it"))
         head = standby.head if standby else self._head()
         try:
             spec = self._spec(workload, head.local, s.storage_path or str(head.tmp / "storage"))
@@ -282,7 +254,9 @@ class RayEngine(Engine):
             # Own session: Ray's processes are the driver's children, so the group is this run's Ray and
             # nothing else; cancelling, or an exception here (Dagster's run termination), kills the group.
             if standby is not None:
-                proc = follow_process(standby.hand_over(spec), reader.feed, cancel, what=what)
+                # Not handed (the driver died): following it reports its exit and last output, as for any driver.
+                hand_over(standby, spec)
+                proc = follow_process(standby.proc, reader.feed, cancel, what=what)
             else:
                 cmd = [sys.executable, "-m", "aiplane.plugins.ray.driver"]
                 proc = stream_process(cmd, reader.feed, cancel, env={**head.env, _SPEC_ENV: spec}, what=what)
@@ -297,14 +271,14 @@ class RayEngine(Engine):
     # -- an existing cluster, through Ray Jobs ----------------------------------------------
 
     def _headers(self) -> dict[str, str]:
-        s: RaySettings = self.settings  # type: ignore[assignment]
+        s = self.settings
         return {"Authorization": f"Bearer {s.auth_token.resolve()}"} if s.auth_token else {}
 
     def _client(self):
         """A JobSubmissionClient for the dashboard, after a quick probe that fails in seconds, clearly."""
         import requests
 
-        s: RaySettings = self.settings  # type: ignore[assignment]
+        s = self.settings
         assert s.address is not None
         headers = self._headers()
         try:
@@ -337,7 +311,7 @@ class RayEngine(Engine):
         return JobSubmissionClient(s.address, headers=headers or None), version
 
     def _run_job(self, workload: Workload, on_event, cancel: threading.Event) -> tuple[WorkloadResult, dict[str, Any]]:
-        s: RaySettings = self.settings  # type: ignore[assignment]
+        s = self.settings
         client, version = self._client()
         env_vars = {
             **{k: str(v) for k, v in (s.runtime_env.get("env_vars") or {}).items()},
@@ -359,7 +333,7 @@ class RayEngine(Engine):
         try:
             status = self._follow(client, job_id, reader, cancel)
         except BaseException:
-            _stop_job(client, job_id)
+            _stop_job(client, job_id, on_event, s.address)
             raise
         facts = {"mode": "job", "address": s.address, "ray_submission_id": job_id, "ray_version": version.get("ray_version")}
         if reader.payload is None:
@@ -461,20 +435,35 @@ class _Lines:
             return read_result(path, workload)
 
 
-def _stop_job(client, job_id: str, wait_s: float = _GRACE_S + 10) -> None:
-    """Stop the job and wait until Ray says it ended, so its actors and placement groups are gone."""
+def _stop_job(client, job_id: str, on_event: Callable[[Event], None], address: str | None,
+              wait_s: float = _GRACE_S + 10) -> None:
+    """Stop the job and wait until Ray says it ended, so its actors and placement groups are gone.
+
+    Best effort: this runs on the way out with the run's own error, which must stay
+    the one raised; a stop that failed or could not be confirmed is said in the log,
+    with the command that finishes it.
+    """
+    finish = f"stop it with: ray job stop {job_id} --address {address}"
     try:
         client.stop_job(job_id)
-    except Exception:
+    except Exception as exc:  # any client or network failure: told, never raised over the run's own error
+        _tell(on_event, f"Ray job {job_id}: stop failed ({type(exc).__name__}: {exc}); {finish}")
         return
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         try:
             if str(client.get_job_status(job_id).value) in _TERMINAL:
                 return
-        except Exception:
+        except Exception as exc:  # as above: the stop was asked for, only its end is not known
+            _tell(on_event, f"Ray job {job_id}: stop asked, its end not confirmed ({type(exc).__name__}); {finish}")
             return
         time.sleep(0.2)
+    _tell(on_event, f"Ray job {job_id}: still not stopped {wait_s:.0f} s after the stop was asked; {finish}")
+
+
+def _tell(on_event: Callable[[Event], None], message: str) -> None:
+    with contextlib.suppress(Exception):  # the log sink failing too: the run's own error is what must be seen
+        on_event(Event(type="log", message=message))
 
 
 def _inherited() -> dict[str, str]:
@@ -504,53 +493,20 @@ class _Standby(Standby):
     @classmethod
     def start(cls, head: _Head, inherited: dict[str, str], cwd: str, runtime_env: dict[str, Any]) -> "_Standby":
         setup = json.dumps({"local": head.local, "runtime_env": runtime_env, "directory": str(head.tmp)})
-        env = {**head.env, _SPEC_ENV: setup}
-        ready, ready_w = os.pipe()
+        cmd = [sys.executable, "-m", "aiplane.plugins.ray.driver", "--standby"]
         try:
-            cmd = [sys.executable, "-m", "aiplane.plugins.ray.driver", "--standby", str(ready_w)]
-            proc = start_process(cmd, env=env, stdin=subprocess.PIPE, pass_fds=(ready_w,))
+            proc, ready = start_standby(lambda fd: [*cmd, str(fd)], {**head.env, _SPEC_ENV: setup})
         except BaseException:
-            os.close(ready)
             shutil.rmtree(head.tmp, ignore_errors=True)
             raise
-        finally:
-            os.close(ready_w)
         return cls(proc, inherited, cwd, ready, head)
-
-    def hand_over(self, spec: str) -> subprocess.Popen:
-        """Give the driver its workload (the whole spec, one line); the driver's process."""
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(spec + "\n")
-            self.proc.stdin.close()
-        except (OSError, ValueError):
-            pass  # it died: following it reports its exit and last output, as for any driver
-        finally:
-            self.close_ready()
-        return self.proc
 
     def discard(self) -> None:
         super().discard()  # EOF: the driver stops its Ray and exits
         shutil.rmtree(self.head.tmp, ignore_errors=True)
 
 
-_STANDBYS: dict[tuple[str, str], _Standby] = {}
-_STANDBY_LOCK = threading.Lock()
-
-
-def _take_standby(key: tuple[str, str], inherited: dict[str, str], cwd: str) -> tuple[_Standby | None, str]:
-    """The prestarted driver for ``key``, now this run's, or ``None`` and why the one there could not be used."""
-    with _STANDBY_LOCK:
-        standby = _STANDBYS.pop(key, None)
-    if standby is None:
-        return None, ""
-    why = standby.unusable(inherited, cwd)
-    if why:
-        standby.discard()
-        return None, why + "; a new Ray runs it"
-    return standby, ""
-
-
-@atexit.register
-def _discard_standbys() -> None:
-    discard_standbys(_STANDBYS, _STANDBY_LOCK)
+# The prestarted driver of the next local run, by (interpreter, settings).
+_STANDBYS: StandbyPool[_Standby] = StandbyPool()
+_take_standby = _STANDBYS.take
+_discard_standbys = _STANDBYS.discard_all

@@ -84,7 +84,7 @@ class ResourceMonitor:
             if self._on_summary is not None and self._n % self._push_every == 0:
                 try:
                     self._on_summary(self.summary())
-                except Exception:
+                except Exception:  # a summary that cannot be sent (sink gone) must never fail training either
                     continue
 
     def summary(self) -> dict[str, Any]:
@@ -111,7 +111,7 @@ def _gpu_probe() -> Callable[[], dict[str, float]] | None:
         if not torch.cuda.is_available():
             return None
         index = torch.cuda.current_device()
-    except Exception:
+    except Exception:  # no usable CUDA (driver, init error): no GPU figures, training unaffected
         return None
     try:
         import pynvml  # from nvidia-ml-py, only if installed
@@ -133,7 +133,7 @@ def _gpu_probe() -> Callable[[], dict[str, float]] | None:
 
         nvml()
         return nvml
-    except Exception:
+    except Exception:  # no NVML (not installed, no permission, no device by that id): CUDA's own count instead
 
         def cuda() -> dict[str, float]:
             return {"gpu_mem_mb": torch.cuda.memory_allocated(index) / 2**20}

@@ -112,23 +112,18 @@ def _failure(namespace: str, name: str, job: dict, pods: list) -> str:
     return "; ".join(parts)
 
 
-def delete(apis: Apis, s: TrainJobSettings, name: str, emit: Callable[[Event], None]) -> None:
-    """Delete the TrainJob with its pods; best effort, never raises (we may be on the way out with an error)."""
+def delete(apis: Apis, s: TrainJobSettings, name: str) -> None:
+    """Delete the TrainJob with its pods now (a 404 is not an error)."""
     from kubernetes.client.rest import ApiException
 
     try:
-        try:
-            apis.custom.delete_namespaced_custom_object(
-                GROUP, VERSION, s.namespace, "trainjobs", name, propagation_policy=s.propagation_policy
-            )
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-        # The garbage collector deletes the JobSet's pods in the background; do it now, so nothing outlives the call.
-        for pod in apis.pods(s.namespace, name):
-            with contextlib.suppress(ApiException):
-                apis.core.delete_namespaced_pod(pod.metadata.name, s.namespace)
-    except BaseException as exc:
-        with contextlib.suppress(BaseException):
-            emit(Event(type="log", message=f"TrainJob {s.namespace}/{name}: delete failed ({type(exc).__name__}); "
-                                           f"delete it with kubectl delete trainjob {name} -n {s.namespace}"))
+        apis.custom.delete_namespaced_custom_object(
+            GROUP, VERSION, s.namespace, "trainjobs", name, propagation_policy=s.propagation_policy
+        )
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+    # The garbage collector deletes the JobSet's pods in the background; do it now, so nothing outlives the call.
+    for pod in apis.pods(s.namespace, name):
+        with contextlib.suppress(ApiException):
+            apis.core.delete_namespaced_pod(pod.metadata.name, s.namespace)

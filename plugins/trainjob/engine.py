@@ -33,27 +33,22 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from aiplane.core.components import Engine
-from aiplane.core.config import Deployment, S3Settings, Target
+from aiplane.core.config import Target
+from aiplane.core.engines import EngineRun, PodEngine
 from aiplane.core.errors import ConfigError, unknown_name
-from aiplane.core.kube import default_api_client, read_pod_result
-from aiplane.core.storage import normalize_uri
-from aiplane.core.workload import Event, Workload, WorkloadResult
+from aiplane.core.workload import Event, Workload
 
 from .cluster import GROUP, VERSION, Apis, delete, wait
 from .manifest import describe, trainjob_manifest, trainjob_name
 from .settings import TrainJobSettings
 
-if TYPE_CHECKING:
-    import kubernetes.client
-
 __all__ = ["TrainJobEngine"]
 
-class TrainJobEngine(Engine):
+
+class TrainJobEngine(PodEngine[TrainJobSettings]):
     """Runs each workload as a TrainJob on the target's ClusterTrainingRuntime, in its namespace and image.
 
     ``api_client``: a ``kubernetes.client.ApiClient``; by default one is built from
@@ -62,86 +57,30 @@ class TrainJobEngine(Engine):
 
     name = "trainjob"
     Settings = TrainJobSettings
+    kind, kubectl = "TrainJob", "trainjob"
+    object_name, describe = staticmethod(trainjob_name), staticmethod(describe)
 
-    def __init__(self, settings: Any = None, *, api_client: "kubernetes.client.ApiClient | None" = None):
-        super().__init__(settings)
-        self._api_client = api_client
-        self._client_lock = threading.Lock()
+    def build(self, workload: Workload, target: Target, name: str, result_uri: str) -> dict[str, Any]:
+        return _typed(trainjob_manifest(workload, target, self.settings, name, result_uri))
 
-    def locations(self) -> dict[str, str]:
-        return {"results_dir": self.settings.results_dir}
-
-    def check(self, deployment: Deployment) -> list[str]:
-        """Storage credentials the TrainJob's pods must get by Secret reference, and the GPUs a node can have."""
-        problems = []
-        stores: list[tuple[str, S3Settings | None]] = [("storage.s3", deployment.storage.s3)]
-        stores += [(f"storage.regions.{r}.s3", where.s3) for r, where in deployment.storage.regions.items()]
-        for where, s3 in stores:
-            for field in ("access_key_id", "secret_access_key"):
-                ref = getattr(s3, field, None)
-                if ref is not None and ref.env:
-                    problems.append(
-                        f"{where}.{field} is {ref!r}, this process's environment, which a TrainJob's pods do not see; "
-                        "reference a Kubernetes Secret in the TrainJob's namespace instead: {secret: NAME, key: KEY}"
-                    )
-        return problems
-
-    def manifest(self, workload: Workload, target: Target) -> dict[str, Any]:
-        """The TrainJob this engine would create for ``workload`` (a fresh name each call); sends nothing."""
-        name = trainjob_name(workload)
-        return _typed(trainjob_manifest(workload, target, self.settings, name, self._result_uri(name)))
-
-    def _result_uri(self, name: str) -> str:
-        return f"{normalize_uri(self.settings.results_dir).rstrip('/')}/trainjob-results/{name}.json"
-
-    def _apis(self) -> "Apis":
-        with self._client_lock:
-            if self._api_client is None:
-                self._api_client = default_api_client(self.settings, self.name)
-        return Apis(self._api_client)
-
-    def run(
-        self,
-        workload: Workload,
-        target: Target,
-        on_event: Callable[[Event], None],
-        cancel: threading.Event | None = None,
-    ) -> WorkloadResult:
-        cancel = cancel or threading.Event()
-        s: TrainJobSettings = self.settings  # type: ignore[assignment]
-        name = trainjob_name(workload)
-        result_uri = self._result_uri(name)
-        # ConfigError here: nothing sent yet.
-        manifest = _typed(trainjob_manifest(workload, target, s, name, result_uri))
-        apis = self._apis()
-        _check_runtime(apis, s.runtime, on_event)
-        started = time.monotonic()
+    def create(self, manifest: dict[str, Any], run: EngineRun) -> Apis:
+        s, apis = self.settings, Apis(self.api_client())
+        _check_runtime(apis, s.runtime, run.on_event)
         apis.custom.create_namespaced_custom_object(GROUP, VERSION, s.namespace, "trainjobs", manifest)
-        # From here on the TrainJob exists: whatever happens, it is deleted before this call returns.
-        outcome: dict[str, Any] | None = None
-        stop = threading.Event()
-        try:
-            on_event(Event(type="log", message=f"{describe(manifest)} created"))
-            outcome = wait(apis, s, name, on_event, cancel, stop)
-        finally:
-            stop.set()
-            if outcome is None or not (s.keep_finished and outcome["succeeded"]):
-                delete(apis, s, name, on_event)
-        meta = {
-            "engine": self.name,
-            "target": target.name,
-            "region": target.region,
-            "namespace": s.namespace,
-            "trainjob": name,
-            "runtime": s.runtime,
-            "num_nodes": s.num_nodes,
-            "pod": outcome.get("pod"),
-            "image": s.image,
-            "duration_s": round(time.monotonic() - started, 3),
-        }
-        result = read_pod_result(workload, result_uri, outcome["succeeded"], outcome["message"],
-                                 f"TrainJob {s.namespace}/{name}", s.results_dir)
-        return result.model_copy(update={"engine": meta})
+        return apis
+
+    def wait(self, cluster: Any, name: str, run: EngineRun, stop: threading.Event) -> dict[str, Any]:
+        return wait(cluster, self.settings, name, run.on_event, run.cancel, stop)
+
+    def delete(self, cluster: Any, name: str) -> None:
+        delete(cluster, self.settings, name)
+
+    def keep(self, outcome: dict[str, Any]) -> bool:
+        return self.settings.keep_finished and outcome["succeeded"]
+
+    def facts(self, name: str, run: EngineRun) -> dict[str, Any]:
+        s = self.settings
+        return {"region": run.target.region, "trainjob": name, "runtime": s.runtime, "num_nodes": s.num_nodes}
 
 
 def _typed(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiplane.core.config import Target
 from aiplane.core.kube import (
-    pod_env, pod_resources, pvc_volumes, restricted_security_context, workload_metadata, workload_object_name,
+    pod_env, pod_resources, pod_spec, restricted_security_context, workload_metadata, workload_object_name,
 )
 from aiplane.core.workload import Workload
 
@@ -60,17 +60,7 @@ def trainjob_manifest(
         "env": env,
     }
     container: dict[str, Any] = {"name": NODE, "securityContext": restricted_security_context(s)}
-    pod: dict[str, Any] = {"containers": [container]}
-    if s.pvc_mounts:
-        pod["volumes"], container["volumeMounts"] = pvc_volumes(s)
-    if s.service_account:
-        pod["serviceAccountName"] = s.service_account
-    if s.image_pull_secrets:
-        pod["imagePullSecrets"] = [{"name": n} for n in s.image_pull_secrets]
-    if node_selector:
-        pod["nodeSelector"] = node_selector
-    if s.tolerations:
-        pod["tolerations"] = [t.manifest() for t in s.tolerations]
+    pod = pod_spec(s, container, node_selector)
     node_job = {"name": NODE, "template": {"spec": {"template": {
         "metadata": {"labels": labels, "annotations": annotations}, "spec": pod,
     }}}}  # fmt: skip
