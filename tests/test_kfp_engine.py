@@ -571,3 +571,17 @@ def test_a_pipeline_pod_cannot_read_this_processes_environment_so_env_references
     )
     with pytest.raises(ConfigError, match=r"SecretRef\(env='MY_KEY'\).*reference a Kubernetes Secret instead"):
         compile_workload(workload, REMOTE, KfpSettings(mode="remote", host="https://kfp", base_image="img", results_dir="s3://b/r"))
+
+
+def test_remote_check_names_storage_credentials_the_pipeline_pods_cannot_see_and_local_mode_does_not(tmp_path):
+    from aiplane.core.config import StorageSettings, load_deployment
+
+    storage = StorageSettings.model_validate({
+        "root": "s3://bucket/aiplane",
+        "s3": {"access_key_id": {"secret": "cos", "key": "id"}, "secret_access_key": {"env": "MY_SECRET"}},
+    })
+    deployment = load_deployment("local", home=tmp_path).model_copy(update={"storage": storage})
+    (problem,) = _remote("https://dsp.example.com", tmp_path).check(deployment)
+    assert problem.startswith("storage.s3.secret_access_key is SecretRef(env='MY_SECRET')")
+    assert "reference a Kubernetes Secret" in problem
+    assert Registry().engine("kfp", {}).check(deployment) == []
