@@ -286,10 +286,10 @@ def test_two_ups_at_once_on_one_home_train_once_and_the_second_finds_the_work_do
 
 
 def test_the_dagster_instance_aiplane_creates_sends_no_telemetry(tmp_path, monkeypatch):
-    from aiplane.assets.cli import _instance
+    from aiplane.assets.instance import open_instance
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
-    with _instance(tmp_path) as instance:
+    with open_instance(tmp_path) as instance:
         assert instance.telemetry_enabled is False
         assert instance.run_monitoring_enabled
 
@@ -327,7 +327,7 @@ def test_sigterm_during_training_says_terminated_stops_the_run_and_exits_143(tmp
 def test_an_endpoint_served_by_a_target_no_longer_installed_is_served_anew(tmp_path):
     import dagster as dg
 
-    from aiplane.assets.cli import _endpoint_down
+    from aiplane.assets.up import endpoint_down
     from aiplane.core.plugins import Registry
     from aiplane.core.records import EndpointRecord, record_to_json
 
@@ -341,7 +341,7 @@ def test_an_endpoint_served_by_a_target_no_longer_installed_is_served_anew(tmp_p
         dg.AssetMaterialization("served_endpoint", metadata={"record": dg.MetadataValue.json(record_to_json(old))})
     )
     deployment = load_deployment(_deployment(tmp_path), home=tmp_path)
-    assert _endpoint_down(instance, deployment, Registry()) == "it was served by 'kserve-local', which is not installed"
+    assert endpoint_down(instance, deployment, Registry()) == "it was served by 'kserve-local', which is not installed"
 
 
 def test_a_changed_trainer_setting_is_stale_in_dagster_requested_by_automation_and_redone_by_up_alike(recovered):

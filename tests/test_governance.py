@@ -135,7 +135,7 @@ def test_an_adapter_that_passes_serves_and_its_factsheet_records_the_gate(tmp_pa
 
 
 def test_a_record_without_an_adapter_has_no_gate_to_judge():
-    from aiplane.assets.definitions import _adapter_of
+    from aiplane.assets.outputs import adapter_of
 
     with pytest.raises(InputError, match="records no adapter"):
-        _adapter_of(BaseModelRecord(uri="/m", digest="sha256:b", name="t", architecture="x", parameters=1))
+        adapter_of(BaseModelRecord(uri="/m", digest="sha256:b", name="t", architecture="x", parameters=1))

@@ -204,10 +204,10 @@ def test_the_deployment_setting_writes_a_dagster_yaml_that_names_the_password_ne
     from dagster._config.validate import validate_config
     from dagster_postgres import DagsterPostgresStorage
 
-    from aiplane.assets.cli import _instance
+    from aiplane.assets.instance import open_instance
 
     home, settings = dagster_home
-    _instance(home.parent, settings).dispose()
+    open_instance(home.parent, settings).dispose()
 
     text = (home / "dagster.yaml").read_text()
     assert postgres.password not in text
@@ -220,10 +220,10 @@ def test_the_deployment_setting_writes_a_dagster_yaml_that_names_the_password_ne
 def test_a_run_materialized_on_postgresql_is_there_after_a_restart(dagster_home, tmp_path):
     import dagster as dg
 
-    from aiplane.assets.cli import _instance
+    from aiplane.assets.instance import open_instance
 
     home, settings = dagster_home
-    instance = _instance(home.parent, settings)
+    instance = open_instance(home.parent, settings)
     assert type(instance.run_storage).__name__ == "PostgresRunStorage"
 
     @dg.asset
@@ -246,10 +246,10 @@ def test_a_run_materialized_on_postgresql_is_there_after_a_restart(dagster_home,
 def test_a_started_schedule_on_postgresql_is_still_running_after_a_restart(dagster_home, tmp_path):
     from dagster._core.scheduler.instigation import InstigatorStatus
 
-    from aiplane.assets.cli import _instance
+    from aiplane.assets.instance import open_instance
 
     home, settings = dagster_home
-    instance = _instance(home.parent, settings)
+    instance = open_instance(home.parent, settings)
     location, schedule = _schedule(instance, tmp_path)
     try:
         instance.start_schedule(schedule)
@@ -267,7 +267,7 @@ def test_a_started_schedule_on_postgresql_is_still_running_after_a_restart(dagst
 
 
 def test_a_deployment_puts_dagster_on_postgresql_by_reference_and_refuses_a_literal_password(tmp_path):
-    from aiplane.assets.cli import _instance_yaml
+    from aiplane.assets.instance import instance_yaml
     from aiplane.core.config import load_deployment
     from aiplane.core.errors import ConfigError
 
@@ -276,7 +276,7 @@ def test_a_deployment_puts_dagster_on_postgresql_by_reference_and_refuses_a_lite
     (tmp_path / "pg.yaml").write_text(local + block)
     deployment = load_deployment(tmp_path / "pg.yaml", home=tmp_path)
 
-    rendered = yaml.safe_load(_instance_yaml(deployment.dagster.postgres))
+    rendered = yaml.safe_load(instance_yaml(deployment.dagster.postgres))
     assert rendered["storage"]["postgres"]["postgres_db"]["password"] == {"env": "AIPLANE_POSTGRESQL_POSTGRESQL_PASSWORD"}
     assert load_deployment("local", home=tmp_path).dagster.postgres is None  # SQLite stays the default
     (tmp_path / "literal.yaml").write_text(local + block.replace("{secret: aiplane-postgresql, key: postgresql-password}", "hunter2"))

@@ -242,10 +242,10 @@ def test_a_region_no_row_may_go_to_says_the_policy_not_the_source_is_why_it_is_e
 def test_up_runs_every_region_or_the_one_named_or_the_pinned_targets(region, pin, runs, tmp_path, capsys):
     import argparse
 
-    from aiplane.assets.cli import _up_regions
+    from aiplane.assets.up import up_regions
 
     deployment = load_deployment(str(_write(_raw("hybrid-local"), tmp_path)), home=tmp_path)
-    assert _up_regions(deployment, argparse.Namespace(region=region, train_target=pin)) == runs
+    assert up_regions(deployment, argparse.Namespace(region=region, train_target=pin)) == runs
     said = capsys.readouterr().out
     assert (f"--train-target {pin} is in region {runs[0]}: only region {runs[0]}'s partition runs." in said) == (
         bool(pin) and not region
@@ -255,7 +255,7 @@ def test_up_runs_every_region_or_the_one_named_or_the_pinned_targets(region, pin
 def test_a_pin_to_a_target_outside_the_region_or_the_regions_is_refused_before_anything_runs(tmp_path):
     import argparse
 
-    from aiplane.assets.cli import _up_regions
+    from aiplane.assets.up import up_regions
     from aiplane.core.errors import AiplaneError
 
     raw = _raw("hybrid-local")
@@ -263,13 +263,13 @@ def test_a_pin_to_a_target_outside_the_region_or_the_regions_is_refused_before_a
     deployment = load_deployment(str(_write(raw, tmp_path)), home=tmp_path)
     with pytest.raises(AiplaneError, match=r"--train-target eu-kfp is in region 'eu', and region 'us''s partition "
                                            r"trains only on targets in 'us': pin one of those, or leave out --region"):
-        _up_regions(deployment, argparse.Namespace(region="us", train_target="eu-kfp"))
+        up_regions(deployment, argparse.Namespace(region="us", train_target="eu-kfp"))
     with pytest.raises(AiplaneError, match=r"sa-gpu is in region 'sa', which is not one of the deployment's regions "
                                            r"\(eu, us, ap\)"):
-        _up_regions(deployment, argparse.Namespace(region="", train_target="sa-gpu"))
+        up_regions(deployment, argparse.Namespace(region="", train_target="sa-gpu"))
     # Unpartitioned, a pin is the whole run's, as before.
     local = load_deployment("local", home=tmp_path)
-    assert _up_regions(local, argparse.Namespace(region="", train_target="local")) == [None]
+    assert up_regions(local, argparse.Namespace(region="", train_target="local")) == [None]
 
 
 def test_a_region_with_a_store_of_its_own_trains_into_it_reached_with_its_own_settings(tmp_path, monkeypatch, capsys):
