@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,38 @@ def test_a_serving_target_missing_a_method_aiplane_calls_is_refused_naming_its_p
     pm.register(Plugin(), name="half-done")
     with pytest.raises(PluginError, match=r"plugin 'half-done': test_cleanup._NoStop \('no-stop'\) does not define stop, which aiplane calls"):
         Registry(pm).create("serving target", "no-stop")
+
+
+def test_nothing_of_a_careless_targets_failed_deploy_survives_the_dagster_materialization(tmp_path, workload_path, monkeypatch, clean_plugin_env):
+    import dagster as dg
+    import yaml
+
+    from aiplane.assets import ASSETS, AiplaneResource
+    from aiplane.assets import resource as resource_module
+    from aiplane.assets.state import RecordIOManager
+    from aiplane.core.config import load_deployment
+    from aiplane.core.records import record_to_json
+    from aiplane.testing.fixtures import sample_adapter
+    from _careless_target import Plugin
+
+    def with_careless(entry_points: bool = True):
+        pm = get_plugin_manager(entry_points)
+        pm.register(Plugin(), name="careless")
+        return pm
+
+    monkeypatch.setattr(resource_module, "get_plugin_manager", with_careless)
+    raw = yaml.safe_load(Path(load_deployment("local").source).read_text())
+    raw["serving"] = {"name": "careless", "settings": {"directory": str(tmp_path / "noted")}}
+    (tmp_path / "deployment.yaml").write_text(yaml.safe_dump(raw))
+    instance = dg.DagsterInstance.ephemeral()
+    # The adapter it deploys, as a finished training run would have left it.
+    record = record_to_json(sample_adapter(tmp_path / "adapter"))
+    instance.report_runless_asset_event(dg.AssetMaterialization("adapter_weights", metadata={"record": dg.MetadataValue.json(record)}))
+    result = dg.materialize(
+        ASSETS, selection="served_endpoint", instance=instance, raise_on_error=False,
+        resources={"aiplane": AiplaneResource(deployment=str(tmp_path / "deployment.yaml"), home=str(tmp_path / "home")),
+                   "io_manager": RecordIOManager()},
+    )  # fmt: skip
+    failures = [str(e.step_failure_data.error) for e in result.all_events if e.is_step_failure]
+    assert not result.success and any("careless: the server (pid" in f for f in failures), failures
+    assert _gone(int((tmp_path / "noted" / "server.pid").read_text()), within_s=5), "the failed deploy's server survived"
