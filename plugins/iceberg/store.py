@@ -631,66 +631,86 @@ def _content_digest(canonical: "pyarrow.Table") -> str:
     million rows of tickets, where sorting every column alone took longer.
     """
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
-    u64 = np.uint64
-    salt, half = u64(0x9E3779B97F4A7C15), u64(32)
-    mix1, mix2 = u64(0xBF58476D1CE4E5B9), u64(0x94D049BB133111EB)  # splitmix64's
-    lanes = ((mix1, u64(0xD6E8FEB86659FD93)), (mix2, u64(0xA0761D6478BD642F)))  # (word multiplier, row seed)
-    header = 4 * len(FEATURE_COLUMNS)
-    pads = pa.array([b"\0" * k for k in range(8)], pa.binary())
     sums = [0, 0]
-    scratch = np.empty(0, u64)
+    scratch = np.empty(0, np.uint64)
     if canonical.num_rows and canonical.column(0).num_chunks > 1 + canonical.num_rows // _DIGEST_BATCH_ROWS:
         canonical = canonical.combine_chunks()  # many small chunks: hash them as few large batches
     for batch in canonical.to_batches(max_chunksize=_DIGEST_BATCH_ROWS):
-        n = batch.num_rows
-        # Past 2 GiB a batch needs 64-bit offsets (a few rows of huge values).
-        binary, offset = (pa.large_binary(), np.int64) if batch.nbytes >= 1 << 30 else (pa.binary(), np.int32)
-        values = [batch.column(name).cast(binary) for name in FEATURE_COLUMNS]
-        lengths = np.empty((n, len(FEATURE_COLUMNS)), "<u4")
-        padding = np.full(n, -header, np.int64)
-        for k, column in enumerate(values):
-            length = pc.binary_length(column).to_numpy()
-            lengths[:, k] = length
-            padding -= length
-        padding &= 7
-        prefix = pa.Array.from_buffers(
-            binary, n, [None, pa.py_buffer(np.arange(0, header * (n + 1), header, dtype=offset)), pa.py_buffer(lengths)]
-        )
-        rows = pc.binary_join_element_wise(prefix, *values, pads.take(pa.array(padding)).cast(binary), pa.scalar(b"", binary))
-        bounds = np.frombuffer(rows.buffers()[1], offset, count=n + 1) >> 3  # row r is words bounds[r]:bounds[r + 1]
-        size = int(bounds[-1])
-        words = np.frombuffer(rows.buffers()[2], "<u8", count=size)
-        if scratch.size < 3 * size + 1:
-            scratch = np.empty(3 * size + 1, u64)
-        x, y, cumulative = scratch[:size], scratch[size : 2 * size], scratch[2 * size : 3 * size + 1]
-        # x = each word's position in its row (a running count reset at every row start), times an odd salt, xor the word.
-        x.fill(1)
-        x[bounds[1:-1]] = u64(1) - np.diff(bounds[:-1]).astype(u64)
-        x[0] = 0
-        np.cumsum(x, out=x)
-        x *= salt
-        x ^= words
-        cumulative[0] = 0
-        for lane, (multiplier, seed) in enumerate(lanes):
-            if lane:
-                x.byteswap(inplace=True)
-            np.multiply(x, multiplier, out=y)
-            np.right_shift(y, half, out=cumulative[1:])  # (cumulative as scratch until the cumsum below)
-            y ^= cumulative[1:]
-            np.cumsum(y, out=cumulative[1:])
-            row = cumulative[bounds[1:]] - cumulative[bounds[:-1]]
-            row ^= seed
-            row ^= row >> u64(30)
-            row *= mix1
-            row ^= row >> u64(27)
-            row *= mix2
-            row ^= row >> u64(31)
-            sums[lane] = (sums[lane] + int(row.sum(dtype=u64))) & 0xFFFFFFFFFFFFFFFF
+        words, bounds = _row_words(batch)
+        if scratch.size < 3 * words.size + 1:
+            scratch = np.empty(3 * words.size + 1, np.uint64)
+        for lane, total in enumerate(_lane_sums(words, bounds, scratch)):
+            sums[lane] = (sums[lane] + total) & 0xFFFFFFFFFFFFFFFF
     h = hashlib.sha256(_DIGEST_FORMAT)
     for name in FEATURE_COLUMNS:
         h.update(name.encode() + b"\0")
     h.update(canonical.num_rows.to_bytes(8, "big") + sums[0].to_bytes(8, "big") + sums[1].to_bytes(8, "big"))
     return "sha256:" + h.hexdigest()
+
+
+def _row_words(batch: "pyarrow.RecordBatch") -> tuple[Any, Any]:
+    """The batch's rows serialized as :func:`_content_digest` says, as one array of 64-bit words, and where each
+    row starts in it (row ``r`` is ``words[bounds[r]:bounds[r + 1]]``)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = batch.num_rows
+    header = 4 * len(FEATURE_COLUMNS)
+    # Past 2 GiB a batch needs 64-bit offsets (a few rows of huge values).
+    binary, offset = (pa.large_binary(), np.int64) if batch.nbytes >= 1 << 30 else (pa.binary(), np.int32)
+    values = [batch.column(name).cast(binary) for name in FEATURE_COLUMNS]
+    lengths = np.empty((n, len(FEATURE_COLUMNS)), "<u4")
+    padding = np.full(n, -header, np.int64)
+    for k, column in enumerate(values):
+        length = pc.binary_length(column).to_numpy()
+        lengths[:, k] = length
+        padding -= length
+    padding &= 7
+    prefix = pa.Array.from_buffers(
+        binary, n, [None, pa.py_buffer(np.arange(0, header * (n + 1), header, dtype=offset)), pa.py_buffer(lengths)]
+    )
+    pads = pa.array([b"\0" * k for k in range(8)], pa.binary()).take(pa.array(padding)).cast(binary)
+    rows = pc.binary_join_element_wise(prefix, *values, pads, pa.scalar(b"", binary))
+    bounds = np.frombuffer(rows.buffers()[1], offset, count=n + 1) >> 3
+    words = np.frombuffer(rows.buffers()[2], "<u8", count=int(bounds[-1]))
+    return words, bounds
+
+
+def _lane_sums(words: Any, bounds: Any, scratch: Any) -> tuple[int, int]:
+    """Both lanes' sums of the rows' mixed words, as :func:`_content_digest` says; ``scratch`` holds at least
+    ``3 * words.size + 1`` words (reused across batches: allocating it each time costs more than the hashing)."""
+    import numpy as np
+
+    u64 = np.uint64
+    salt, half = u64(0x9E3779B97F4A7C15), u64(32)
+    mix1, mix2 = u64(0xBF58476D1CE4E5B9), u64(0x94D049BB133111EB)  # splitmix64's
+    lanes = ((mix1, u64(0xD6E8FEB86659FD93)), (mix2, u64(0xA0761D6478BD642F)))  # (word multiplier, row seed)
+    size = words.size
+    x, y, cumulative = scratch[:size], scratch[size : 2 * size], scratch[2 * size : 3 * size + 1]
+    # x = each word's position in its row (a running count reset at every row start), times an odd salt, xor the word.
+    x.fill(1)
+    x[bounds[1:-1]] = u64(1) - np.diff(bounds[:-1]).astype(u64)
+    x[0] = 0
+    np.cumsum(x, out=x)
+    x *= salt
+    x ^= words
+    cumulative[0] = 0
+    sums = []
+    for lane, (multiplier, seed) in enumerate(lanes):
+        if lane:
+            x.byteswap(inplace=True)
+        np.multiply(x, multiplier, out=y)
+        np.right_shift(y, half, out=cumulative[1:])  # (cumulative as scratch until the cumsum below)
+        y ^= cumulative[1:]
+        np.cumsum(y, out=cumulative[1:])
+        row = cumulative[bounds[1:]] - cumulative[bounds[:-1]]
+        row ^= seed
+        row ^= row >> u64(30)
+        row *= mix1
+        row ^= row >> u64(27)
+        row *= mix2
+        row ^= row >> u64(31)
+        sums.append(int(row.sum(dtype=u64)))
+    return sums[0], sums[1]
