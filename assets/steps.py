@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 
 from aiplane.core.components import FEATURE_COLUMNS, endpoint_name
-from aiplane.core.errors import GovernanceError, InputError
+from aiplane.core.errors import AiplaneError, GovernanceError, InputError
 from aiplane.core.factsheet import build_factsheet
 from aiplane.core.governance import judge
 from aiplane.core.placement import allows_region, normalize_tag
@@ -169,6 +169,7 @@ def adapter_weights(
     with materialization(aiplane.registry.pm, "adapter_weights", context.run.run_id, inputs, d, region) as m:
         trainer, decision = aiplane.placed("trainer", "train-adapter", features.residency, config.target, region)
         trainer.validate(base_model)
+        _prepare_serving(context, aiplane, base_model, features, region)
         result = aiplane.run(context, trainer.workload(base_model, features, d.artifact_root(decision.region)), decision)
         record = m["output"] = placed(result.outputs["adapter"], decision, result.engine)
     metrics = record.metrics
@@ -186,6 +187,25 @@ def adapter_weights(
         steps=metrics.get("steps"),
     )
     yield from adapter_checks(record, d.governance)
+
+
+def _prepare_serving(
+    context: dg.AssetExecutionContext, aiplane: AiplaneResource, base_model: BaseModelRecord, features: FeaturesRecord,
+    region: str | None,
+) -> None:
+    """Serve while training: when this run deploys what it trains, the serving target is told now, so it can start
+    what the deploy needs meanwhile (:meth:`ServingTarget.prepare`). A hint: a problem is the deploy's to report."""
+    run = context.run
+    if run.step_keys_to_execute is not None and "served_endpoint" not in run.step_keys_to_execute:
+        return
+    if run.asset_selection is not None and dg.AssetKey("served_endpoint") not in run.asset_selection:
+        return
+    config = EndpointConfig(**((((run.run_config or {}).get("ops") or {}).get("served_endpoint") or {}).get("config") or {}))
+    try:
+        serving, _ = aiplane.placed("serving", "serve-endpoint", features.residency, config.target, region)
+        serving.prepare(base_model, endpoint_name(config.name, region))
+    except AiplaneError as exc:
+        context.log.info(f"the serving target was not prepared while the adapter trains: {exc}")
 
 
 class EndpointConfig(TargetConfig):

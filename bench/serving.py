@@ -2,6 +2,15 @@
 
     .venv/bin/python bench/serving.py                 # runs the tiny chain in a temp home, then measures
     .venv/bin/python bench/serving.py --url http://127.0.0.1:PORT --model support-tickets
+    .venv/bin/python bench/serving.py --compare       # adapter vs plain vLLM on the bare base model, step by step
+
+``--compare`` starts plain vLLM on the bare base model (the same runtime, no LoRA, no preloaded
+libraries: vLLM as a user starts it) and keeps it up; then, one at a time, a server for each
+step of closing the gap between serving an adapter and serving the base model, and the
+endpoint ``aiplane up`` deploys (its default settings). Each is measured in rounds alternating
+with the plain server, so both see the same load, and printed as a ratio to it at 1, 16 and
+64 clients. The adapter is the tiny Granite's rank-16 LoRA on q_proj and v_proj, as
+``deployments/local.yaml`` trains it (random weights: speed does not depend on their values).
 
 Each round sends ``--requests`` completions of ``--tokens`` new tokens (``ignore_eos``, so
 every request generates exactly that many) with N clients at once, and reports requests per
@@ -112,11 +121,145 @@ def _tiny_chain(home: Path) -> tuple[str, str]:
     deployment.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "AIPLANE_HOME": str(home / "home")}
     done = subprocess.run([sys.executable, "-m", "aiplane.assets.cli", "--deployment", str(deployment), "up"],
-                          env=env, capture_output=True, text=True)  # fmt: skip
+                          env=env, capture_output=True, text=True, check=False)  # fmt: skip
     if done.returncode != 0:
         sys.exit(f"aiplane up failed:\n{done.stderr[-3000:]}")
     state = json.loads((home / "home" / "serving" / "support-tickets" / "endpoint.json").read_text())
     return state["url"], "support-tickets"
+
+
+def _compare_models(root: Path) -> tuple[Path, Path, Path]:
+    """The tiny Granite, an adapter shaped like local.yaml's, and the two merged."""
+    import torch
+    from aiplane.plugins.peft.base_model import build_tiny_granite
+    from aiplane.plugins.vllm.merge import merge_adapter
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = build_tiny_granite(root / "base")
+    torch.manual_seed(0)
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora).save_pretrained(root / "adapter")
+    return base, root / "adapter", merge_adapter(base, root / "adapter", root / "merged")
+
+
+class _Server:
+    """A vLLM server of the runtime aiplane provisions, started as the vllm target starts one."""
+
+    def __init__(self, model: Path, served: str, *, lora: Path | None = None, flags: dict | None = None,
+                 preload: bool = False, dev: bool = False) -> None:  # fmt: skip
+        import socket
+
+        from aiplane.plugins.vllm.runtime import (
+            SERVER_MODULE,
+            ensure_vllm,
+            preload_libraries,
+            server_args,
+            server_env,
+        )
+
+        python = ensure_vllm(lambda line: None)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        extra = [f"--lora-modules={served}={lora}"] if lora else []
+        args = server_args(str(model), "base" if lora else served, host="127.0.0.1", port=port,
+                           lora=lora is not None, extra=extra, **(flags or {}))  # fmt: skip
+        env = server_env(lora=lora is not None, dev=dev, preload=preload_libraries(python) if preload else ())
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="aiplane-bench-vllm-", suffix=".log", delete=False)  # noqa: SIM115 - the server's output, for its life
+        self.proc = subprocess.Popen([str(python), "-m", SERVER_MODULE, *args], env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        self.started = time.perf_counter()
+
+    def ready(self) -> _Server:
+        import urllib.request
+
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                    self.startup_s = time.perf_counter() - self.started
+                    return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    sys.exit(f"a vLLM server exited; see {self.log.name}")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+def _against(plain: _Server, other: _Server, model: str, args) -> list[tuple[dict, dict]]:
+    """Rounds of ``other`` alternating with ``plain`` at each concurrency; the median round of each."""
+    measure(other.url, model, 4, 16, args.tokens)  # warm-up
+    rounds = []
+    for _ in range(args.rounds):
+        row = []
+        for c in args.clients.split(","):
+            row.append((measure(plain.url, "base", int(c), args.requests, args.tokens),
+                        measure(other.url, model, int(c), args.requests, args.tokens)))  # fmt: skip
+        rounds.append(row)
+    return [(_median(tuple(p for p, _ in col)), _median(tuple(o for _, o in col))) for col in zip(*rounds, strict=True)]
+
+
+def compare(args) -> int:
+    """``--compare``: see the module docstring."""
+    with tempfile.TemporaryDirectory(prefix="aiplane-bench-serving-") as tmp:
+        base, adapter, merged = _compare_models(Path(tmp))
+        steps = {
+            "lora, --max-loras=4 --max-lora-rank=16 (the former defaults)": {"model": base, "lora": adapter},
+            "lora, --max-loras=1 --max-lora-rank=16 (one adapter per batch)":
+                {"model": base, "lora": adapter, "flags": {"max_loras": 1, "max_cpu_loras": 1}},
+            "lora, max_loras 1, + tcmalloc and Intel OpenMP preloaded":
+                {"model": base, "lora": adapter, "flags": {"max_loras": 1, "max_cpu_loras": 1}, "preload": True},
+            "merged into the base weights": {"model": merged},
+            "merged, --enforce-eager (no compile at start)": {"model": merged, "flags": {"extra": ["--enforce-eager"]}},
+            "merged, + tcmalloc and Intel OpenMP preloaded": {"model": merged, "preload": True},
+            "plain vLLM on the bare base model, + preloaded": {"model": base, "preload": True},
+        }
+        if args.only:
+            steps = {label: spec for label, spec in steps.items() if any(word in label for word in args.only.split(","))}
+        plain = _Server(base, "base").ready()
+        print(f"plain vLLM on the bare base model ready after {plain.startup_s:.1f} s", flush=True)
+        results = {}
+        try:
+            for label, spec in steps.items():
+                other = _Server(served="tickets", **spec).ready()
+                try:
+                    results[label] = (other.startup_s, _against(plain, other, "tickets", args))
+                finally:
+                    other.stop()
+                _print_step(label, *results[label])
+            if args.chain:
+                url, model = _tiny_chain(Path(tmp) / "chain")
+                try:
+                    other = _Server.__new__(_Server)
+                    other.url = url
+                    results["the endpoint aiplane up deploys"] = (float("nan"), _against(plain, other, model, args))
+                finally:
+                    subprocess.run([sys.executable, "-m", "aiplane.assets.cli", "--deployment",
+                                    str(Path(tmp) / "chain" / "bench.yaml"), "stop"], capture_output=True,
+                                   env={**os.environ, "AIPLANE_HOME": str(Path(tmp) / "chain" / "home")}, check=False)  # fmt: skip
+                _print_step("the endpoint aiplane up deploys", *results["the endpoint aiplane up deploys"])
+        finally:
+            plain.stop()
+    print(f"\n{args.requests} requests of {args.tokens} new tokens; ratio to plain vLLM on the bare base model, "
+          f"measured alternately, median of {args.rounds} rounds")  # fmt: skip
+    print(f"{'':<64} " + " ".join(f"{c + ' cl.':>8}" for c in args.clients.split(",")))
+    for label, (_, rows) in results.items():
+        print(f"{label:<64} " + " ".join(f"{o['req_s'] / p['req_s']:>7.2f}x" for p, o in rows))
+    return 0
+
+
+def _print_step(label: str, startup_s: float, rows: list[tuple[dict, dict]]) -> None:
+    print(f"{label} (ready after {startup_s:.1f} s)", flush=True)
+    for plain, other in rows:
+        print(f"  {other['clients']:>3} clients: {other['req_s']:7.1f} req/s vs plain {plain['req_s']:7.1f} "
+              f"= {other['req_s'] / plain['req_s']:.2f}x (errors {other['errors']}+{plain['errors']})", flush=True)  # fmt: skip
 
 
 def main() -> int:
@@ -127,7 +270,12 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--clients", default="1,16,64")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every concurrency, interleaved; the median is kept")
+    parser.add_argument("--compare", action="store_true", help="the adapter vs plain vLLM on the bare base model, step by step")
+    parser.add_argument("--chain", action="store_true", help="with --compare: also the endpoint `aiplane up` deploys")
+    parser.add_argument("--only", default="", help="with --compare: only the steps whose label holds one of these words")
     args = parser.parse_args()
+    if args.compare:
+        return compare(args)
     with tempfile.TemporaryDirectory(prefix="aiplane-bench-serving-") as tmp:
         url, model = (args.url, args.model) if args.url else _tiny_chain(Path(tmp))
         try:
@@ -135,7 +283,7 @@ def main() -> int:
             # Interleaved rounds, so a burst of load from elsewhere on the machine hits every concurrency alike.
             rounds = [[measure(url, model, int(c), args.requests, args.tokens) for c in args.clients.split(",")]
                       for _ in range(args.rounds)]  # fmt: skip
-            rows = [_median(column) for column in zip(*rounds)]
+            rows = [_median(column) for column in zip(*rounds, strict=True)]
         finally:
             if not args.url:
                 subprocess.run([sys.executable, "-m", "aiplane.assets.cli", "--deployment",

@@ -180,7 +180,9 @@ def whole(models):
 def _deploy(models, adapter: AdapterRecord, name: str = NAME, **settings) -> tuple[EndpointRecord, list[str]]:
     """Deploy through the local engine, as the asset does; returns the record and the workload's log lines."""
     lines: list[str] = []
-    workload = VllmLocal(settings, home=models["home"]).workload(adapter, name)
+    # This module is about LoRA mode, adapters loaded by request on the base model's shared server;
+    # merged mode (the default) is tests/test_vllm_merged.py's.
+    workload = VllmLocal({"adapters": "lora", **settings}, home=models["home"]).workload(adapter, name)
     result = Registry().engine("local").run(
         workload, Target(name="local", engine="local", region="eu"), on_event=lambda e: lines.append(str(e))
     )

