@@ -1,15 +1,20 @@
-"""Benchmark: the training loop's packing, masked per example, against HF Trainer + PEFT with padding.
+"""Benchmark: the training loop's packing, each example attending to itself, against HF Trainer + PEFT with padding.
 
-Three ways to take the same LoRA steps on the same model and rows (the
+Four ways to take the same LoRA steps on the same model and rows (the
 settings of ``deployments/local.yaml``: r 16 on q_proj/v_proj, batch 8,
 seq_len 128, learning rate 0.01), each timed over the optimisation steps only:
 
 * ``packed-masked``: aiplane's loop (``aiplane.plugins.peft.train``), examples
-  packed into full blocks with per-example position ids, so each example
-  attends only to itself, the vocabulary head applied only where a label is
-  scored, one fused AdamW step (what the trainers do now);
-* ``packed-unmasked``: the same loop and blocks with one causal mask per block,
-  so examples attend across their boundaries (what the loop did before);
+  packed into full blocks with per-example position ids, attention computed
+  example by example (``aiplane.plugins.peft.attention``: each example attends
+  only to itself, no block mask), the vocabulary head applied only where a
+  label is scored, one fused AdamW step (what the trainers do now);
+* ``packed-sdpa-mask``: the same loop and blocks, attention by SDPA with the
+  block-diagonal mask transformers derives from the position ids, over whole
+  blocks (what the loop did before the per-example attention);
+* ``packed-unmasked``: the same loop and blocks, each block one causal
+  sequence, so examples attend across their boundaries (what the loop did
+  before packing was masked: the cost of not masking at all);
 * ``hf-padded``: ``transformers.Trainer`` on the PEFT model, one example per
   row, padded per batch (``DataCollatorForSeq2Seq``), the usual recipe, with
   the same optimizer settings (AdamW, warm-up, clipping at 1.0).
@@ -60,23 +65,29 @@ def _lora_model(path: str, s):
     return method.prepare(model), method, tokenizer, device
 
 
-def _packed(path: str, rows, s, masked: bool) -> tuple[float, float]:
-    """Real tokens per second (wall, CPU) of the aiplane loop, with or without the per-example mask."""
+def _packed(path: str, rows, s, variant: str) -> tuple[float, float]:
+    """Real tokens per second (wall, CPU) of the aiplane loop: ``masked``, ``sdpa-mask`` or ``unmasked`` attention."""
+    import contextlib
+    from unittest import mock
+
     import torch
 
     from aiplane.core.workload import Workload, WorkloadContext
+    from aiplane.plugins.peft import train
     from aiplane.plugins.peft.packing import pack
-    from aiplane.plugins.peft.train import _optimize
 
     model, method, tokenizer, device = _lora_model(path, s)
     packed = pack(tokenizer, rows, s.seq_len)
-    if not masked:
-        # One position run per block: transformers sees one sequence and applies a plain causal mask.
+    if variant == "unmasked":
+        # One position run per block: every block is one causal sequence.
         packed = packed._replace(positions=torch.arange(s.seq_len).expand_as(packed.inputs).contiguous())
+    # sdpa-mask: the model keeps SDPA, which ignores the per-example layout; transformers masks from the positions.
+    keep_sdpa = mock.patch.object(train, "packed_attention", lambda *models: contextlib.nullcontext())
     ctx = WorkloadContext(Workload(name="bench", entrypoint="x:y"), lambda event: None)
-    cpu = time.process_time()
-    _, seconds, _ = _optimize(model, method, packed, s, device, ctx)
-    cpu = time.process_time() - cpu
+    with keep_sdpa if variant == "sdpa-mask" else contextlib.nullcontext():
+        cpu = time.process_time()
+        _, seconds, _ = train._optimize(model, method, packed, s, device, ctx)
+        cpu = time.process_time() - cpu
     tokens = s.max_steps * s.batch_size * s.seq_len
     return tokens / seconds, tokens / cpu
 
@@ -135,10 +146,11 @@ def main() -> None:
     rows = sorted((r for r in to_features(generate_tickets(300)) if r["split"] == "train"), key=lambda r: r["id"])
     with tempfile.TemporaryDirectory(prefix="aiplane-bench-") as tmp:
         path = args.model or str(build_tiny_granite(Path(tmp) / "tiny-granite"))
-        runs: dict[str, list[tuple[float, float]]] = {"packed-masked": [], "packed-unmasked": [], "hf-padded": []}
+        variants = ("masked", "sdpa-mask", "unmasked")
+        runs: dict[str, list[tuple[float, float]]] = {f"packed-{v}": [] for v in variants} | {"hf-padded": []}
         for _ in range(args.rounds):
-            runs["packed-masked"].append(_packed(path, rows, s, masked=True))
-            runs["packed-unmasked"].append(_packed(path, rows, s, masked=False))
+            for v in variants:
+                runs[f"packed-{v}"].append(_packed(path, rows, s, v))
             runs["hf-padded"].append(_hf_padded(path, rows, s))
     print(
         f"{len(rows)} rows, {s.max_steps} steps of batch {s.batch_size}, seq_len {s.seq_len}, "
@@ -149,9 +161,9 @@ def main() -> None:
         print(f" real tokens per {clock}-clock second")
         for name, values in runs.items():
             print(f"  {name:16} {median[name]:10,.0f}   ({', '.join(f'{v[i]:,.0f}' for v in values)})")
-        print(f"  packed-masked   / hf-padded       {median['packed-masked'] / median['hf-padded']:.2f}x")
-        print(f"  packed-unmasked / hf-padded       {median['packed-unmasked'] / median['hf-padded']:.2f}x")
-        print(f"  packed-masked   / packed-unmasked {median['packed-masked'] / median['packed-unmasked']:.2f}x")
+        for a, b in (("masked", "hf-padded"), ("sdpa-mask", "hf-padded"), ("unmasked", "hf-padded"),
+                     ("masked", "packed-sdpa-mask"), ("masked", "packed-unmasked")):  # fmt: skip
+            print(f"  {'packed-' + a:16} / {b:16} {median['packed-' + a] / median[b]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiplane.core.records import BaseModelRecord
 
+from .attention import Segments
 from .packing import IGNORE
 from .trainer import DistillSettings, LoraParams, LoopSettings, LoraSettings, SftSettings, unfrozen
 
@@ -43,30 +44,38 @@ def logits(net: Any, input_ids: "torch.Tensor", position_ids: "torch.Tensor | No
     return out.logits[:, :-1].float()
 
 
-def scored_logits(net: Any, input_ids, labels, position_ids=None, attention_mask=None) -> tuple["torch.Tensor", "torch.Tensor"]:
+def scored_logits(
+    net: Any, input_ids, labels, position_ids=None, attention_mask=None, layout: Segments | None = None
+) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Next-token logits (float32) of only the positions whose next token is labelled, ``(n, vocab)``, and those n labels.
 
     The head (hidden state to vocabulary, the largest matrix of a small model)
     runs only where a loss is taken: in a packed block of prompts and short
     completions that is about one position in eight. transformers applies it
     to the positions a boolean ``logits_to_keep`` marks, in row-major order,
-    the order in which the labels are taken here.
+    the order in which the labels are taken here. ``layout``: the packed
+    batch's :func:`~.attention.segments`, for a model inside
+    :func:`~.attention.packed_attention`.
     """
     import torch.nn.functional as F
 
     # Position t predicts token t + 1; the last position of a row predicts nothing in it.
     scored = F.pad(labels[:, 1:] != IGNORE, (0, 1))
+    more = {} if layout is None else {"packed_segments": layout}
     out = net(
-        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=scored
-    )
+        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False,
+        logits_to_keep=scored, **more,
+    )  # fmt: skip
     return out.logits.float(), labels[:, 1:][scored[:, :-1]]
 
 
-def label_loss(net: Any, input_ids, labels, position_ids=None, attention_mask=None) -> tuple["torch.Tensor", int]:
+def label_loss(
+    net: Any, input_ids, labels, position_ids=None, attention_mask=None, layout: Segments | None = None
+) -> tuple["torch.Tensor", int]:
     """(summed cross-entropy over labelled next tokens, number of labelled tokens)."""
     import torch.nn.functional as F
 
-    scores, target = scored_logits(net, input_ids, labels, position_ids, attention_mask)
+    scores, target = scored_logits(net, input_ids, labels, position_ids, attention_mask, layout)
     return F.cross_entropy(scores, target, reduction="sum"), int(target.numel())
 
 
@@ -122,16 +131,19 @@ class Method:
             what = f"{self.name}: {what}"
         return f"{what}: {trainable:,} trainable parameters"
 
-    def loss(self, net: Any, input_ids, labels, position_ids) -> tuple["torch.Tensor", int]:
-        """(summed loss over the labelled tokens of the batch, their number): the loop normalises by the count."""
+    def loss(self, net: Any, input_ids, labels, position_ids, layout: Segments | None = None) -> tuple["torch.Tensor", int]:
+        """(summed loss over the labelled tokens of the batch, their number): the loop normalises by the count.
+
+        ``layout``: the batch's :func:`~.attention.segments`, when ``net`` (and the teacher) run inside
+        :func:`~.attention.packed_attention`, as the loop runs them."""
         if self.teacher is None:
-            return label_loss(net, input_ids, labels, position_ids)
+            return label_loss(net, input_ids, labels, position_ids, layout=layout)
         import torch
         import torch.nn.functional as F
 
-        s, target = scored_logits(net, input_ids, labels, position_ids)
+        s, target = scored_logits(net, input_ids, labels, position_ids, layout=layout)
         with torch.no_grad():
-            teacher, _ = scored_logits(self.teacher, input_ids, labels, position_ids)
+            teacher, _ = scored_logits(self.teacher, input_ids, labels, position_ids, layout=layout)
         t = self.temperature
         # KL(teacher || student) at temperature t, summed over the completion tokens; t² keeps its
         # gradients on the scale of the label loss's whatever the temperature (Hinton et al., 2015).

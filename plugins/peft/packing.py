@@ -3,13 +3,13 @@
 Packing (every block full, no padding) is what makes the loop fast; the cost
 it used to carry was attention across example boundaries: a token of the
 second example in a block attended to the first. Every block therefore comes
-with position ids that restart at 0 where an example starts. Given position
-ids, no attention mask and no cache, transformers derives the block-diagonal
-causal mask from them (``masking_utils.find_packed_sequence_indices``) for eager
-and SDPA attention, on CPU and GPU alike; the loop loads models with SDPA
-(flash attention reads position ids as boundaries only for a batch flattened
-into one row). ``tests/test_packing.py`` pins that a packed example's logits
-equal the example's logits run alone.
+with position ids that restart at 0 where an example starts. The training loop
+reads the examples from them (:func:`.attention.segments`) and attends example
+by example (:mod:`.attention`); a model left on SDPA, given position ids, no
+attention mask and no cache, derives the same block-diagonal causal mask from
+them (``masking_utils.find_packed_sequence_indices``), at the cost of scoring
+every pair of tokens in a block. ``tests/test_packing.py`` pins that a packed
+example's logits, loss and gradients equal the example's run alone.
 """
 
 from __future__ import annotations

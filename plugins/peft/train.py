@@ -41,6 +41,7 @@ from aiplane.core.artifacts import sha256_path
 from aiplane.core.records import AdapterRecord, BaseModelRecord, FeaturesRecord, record_from_json, record_to_json
 from aiplane.core.workload import WorkloadContext
 
+from .attention import Segments, packed_attention, segments
 from .methods import Method, label_loss, method_for
 from .packing import IGNORE, Packed, batches, example, pack
 from .trainer import DistillTrainer, LoopSettings, LoraTrainer, SftTrainer, model_path
@@ -126,22 +127,11 @@ def train(
     not given.
     """
     started = time.perf_counter()
-    if trainer not in _TRAINERS:
-        raise ConfigError(f"Unknown trainer {trainer!r} for the train-adapter workload; known: {', '.join(_TRAINERS)}.")
-    component = _TRAINERS[trainer](settings)
-    s: LoopSettings = component.settings
-    method = method_for(trainer, s)
+    component, s, method = _trainer(trainer, settings)
     train_rows, eval_rows = _split_rows(rows, features)
-    # A base model in object storage is fetched once per digest; the rest reads it from disk. The record
-    # names what it was trained from where that is kept (s3://...), never this worker's copy.
-    sources = [base_model, features]
-    base_model = base_model.model_copy(update={"uri": str(ctx.local(base_model.uri, base_model.digest))})
-    component.validate(base_model)
-    if isinstance(component, DistillTrainer):
-        teacher = teacher if teacher is not None else component.teacher(base_model)
-        sources.append(teacher)
-        teacher = teacher.model_copy(update={"uri": str(ctx.local(teacher.uri))})
     eval_rows = eval_rows[: s.eval_limit]
+    sources: list[Any] = [base_model, features]
+    base_model, teacher = _local_inputs(component, base_model, teacher, sources, ctx)
     if ctx.is_primary:
         check_evaluation(s.evaluation)
     rank, world = _world(ctx)
@@ -156,6 +146,66 @@ def train(
     if _on_every_rank(ctx.is_primary and _kept_record(kept, ctx) is not None, world):
         return _publish_kept(store, kept, ctx) if ctx.is_primary else None
 
+    model, tokenizer, device, packed = _model_and_blocks(base_model, teacher, method, s, train_rows, ctx, world)
+    curve, train_s, resumed_from = _optimize(model, method, packed, s, device, ctx, rank, world)
+    if not ctx.is_primary:
+        return None
+    eval_loss, eval_accuracy, predictions = _evaluate(model, tokenizer, eval_rows, s, device, ctx)
+    # Before publishing: an adapter whose evaluation failed is never published.
+    evaluation = {"eval_loss": eval_loss, "eval_accuracy": eval_accuracy, **evaluate(s.evaluation, eval_rows, predictions, ctx)}
+    counts = {"dataset_tokens": packed.tokens, "steps": s.max_steps, "train_rows": len(train_rows), "eval_rows": len(eval_rows)}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    metrics = _metrics(curve, s, train_s, counts, evaluation, trainable, time.perf_counter() - started, device, world)
+    if resumed_from is not None:
+        metrics["resumed_from_step"] = resumed_from
+    ctx.metrics = {name: v for name, v in metrics.items() if not isinstance(v, list)}
+    # Where and under which digest are filled in by the publish. The base model first among the sources:
+    # consumers take the first base_model source as what was trained from.
+    unpublished = AdapterRecord(uri="", digest="", method=trainer, config=method.record_config(s), metrics=metrics,
+                                run_id=ctx.run_id, sources=tuple(sources))  # fmt: skip
+    with store.staging() as staged:
+        method.save(model, tokenizer, staged, base_model)
+        record = _publish(store, staged, kept, ctx, unpublished)
+    ctx.log(
+        f"published {'model' if method.full_model else 'adapter'} {record.digest} to {record.uri}: train loss "
+        f"{metrics['train_loss_first']:.3f} -> {metrics['train_loss_last']:.3f}, eval loss {_fmt(eval_loss)}, "
+        f"eval accuracy {_fmt(eval_accuracy)}"
+    )
+    return record
+
+
+def _trainer(trainer: str, settings: LoopSettings | Mapping[str, Any]) -> tuple[Any, LoopSettings, Method]:
+    """The trainer component named ``trainer`` with ``settings`` checked, its settings, and its method."""
+    if trainer not in _TRAINERS:
+        raise ConfigError(f"Unknown trainer {trainer!r} for the train-adapter workload; known: {', '.join(_TRAINERS)}.")
+    component = _TRAINERS[trainer](settings)
+    s: LoopSettings = component.settings
+    return component, s, method_for(trainer, s)
+
+
+def _local_inputs(
+    component: Any, base_model: BaseModelRecord, teacher: BaseModelRecord | None, sources: list[Any], ctx: WorkloadContext
+) -> tuple[BaseModelRecord, BaseModelRecord | None]:
+    """The base model (and a distillation's teacher) as records of this worker's copies, checked.
+
+    A base model in object storage is fetched once per digest; the rest reads it
+    from disk. ``sources`` gains the teacher as the record names it where it is
+    kept (s3://...), never this worker's copy, as the base model already is.
+    """
+    base_model = base_model.model_copy(update={"uri": str(ctx.local(base_model.uri, base_model.digest))})
+    component.validate(base_model)
+    if isinstance(component, DistillTrainer):
+        teacher = teacher if teacher is not None else component.teacher(base_model)
+        sources.append(teacher)
+        teacher = teacher.model_copy(update={"uri": str(ctx.local(teacher.uri))})
+    return base_model, teacher
+
+
+def _model_and_blocks(
+    base_model: BaseModelRecord, teacher: BaseModelRecord | None, method: Method, s: LoopSettings,
+    train_rows: Sequence[Mapping[str, Any]], ctx: WorkloadContext, world: int,
+) -> tuple[Any, Any, "torch.device", Packed]:
+    """The model prepared to train (and the method's teacher loaded), its tokenizer and device, the packed rows."""
     from transformers import set_seed
 
     set_seed(s.seed)
@@ -173,52 +223,31 @@ def train(
             f"{s.max_steps} steps of batch {s.batch_size} on {device}"
             + (f" split across {world} workers" if world > 1 else "")
         )
+    return model, tokenizer, device, packed
 
-    curve, train_s, resumed_from = _optimize(model, method, packed, s, device, ctx, rank, world)
-    train_tokens = s.max_steps * s.batch_size * s.seq_len
-    if not ctx.is_primary:
-        return None
-    eval_loss, eval_accuracy, predictions = _evaluate(model, tokenizer, eval_rows, s, device, ctx)
-    # Before publishing: an adapter whose evaluation failed is never published.
-    more_metrics = evaluate(s.evaluation, eval_rows, predictions, ctx)
 
+def _metrics(
+    curve: Sequence[tuple[int, float]], s: LoopSettings, train_s: float, counts: Mapping[str, int],
+    evaluation: Mapping[str, Any], trainable: int, duration_s: float, device: "torch.device", world: int,
+) -> dict[str, Any]:
+    """The adapter record's metrics: the loss curve and its ends, throughput, sizes, evaluation, where it ran."""
     k = max(1, min(10, len(curve) // 5))
-    metrics: dict[str, Any] = {
+    train_tokens = s.max_steps * s.batch_size * s.seq_len
+    return {
         "loss_curve": [[step, loss] for step, loss in curve],
         "train_loss_first": sum(loss for _, loss in curve[:k]) / k,
         "train_loss_last": sum(loss for _, loss in curve[-k:]) / k,
         "tokens_per_s": train_tokens / train_s if train_s > 0 else 0.0,
         "train_tokens": train_tokens,
-        "dataset_tokens": packed.tokens,
-        "steps": s.max_steps,
-        "train_rows": len(train_rows),
-        "eval_rows": len(eval_rows),
-        "eval_loss": eval_loss,
-        "eval_accuracy": eval_accuracy,
-        **more_metrics,
+        **counts,
+        **evaluation,
         "trainable_parameters": trainable,
-        "duration_s": time.perf_counter() - started,
+        "duration_s": duration_s,
         "device": _device_name(device),
         "world_size": world,
         # The code that trained, so the training run's digest (see aiplane.core.factsheet) covers it too.
         "aiplane_version": _AIPLANE_VERSION,
     }
-    if resumed_from is not None:
-        metrics["resumed_from_step"] = resumed_from
-    ctx.metrics = {name: v for name, v in metrics.items() if not isinstance(v, list)}
-    # Where and under which digest are filled in by the publish. The base model first among the sources:
-    # consumers take the first base_model source as what was trained from.
-    unpublished = AdapterRecord(uri="", digest="", method=trainer, config=method.record_config(s), metrics=metrics,
-                                run_id=ctx.run_id, sources=tuple(sources))  # fmt: skip
-    with store.staging() as staged:
-        method.save(model, tokenizer, staged, base_model)
-        record = _publish(store, staged, kept, ctx, unpublished)
-    ctx.log(
-        f"published {'model' if method.full_model else 'adapter'} {record.digest} to {record.uri}: train loss "
-        f"{metrics['train_loss_first']:.3f} -> {metrics['train_loss_last']:.3f}, eval loss {_fmt(eval_loss)}, "
-        f"eval accuracy {_fmt(eval_accuracy)}"
-    )
-    return record
 
 
 def _kept_dir(ctx: WorkloadContext, trainer: str, s: LoopSettings, sources: Sequence[Any], root: str) -> Path:
@@ -391,8 +420,8 @@ def _load(path: str) -> tuple[Any, Any, "torch.device"]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    # SDPA, named rather than left to the default or the model's config: it takes the per-example mask that
-    # packing derives from position ids for a batch of blocks (flash attention does so only for one flattened row).
+    # SDPA, named rather than left to the default or the model's config: evaluation and generation (padded
+    # batches, a cache) use it; training switches to the per-example attention of .attention and back.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -420,16 +449,11 @@ def _optimize(
     With ``world > 1`` rank ``r`` takes blocks ``r, r + world, ...`` of every
     global batch; the loss of each rank is its summed token loss over the
     labelled tokens of the whole batch (times ``world``, which DDP's gradient
-    mean divides out), so the update equals the single-process one.
+    mean divides out), so the update equals the single-process one. The model
+    (and a teacher) attend example by example (:mod:`.attention`) while it trains.
     """
-    import torch
-
     params = [p for p in model.parameters() if p.requires_grad]
-    # One fused kernel for all parameters (CPU and CUDA alike) rather than a loop of small ops per tensor.
-    optimizer = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=0.0, fused=True)
-    # A short linear warm-up keeps the first updates of a high LoRA learning rate from overshooting.
-    warmup = max(1, s.max_steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    optimizer, scheduler = _optimizer(params, s)
     curve: list[tuple[int, float]] = []
     done_s, start = 0.0, 0
     checkpoint = ctx.latest_checkpoint()
@@ -437,15 +461,7 @@ def _optimize(
         start, curve, done_s = _restore(checkpoint, model, optimizer, scheduler, s)
         if ctx.is_primary:
             ctx.log(f"resumed from checkpoint at step {start}/{s.max_steps}")
-    net = model
-    if world > 1:
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel
-
-        # Buffers (rotary tables) are identical on every rank; broadcasting them each step is waste.
-        net = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-        )
+    net = _distributed(model, device) if world > 1 else model
     model.train()
     order = batches(packed.inputs.shape[0], s.batch_size, s.seed)
     for _ in range(start):
@@ -454,42 +470,81 @@ def _optimize(
     tokens_per_step = s.batch_size * s.seq_len
     every = ctx.checkpoint_every
     started = window_start = time.perf_counter()
-    for step in range(start + 1, s.max_steps + 1):
-        ctx.check_cancelled()
-        idx = next(order)[rank::world]
-        x, y, pos = packed.inputs[idx].to(device), packed.labels[idx].to(device), packed.positions[idx].to(device)
-        total, count = method.loss(net, x, y, pos)
-        if world > 1:
-            sums = torch.tensor([float(total.detach()), float(count)], dtype=torch.float64, device=device)
-            dist.all_reduce(sums)
-            batch_total, batch_count = float(sums[0]), float(sums[1])
-            loss = total * world / max(batch_count, 1.0)
-            value = batch_total / max(batch_count, 1.0)
-        else:
-            loss = total / max(count, 1)
-            value = float(loss.detach())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        optimizer.step()
-        scheduler.step()
-        if not math.isfinite(value):
-            raise WorkloadError(
-                f"training loss became {value} at step {step}; lower trainer.settings.learning_rate "
-                f"(now {s.learning_rate:g})"
-            )
-        curve.append((step, value))
-        if ctx.is_primary and (step % s.log_every == 0 or step == s.max_steps):
-            now = time.perf_counter()
-            done = min(step - start, step % s.log_every or s.log_every)
-            rate = done * tokens_per_step / max(now - window_start, 1e-9)
-            window_start = now
-            ctx.metric("train_loss", value, step)
-            ctx.metric("tokens_per_s", rate, step)
-            ctx.log(f"step {step}/{s.max_steps} loss {value:.4f} ({rate:,.0f} tokens/s)")
-        if every and step % every == 0 and step < s.max_steps:
-            _checkpoint(ctx, model, optimizer, scheduler, s, step, curve, done_s + time.perf_counter() - started)
+    with packed_attention(model, method.teacher):
+        for step in range(start + 1, s.max_steps + 1):
+            ctx.check_cancelled()
+            value = _step(net, method, _batch(packed, next(order)[rank::world], device), params, optimizer, scheduler, world)
+            if not math.isfinite(value):
+                raise WorkloadError(
+                    f"training loss became {value} at step {step}; lower trainer.settings.learning_rate "
+                    f"(now {s.learning_rate:g})"
+                )
+            curve.append((step, value))
+            if ctx.is_primary and (step % s.log_every == 0 or step == s.max_steps):
+                now = time.perf_counter()
+                done = min(step - start, step % s.log_every or s.log_every)
+                rate = done * tokens_per_step / max(now - window_start, 1e-9)
+                window_start = now
+                ctx.metric("train_loss", value, step)
+                ctx.metric("tokens_per_s", rate, step)
+                ctx.log(f"step {step}/{s.max_steps} loss {value:.4f} ({rate:,.0f} tokens/s)")
+            if every and step % every == 0 and step < s.max_steps:
+                _checkpoint(ctx, model, optimizer, scheduler, s, step, curve, done_s + time.perf_counter() - started)
     return curve, done_s + time.perf_counter() - started, (start if checkpoint is not None else None)
+
+
+def _optimizer(params: list[Any], s: LoopSettings) -> tuple[Any, Any]:
+    """AdamW over ``params`` and its learning-rate schedule."""
+    import torch
+
+    # One fused kernel for all parameters (CPU and CUDA alike) rather than a loop of small ops per tensor.
+    optimizer = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=0.0, fused=True)
+    # A short linear warm-up keeps the first updates of a high LoRA learning rate from overshooting.
+    warmup = max(1, s.max_steps // 20)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+
+
+def _distributed(model: Any, device: "torch.device") -> Any:
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Buffers (rotary tables) are identical on every rank; broadcasting them each step is waste.
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+
+def _batch(packed: Packed, idx: list[int], device: "torch.device") -> tuple[Any, Any, Any, Segments]:
+    """Blocks ``idx`` of ``packed`` on ``device``: token ids, labels, positions and their per-example layout.
+
+    The layout is worked out on the host, where the positions are, and moves with the batch."""
+    pos = packed.positions[idx]
+    layout = segments(pos)
+    return (packed.inputs[idx].to(device), packed.labels[idx].to(device), pos.to(device),
+            Segments(layout.gather.to(device), layout.scatter.to(device)))  # fmt: skip
+
+
+def _step(net: Any, method: Method, batch: tuple[Any, Any, Any, Segments], params: list[Any],
+          optimizer: Any, scheduler: Any, world: int) -> float:  # fmt: skip
+    """One AdamW step on ``batch`` (clipped at norm 1); returns the mean token loss of the global batch."""
+    import torch
+
+    x, y, pos, layout = batch
+    total, count = method.loss(net, x, y, pos, layout)
+    if world > 1:
+        import torch.distributed as dist
+
+        sums = torch.tensor([float(total.detach()), float(count)], dtype=torch.float64, device=x.device)
+        dist.all_reduce(sums)
+        batch_total, batch_count = float(sums[0]), float(sums[1])
+        loss = total * world / max(batch_count, 1.0)
+        value = batch_total / max(batch_count, 1.0)
+    else:
+        loss = total / max(count, 1)
+        value = float(loss.detach())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+    optimizer.step()
+    scheduler.step()
+    return value
 
 
 def _checkpoint(ctx: WorkloadContext, model: Any, optimizer: Any, scheduler: Any, s: LoopSettings,
@@ -570,7 +625,7 @@ def _evaluate(
             loss_tokens += count
             predictions += _generate(model, tokenizer, chunk, s, device)
     eval_loss = loss_sum / max(loss_tokens, 1)
-    accuracy = sum(pred == r["completion"].strip() for pred, r in zip(predictions, rows)) / len(rows)
+    accuracy = sum(pred == r["completion"].strip() for pred, r in zip(predictions, rows, strict=True)) / len(rows)
     ctx.metric("eval_loss", eval_loss)
     ctx.metric("eval_accuracy", accuracy)
     ctx.log(f"eval on {len(rows)} rows: loss {eval_loss:.4f}, exact-match accuracy {accuracy:.3f}")
