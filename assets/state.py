@@ -42,7 +42,8 @@ def _record_of(entry: dg.EventLogEntry | None) -> Record | None:
     materialization = entry.asset_materialization if entry is not None else None
     if materialization is None or "record" not in materialization.metadata:
         return None
-    return record_from_json(materialization.metadata["record"].value)
+    value = materialization.metadata["record"].value
+    return record_from_json(value) if isinstance(value, dict | str) else None  # else: not a record aiplane wrote
 
 
 def _key(key: dg.AssetKey | str) -> dg.AssetKey:
@@ -116,7 +117,7 @@ def chain_of(defs: dg.Definitions) -> list[tuple[str, tuple[str, ...], bool]]:
     """
     import graphlib
 
-    assets = {a.key.to_user_string(): a for a in defs.assets if isinstance(a, dg.AssetsDefinition)}
+    assets = {a.key.to_user_string(): a for a in defs.assets or () if isinstance(a, dg.AssetsDefinition)}
     reads = {name: tuple(sorted(k.to_user_string() for k in a.dependency_keys)) for name, a in assets.items()}
     order = graphlib.TopologicalSorter(reads).static_order()
     return [(name, reads[name], assets[name].partitions_def is not None) for name in order]
@@ -224,7 +225,7 @@ def unfinished_steps(instance: dg.DagsterInstance, run_id: str) -> list[str]:
     ended: set[str] = set()
     for record in instance.get_records_for_run(run_id, of_type=types).records:
         event = record.event_log_entry.dagster_event
-        if event is None:
+        if event is None or event.step_key is None:
             continue
         if event.event_type == dg.DagsterEventType.STEP_START:
             started.append(event.step_key)

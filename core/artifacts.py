@@ -19,13 +19,13 @@ __all__ = ["sha256_path", "digest_tree", "check_tree", "forget_check", "atomic_w
 _CHUNK = 1 << 20
 
 
-def sha256_path(path: str | os.PathLike) -> str:
+def sha256_path(path: str | os.PathLike[str]) -> str:
     """``sha256:<hex>`` of a file, or of a directory tree (relative names and bytes, sorted)."""
     return digest_tree(path, each=False)[0]
 
 
 def digest_tree(
-    path: str | os.PathLike, *, each: bool = True, whole: bool = True
+    path: str | os.PathLike[str], *, each: bool = True, whole: bool = True
 ) -> tuple[str, dict[str, tuple[int, str]]]:
     """:func:`sha256_path` of ``path`` and, from the same single read, ``{relative name: (size, sha256 hex)}``.
 
@@ -62,7 +62,7 @@ def digest_tree(
 
 
 def check_tree(
-    directory: str | os.PathLike,
+    directory: str | os.PathLike[str],
     digest: str,
     expected: Mapping[str, tuple[int, str]] | None = None,
     *,
@@ -101,7 +101,7 @@ def check_tree(
     return []
 
 
-def forget_check(directory: str | os.PathLike) -> None:
+def forget_check(directory: str | os.PathLike[str]) -> None:
     """Drop the record :func:`check_tree` keeps for ``directory``, so its next check hashes every file."""
     with contextlib.suppress(FileNotFoundError):
         _check_record(Path(directory)).unlink()
@@ -121,7 +121,7 @@ def _stats(directory: Path) -> dict[str, list[int]]:
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike) -> Iterator[None]:
+def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if need be) across processes, until the block ends.
 
     The file is opened without inheritance (Python's default), so a process started
@@ -138,12 +138,12 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write a file so readers see the old content or the new, never a mix."""
     atomic_write_bytes(path, text.encode())
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write a file so readers see the old content or the new, never a mix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

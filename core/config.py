@@ -492,7 +492,7 @@ class Deployment(_Strict):
         return Path(self.storage.cache).expanduser() if self.storage.cache else self.home / "cache"
 
 
-def deployment_path(name_or_path: str | os.PathLike | None = None) -> Path:
+def deployment_path(name_or_path: str | os.PathLike[str] | None = None) -> Path:
     """Find a deployment file by name (``deployments/<name>.yaml``) or path.
 
     The name comes from the argument, else ``AIPLANE_DEPLOYMENT``, else ``local``.
@@ -518,7 +518,7 @@ def deployment_path(name_or_path: str | os.PathLike | None = None) -> Path:
 
 
 def _find_literal_secrets(value: Any, where: str) -> list[str]:
-    found = []
+    found: list[str] = []
     if isinstance(value, dict):
         if value and set(value) <= _REFERENCE_KEYS:
             return found  # {env: NAME} or {secret: NAME, key: KEY}: a reference, which is the point
@@ -549,7 +549,7 @@ def config_error(source: str, exc: ValidationError) -> ConfigError:
     return ConfigError(f"{source}: invalid deployment:\n" + "\n".join(f"  {p}" for p in validation_problems(exc, Deployment)))
 
 
-def load_deployment(name_or_path: str | os.PathLike | None = None, home: str | os.PathLike | None = None) -> Deployment:
+def load_deployment(name_or_path: str | os.PathLike[str] | None = None, home: str | os.PathLike[str] | None = None) -> Deployment:
     """Load and validate a deployment. Plugin names are checked later, against what is installed."""
     path = deployment_path(name_or_path)
     try:

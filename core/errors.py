@@ -5,6 +5,10 @@ from __future__ import annotations
 import difflib
 import typing
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel, ValidationError
 
 __all__ = [
     "AiplaneError",
@@ -68,28 +72,29 @@ def unknown_name(kind: str, name: str, known: Iterable[str], hint: str = "", kno
     return msg
 
 
-def _keys(model: type) -> dict[str, str]:
+def _keys(model: type[BaseModel]) -> dict[str, str]:
     """The keys a pydantic model accepts (a field's alias where it has one), each with its field name."""
     return {(field.alias or name): name for name, field in model.model_fields.items()}
 
 
-def _model_at(model: type, loc: tuple) -> type | None:
+def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
     """The pydantic model class that holds the key at the end of ``loc``, if there is one."""
+    holder: Any = model  # a field's annotation: a model, a generic alias over one, or any other type
     for part in loc[:-1]:
-        fields = getattr(model, "model_fields", None)
+        fields = getattr(holder, "model_fields", None)
         if fields is None:
             return None
-        name = _keys(model).get(part) if isinstance(part, str) else None
+        name = _keys(holder).get(part) if isinstance(part, str) else None
         if name is None:
             continue  # an index or dict key: stay on the item type found below
-        model = fields[name].annotation
-        while typing.get_origin(model) is not None:  # tuple[Target, ...], list[X], X | None
-            args = [a for a in typing.get_args(model) if a is not type(None) and a is not Ellipsis]
-            model = args[-1] if args else None
-    return model if hasattr(model, "model_fields") else None
+        holder = fields[name].annotation
+        while typing.get_origin(holder) is not None:  # tuple[Target, ...], list[X], X | None
+            args = [a for a in typing.get_args(holder) if a is not type(None) and a is not Ellipsis]
+            holder = args[-1] if args else None
+    return typing.cast("type[BaseModel]", holder) if hasattr(holder, "model_fields") else None
 
 
-def validation_problems(exc, model: type, key_word: str = "key") -> list[str]:
+def validation_problems(exc: ValidationError, model: type[BaseModel], key_word: str = "key") -> list[str]:
     """One line per pydantic error: where, what is wrong and what is allowed there.
 
     ``exc`` is a ``pydantic.ValidationError`` raised validating ``model``;

@@ -17,7 +17,7 @@ import difflib
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from .config import GovernanceSettings
 
@@ -103,7 +103,7 @@ def unproduced_metrics(policy: GovernanceSettings, produced: Collection[str]) ->
     return problems
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from .errors import AiplaneError
 from .processes import process_gone, process_token
@@ -38,11 +39,11 @@ class HomeBusy(AiplaneError):
 
 
 # This process's holdings: resolved home -> (open lock file, depth). Process state by nature, like the flock itself.
-_held: dict[Path, list] = {}
+_held: dict[Path, list[Any]] = {}
 _guard = threading.Lock()
 
 
-def holder_of(home: str | os.PathLike) -> str | None:
+def holder_of(home: str | os.PathLike[str]) -> str | None:
     """Who holds ``home`` as the holder wrote it (``pid 123 (aiplane up), since 2026-12-04 19:30:01``), or ``None``."""
     try:
         info = json.loads((Path(home) / LOCK_FILE).read_text() or "{}")
@@ -56,7 +57,7 @@ def holder_of(home: str | os.PathLike) -> str | None:
 
 @contextlib.contextmanager
 def hold_home(
-    home: str | os.PathLike, command: str, wait: bool = True, on_wait: Callable[[str], None] | None = None
+    home: str | os.PathLike[str], command: str, wait: bool = True, on_wait: Callable[[str], None] | None = None
 ) -> Iterator[None]:
     """Hold ``home``'s lock for the block; re-entrant within this process.
 

@@ -128,12 +128,12 @@ def place(
     chosen: Target | None = None
     for t in targets:
         why = _rejection(req, t, allowed, restricting, installed_engines)
-        if why is None and chosen is None:
-            chosen = t
-        elif why is None:
-            rejected[t.name] = f"qualifies, but {chosen.name!r} comes first in the deployment"
-        else:
+        if why is not None:
             rejected[t.name] = why
+        elif chosen is None:
+            chosen = t
+        else:
+            rejected[t.name] = f"qualifies, but {chosen.name!r} comes first in the deployment"
     if chosen is None:
         lines = "\n".join(f"  - {name}: {why}" for name, why in rejected.items())
         region = f"region {req.region}, " if req.region is not None else ""

@@ -13,15 +13,19 @@ import contextlib
 import importlib.metadata
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from . import hookspecs
 from .components import Component, Engine, FactsheetPublisher, FeatureStore, ServingTarget, Trainer
 from .errors import PluginError, unknown_name
+
+if TYPE_CHECKING:
+    from .config import Deployment, S3Settings
+    from .records import BaseModelRecord, Record
 
 __all__ = ["get_plugin_manager", "Registry", "PluginInfo", "BrokenPlugin", "materialization", "notify_error"]
 
@@ -65,6 +69,19 @@ class _Loaded:
     )
 
 
+class _Manager(pluggy.PluginManager):
+    """pluggy's manager, holding what loading the entry points found (for listings and error messages)."""
+
+    def __init__(self) -> None:
+        super().__init__(GROUP)
+        self.loaded = _Loaded()
+
+
+def _loaded(pm: pluggy.PluginManager) -> _Loaded:
+    """What loading the entry points found; nothing for a manager :func:`get_plugin_manager` did not make."""
+    return pm.loaded if isinstance(pm, _Manager) else _Loaded()
+
+
 def _names(var: str) -> set[str] | None:
     raw = os.environ.get(var)
     if raw is None:
@@ -74,9 +91,8 @@ def _names(var: str) -> set[str] | None:
 
 def get_plugin_manager(entry_points: bool = True) -> pluggy.PluginManager:
     """A fresh plugin manager with the hookspecs added and the installed plugins loaded."""
-    pm = pluggy.PluginManager(GROUP)
+    pm = _Manager()
     pm.add_hookspecs(hookspecs)
-    pm.aiplane_state = _Loaded()  # type: ignore[attr-defined]
     if os.environ.get("AIPLANE_TRACE_HOOKS"):
         _trace_hooks(pm)
     if entry_points:
@@ -92,10 +108,10 @@ def _trace_hooks(pm: pluggy.PluginManager) -> None:
         trace.addHandler(logging.StreamHandler())
         trace.setLevel(logging.INFO)
 
-    def before(name, impls, kwargs):
+    def before(name: str, impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]) -> None:
         trace.info("hook %s(%s) -> %s", name, ", ".join(kwargs), ", ".join(i.plugin_name for i in impls))
 
-    def after(outcome, name, impls, kwargs):
+    def after(outcome: pluggy.Result[Any], name: str, impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]) -> None:
         exc = outcome.exception
         trace.info("hook %s %s", name, f"raised {type(exc).__name__}: {exc}" if exc else "returned")
 
@@ -104,7 +120,7 @@ def _trace_hooks(pm: pluggy.PluginManager) -> None:
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
     allow, block = _names("AIPLANE_LOAD_PLUGINS"), _names("AIPLANE_DISABLE_PLUGINS") or set()
-    state: _Loaded = pm.aiplane_state  # type: ignore[attr-defined]
+    state = _loaded(pm)
     entry_points = sorted(importlib.metadata.entry_points(group=GROUP), key=lambda e: e.name)
     available = {ep.name for ep in entry_points}
     for var, names in (("AIPLANE_LOAD_PLUGINS", allow or set()), ("AIPLANE_DISABLE_PLUGINS", block)):
@@ -139,7 +155,7 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
 def _mark_broken(pm: pluggy.PluginManager, name: str, dist_info: tuple[str | None, str | None], exc: BaseException) -> None:
     dist, version = dist_info
     broken = BrokenPlugin(name, dist, version, f"{type(exc).__name__}: {exc}")
-    pm.aiplane_state.broken.append(broken)  # type: ignore[attr-defined]
+    _loaded(pm).broken.append(broken)
     log.warning(
         "aiplane plugin %r from distribution %s %s failed to load and is skipped: %s "
         "(fix or uninstall it, or set AIPLANE_DISABLE_PLUGINS=%s)",
@@ -155,7 +171,7 @@ DEPLOYMENT_KINDS: dict[str, str] = {
 }
 """Deployment key -> the kind of component it names."""
 
-_KINDS: dict[str, tuple[str, type[Component]]] = {
+_KINDS: dict[str, tuple[str, type[Component[Any]]]] = {
     "engine": ("aiplane_engines", Engine),
     "feature store": ("aiplane_feature_stores", FeatureStore),
     "trainer": ("aiplane_trainers", Trainer),
@@ -171,9 +187,9 @@ class Registry:
         self.pm = pm or get_plugin_manager()
         self._disabled: list[PluginInfo] | None = None
 
-    def components(self, kind: str) -> dict[str, type[Component]]:
+    def components(self, kind: str) -> dict[str, type[Component[Any]]]:
         hook_name, base = _KINDS[kind]
-        found: dict[str, type[Component]] = {}
+        found: dict[str, type[Component[Any]]] = {}
         for impl_result in getattr(self.pm.hook, hook_name)():
             for cls in impl_result or ():
                 if not (isinstance(cls, type) and issubclass(cls, base)):
@@ -199,7 +215,7 @@ class Registry:
                 return f"plugin {name!r}"
         return f"module {module!r}"
 
-    def get(self, kind: str, name: str) -> type[Component]:
+    def get(self, kind: str, name: str) -> type[Component[Any]]:
         found = self.components(kind)
         if name not in found:
             raise PluginError(self._not_found(kind, name, found))
@@ -222,10 +238,11 @@ class Registry:
         except PluginError as exc:  # a class that leaves out a method aiplane calls: say whose it is
             raise PluginError(f"{self._owner(cls)}: {exc}") from None
 
-    def engine(self, name: str, settings: Any = None) -> Engine:
-        return self.create("engine", name, settings)
+    def engine(self, name: str, settings: Any = None) -> Engine[Any]:
+        engine: Engine[Any] = self.create("engine", name, settings)
+        return engine
 
-    def validate(self, deployment) -> None:
+    def validate(self, deployment: Deployment) -> None:
         """Check that every component and engine a deployment names is installed and accepts its settings.
 
         Raises one :class:`ConfigError` listing every problem, naming the file and key.
@@ -236,7 +253,7 @@ class Registry:
         if problems:
             raise ConfigError(f"{deployment.source}: invalid deployment:\n" + "\n".join(f"  {p}" for p in problems))
 
-    def problems(self, deployment) -> list[str]:
+    def problems(self, deployment: Deployment) -> list[str]:
         """What :meth:`validate` would report, one line per problem (``key: what is wrong``)."""
         from .errors import AiplaneError
 
@@ -269,7 +286,7 @@ class Registry:
                 except AiplaneError as exc:
                     problems.append(f"targets[{i}].settings: {exc}")
         plugins = [name for name, _ in self.pm.list_name_plugin()]
-        disabled = self.pm.aiplane_state.disabled  # type: ignore[attr-defined]
+        disabled = _loaded(self.pm).disabled
         for name in deployment.observers:
             if name in disabled:
                 problems.append(f"observers.{name}: plugin {name!r} is disabled: " + _how_to_enable(name, disabled[name][2]))
@@ -278,14 +295,14 @@ class Registry:
         return problems
 
     def _broken_hint(self) -> str:
-        broken = self.pm.aiplane_state.broken  # type: ignore[attr-defined]
+        broken = _loaded(self.pm).broken
         if not broken:
             return ""
         return "Plugins that failed to load: " + ", ".join(f"{b.name} ({b.distribution})" for b in broken) + "."
 
     def plugins(self) -> list[PluginInfo]:
         """Every installed plugin, loaded or disabled, by name: distribution, version, hooks and components."""
-        state: _Loaded = self.pm.aiplane_state  # type: ignore[attr-defined]
+        state = _loaded(self.pm)
         loaded = [
             _info(self.pm, name, plugin, state.dists.get(name, (None, None)))
             for name, plugin in self.pm.list_name_plugin()
@@ -301,7 +318,7 @@ class Registry:
         One that fails to import is listed without components.
         """
         if self._disabled is None:
-            state: _Loaded = self.pm.aiplane_state  # type: ignore[attr-defined]
+            state = _loaded(self.pm)
             self._disabled = []
             for name, (ep, dist_info, var) in sorted(state.disabled.items()):
                 scratch = pluggy.PluginManager(GROUP)
@@ -318,10 +335,10 @@ class Registry:
 
     @property
     def broken(self) -> list[BrokenPlugin]:
-        return list(self.pm.aiplane_state.broken)  # type: ignore[attr-defined]
+        return list(_loaded(self.pm).broken)
 
-    def resolve_base_model(self, uri: str, home: str, s3=None):
-        record = self.pm.hook.aiplane_resolve_base_model(uri=uri, home=home, s3=s3)
+    def resolve_base_model(self, uri: str, home: str, s3: S3Settings | None = None) -> BaseModelRecord:
+        record: BaseModelRecord | None = self.pm.hook.aiplane_resolve_base_model(uri=uri, home=home, s3=s3)
         if record is None:
             from .errors import InputError
 
@@ -387,8 +404,8 @@ def _notify(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
 
 @contextlib.contextmanager
 def materialization(
-    pm: pluggy.PluginManager, asset: str, run_id: str, inputs: list, deployment, region: str | None = None
-) -> Iterator[dict]:
+    pm: pluggy.PluginManager, asset: str, run_id: str, inputs: list[Record], deployment: Deployment, region: str | None = None
+) -> Iterator[dict[str, Any]]:
     """Wrap computing one asset (its partition ``region``, if partitioned) in the lifecycle hooks.
 
     Yields a dict; put the produced record under ``"output"`` before leaving
@@ -409,7 +426,7 @@ def materialization(
 
 
 def notify_error(
-    pm: pluggy.PluginManager, asset: str, run_id: str, error: BaseException, deployment, region: str | None = None
+    pm: pluggy.PluginManager, asset: str, run_id: str, error: BaseException, deployment: Deployment, region: str | None = None
 ) -> None:
     """Tell the observers that computing ``asset`` in ``run_id`` failed, outside a :func:`materialization` block.
 

@@ -30,9 +30,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from .errors import WorkloadCancelled
+
+if TYPE_CHECKING:
+    import psutil
 
 __all__ = [
     "stream_process",
@@ -64,7 +67,7 @@ def stream_process(
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     what: str = "workload",
-) -> subprocess.Popen:
+) -> subprocess.Popen[str]:
     """Run ``cmd``, calling ``on_line`` with each line of its output; return the finished process.
 
     The process gets its own process group (session), so cancelling kills it
@@ -83,7 +86,7 @@ def start_process(
     cwd: str | None = None,
     stdin: int = subprocess.DEVNULL,
     pass_fds: Sequence[int] = (),
-) -> subprocess.Popen:
+) -> subprocess.Popen[str]:
     """Start ``cmd`` as :func:`stream_process` does (own session, stdout and stderr in one text pipe)
     without reading it yet; :func:`follow_process` does that. ``stdin`` may be ``subprocess.PIPE``;
     ``pass_fds`` stay open in the process."""
@@ -104,11 +107,11 @@ def start_process(
 
 
 def follow_process(
-    proc: subprocess.Popen,
+    proc: subprocess.Popen[str],
     on_line: Callable[[str], None],
     cancel: threading.Event | None = None,
     what: str = "workload",
-) -> subprocess.Popen:
+) -> subprocess.Popen[str]:
     """The second half of :func:`stream_process`, for a process :func:`start_process` started."""
     try:
         _pump(proc, on_line, cancel or threading.Event(), what)
@@ -117,7 +120,7 @@ def follow_process(
     return proc
 
 
-def _pump(proc: subprocess.Popen, on_line: Callable[[str], None], cancel: threading.Event, what: str) -> None:
+def _pump(proc: subprocess.Popen[str], on_line: Callable[[str], None], cancel: threading.Event, what: str) -> None:
     lines: queue.Queue[str | None] = queue.Queue()
 
     def read() -> None:
@@ -147,7 +150,7 @@ def _pump(proc: subprocess.Popen, on_line: Callable[[str], None], cancel: thread
     proc.wait()
 
 
-def kill_group(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen[Any]) -> None:
     """Stop ``proc`` and everything in its process group: SIGTERM (so the worker cleans up), then SIGKILL.
 
     Waits for the whole group, not only the leader: a task the leader started
@@ -181,7 +184,7 @@ _SELF_SET = frozenset({"TORCHINDUCTOR_CACHE_DIR", "AWS_REQUEST_CHECKSUM_CALCULAT
 class Standby:
     """A process started ahead of its workload, idle on its stdin until handed one (EOF: it exits by itself)."""
 
-    proc: subprocess.Popen
+    proc: subprocess.Popen[str]
     env: dict[str, str]
     cwd: str
     ready: int
@@ -243,8 +246,8 @@ TREE_ENV = "AIPLANE_PROCESS_TREE"
 
 
 def start_tree(
-    cmd: Sequence[str], env: Mapping[str, str], *, cwd: str | os.PathLike | None = None, output: IO | None = None
-) -> tuple[subprocess.Popen, dict[str, Any]]:
+    cmd: Sequence[str], env: Mapping[str, str], *, cwd: str | os.PathLike[str] | None = None, output: IO[Any] | None = None
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """Start ``cmd`` detached, as the root of a process tree aiplane owns; return it and its handle.
 
     The root gets a session (and process group) of its own, so no signal aimed
@@ -305,7 +308,7 @@ def _members(handle: Mapping[str, Any]) -> list[Any]:
     return marked + (grouped if root_ours or marked_in_group else [])
 
 
-def _carries(proc: Any, marker: str) -> bool:
+def _carries(proc: psutil.Process, marker: str) -> bool:
     import psutil
 
     try:
@@ -349,7 +352,7 @@ OWNER_FILE = ".aiplane-owner.json"
 
 
 @contextlib.contextmanager
-def workload_dir(label: str, dir: str | os.PathLike | None = None) -> Iterator[Path]:
+def workload_dir(label: str, dir: str | os.PathLike[str] | None = None) -> Iterator[Path]:
     """A fresh private directory ``aiplane-<label>-*`` for one run, removed when the block ends.
 
     Like :class:`tempfile.TemporaryDirectory`, plus a record of this process
@@ -363,7 +366,7 @@ def workload_dir(label: str, dir: str | os.PathLike | None = None) -> Iterator[P
         yield path
 
 
-def sweep_orphaned_workdirs(root: str | os.PathLike | None = None) -> list[Path]:
+def sweep_orphaned_workdirs(root: str | os.PathLike[str] | None = None) -> list[Path]:
     """Remove the working directories under ``root`` whose owning process is gone; return them.
 
     ``root`` defaults to :func:`tempfile.gettempdir` (``$TMPDIR``), where
@@ -423,7 +426,7 @@ def process_gone(pid: int, token: str) -> bool:
     return _owner_gone({"pid": pid, "start": token})
 
 
-def _owner_gone(owner: dict) -> bool:
+def _owner_gone(owner: Mapping[str, Any]) -> bool:
     pid, recorded = owner.get("pid"), owner.get("start")
     if not isinstance(pid, int) or pid <= 0:
         return False

@@ -95,7 +95,7 @@ def ensure_runtime(spec: RuntimeSpec, log: Callable[[str], None], cancel: thread
     return python
 
 
-def _install(spec: RuntimeSpec, staging: Path, env: Path, log: Callable[[str], None], cancel) -> None:
+def _install(spec: RuntimeSpec, staging: Path, env: Path, log: Callable[[str], None], cancel: threading.Event | None) -> None:
     base = getattr(sys, "_base_executable", None) or sys.executable
     python = str(staging / "bin" / "python")
     pip = [python, "-m", "pip"]

@@ -30,19 +30,39 @@ CATEGORIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "access": (
         ("Locked out of account", "Need access to shared drive", "Password reset request", "MFA token lost"),
-        ("my password expired", "I need read access to the finance folder", "the authenticator app was reset", "my badge does not open the door"),
+        (
+            "my password expired",
+            "I need read access to the finance folder",
+            "the authenticator app was reset",
+            "my badge does not open the door",
+        ),
     ),
     "software": (
         ("Excel crashes on startup", "Install request for IDE", "License expired", "Update failed"),
-        ("the application freezes when saving", "the installer reports error 1603", "the licence server is unreachable", "the update rolls back after reboot"),
+        (
+            "the application freezes when saving",
+            "the installer reports error 1603",
+            "the licence server is unreachable",
+            "the update rolls back after reboot",
+        ),
     ),
     "email": (
         ("Mailbox full", "Emails stuck in outbox", "Calendar invites missing", "Spam not filtered"),
-        ("Outlook says the mailbox is over quota", "messages stay in the outbox", "meeting invites never arrive", "phishing mails reach the inbox"),
+        (
+            "Outlook says the mailbox is over quota",
+            "messages stay in the outbox",
+            "meeting invites never arrive",
+            "phishing mails reach the inbox",
+        ),
     ),
     "security": (
         ("Suspicious login alert", "Malware warning", "Phishing email clicked", "Lost company phone"),
-        ("an unknown device signed in to my account", "the antivirus quarantined a file", "I entered my credentials on a fake page", "the phone with company data was stolen"),
+        (
+            "an unknown device signed in to my account",
+            "the antivirus quarantined a file",
+            "I entered my credentials on a fake page",
+            "the phone with company data was stolen",
+        ),
     ),
 }
 

@@ -23,9 +23,9 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlparse
 
 from .artifacts import atomic_write_bytes, check_tree, digest_tree, forget_check, sha256_path
@@ -45,6 +45,7 @@ COMPLETE_SUFFIX = ".complete"
 QUARANTINE = ".quarantine"
 """Where an entry whose bytes no longer match its digest is moved: ``<kind>/.quarantine/<hex>.<UTC time>``."""
 _log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 # Answers no retry mends: the store is there, and says no. Compared lower-case without spaces and underscores,
 # as the SDK writes them either way (NoSuchBucket, NO_SUCH_BUCKET).
 _PERMANENT = ("nosuchbucket", "accessdenied", "forbidden", "invalidaccesskeyid", "signaturedoesnotmatch", "doesnotexist",
@@ -54,7 +55,7 @@ _DOWNLOAD_CHUNK = 16 << 20
 _CHUNK = 8 << 20
 
 
-def normalize_uri(uri: str | os.PathLike) -> str:
+def normalize_uri(uri: str | os.PathLike[str]) -> str:
     """``file:///abs/path`` for a path or ``file://`` URI, ``s3://bucket/prefix`` unchanged; others rejected."""
     text = str(uri)
     if "://" not in text:
@@ -135,7 +136,7 @@ class Storage:
         from pyarrow import fs
 
         filesystem, path = self.filesystem(uri)
-        return self._call(uri, lambda: filesystem.get_file_info(path).type != fs.FileType.NotFound, retry)
+        return self._call(uri, lambda: bool(filesystem.get_file_info(path).type != fs.FileType.NotFound), retry)
 
     def read_bytes(self, uri: str) -> bytes:
         filesystem, path = self.filesystem(uri)
@@ -144,7 +145,8 @@ class Storage:
             # A random-access file knows its size, so S3 answers one GET for the whole object;
             # a stream reads it in growing chunks, a request each (nearly 10x slower for 10 MB).
             with filesystem.open_input_file(path) as f:
-                return f.read()
+                data: bytes = f.read()
+            return data
 
         return self._call(uri, read)
 
@@ -235,7 +237,7 @@ class Storage:
 
         self._each(uri, [name for name, _, _ in self.list_files(uri)], copy)
 
-    def fetch_tree(self, uri: str, digest: str, cache: str | os.PathLike) -> Path:
+    def fetch_tree(self, uri: str, digest: str, cache: str | os.PathLike[str]) -> Path:
         """A local copy of the directory at ``uri``, kept in ``cache`` under its digest.
 
         Downloaded once per digest, checked against it (a changed object is refused,
@@ -273,7 +275,7 @@ class Storage:
         check_tree(final, f"sha256:{hex_digest}")  # hashed again once, so later fetches trust its stats
         return final
 
-    def _each(self, uri: str, names: list[str], copy, retry: bool = False) -> None:
+    def _each(self, uri: str, names: list[str], copy: Callable[[str], object], retry: bool = False) -> None:
         """``copy(name)`` for every name, concurrently; the first failure is raised, explained.
 
         Concurrently: the small files (config, tokenizer) ride along with the weights'
@@ -285,7 +287,7 @@ class Storage:
             for done in [pool.submit(self._call, uri, lambda n=name: copy(n), retry) for name in names]:
                 done.result()
 
-    def _call(self, uri: str, fn, retry: bool = False):
+    def _call(self, uri: str, fn: Callable[[], _T], retry: bool = False) -> _T:
         """``fn()``; an OSError becomes an explained :class:`InputError`, after the retries a write to S3 gets."""
         delays = list(self.retry_delays) if retry and not is_local(normalize_uri(uri)) else []
         for attempt in range(len(delays) + 1):
@@ -297,6 +299,7 @@ class Storage:
                     raise InputError(f"Storage {uri!r}{tries}: {_explain(exc, self.settings_for(uri))}") from None
                 _log.warning("storage %s: %s; retrying in %gs", uri, _explain(exc, None), delays[attempt])
                 time.sleep(delays[attempt])
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _transient(exc: OSError) -> bool:
@@ -337,7 +340,7 @@ class ArtifactStore:
     freshly staged copy; a fetch refuses it, naming it.
     """
 
-    def __init__(self, root: str | os.PathLike, s3: S3Settings | None = None, storage: Storage | None = None):
+    def __init__(self, root: str | os.PathLike[str], s3: S3Settings | None = None, storage: Storage | None = None):
         self.root = normalize_uri(root)
         self.storage = storage or Storage(s3)
 
@@ -356,7 +359,7 @@ class ArtifactStore:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def publish(self, staged: str | os.PathLike, kind: str, log: Callable[[str], None] | None = None) -> tuple[str, str]:
+    def publish(self, staged: str | os.PathLike[str], kind: str, log: Callable[[str], None] | None = None) -> tuple[str, str]:
         """Store the files of a staged directory; returns ``(uri, digest)``.
 
         Idempotent for an intact entry. An entry of the same digest whose bytes
@@ -398,7 +401,7 @@ class ArtifactStore:
         """Whether the artifact at ``uri`` was published whole."""
         return self.storage.exists(normalize_uri(uri) + COMPLETE_SUFFIX)
 
-    def fetch(self, uri: str, cache: str | os.PathLike) -> Path:
+    def fetch(self, uri: str, cache: str | os.PathLike[str]) -> Path:
         """A local directory holding the artifact at ``uri``, checked against its digest: itself when local,
         else a cached copy.
 
@@ -478,7 +481,7 @@ class ArtifactStore:
     def _quarantine(self, uri: str) -> str:
         """Move the entry at ``uri`` aside (its marker first, so no reader trusts it meanwhile); its new URI."""
         kind_root, hex_digest = uri.rsplit("/", 1)
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         moved = f"{kind_root}/{QUARANTINE}/{hex_digest}.{stamp}"
         self.storage.delete(uri + COMPLETE_SUFFIX)
         if is_local(uri):

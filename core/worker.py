@@ -26,6 +26,7 @@ import sys
 import threading
 import traceback
 from pathlib import Path
+from types import FrameType
 from typing import NoReturn
 
 from .errors import AiplaneError, WorkloadCancelled
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     def emit(event: Event) -> None:
         print(format_event(event), flush=True)
 
-    def cancelled(signum, frame):
+    def cancelled(signum: int, frame: FrameType | None) -> NoReturn:
         # Raise instead of dying so `finally` blocks (staging clean-up) run before the engine's SIGKILL.
         raise WorkloadCancelled(f"workload {workload.name} ({workload.run_id}) was cancelled (signal {signum})")
 

@@ -337,7 +337,10 @@ def _launch_region_from_ui(driver, base: str, shots: Path, region: str) -> None:
     dialog = launch_dialog()
     driver.save_screenshot(str(shots / "region-dialog-narrowed.png"))
     _log("narrowed: " + " | ".join(dialog.text.splitlines())[:600])
-    launch = [b for b in dialog.find_elements("xpath", ".//button") if b.is_displayed() and b.is_enabled() and b.text.strip().startswith("Launch")]
+    launch = [
+        b for b in dialog.find_elements("xpath", ".//button")
+        if b.is_displayed() and b.is_enabled() and b.text.strip().startswith("Launch")
+    ]
     if not launch:
         raise RuntimeError(f"no enabled Launch button in the dialog: {dialog.text[:300]!r}")
     _log(f'clicking "{launch[-1].text.strip()}"')

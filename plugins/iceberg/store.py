@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
     from pyiceberg.schema import Schema
     from pyiceberg.table import Table
+    from pyiceberg.table.snapshots import Snapshot
 
 __all__ = ["IcebergFeatureStore", "DIGEST_PROPERTY", "RESIDENCY_PROPERTY"]
 
@@ -83,11 +84,22 @@ def _auth_config(auth: RestAuth | None) -> dict[str, Any]:
         "bearer": "BearerEnvAuthManager", "ibm-iam": "IbmIamAuthManager", "zenapikey": "ZenApiKeyAuthManager",
     }[auth.type]  # fmt: skip
     custom: dict[str, Any] = {
-        "bearer": lambda: {"token_env": auth.token.env_var},
-        "ibm-iam": lambda: {"apikey_env": auth.api_key.env_var, "iam_url": auth.iam_url},
-        "zenapikey": lambda: {"username": auth.username, "apikey_env": auth.api_key.env_var},
+        "bearer": lambda: {"token_env": _env_of(auth.token)},
+        "ibm-iam": lambda: {"apikey_env": _env_of(auth.api_key), "iam_url": auth.iam_url},
+        "zenapikey": lambda: {"username": auth.username, "apikey_env": _env_of(auth.api_key)},
     }[auth.type]()
     return {"type": "custom", "impl": impl, "custom": custom}
+
+
+def _env_of(ref: SecretRef | None) -> str:
+    """The variable ``ref`` names; RestAuth's validator has made sure its type's references are set."""
+    assert ref is not None
+    return ref.env_var
+
+
+def _summary(snapshot: Snapshot | None) -> dict[str, str]:
+    """A snapshot's summary properties (this store's digest, pyiceberg's totals); none for no snapshot or summary."""
+    return snapshot.summary.additional_properties if snapshot is not None and snapshot.summary is not None else {}
 
 
 def _auth_ref(auth: RestAuth | None) -> str:
@@ -215,6 +227,7 @@ class IcebergFeatureStore(FeatureStore):
             return to_write[0]
 
         catalog = self._catalog(create=True)
+        assert catalog is not None  # create=True makes one
         for attempt in range(_COMMIT_ATTEMPTS):
             existing = self._load(catalog, table)
             try:
@@ -226,14 +239,14 @@ class IcebergFeatureStore(FeatureStore):
                 else:
                     self._check_schema(table, existing.schema(), what="cannot be refreshed")
                     current = existing.current_snapshot()
-                    if current is not None and current.summary.additional_properties.get(DIGEST_PROPERTY) == digest:
+                    if current is not None and _summary(current).get(DIGEST_PROPERTY) == digest:
                         return self._record(existing, current, table)
                     from pyiceberg.expressions import AlwaysTrue
 
                     # Delete and append in one transaction: one atomic catalog commit,
                     # so a reader sees the old rows or the new, never an empty table.
                     with existing.transaction() as tx:
-                        if current is not None and current.summary.additional_properties.get("total-records") != "0":
+                        if current is not None and _summary(current).get("total-records") != "0":
                             tx.delete(AlwaysTrue())
                         tx.append(written(), snapshot_properties=properties)
                     published = existing
@@ -247,7 +260,7 @@ class IcebergFeatureStore(FeatureStore):
             # The committed metadata, not a reload: a reload could already show a
             # later publisher's snapshot, and this record must pin our own.
             snapshot = published.current_snapshot()
-            if snapshot is None or snapshot.summary.additional_properties.get(DIGEST_PROPERTY) != digest:
+            if snapshot is None or _summary(snapshot).get(DIGEST_PROPERTY) != digest:
                 raise RuntimeError(f"Publishing feature table {self._qualified(table)!r} committed no snapshot of these rows")
             return self._record(published, snapshot, table)
         raise AssertionError("unreachable")
@@ -369,7 +382,7 @@ class IcebergFeatureStore(FeatureStore):
         from pyiceberg.catalog.rest import RestCatalog
         from pyiceberg.exceptions import ForbiddenError, OAuthError, ServerError, UnauthorizedError
 
-        properties = {"uri": self._ice.catalog_uri, **self._file_io(), "auth": _auth_config(self._ice.auth)}
+        properties: dict[str, Any] = {"uri": self._ice.catalog_uri, **self._file_io(), "auth": _auth_config(self._ice.auth)}
         if self._ice.warehouse:
             properties["warehouse"] = self._ice.warehouse
         where = f"Iceberg REST catalog {self._ice.catalog_uri}"

@@ -61,7 +61,7 @@ class WatsonxDataFeatureStore(IcebergFeatureStore):
     """Feature tables in a watsonx.data Iceberg catalog, over its REST endpoint, IBM-authenticated."""
 
     name: ClassVar[str] = "watsonx-data"
-    Settings: ClassVar[type[BaseModel]] = WatsonxDataSettings
+    Settings: ClassVar[type[BaseModel]] = WatsonxDataSettings  # type: ignore[assignment]  # its own settings; _iceberg_settings derives the store's
 
     def _iceberg_settings(self) -> IcebergFeatureStore.Settings:
         s: Any = self.settings

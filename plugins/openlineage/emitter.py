@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -149,7 +149,7 @@ def build_event(
         )
     return RunEvent(
         eventType=RunState[state],
-        eventTime=datetime.now(timezone.utc).isoformat(),
+        eventTime=datetime.now(UTC).isoformat(),
         run=Run(runId=run_uuid(run_id, job_name(asset, region)), facets=run_facets),
         job=Job(
             namespace=namespace,

@@ -54,7 +54,8 @@ def dataset_name(record: Record) -> tuple[str, str]:
 
 def _iceberg_name(record: FeaturesRecord) -> tuple[str, str]:
     store: dict[str, Any] = record.store or {}
-    settings = store.get("settings") if isinstance(store.get("settings"), dict) else {}
+    given = store.get("settings")
+    settings: dict[str, Any] = given if isinstance(given, dict) else {}
     parts = urlsplit(record.uri)
     if parts.scheme == "iceberg" and parts.netloc:
         catalog = parts.netloc
