@@ -195,7 +195,8 @@ class _Server:
 
 def _against(plain: _Server, other: _Server, model: str, args) -> list[tuple[dict, dict]]:
     """Rounds of ``other`` alternating with ``plain`` at each concurrency; the median round of each."""
-    measure(other.url, model, 4, 16, args.tokens)  # warm-up
+    for c in args.clients.split(","):  # warm-up at every concurrency: a fresh server warms each batch shape once
+        measure(other.url, model, int(c), args.requests, args.tokens)
     rounds = []
     for _ in range(args.rounds):
         row = []

@@ -146,10 +146,11 @@ def test_an_adapter_whose_merge_is_not_finite_is_refused_and_the_endpoint_keeps_
     assert _same(_text(live["endpoint"].url), live["b_text"]) and _state(models)["current"] == models["b"].digest
 
 
-def test_a_rollback_answers_as_before_with_no_kv_of_the_other_weights_reused(models, live):
+def test_a_rollback_to_a_kept_version_is_swapped_back_at_once_with_no_kv_of_the_other_weights_reused(models, live):
     # The same prompt was answered with b's weights just now: its cached blocks must not serve a's.
-    after, _ = _deploy(models, models["a"])
+    after, lines = _deploy(models, models["a"])
     assert after.handle["rolled_back"] is True and after.handle["pid"] == live["endpoint"].handle["pid"]
+    assert not any("candidate" in line for line in lines)  # a's weights answered as this endpoint before
     assert _same(_text(after.url), live["a_text"])
     live["endpoint"] = after
 

@@ -204,7 +204,10 @@ def _serve_merged(ctx, home, name, adapter, base, adapter_dir, base_dir, python,
         info.update(_running_server(ctx, home, sdir, python, base_dir, settings, served_name=name, merged=True))
         url, previous = info["url"], Path(info["weights"])
         if previous != merged:
-            if on_here:  # the endpoint answers from this server: the new weights answer elsewhere first
+            # The endpoint answers from this server: new weights answer elsewhere first. Those of a version it
+            # served and kept (a rollback) answered as the endpoint before, and are swapped back at once.
+            kept_here = on_here and any(v["digest"] == adapter.digest for v in before.get("versions", []))
+            if on_here and not kept_here:
                 _candidate_answers(ctx, home, sdir, python, merged, settings, name, adapter, before)
             server.swap_weights(sdir, merged)
         try:
