@@ -180,7 +180,7 @@ def weights(uri: str, home: str) -> dict[str, tuple[int, ...]] | None:
     for file in files:
         try:
             with safe_open(file, framework="numpy") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 -- safe_open has keys() but is not iterable
                     shapes[name] = tuple(f.get_slice(name).get_shape())
         except SafetensorError as exc:
             raise InputError(
