@@ -181,19 +181,22 @@ def bench_noop_refresh(makers: dict[str, Callable], tables: dict[int, object], r
     print("\n2. no-op refresh: publish of the current snapshot's rows, shuffled; nothing may be committed")
     results: dict[tuple[str, int], float] = {}
     for n, rows in tables.items():
-        digest_s = statistics.median(timed(lambda: _content_digest(_canonical_rows(rows)))[0] for _ in range(rounds))
+        digest_s = statistics.median(timed(lambda rows=rows: _content_digest(_canonical_rows(rows)))[0] for _ in range(rounds))
         for kind, make in makers.items():
             table = f"features_{n}"
             current = make().current(table)
             times = []
             for r in range(rounds):
                 again = shuffled(rows, r)
-                elapsed, record = timed(lambda: make().publish(again, table))
+                elapsed, record = timed(lambda make=make, again=again, table=table: make().publish(again, table))
                 times.append(elapsed)
                 if record.snapshot_id != current.snapshot_id:
                     print(f"   !! {kind} {n:,} rows: the refresh committed a new snapshot")
             results[kind, n] = statistics.median(times)
-            print(f"   {kind:4} catalog {n:>9,} rows  {results[kind, n]:6.3f} s  (min {min(times):.3f}; the row digest alone {digest_s:.3f} s)")
+            print(
+                f"   {kind:4} catalog {n:>9,} rows  {results[kind, n]:6.3f} s"
+                f"  (min {min(times):.3f}; the row digest alone {digest_s:.3f} s)"
+            )
     return results
 
 
@@ -247,11 +250,11 @@ def bench_adapter(s3, s3_settings, size_mb: int, rounds: int) -> dict[str, float
                 # The other way: what a deploy or a pod does with the published adapter (digest check included).
                 uri = store.publish(staged, "adapters")[0]
                 cache = Path(tmp) / f"cache-{r}"
-                times["ArtifactStore.fetch"].append(timed(lambda: store.fetch(uri, cache))[0])
+                times["ArtifactStore.fetch"].append(timed(lambda uri=uri, cache=cache: store.fetch(uri, cache))[0])
                 key = uri.removeprefix(f"s3://{bucket}/")
                 down = Path(tmp) / f"boto3-{r}"
 
-                def download():
+                def download(down: Path = down, key: str = key) -> None:
                     for name in files:
                         (down / name).parent.mkdir(parents=True, exist_ok=True)
                         client.download_file(bucket, f"{key}/{name}", str(down / name))
@@ -292,7 +295,8 @@ def bench_verify(s3, s3_settings, size_mb: int, rounds: int) -> dict[str, float]
         (staged / "adapter_config.json").write_text(json.dumps({"r": 16, "lora_alpha": 32}))
         local = ArtifactStore(Path(tmp) / "artifacts")
         remote = ArtifactStore(f"s3://{s3.create_bucket()}/artifacts", s3=s3_settings)
-        uri, remote_uri = local.publish(staged, "adapters")[0], remote.publish(staged, "adapters")[0]
+        uri = local.publish(staged, "adapters")[0]
+        remote.publish(staged, "adapters")  # so that the timed publishes below find the entry there
         entry = local_path(uri)
         print(f"\n4. verification of a {size_mb} MiB adapter entry (medians of {rounds})")
         for _ in range(rounds):

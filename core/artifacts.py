@@ -154,7 +154,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException:  # interrupted too: no temporary file left behind; re-raised
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise

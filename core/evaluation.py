@@ -105,7 +105,7 @@ def evaluation_settings(value: Any, pm: pluggy.PluginManager | None = None) -> B
 
 
 def _chosen(settings: BaseModel) -> list[Evaluator]:
-    classes: dict[str, type[Evaluator]] = type(settings)._evaluators  # type: ignore[attr-defined]
+    classes: dict[str, type[Evaluator]] = type(settings)._evaluators  # type: ignore[attr-defined]  # set by evaluation_settings
     return [cls(getattr(settings, name)) for name, cls in classes.items() if getattr(settings, name) is not None]
 
 

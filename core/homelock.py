@@ -108,8 +108,8 @@ def hold_home(
             "since": time.strftime("%Y-%m-%d %H:%M:%S"),
         }))  # fmt: skip
         f.flush()
-    except BaseException:
-        f.close()  # closing the file releases the flock, if it was taken
+    except BaseException:  # interrupted too: closing the file releases the flock, if it was taken; re-raised
+        f.close()
         raise
     with _guard:
         _held[home] = [f, 1]

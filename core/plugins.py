@@ -396,7 +396,7 @@ def _notify(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
         others = [p for p in pm.get_plugins() if p is not plugin]
         try:
             pm.subset_hook_caller(hook_name, others)(**kwargs)
-        except Exception as exc:
+        except Exception as exc:  # an observer's bug is logged; watching must not change the outcome
             log.warning(
                 "observer %r failed in %s and was skipped: %s: %s", pm.get_name(plugin), hook_name, type(exc).__name__, exc
             )
@@ -419,7 +419,7 @@ def materialization(
         yield holder
         if "output" not in holder:
             raise RuntimeError(f"materialization of {asset} finished without an output record")
-    except BaseException as exc:
+    except BaseException as exc:  # a cancel or interrupt too is an error the observers hear of; re-raised
         _notify(pm, "aiplane_on_materialize_error", **common, error=exc)
         raise
     _notify(pm, "aiplane_after_materialize", **common, output=holder["output"])

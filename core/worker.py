@@ -85,8 +85,8 @@ def _stand_by(preload: str, ready_fd: int | None) -> tuple[Path, Path] | None:
     for name in filter(None, (n.strip() for n in preload.split(","))):
         try:
             importlib.import_module(name)
-        except Exception:
-            pass  # the workload imports it again and reports the failure where it belongs
+        except Exception:  # any import failure: the workload imports it again and reports it where it belongs
+            pass
     if ready_fd is not None:
         os.close(ready_fd)  # the engine sees EOF: imported
     line = sys.stdin.readline()

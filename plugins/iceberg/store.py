@@ -18,6 +18,7 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -83,12 +84,12 @@ def _auth_config(auth: RestAuth | None) -> dict[str, Any]:
     impl = "aiplane.plugins.iceberg.auth." + {
         "bearer": "BearerEnvAuthManager", "ibm-iam": "IbmIamAuthManager", "zenapikey": "ZenApiKeyAuthManager",
     }[auth.type]  # fmt: skip
-    custom: dict[str, Any] = {
+    custom: dict[str, Callable[[], dict[str, Any]]] = {
         "bearer": lambda: {"token_env": _env_of(auth.token)},
         "ibm-iam": lambda: {"apikey_env": _env_of(auth.api_key), "iam_url": auth.iam_url},
         "zenapikey": lambda: {"username": auth.username, "apikey_env": _env_of(auth.api_key)},
-    }[auth.type]()
-    return {"type": "custom", "impl": impl, "custom": custom}
+    }
+    return {"type": "custom", "impl": impl, "custom": custom[auth.type]()}
 
 
 def _env_of(ref: SecretRef | None) -> str:
@@ -245,10 +246,10 @@ class IcebergFeatureStore(FeatureStore):
 
                     # Delete and append in one transaction: one atomic catalog commit,
                     # so a reader sees the old rows or the new, never an empty table.
-                    with existing.transaction() as tx:
+                    with existing.transaction() as refresh:
                         if current is not None and _summary(current).get("total-records") != "0":
-                            tx.delete(AlwaysTrue())
-                        tx.append(written(), snapshot_properties=properties)
+                            refresh.delete(AlwaysTrue())
+                        refresh.append(written(), snapshot_properties=properties)
                     published = existing
             except (CommitFailedException, TableAlreadyExistsError, ValidationException):
                 # Another publisher committed first (pyiceberg already retried what it
