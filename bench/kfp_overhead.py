@@ -4,7 +4,8 @@ Both engines run the same tiny workload (:func:`noop`) in the same process, alte
 after one warm-up run each; the workload itself takes milliseconds, so the times are
 the engines' overhead: starting interpreters, compiling the pipeline, kfp.local's
 bookkeeping. As in a chain of tasks, each kfp.local run is handed the runner
-process the previous one started when it ended (kfp imported), and a workload
+process the previous one started when it ended (kfp and the aiplane worker imported),
+which forks the task rather than starting an interpreter for it, and a workload
 compiled before is not compiled again; the local engine starts its worker per run
 (it prestarts only where ``aiplane up`` asks it to). Run from the repository root::
 

@@ -10,14 +10,28 @@ the task's ``result`` artifact.
 Run by its path, not with ``-m``: that would import the ``aiplane.plugins.kfp``
 package, and with it ``aiplane.core`` (pydantic, pluggy), which nothing here uses
 (a quarter of the runner's time, profiled). It needs only the standard library and kfp.
+
+The task itself is a child forked from this runner (:func:`_run_forked`), not the
+``sh`` + ``mktemp`` + new interpreter kfp.local starts for a lightweight component:
+the same ``kfp.dsl.executor_main`` with the same arguments and environment, in a
+fresh process that runs that one task, but with kfp, and on a runner started ahead
+(``--standby``) the aiplane worker too, imported already. That start was most of
+what kfp.local added to a task (profiled).
 """
 
+import builtins
 import json
+import logging
 import os
 import signal
 import sys
 import tempfile
 import warnings
+
+# What a new interpreter starts with, for a forked task: kfp.local indents print() and configures logging.
+_PRINT, _WARNINGS = builtins.print, list(warnings.filters)
+_EXECUTOR = "kfp.dsl.executor_main"
+_kfp_run_local_subprocess = None  # kfp.local's own, for a command that is not a lightweight component's
 
 
 def _import_kfp():
@@ -43,6 +57,92 @@ def _import_kfp():
         return components, local
 
 
+def _lightweight(full_command: list[str]) -> tuple[str, list[str]] | None:
+    """``(component source, executor arguments)`` of kfp's lightweight-component command
+    (``sh -ec SCRIPT SOURCE ARGS...``, the script writing SOURCE to a file and running the
+    executor on it); ``None`` for any other command, which runs as kfp.local runs it."""
+    if len(full_command) < 4 or full_command[:2] != ["sh", "-ec"]:
+        return None
+    script = full_command[2]
+    if f"-m {_EXECUTOR}" not in script or "ephemeral_component.py" not in script:
+        return None
+    return full_command[3], full_command[4:]
+
+
+def _run_forked(full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
+    """kfp.local's ``run_local_subprocess``, for a lightweight component: the task in a forked child."""
+    task = _lightweight(full_command)
+    if task is None:
+        return _kfp_run_local_subprocess(full_command, env_vars)
+    read, write = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the task: never returns
+        os.close(read)
+        _task(*task, write, env_vars or {})
+    os.close(write)
+    with os.fdopen(read, errors="replace") as output:
+        for line in output:  # as kfp.local prints a task's output
+            print(line, end="", flush=True)
+    print("\n")
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def _task(source: str, args: list[str], output: int, env: dict[str, str]) -> None:
+    """In the forked child: what the component's ``sh`` script does, then exit with the executor's status."""
+    code = 1
+    try:
+        os.dup2(output, 1)
+        os.dup2(output, 2)
+        os.close(output)
+        os.environ.update(env)
+        os.environ["_KFP_RUNTIME"] = "true"
+        _as_new_interpreter()
+        program = tempfile.mkdtemp()  # as the script's `mktemp -d`: under the run's TMPDIR
+        path = os.path.join(program, "ephemeral_component.py")
+        with open(path, "w") as f:
+            f.write(source)
+        from kfp.dsl import executor_main
+
+        sys.argv = [_EXECUTOR, "--component_module_path", path, *args]
+        executor_main.executor_main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # anything the task raised: printed as a new interpreter would, then its exit status
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _as_new_interpreter() -> None:
+    """Undo, in a forked task, what this runner changed that a new interpreter would not have."""
+    builtins.print = _PRINT
+    warnings.filters[:] = _WARNINGS
+    loggers = [logging.root, *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    for logger in loggers:
+        logger.handlers.clear()
+        logger.setLevel(logging.NOTSET)
+        logger.propagate, logger.disabled = True, False
+    logging.root.setLevel(logging.WARNING)
+
+
+def _fork_tasks(preload: list[str]) -> None:
+    """Run kfp.local's lightweight tasks forked from this runner, importing ``preload`` for them now."""
+    global _kfp_run_local_subprocess
+    from kfp.local import subprocess_task_handler as handler
+
+    for module in preload:
+        __import__(module)
+    _kfp_run_local_subprocess = handler.run_local_subprocess
+    handler.run_local_subprocess = _run_forked
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one pipeline; with ``--standby READY_FD``, import kfp first, close READY_FD and wait for it.
 
@@ -53,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     # kfp warns that resources and non-"python" images do nothing locally; that is expected here.
     warnings.simplefilter("ignore")
     components, local = _import_kfp()
-    if argv[:1] == ["--standby"]:
+    standby = argv[:1] == ["--standby"]
+    # On standby there is time to import what every task imports; otherwise the task imports it as it would.
+    _fork_tasks([_EXECUTOR, "aiplane.core.worker"] if standby else [])
+    if standby:
         os.close(int(argv[1]))  # the engine sees EOF: imported
         line = sys.stdin.readline()
         # The tasks' stdin is empty, as for a runner started for the run.
