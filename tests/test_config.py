@@ -64,7 +64,9 @@ def test_bad_keys_and_values_are_named_with_allowed_values(tmp_path):
     msg = str(err.value)
     assert str(path) in msg
     assert "targets.0.sla.0: Input should be 'batch', 'interactive' or 'critical' (got 'fast')" in msg
-    assert "targets.0.gpu: Unknown key 'gpu'; allowed keys: engine, gpu_type, gpus, name, region, settings, sla. Did you mean 'gpus'?" in msg
+    assert (
+        "targets.0.gpu: Unknown key 'gpu'; allowed keys: engine, gpu_type, gpus, name, region, settings, sla. Did you mean 'gpus'?"
+    ) in msg
     assert "factsheet: Field required" in msg
 
 

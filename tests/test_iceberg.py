@@ -559,7 +559,10 @@ def test_the_row_digest_is_stable_across_releases_and_machines():
     # The digest is stored in every snapshot: if it changed, the next refresh of unchanged
     # rows would commit a snapshot. Change it only together with _DIGEST_FORMAT.
     rows = [
-        {"id": "T1", "prompt": "Ticket: VPN keeps disconnecting.\nLabel:", "completion": " network high", "residency": "eu", "split": "train"},
+        {
+            "id": "T1", "prompt": "Ticket: VPN keeps disconnecting.\nLabel:", "completion": " network high",
+            "residency": "eu", "split": "train",
+        },
         {"id": "T2", "prompt": "Ticket: Écran noir – ünïcode ✓\nLabel:", "completion": " hardware low", "residency": "us", "split": "eval"},
         {"id": "T2", "prompt": "", "completion": "", "residency": "", "split": ""},
     ]  # fmt: skip

@@ -33,7 +33,7 @@ class _ThrowawayPlugin:
 
 def test_builtin_plugins_load_through_entry_points_with_distribution_hooks_and_components(clean_plugin_env):
     infos = {p.name: p for p in Registry().plugins()}
-    assert BUILTINS <= set(infos)
+    assert set(infos) >= BUILTINS
     assert not any(p.disabled_by for p in infos.values())
     assert infos["local"].distribution == "aiplane" and infos["local"].version
     assert "aiplane_engines" in infos["local"].hooks
@@ -108,7 +108,8 @@ def test_a_disabled_plugins_component_is_reported_as_disabled_with_how_to_enable
 
     monkeypatch.delenv("AIPLANE_DISABLE_PLUGINS")
     monkeypatch.setenv("AIPLANE_LOAD_PLUGINS", "local")
-    with pytest.raises(PluginError, match="The engine 'ray' comes from plugin 'ray', which is disabled: .*Add 'ray' to AIPLANE_LOAD_PLUGINS"):
+    disabled = "The engine 'ray' comes from plugin 'ray', which is disabled: .*Add 'ray' to AIPLANE_LOAD_PLUGINS"
+    with pytest.raises(PluginError, match=disabled):
         Registry().engine("ray")
     # A name no plugin provides, loaded or disabled, is still just unknown.
     with pytest.raises(PluginError, match=r"^Unknown engine 'rya'; installed engines: local\.$"):
@@ -174,13 +175,15 @@ def test_broken_plugin_names_its_distribution_and_does_not_take_the_core_down(tm
     assert "aiplane_engins" in broken["misspelled"].error
     assert "distribution broken-thing 1.2" in caplog.text
     # The core and the healthy plugins still work.
-    assert BUILTINS <= {p.name for p in registry.plugins()}
+    assert {p.name for p in registry.plugins()} >= BUILTINS
     assert registry.engine("local").name == "local"
     with pytest.raises(PluginError, match=r"failed to load: broken \(broken-thing\)"):
         registry.engine("nope")
 
 
-def test_third_party_engine_is_listed_and_chosen_by_placement_without_core_changes(example_cloud, monkeypatch, clean_plugin_env, workload_path):
+def test_third_party_engine_is_listed_and_chosen_by_placement_without_core_changes(
+    example_cloud, monkeypatch, clean_plugin_env, workload_path
+):
     monkeypatch.syspath_prepend(str(example_cloud))
     registry = Registry()
     info = {p.name: p for p in registry.plugins()}["example-cloud"]

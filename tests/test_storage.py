@@ -102,7 +102,8 @@ def test_a_missing_bucket_is_a_clear_error(s3_env, tmp_path):
 
 def test_credentials_are_named_by_reference_never_by_value(s3, monkeypatch, tmp_path):
     monkeypatch.delenv("NOT_SET_KEY", raising=False)
-    settings = S3Settings(endpoint=s3.endpoint_url, access_key_id=SecretRef(env="NOT_SET_KEY"), secret_access_key=SecretRef(env="NOT_SET_KEY"))
+    unset = SecretRef(env="NOT_SET_KEY")
+    settings = S3Settings(endpoint=s3.endpoint_url, access_key_id=unset, secret_access_key=unset)
     with pytest.raises(ConfigError, match="NOT_SET_KEY"):
         Storage(settings).exists(f"s3://{s3.create_bucket()}/x")
     monkeypatch.setenv("NOT_SET_KEY", "hunter2-value")
@@ -408,8 +409,8 @@ def test_an_entry_published_before_manifests_held_file_digests_is_still_checked(
     store = ArtifactStore(tmp_path / "artifacts")
     uri, digest = store.publish(_adapter(tmp_path), "adapters")
     # The manifest an earlier aiplane wrote: names only.
-    store.storage.write_bytes(uri + COMPLETE_SUFFIX, json.dumps({"digest": digest, "kind": "adapters",
-                                                                 "files": ["adapter_model.safetensors", "sub/adapter_config.json"]}).encode())
+    names_only = {"digest": digest, "kind": "adapters", "files": ["adapter_model.safetensors", "sub/adapter_config.json"]}
+    store.storage.write_bytes(uri + COMPLETE_SUFFIX, json.dumps(names_only).encode())
     assert store.fetch(uri, tmp_path / "cache") == local_path(uri)
     _flip_a_byte(local_path(uri) / "adapter_model.safetensors")
     with pytest.raises(InputError, match="not the artifact its digest names"):
