@@ -431,7 +431,9 @@ def tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
 
 def held_by_ours(home: Path, port: int) -> bool:
     """Whether one of the live servers recorded under ``home`` listens on ``port``."""
-    return any(alive(info) and info["port"] == port for info in map(server_info, servers_dir(home).glob("*")))
+    return any(
+        info is not None and alive(info) and info["port"] == port for info in map(server_info, servers_dir(home).glob("*"))
+    )
 
 
 def release(home: Path, directory: Path, state: dict[str, Any]) -> bool:
@@ -443,7 +445,7 @@ def release(home: Path, directory: Path, state: dict[str, Any]) -> bool:
     if not others:
         terminate(info)
         forget(directory)
-    elif running and not state.get("full_model"):
+    elif running and info is not None and not state.get("full_model"):
         for version in state.get("versions", []):
             unload(info["url"], version["lora_name"])
         unload(info["url"], state["endpoint"])
