@@ -17,11 +17,15 @@ _SETTINGS = LoraSettings(r=2, alpha=2, target_modules=["q_proj", "v_proj"], max_
 
 
 @pytest.fixture(scope="module")
-def model_and_tokenizer(tmp_path_factory):
+def model_path(tmp_path_factory):
+    return build_tiny_granite(tmp_path_factory.mktemp("home") / "tiny-granite")
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(model_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = build_tiny_granite(tmp_path_factory.mktemp("home") / "tiny-granite")
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(model_path).eval(), AutoTokenizer.from_pretrained(model_path)
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +108,12 @@ def test_a_packed_examples_loss_does_not_change_with_the_examples_packed_before_
         torch.testing.assert_close(_loss_of(model, tokenizer, neighbours, at), alone, atol=1e-5, rtol=1e-5)
 
 
-def test_a_packed_blocks_adapter_gradients_are_the_sum_of_its_examples_gradients_alone(tmp_path_factory, rows):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_a_packed_blocks_adapter_gradients_are_the_sum_of_its_examples_gradients_alone(model_path, model_and_tokenizer, rows):
+    from transformers import AutoModelForCausalLM
 
-    path = build_tiny_granite(tmp_path_factory.mktemp("grad") / "tiny-granite")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = model_and_tokenizer[1]
     method = method_for("lora", _SETTINGS)
-    model = method.prepare(AutoModelForCausalLM.from_pretrained(path))
+    model = method.prepare(AutoModelForCausalLM.from_pretrained(model_path))  # a model of its own: PEFT wraps it in place
     torch.manual_seed(0)
     with torch.no_grad():  # PEFT starts B at zero, which leaves A without a gradient: give both one to check
         for name, p in model.named_parameters():
