@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from pydantic import BaseModel
 
 from .components import Engine
-from .kube import default_api_client, pod_storage_problems, read_pod_result
+from .kube import default_api_client, pod_storage_problems, read_pod_result, workload_object_name
 from .processes import Standby, start_process
 from .storage import normalize_uri
 
@@ -186,6 +186,8 @@ class PodEngine(EngineBase[P]):
     """How logs and errors name the object (``Kubernetes Job``)."""
     kubectl: ClassVar[str]
     """Its resource name for ``kubectl delete`` (``job``)."""
+    name_limits: ClassVar[tuple[int, int]]
+    """The object's name: at most how many characters, with up to how many of the run id (:meth:`object_name`)."""
 
     def __init__(self, settings: Any = None, *, api_client: kubernetes.client.ApiClient | None = None):
         super().__init__(settings)
@@ -245,9 +247,9 @@ class PodEngine(EngineBase[P]):
 
     # -- what each such engine says for itself --------------------------------------------------
 
-    @abc.abstractmethod
     def object_name(self, workload: Workload) -> str:
-        """The object's name for this attempt (a DNS label, unique per attempt)."""
+        """``aiplane-<workload>-<run id>-<attempt>``: a DNS label, unique per attempt (a retried step gets a new one)."""
+        return workload_object_name(workload, *self.name_limits)
 
     @abc.abstractmethod
     def build(self, workload: Workload, target: Target, name: str, result_uri: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -35,7 +35,7 @@ __all__ = [
     "FATAL_WAITING", "PodSettings", "SecretKey", "Toleration", "WorkloadWatcher", "await_workload", "check_cpu",
     "check_dns_label", "check_memory", "container_status", "cpu_quantity", "default_api_client", "fatal_waiting",
     "follow_pod_log", "memory_quantity", "pod_env", "pod_gpus", "pod_resources", "pod_secret_refs", "pod_state",
-    "pod_spec", "pod_storage_problems", "PodResources",
+    "pod_parts", "pod_spec", "pod_storage_problems", "PodParts", "PodResources",
     "pvc_volumes", "read_pod_result", "restricted_security_context", "run_pod_task", "workload_metadata",
     "workload_object_name", "RESULT_ENV", "TERMINATION_ENV", "WORKLOAD_ENV",
 ]
@@ -356,6 +356,24 @@ def workload_metadata(workload: "Workload", settings: PodSettings) -> tuple[dict
         "aiplane.io/run-id": re.sub(r"[^A-Za-z0-9_.-]", "-", workload.run_id)[:63].strip("-_.") or "run",
     }
     return labels, {"aiplane.io/workload": workload.name, "aiplane.io/entrypoint": workload.entrypoint}
+
+
+class PodParts(NamedTuple):
+    """What every workload pod's manifest is made of, whatever object runs it (:func:`pod_parts`)."""
+
+    env: list[dict[str, Any]]
+    requests: dict[str, str]
+    limits: dict[str, str]
+    node_selector: dict[str, str]
+    labels: dict[str, str]
+    annotations: dict[str, str]
+
+
+def pod_parts(workload: "Workload", target: "Target", settings: PodSettings, engine: str, result_uri: str) -> PodParts:
+    """The container's env (:func:`pod_env`), its resources and node selector (:func:`pod_resources`), and the
+    object's labels and annotations (:func:`workload_metadata`); a ConfigError before anything is sent."""
+    env = pod_env(workload, settings, engine, result_uri)
+    return PodParts(env, *pod_resources(workload, target, settings), *workload_metadata(workload, settings))
 
 
 def restricted_security_context(settings: PodSettings) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from aiplane.core.kube import WorkloadWatcher, await_workload, container_status,
 from aiplane.core.kube import default_api_client as kube_api_client
 from aiplane.core.workload import Event, Workload
 
-from .manifest import CONTAINER, describe, job_manifest, job_name
+from .manifest import CONTAINER, NAME_LIMITS, describe, job_manifest
 from .settings import K8sJobSettings
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ class K8sJobEngine(PodEngine[K8sJobSettings]):
     name = "k8s-job"
     Settings = K8sJobSettings
     kind, kubectl = "Kubernetes Job", "job"
-    object_name, describe = staticmethod(job_name), staticmethod(describe)
+    name_limits, describe = NAME_LIMITS, staticmethod(describe)
 
     def build(self, workload: Workload, target: Target, name: str, result_uri: str) -> dict[str, Any]:
         return job_manifest(workload, target, self.settings, name, result_uri)

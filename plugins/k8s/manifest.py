@@ -10,23 +10,18 @@ import json
 from typing import Any
 
 from aiplane.core.config import Target
-from aiplane.core.kube import (
-    pod_env, pod_resources, pod_spec, restricted_security_context, workload_metadata, workload_object_name,
-)
+from aiplane.core.kube import pod_parts, pod_spec, restricted_security_context
 from aiplane.core.workload import Workload
 
 from .settings import K8sJobSettings
 
-__all__ = ["job_manifest", "job_name", "describe", "CONTAINER", "MANAGED_BY"]
+__all__ = ["job_manifest", "describe", "CONTAINER", "MANAGED_BY", "NAME_LIMITS"]
 
 CONTAINER = "workload"
 MANAGED_BY = "aiplane"
-_MAX_NAME = 63  # a Job's name is also its pods' `job-name` label value
-
-
-def job_name(workload: Workload) -> str:
-    """``aiplane-<workload>-<run id>-<attempt>``: a DNS label, unique per attempt (a retried step gets a new Job)."""
-    return workload_object_name(workload, _MAX_NAME, 12)
+NAME_LIMITS = (63, 12)
+"""A Job's name (``aiplane-<workload>-<run id>-<attempt>``, a new one per attempt): at most 63 characters, as it is
+also its pods' ``job-name`` label value, with up to 12 of the run id."""
 
 
 def job_manifest(
@@ -34,9 +29,7 @@ def job_manifest(
 ) -> dict[str, Any]:
     """The ``batch/v1`` Job (as a dict) that runs ``workload`` on ``target`` and writes its result to ``result_uri``."""
     s = settings
-    env = pod_env(workload, s, "k8s-job", result_uri)
-    requests, limits, node_selector = pod_resources(workload, target, s)
-    labels, annotations = workload_metadata(workload, s)
+    env, requests, limits, node_selector, labels, annotations = pod_parts(workload, target, s, "k8s-job", result_uri)
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": s.image,

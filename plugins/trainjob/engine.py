@@ -42,7 +42,7 @@ from aiplane.core.errors import ConfigError, unknown_name
 from aiplane.core.workload import Event, Workload
 
 from .cluster import GROUP, VERSION, Apis, delete, wait
-from .manifest import describe, trainjob_manifest, trainjob_name
+from .manifest import NAME_LIMITS, describe, trainjob_manifest
 from .settings import TrainJobSettings
 
 __all__ = ["TrainJobEngine"]
@@ -58,7 +58,7 @@ class TrainJobEngine(PodEngine[TrainJobSettings]):
     name = "trainjob"
     Settings = TrainJobSettings
     kind, kubectl = "TrainJob", "trainjob"
-    object_name, describe = staticmethod(trainjob_name), staticmethod(describe)
+    name_limits, describe = NAME_LIMITS, staticmethod(describe)
 
     def build(self, workload: Workload, target: Target, name: str, result_uri: str) -> dict[str, Any]:
         return _typed(trainjob_manifest(workload, target, self.settings, name, result_uri))

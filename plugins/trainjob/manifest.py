@@ -16,14 +16,12 @@ import json
 from typing import Any
 
 from aiplane.core.config import Target
-from aiplane.core.kube import (
-    pod_env, pod_resources, pod_spec, restricted_security_context, workload_metadata, workload_object_name,
-)
+from aiplane.core.kube import pod_parts, pod_spec, restricted_security_context
 from aiplane.core.workload import Workload
 
 from .settings import TrainJobSettings
 
-__all__ = ["trainjob_manifest", "trainjob_name", "describe", "API_VERSION", "NODE", "MANAGER", "TASK"]
+__all__ = ["trainjob_manifest", "describe", "NAME_LIMITS", "API_VERSION", "NODE", "MANAGER", "TASK"]
 
 API_VERSION = "trainer.kubeflow.org/v1alpha1"
 NODE = "node"
@@ -31,13 +29,10 @@ NODE = "node"
 MANAGER = "aiplane.io/trainjob-engine"
 """Who owns aiplane's runtime patch (``runtimePatches[].manager``)."""
 TASK = "aiplane.plugins.trainjob.task"
-# The Trainer names the pods <trainjob>-node-<job index>-<pod index>-<suffix>; they must stay DNS labels.
-_MAX_NAME = 46
-
-
-def trainjob_name(workload: Workload) -> str:
-    """``aiplane-<workload>-<run id>-<attempt>``: a DNS label, unique per attempt (a retried step gets a new TrainJob)."""
-    return workload_object_name(workload, _MAX_NAME, 10)
+NAME_LIMITS = (46, 10)
+"""A TrainJob's name (``aiplane-<workload>-<run id>-<attempt>``, a new one per attempt): at most 46 characters,
+as the Trainer names the pods ``<trainjob>-node-<job index>-<pod index>-<suffix>``, DNS labels; up to 10 of
+the run id."""
 
 
 def trainjob_manifest(
@@ -45,9 +40,7 @@ def trainjob_manifest(
 ) -> dict[str, Any]:
     """The TrainJob (as a dict) that runs ``workload`` on ``target`` and writes its result to ``result_uri``."""
     s = settings
-    env = pod_env(workload, s, "trainjob", result_uri)
-    requests, limits, node_selector = pod_resources(workload, target, s)
-    labels, annotations = workload_metadata(workload, s)
+    env, requests, limits, node_selector, labels, annotations = pod_parts(workload, target, s, "trainjob", result_uri)
     # One process needs no launcher; several get torchrun, which reads the PET_* variables the Trainer's
     # torch plugin sets on every node (nodes, processes per node, node rank, master address and port).
     launcher = ["-m", "torch.distributed.run"] if s.world_size > 1 else []
