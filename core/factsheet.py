@@ -17,7 +17,7 @@ import json
 import os
 import subprocess
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -64,94 +64,92 @@ def build_factsheet(
             f"A factsheet describes a served endpoint (or, as a draft, an adapter); got a {type(endpoint).__name__} "
             f"({getattr(endpoint, 'kind', '?')}). Pass the EndpointRecord of the served_endpoint asset."
         )
-    served = isinstance(endpoint, EndpointRecord)
-    name = endpoint.model_name if served else "(not served yet)"
-    where = endpoint.url if served else endpoint.uri
+    served = endpoint if isinstance(endpoint, EndpointRecord) else None
     chain = list(lineage(endpoint))
-    found: dict[str, Record] = {}
-    for rec in chain:
-        found.setdefault(rec.kind, rec)
-    missing = [f"{kind} ({what})" for kind, what in _REQUIRED if kind not in found]
-    if missing:
-        raise InputError(
-            f"Cannot build a factsheet for endpoint {name!r} ({where}): its lineage has no "
-            f"{', no '.join(missing)} record. Deploy the endpoint from an adapter whose sources are the base model "
-            "and the features it was trained on, so the whole chain is recorded."
-        )
-    adapter: AdapterRecord = found["adapter_weights"]  # type: ignore[assignment]
-    base: BaseModelRecord = found["base_model"]  # type: ignore[assignment]
-    features: FeaturesRecord = found["features"]  # type: ignore[assignment]
+    adapter, base, features = _required(chain, served)
     extra_doc = _json_ready(extra or {}, "extra")
-
     adapter_json = adapter.model_dump(mode="json")
-    document: dict[str, Any] = {
+    return {
         "schema_version": SCHEMA_VERSION,
         "stage": "served" if served else "draft",
-        "model": endpoint.model_name if served else None,
-        "base_model": {
-            "name": base.name,
-            "uri": base.uri,
-            "digest": base.digest,
-            "architecture": base.architecture,
-            "parameters": base.parameters,
-        },
+        "model": served.model_name if served else None,
+        "base_model": {"name": base.name, "uri": base.uri, "digest": base.digest, "architecture": base.architecture,
+                       "parameters": base.parameters},  # fmt: skip
         "features": {
-            "table": features.table,
-            "snapshot_id": features.snapshot_id,
-            "row_count": features.row_count,
-            "residency": list(features.residency),
-            "columns": list(features.columns),
-            "uri": features.uri,
+            "table": features.table, "snapshot_id": features.snapshot_id, "row_count": features.row_count,
+            "residency": list(features.residency), "columns": list(features.columns), "uri": features.uri,
             "digest": features.digest,
-        },
-        "training": {
-            "method": adapter.method,
-            "config": adapter_json["config"],
-            "metrics": adapter_json["metrics"],
-            "run_id": adapter.run_id,
-            "execution": adapter_json["execution"],
-        },
+        },  # fmt: skip
+        "training": {"method": adapter.method, "config": adapter_json["config"], "metrics": adapter_json["metrics"],
+                     "run_id": adapter.run_id, "execution": adapter_json["execution"]},  # fmt: skip
         "adapter": {
             "uri": adapter.uri,
             "digest": adapter.digest,
             "sha256": adapter.digest.removeprefix("sha256:") if adapter.digest.startswith("sha256:") else None,
         },
-        "endpoint": {
-            "url": endpoint.url,
-            "model_name": endpoint.model_name,
-            "protocols": list(endpoint.protocols),
-            "serving": endpoint.serving,
-            "execution": endpoint.model_dump(mode="json")["execution"],
-        }
-        if served
-        else None,
+        "endpoint": _endpoint_section(served),
         "placement": [
-            {"record": rec.kind, **rec.placement.model_dump(mode="json")}
+            {"record": rec.kind, **placement.model_dump(mode="json")}
             for rec in reversed(chain)
-            if getattr(rec, "placement", None) is not None
+            if (placement := getattr(rec, "placement", None)) is not None
         ],
-        "lineage": [
-            {"kind": "features", "uri": features.uri, "digest": features.digest},
-            {"kind": "base_model", "uri": base.uri, "digest": base.digest},
-            {
-                "kind": "training_run",
-                "uri": adapter.execution.get("run_url") or f"run:{adapter.run_id}",
-                "digest": _training_run_digest(adapter, base, features),
-                # Where it ran: engine, target, job/run/pipeline-version ids (scalars only, not utilisation tables).
-                "execution": {k: v for k, v in sorted(adapter.execution.items()) if isinstance(v, (str, int, float, bool))},
-            },
-            {"kind": "adapter_weights", "uri": adapter.uri, "digest": adapter.digest},
-            *([{"kind": "served_endpoint", "uri": endpoint.url, "digest": endpoint.digest}] if served else []),
-        ],
+        "lineage": _lineage_section(adapter, base, features, served),
         "generated_by": {
             "who": who or os.environ.get("AIPLANE_USER") or _login_name(),
-            "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "when": datetime.now(UTC).isoformat(timespec="seconds"),
             "aiplane_version": _aiplane_version(),
             "code_version": _code_version(),
         },
         "extra": extra_doc,
     }
-    return document
+
+
+def _required(chain: list[Record], served: EndpointRecord | None) -> tuple[AdapterRecord, BaseModelRecord, FeaturesRecord]:
+    """The adapter, base model and features records of a lineage; InputError naming those it lacks."""
+    found: dict[str, Record] = {}
+    for rec in chain:
+        found.setdefault(rec.kind, rec)
+    adapter, base, features = found.get("adapter_weights"), found.get("base_model"), found.get("features")
+    if isinstance(adapter, AdapterRecord) and isinstance(base, BaseModelRecord) and isinstance(features, FeaturesRecord):
+        return adapter, base, features
+    missing = [f"{kind} ({what})" for kind, what in _REQUIRED if kind not in found]
+    name, where = (served.model_name, served.url) if served else ("(not served yet)", chain[0].uri)
+    raise InputError(
+        f"Cannot build a factsheet for endpoint {name!r} ({where}): its lineage has no "
+        f"{', no '.join(missing)} record. Deploy the endpoint from an adapter whose sources are the base model "
+        "and the features it was trained on, so the whole chain is recorded."
+    )
+
+
+def _endpoint_section(served: EndpointRecord | None) -> dict[str, Any] | None:
+    if served is None:
+        return None
+    return {
+        "url": served.url,
+        "model_name": served.model_name,
+        "protocols": list(served.protocols),
+        "serving": served.serving,
+        "execution": served.model_dump(mode="json")["execution"],
+    }
+
+
+def _lineage_section(
+    adapter: AdapterRecord, base: BaseModelRecord, features: FeaturesRecord, served: EndpointRecord | None
+) -> list[dict[str, Any]]:
+    """The chain features -> base model -> training run -> adapter (-> endpoint), each ``{kind, uri, digest}``."""
+    return [
+        {"kind": "features", "uri": features.uri, "digest": features.digest},
+        {"kind": "base_model", "uri": base.uri, "digest": base.digest},
+        {
+            "kind": "training_run",
+            "uri": adapter.execution.get("run_url") or f"run:{adapter.run_id}",
+            "digest": _training_run_digest(adapter, base, features),
+            # Where it ran: engine, target, job/run/pipeline-version ids (scalars only, not utilisation tables).
+            "execution": {k: v for k, v in sorted(adapter.execution.items()) if isinstance(v, (str, int, float, bool))},
+        },
+        {"kind": "adapter_weights", "uri": adapter.uri, "digest": adapter.digest},
+        *([{"kind": "served_endpoint", "uri": served.url, "digest": served.digest}] if served else []),
+    ]
 
 
 def _json_ready(value: Mapping[str, Any], what: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -236,7 +237,7 @@ def test_failed_publish_leaves_no_partial_folder(chain, tmp_path, monkeypatch):
     def refuse(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(publish.os, "rename", refuse)
+    monkeypatch.setattr(os, "rename", refuse)
     with pytest.raises(OSError, match="disk full"):
         _publish(directory, chain["endpoint"], doc)
     assert list(directory.iterdir()) == []

@@ -180,7 +180,7 @@ def test_an_unavailable_registry_is_retried_then_fails_saying_what_to_do(registr
     registry.fail_next = [503] * 3
     with pytest.raises(WorkloadError) as err:
         _publish(registry, _endpoint(), attempts=3)
-    assert "did not answer usably after 3 attempts" in str(err.value) and "publish again" in str(err.value)
+    assert "did not answer usably after 3 attempts" in str(err.value) and "publish the factsheet again" in str(err.value)
     assert not registry.versions and [c.status for c in registry.calls] == [503, 503, 503]
 
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 from aiplane.core.artifacts import atomic_write_text, sha256_path
 from aiplane.core.errors import InputError
 from aiplane.core.factsheet_page import factsheet_page, loss_chart_png
+from aiplane.core.publishing import publish_inputs, staged_dir
 from aiplane.core.records import EndpointRecord, FactsheetRecord
 from aiplane.core.workload import WorkloadContext
 
@@ -33,13 +32,8 @@ _JSON, _HTML, _PNG, _LATEST = "factsheet.json", "factsheet.html", "loss.png", "l
 
 def run(ctx: WorkloadContext) -> dict[str, FactsheetRecord]:
     """Publish ``ctx.params["document"]`` for ``ctx.inputs["endpoint"]`` under ``ctx.params["directory"]``."""
-    endpoint = ctx.inputs.get("endpoint")
-    document = ctx.params.get("document")
+    endpoint, document = publish_inputs(ctx)
     directory = ctx.params.get("directory")
-    if not isinstance(endpoint, EndpointRecord):
-        raise InputError(f"publish-factsheet needs an 'endpoint' input that is an EndpointRecord; got {endpoint!r:.80}")
-    if not isinstance(document, Mapping):
-        raise InputError(f"publish-factsheet needs a 'document' mapping parameter; got {type(document).__name__}")
     if not isinstance(directory, str) or not directory.strip():
         raise InputError("publish-factsheet needs a 'directory' parameter naming where factsheets go")
 
@@ -59,7 +53,10 @@ def run(ctx: WorkloadContext) -> dict[str, FactsheetRecord]:
             )
         png = loss_chart_png(document)
         page = factsheet_page(document, png)
-        _publish_folder(root, folder, {_JSON: text.encode(), _HTML: page.encode(), _PNG: png})
+        # A published factsheet is for everyone (0o755); a reader sees the whole folder or none.
+        with staged_dir(folder, complete=_JSON, mode=0o755) as staging:
+            for name, data in {_JSON: text.encode(), _HTML: page.encode(), _PNG: png}.items():
+                (staging / name).write_bytes(data)
         ctx.log(f"published factsheet to {folder}")
     atomic_write_text(root / _LATEST, text)
     json_path = folder / _JSON
@@ -103,19 +100,3 @@ def _publish_to_storage(
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")[:64] or "model"
 
-
-def _publish_folder(root: Path, folder: Path, files: Mapping[str, bytes]) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=".factsheet-"))
-    try:
-        for name, data in files.items():
-            (staging / name).write_bytes(data)
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; a published factsheet is for everyone
-        try:
-            os.rename(staging, folder)
-        except OSError:
-            # A concurrent publish of the same document won the rename: same name, same content.
-            if not (folder / _JSON).is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from aiplane.core.components import FactsheetPublisher
-from aiplane.core.factsheet import publishable
+from aiplane.core.publishing import publish_workload
 from aiplane.core.records import EndpointRecord
 from aiplane.core.workload import Workload
 
@@ -45,10 +45,4 @@ class LocalFactsheetPublisher(FactsheetPublisher[_Settings]):
 
     def workload(self, endpoint: EndpointRecord, document: Mapping[str, Any]) -> Workload:
         """The ``publish-factsheet`` workload; its one output, ``factsheet``, is a FactsheetRecord."""
-        doc = publishable(endpoint, document)
-        return Workload(
-            name="publish-factsheet",
-            entrypoint=ENTRYPOINT,
-            inputs={"endpoint": endpoint},
-            params={"document": doc, "directory": self.settings.directory},
-        )
+        return publish_workload("publish-factsheet", ENTRYPOINT, endpoint, document, directory=self.settings.directory)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiplane.core.errors import AiplaneError, ConfigError, InputError, WorkloadError
+from aiplane.core.publishing import Attempts, publish_inputs
 from aiplane.core.records import EndpointRecord, FactsheetRecord
 from aiplane.core.workload import WorkloadContext
 
@@ -59,12 +60,7 @@ class Registration:
 
 def run(ctx: WorkloadContext) -> dict[str, FactsheetRecord]:
     """Register ``ctx.inputs["endpoint"]``'s adapter, described by ``ctx.params["document"]``."""
-    endpoint = ctx.inputs.get("endpoint")
-    document = ctx.params.get("document")
-    if not isinstance(endpoint, EndpointRecord):
-        raise InputError(f"publish-model-registry needs an 'endpoint' input that is an EndpointRecord; got {endpoint!r:.80}")
-    if not isinstance(document, Mapping):
-        raise InputError(f"publish-model-registry needs a 'document' mapping parameter; got {type(document).__name__}")
+    endpoint, document = publish_inputs(ctx)
     settings = ModelRegistrySettings.model_validate(ctx.params.get("settings") or {})
     return {"factsheet": publish(endpoint, document, settings, log=ctx.log)}
 
@@ -134,35 +130,26 @@ def publish(
     """Register the adapter ``document`` describes (see :func:`registration`) and return the record of its version."""
     wanted = registration(endpoint, document, settings)
     token = settings.resolve_token()
-    last = ""
-    for i in range(settings.attempts):
-        try:
-            found = asyncio.run(asyncio.wait_for(_register(settings, token, wanted, log), settings.timeout_s))
-            break
-        except AiplaneError:
-            raise
-        except Exception as exc:  # the client raises aiohttp errors, ApiExceptions and timeouts alike
-            last = _reason(exc, token)
-            status = getattr(exc, "status", None)
-            if status in (401, 403):
-                raise ConfigError(
-                    f"The model registry at {settings.url} refused the credentials (HTTP {status}: {last}); "
-                    f"check {settings.token_source()}: it must hold a token with access to the registry's service."
-                ) from None
-            # 409: another publish created it between our lookup and our create; the next attempt finds it.
-            if status is not None and 400 <= status < 500 and status != 409:
-                raise WorkloadError(f"The model registry at {settings.url} refused the registration of {wanted.model} "
-                                    f"version {wanted.version}: HTTP {status}: {last}") from None
-            if i < settings.attempts - 1:
-                delay = settings.backoff_s * 2**i
-                log(f"model registry: {last}; trying again in {delay:g}s")
-                sleep(delay)
-    else:
-        raise WorkloadError(
-            f"The model registry at {settings.url} did not answer usably after {settings.attempts} attempts "
-            f"(last: {last}). Nothing served was changed; publish again (re-materialize the factsheet asset) "
-            "once it is back, or raise the publisher's `attempts` or `timeout_s`."
-        )
+
+    def refused(exc: BaseException, reason: str, what: str) -> AiplaneError | None:
+        status = getattr(exc, "status", None)
+        if status in (401, 403):
+            return ConfigError(
+                f"The model registry at {settings.url} refused the credentials (HTTP {status}: {reason}); "
+                f"check {settings.token_source()}: it must hold a token with access to the registry's service."
+            )
+        # 409: another publish created it between our lookup and our create; the next attempt finds it.
+        if status is not None and 400 <= status < 500 and status != 409:
+            return WorkloadError(f"The model registry at {settings.url} refused the registration of {wanted.model} "
+                                 f"version {wanted.version}: HTTP {status}: {reason}")  # fmt: skip
+        return None
+
+    attempt = Attempts(f"The model registry at {settings.url}", settings.attempts, settings.backoff_s,
+                       reason=lambda exc: _reason(exc, token), refused=refused, log=log, sleep=sleep,
+                       raise_what="the publisher's `attempts` or `timeout_s`")  # fmt: skip
+    # Every call of one attempt in one event loop of our own, bounded as a whole; an attempt only adds what is missing.
+    found = attempt(f"register {wanted.model} version {wanted.version}",
+                    lambda: asyncio.run(asyncio.wait_for(_register(settings, token, wanted, log), settings.timeout_s)))  # fmt: skip
     model_id, version_id, held = found
     uri = f"{settings.url}{API_PATH}/model_versions/{version_id}"
     page = settings.page_url.format(registered_model_id=model_id, version_id=version_id) if settings.page_url else uri

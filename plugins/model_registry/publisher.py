@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -12,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from aiplane.core.components import FactsheetPublisher
 from aiplane.core.config import SecretRef
 from aiplane.core.errors import ConfigError
-from aiplane.core.factsheet import publishable
+from aiplane.core.publishing import publish_workload
 from aiplane.core.records import EndpointRecord
 from aiplane.core.workload import Workload
 
@@ -103,19 +104,21 @@ class ModelRegistrySettings(BaseModel):
 
     def resolve_token(self) -> str | None:
         """The bearer token, read now; :class:`ConfigError` when it is configured but missing or empty."""
-        if self.token_path:
-            try:
-                value = open(os.path.expanduser(self.token_path)).read().strip()
-            except OSError as exc:
-                raise ConfigError(
-                    f"Cannot read the model registry token from {self.token_path}: {exc.strerror}. "
-                    "Mount the service account's token there, or set `token` instead."
-                ) from None
-            if not value:
-                raise ConfigError(f"The model registry token file {self.token_path} is empty.")
-            return value
-        return self.token.resolve() if self.token is not None else None
-
+        if self.token is not None:
+            return self.token.resolve()
+        if not self.token_path:
+            return None
+        path = Path(self.token_path).expanduser()
+        try:
+            value, why = path.read_text().strip(), "the file is empty"
+        except OSError as exc:
+            value, why = "", str(exc.strerror)
+        if not value:
+            raise ConfigError(
+                f"Cannot read the model registry token from {self.token_path}: {why}. "
+                "Mount the service account's token there, or set `token` instead."
+            )
+        return value
 
 class ModelRegistryPublisher(FactsheetPublisher):
     """Registers each served adapter as a model version in the Kubeflow Model Registry."""
@@ -168,11 +171,6 @@ class ModelRegistryPublisher(FactsheetPublisher):
 
     def workload(self, endpoint: EndpointRecord, document: Mapping[str, Any]) -> Workload:
         """The ``publish-model-registry`` workload; its one output, ``factsheet``, is a FactsheetRecord."""
-        doc = publishable(endpoint, document)
         # The settings travel as JSON; the token as its reference (or file path) only, read in the workload.
-        return Workload(
-            name="publish-model-registry",
-            entrypoint=ENTRYPOINT,
-            inputs={"endpoint": endpoint},
-            params={"document": doc, "settings": self.settings.model_dump(mode="json")},
-        )
+        settings = self.settings.model_dump(mode="json")
+        return publish_workload("publish-model-registry", ENTRYPOINT, endpoint, document, settings=settings)

@@ -103,7 +103,7 @@ def main(request_path: str, rows_path: str, out_path: str) -> None:
         evaluator = MetricsEvaluator(configuration=configuration, api_client=client)
         try:
             outcome = evaluator.evaluate(data=data, metrics=[metric])
-        except Exception as exc:
+        except Exception as exc:  # the library raises plain Exception and its own types; the message goes back as a failure
             _fail(f"ibm-watsonx-gov could not compute {name}: {type(exc).__name__}: {exc}")
         found = [m for m in outcome.metrics_result if m.value is not None]
         if not found:

@@ -222,7 +222,7 @@ def evaluate_generations(
         work = Path(tmp)
         (work / "request.json").write_text(json.dumps(request))
         with open(work / "rows.jsonl", "w") as f:
-            for i, (row, prediction) in enumerate(zip(rows, predictions)):
+            for i, (row, prediction) in enumerate(zip(rows, predictions, strict=True)):
                 record = {"id": row.get("id", i), "prompt": row["prompt"], "reference": row["completion"].strip(),
                           "prediction": prediction}
                 f.write(json.dumps(record) + "\n")

@@ -19,10 +19,11 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from aiplane.core.errors import AiplaneError, ConfigError, InputError, WorkloadError
+from aiplane.core.errors import AiplaneError, ConfigError
 from aiplane.core.factsheet_page import factsheet_page, loss_chart_png
+from aiplane.core.publishing import Attempts, publish_inputs
 from aiplane.core.records import EndpointRecord, FactsheetRecord
 from aiplane.core.workload import WorkloadContext
 
@@ -32,7 +33,6 @@ from .publisher import WatsonxGovernanceSettings
 
 __all__ = ["run", "publish"]
 
-T = TypeVar("T")
 _FACT_TYPE = "modelfacts_user"
 _HTML_FACT, _PNG_FACT = "aiplane_factsheet_page", "aiplane_loss_chart"
 
@@ -43,12 +43,7 @@ class _Unavailable(Exception):
 
 def run(ctx: WorkloadContext) -> dict[str, FactsheetRecord]:
     """Publish ``ctx.params["document"]`` for ``ctx.inputs["endpoint"]`` with ``ctx.params["settings"]``."""
-    endpoint = ctx.inputs.get("endpoint")
-    document = ctx.params.get("document")
-    if not isinstance(endpoint, EndpointRecord):
-        raise InputError(f"publish-factsheet needs an 'endpoint' input that is an EndpointRecord; got {endpoint!r:.80}")
-    if not isinstance(document, Mapping):
-        raise InputError(f"publish-factsheet needs a 'document' mapping parameter; got {type(document).__name__}")
+    endpoint, document = publish_inputs(ctx)
     settings = WatsonxGovernanceSettings.model_validate(ctx.params.get("settings") or {})
     where = _client.state_dir(settings.state_dir, ctx.workload.cache_dir)
     return {"factsheet": publish(endpoint, document, settings, where, log=ctx.log)}
@@ -70,7 +65,7 @@ def publish(
     IBM's local files are under ``state_dir``.
     """
     service = settings.service_url()
-    attempt = _Attempts(settings, service, sleep, log)
+    attempt = _attempts(settings, service, sleep, log)
     with _client.contained(state_dir):
         _client.import_client()
         _client.route_logs(state_dir / "client-output.log")
@@ -103,36 +98,20 @@ def publish(
     )
 
 
-class _Attempts:
-    """Bounded retries around one call to the service, with a clear error at the end."""
+def _attempts(settings: WatsonxGovernanceSettings, service: str, sleep: Callable[[float], None],
+              log: Callable[[str], None]) -> Attempts:  # fmt: skip
+    """Bounded retries of each call to the service; a refused credential ends them at once."""
 
-    def __init__(self, settings: WatsonxGovernanceSettings, service: str, sleep, log) -> None:
-        self.settings, self.service, self.sleep, self.log = settings, service, sleep, log
+    def refused(exc: BaseException, reason: str, what: str) -> ConfigError | None:
+        if not _refused(reason):
+            return None
+        cpd_user = f" and the user {settings.username!r}" if settings.platform == "cpd" else ""
+        return ConfigError(f"watsonx.governance at {service} refused the credentials while trying to {what} "
+                           f"({reason}); check {settings.api_key!r}{cpd_user}")  # fmt: skip
 
-    def __call__(self, what: str, call: Callable[[], T]) -> T:
-        attempts, last = self.settings.attempts, ""
-        for i in range(attempts):
-            try:
-                return call()
-            except AiplaneError:
-                raise
-            except Exception as exc:  # IBM's client raises bare Exceptions, ClientErrors, KeyErrors on error bodies
-                last = _scrub(_reason(exc), self.settings)
-                if _refused(last):
-                    raise ConfigError(
-                        f"watsonx.governance at {self.service} refused the credentials while trying to {what} ({last}); "
-                        f"check {self.settings.api_key!r}"
-                        + (f" and the user {self.settings.username!r}" if self.settings.platform == "cpd" else "")
-                    ) from None
-                if i < attempts - 1:
-                    delay = self.settings.backoff_s * 2**i
-                    self.log(f"watsonx.governance: could not {what} ({last}); trying again in {delay:g}s")
-                    self.sleep(delay)
-        raise WorkloadError(
-            f"watsonx.governance at {self.service} did not answer usably after {attempts} attempts to {what} "
-            f"(last: {last}). Nothing served was changed; publish the factsheet again (re-materialize the "
-            "factsheet asset) once the service is back, or raise factsheet.settings.attempts."
-        )
+    return Attempts(f"watsonx.governance at {service}", settings.attempts, settings.backoff_s,
+                    reason=lambda exc: _scrub(_reason(exc), settings), refused=refused, log=log, sleep=sleep,
+                    raise_what="factsheet.settings.attempts")  # fmt: skip
 
 
 def _reason(exc: BaseException) -> str:
@@ -165,13 +144,13 @@ def _refused(reason: str) -> bool:
     return any(s in reason for s in _REFUSED)
 
 
-def _ensure_definitions(facts_client: Any, attempt: _Attempts, state_dir: Path) -> None:
+def _ensure_definitions(facts_client: Any, attempt: Attempts, state_dir: Path) -> None:
     """Define the ``aiplane_*`` custom facts the account lacks (merged, never replacing the account's own)."""
 
     def current() -> dict[str, Any] | None:
         try:
             found = facts_client.assets.get_facts_definitions(type_name=_FACT_TYPE)
-        except Exception as exc:
+        except Exception as exc:  # IBM's client raises a bare Exception carrying the HTTP status; others raised on
             if "ERROR 404" in str(exc):
                 return None  # the account has defined no custom model facts yet
             raise
@@ -231,7 +210,7 @@ def _set_facts(model: Any, facts: Mapping[str, str]) -> None:
         raise _Unavailable(f"the service did not keep the custom facts {', '.join(absent)}")
 
 
-def _attach(model: Any, document: Mapping[str, Any], state_dir: Path, attempt: _Attempts) -> None:
+def _attach(model: Any, document: Mapping[str, Any], state_dir: Path, attempt: Attempts) -> None:
     """The HTML page and loss chart the local publisher renders, as attachments (replacing earlier ones)."""
     png = loss_chart_png(document)
     folder = state_dir / "attachments" / hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:16]
@@ -291,7 +270,7 @@ def _track(model: Any, usecase: Any, approach: Any, document: Mapping[str, Any],
     """Track the model under the approach as its next version; a model already tracked stays as it is."""
     try:
         tracked = model.get_tracking_model_usecase()
-    except Exception as exc:
+    except Exception as exc:  # IBM's client says "not tracked" in a bare Exception; any other is raised on
         if "not tracked" not in str(exc):
             raise
         tracked = None

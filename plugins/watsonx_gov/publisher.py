@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, Field, field_validator
 
 from aiplane.core.components import FactsheetPublisher
-from aiplane.core.factsheet import publishable
+from aiplane.core.publishing import publish_workload
 from aiplane.core.records import EndpointRecord
 from aiplane.core.workload import Workload
 
@@ -85,11 +85,5 @@ class WatsonxGovernancePublisher(FactsheetPublisher):
 
     def workload(self, endpoint: EndpointRecord, document: Mapping[str, Any]) -> Workload:
         """The ``publish-factsheet`` workload; its one output, ``factsheet``, is a FactsheetRecord."""
-        doc = publishable(endpoint, document)
-        # The settings travel as JSON; the API key as its reference only, resolved in the workload.
-        return Workload(
-            name="publish-factsheet",
-            entrypoint=ENTRYPOINT,
-            inputs={"endpoint": endpoint},
-            params={"document": doc, "settings": self.settings.model_dump(mode="json")},
-        )
+        # The API key travels as its reference only, resolved in the workload.
+        return publish_workload("publish-factsheet", ENTRYPOINT, endpoint, document, settings=self.settings.model_dump(mode="json"))
