@@ -106,7 +106,7 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
         rank = adapter_rank(adapter_dir)
         if settings.adapters == "merged":
             mergeable(adapter_dir)
-        elif rank > settings.max_lora_rank:
+        if rank > settings.max_lora_rank:
             raise ConfigError(
                 f"Adapter {adapter.digest} has LoRA rank {rank}, above the vllm target's max_lora_rank "
                 f"{settings.max_lora_rank}; raise max_lora_rank (one of 8, 16, 32, 64, ...) or train with a smaller r."

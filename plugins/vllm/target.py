@@ -104,9 +104,9 @@ class VllmLocal(ServingTarget["VllmLocal.Settings"]):
             prepare(self.settings, base_model.uri, base_model.digest, endpoint_name, self.home)
 
     def max_lora_rank(self) -> int | None:
-        """The server's ``--max-lora-rank``: a larger adapter is refused when it is loaded. None when adapters
-        are merged: any rank merges."""
-        return self.settings.max_lora_rank if self.settings.adapters == "lora" else None
+        """The server's ``--max-lora-rank``: a larger adapter is refused before it is deployed, in either mode
+        (a merged endpoint's adapters stay servable if the endpoint is switched to ``adapters: lora``)."""
+        return self.settings.max_lora_rank
 
     def check(self, deployment: Deployment, endpoint_name: str = "support-tickets") -> list[str]:
         """A fixed port someone else holds, unless it is this deployment's own server. No side effects."""
