@@ -4,6 +4,7 @@ the plugins it names, the checks, the automation condition, and partitions by re
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import dagster as dg
 
@@ -38,7 +39,7 @@ def on_change() -> dg.AutomationCondition:
             dg.AutomationCondition.newly_missing()
             | dg.AutomationCondition.code_version_changed()
             | dg.AutomationCondition.any_deps_match(changed_upstream)
-        ).since_last_handled()
+        ).since_last_handled()  # type: ignore[misc]  # dagster types its self as a condition on assets and checks
         & ~dg.AutomationCondition.any_deps_missing()
         & ~dg.AutomationCondition.any_deps_in_progress()
         & ~dg.AutomationCondition.in_progress()
@@ -58,6 +59,7 @@ def code_version(deployment: Deployment, asset: str, config: Mapping | None = No
     from aiplane.core import __version__
 
     key = MADE_BY.get(asset)
+    spec: dict[str, Any]
     if key is None:
         spec = {"base_model": deployment.base_model.model_dump(mode="json")}
         names = [deployment.base_model.uri]

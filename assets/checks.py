@@ -49,7 +49,7 @@ _SHOWN_ROWS = 20
 def residency_allows(table, policy, region: str) -> dg.AssetCheckResult:
     """Read back, not assumed: a row in the region's table whose tag does not allow the region stops the partition."""
     ids, tags = table.column("id").to_pylist(), table.column("residency").to_pylist()
-    outside = [i for i, tag in zip(ids, tags) if not allows_region(tag, policy, region)]
+    outside = [i for i, tag in zip(ids, tags, strict=True) if not allows_region(tag, policy, region)]
     return dg.AssetCheckResult(
         check_name="residency_allows_region",
         passed=not outside,
@@ -91,7 +91,7 @@ def _residency_known(table, residency: list, policy) -> dg.AssetCheckResult:
     """Fail (blocking) when a row's tag has no rule: nothing may be trained on the strength of a typo."""
     unknown = set(unknown_tags([r for r in residency if r], policy))
     ids = table.column("id").to_pylist() if "id" in table.column_names else [str(i) for i in range(len(residency))]
-    rows = [i for i, tag in zip(ids, residency) if tag and normalize_tag(tag) in unknown]
+    rows = [i for i, tag in zip(ids, residency, strict=True) if tag and normalize_tag(tag) in unknown]
     description = None
     if unknown:
         description = (

@@ -41,7 +41,10 @@ def _check(args: argparse.Namespace) -> int:
     registry = Registry()
     problems = preflight(deployment, registry, pins(args), offline=args.offline)
     if args.offline:
-        print("offline: not checked: the home, the S3 stores' keys and endpoints, remote services, a base model in a bucket.", file=sys.stderr)
+        print(
+            "offline: not checked: the home, the S3 stores' keys and endpoints, remote services, a base model in a bucket.",
+            file=sys.stderr,
+        )
     if problems:
         print(f"{deployment.source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}:", file=sys.stderr)
         for problem in problems:

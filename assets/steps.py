@@ -7,6 +7,7 @@ components the region sets, and serves ``<endpoint>-<region>``.
 """
 
 from pathlib import Path
+from typing import cast
 
 import dagster as dg
 
@@ -89,7 +90,7 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, aiplane:
         # A region's table holds only the rows it may process; a tag the policy lacks goes nowhere
         # (and fails residency_known below, which judges every row of the source).
         kept = every if region is None else [r for r in every if allows_region(r["residency"], d.residency, region)]
-        if every and not kept:
+        if region is not None and every and not kept:
             raise InputError(_none_allowed(every, d.residency, region))
         columns = {c: pa.array([row[c] for row in kept], pa.string()) for c in FEATURE_COLUMNS}
         before = store.current(table)
@@ -118,7 +119,7 @@ def features(context: dg.AssetExecutionContext, config: FeaturesConfig, aiplane:
         yield residency_allows(published, d.residency, region)
 
 
-def _none_allowed(rows: list[dict], policy, region: str | None) -> str:
+def _none_allowed(rows: list[dict], policy, region: str) -> str:
     """Why a region's partition has no rows although the source has some: the policy, not the data."""
     tags = sorted({normalize_tag(r["residency"]) for r in rows})
     allowed = sorted(tag for tag in policy if allows_region(tag, policy, region))
@@ -144,7 +145,7 @@ def _rollback(
     if len(prefix) < 12:
         raise InputError(f"rollback_to {wanted!r} is too short to name one adapter: give 12 or more hex digits of its digest.")
     trained = records(instance, "adapter_weights", partition=region)
-    found = {r.digest: r for r in trained if r.digest.removeprefix("sha256:").startswith(prefix)}
+    found = {r.digest: r for r in trained if isinstance(r, AdapterRecord) and r.digest.removeprefix("sha256:").startswith(prefix)}
     if len(found) != 1:
         known = ", ".join(dict.fromkeys(r.digest[7:19] for r in trained)) or "none"
         how = "names more than one adapter" if found else "names no adapter this instance has trained"
@@ -282,12 +283,12 @@ def factsheet(
             for spec in d.also_publish
         ]  # fmt: skip
         result = aiplane.run(context, publisher.workload(served_endpoint, document), decision)
-        record = m["output"] = result.outputs["factsheet"]
+        record = m["output"] = cast(FactsheetRecord, result.outputs["factsheet"])
         published = [record]
         for other, where in beside:
             # Each is told where those before it published (the model registry records the factsheet's location).
             told = {**document, "extra": {**document["extra"], "factsheets": [_location(r) for r in published]}}
-            published.append(aiplane.run(context, other.workload(served_endpoint, told), where).outputs["factsheet"])
+            published.append(cast(FactsheetRecord, aiplane.run(context, other.workload(served_endpoint, told), where).outputs["factsheet"]))
     for sheet in published:
         context.log.info(f"{sheet.publisher}: factsheet at {sheet.uri} (page {sheet.page_uri})")
     return output(

@@ -160,8 +160,8 @@ def _shared_sources(session: _Session) -> list[str]:
     before = {k: latest_record(session.instance, k) for k in shared}
     run_id = session.materialize(shared)
     for k in shared:
-        after = latest_record(session.instance, k)
-        report_shared(k, before[k] is not None and after is not None and before[k].digest == after.digest, run_id)
+        earlier, after = before[k], latest_record(session.instance, k)
+        report_shared(k, earlier is not None and after is not None and earlier.digest == after.digest, run_id)
     return [asset for asset, deps, partitioned in session.graph if not deps and partitioned]
 
 
@@ -255,16 +255,18 @@ def _rollback_held(args: argparse.Namespace, deployment, region: str | None) -> 
         AiplaneResource(deployment=args.deployment, home=str(deployment.home)),
         loggers={"console": console_logger(debug_requested(args))},
     )
+    endpoint_config = EndpointConfig(name=configured_name(current.model_name, region), rollback_to=wanted)
     run_config = {
         "loggers": {"console": {"config": {"log_level": "INFO"}}},
         "ops": {
-            "served_endpoint": {"config": EndpointConfig(name=configured_name(current.model_name, region), rollback_to=wanted).model_dump()},
+            "served_endpoint": {"config": endpoint_config.model_dump()},
             "factsheet": {"config": TargetConfig().model_dump()},
         },
     }
     job = defs.resolve_implicit_global_asset_job_def()
     run_id = execute(job, instance, run_config, ["served_endpoint", "factsheet"], {PID_TAG: pid_tag()}, debug_requested(args), region)
     endpoint, sheet = latest_record(instance, "served_endpoint", region), latest_record(instance, "factsheet", region)
+    assert isinstance(endpoint, EndpointRecord) and sheet is not None  # the run that made them just succeeded
     print(f"Rolled back {endpoint.model_name} at {endpoint.url}: adapter {serving} -> {adapter_of(endpoint).digest}")
     print(f"Dagster run:  {run_id}")
     print(f"Factsheet:    {sheet.uri}")

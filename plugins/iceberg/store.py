@@ -687,7 +687,7 @@ def _row_words(batch: "pyarrow.RecordBatch") -> tuple[Any, Any]:
     )
     pads = pa.array([b"\0" * k for k in range(8)], pa.binary()).take(pa.array(padding)).cast(binary)
     rows = pc.binary_join_element_wise(prefix, *values, pads, pa.scalar(b"", binary))
-    bounds = np.frombuffer(rows.buffers()[1], offset, count=n + 1) >> 3
+    bounds = np.right_shift(np.frombuffer(rows.buffers()[1], offset, count=n + 1), 3)
     words = np.frombuffer(rows.buffers()[2], "<u8", count=int(bounds[-1]))
     return words, bounds
 
