@@ -154,7 +154,8 @@ def _lineage_section(
 
 def _json_ready(value: Mapping[str, Any], what: str) -> dict[str, Any]:
     try:
-        return json.loads(json.dumps(dict(value), sort_keys=True))
+        ready: dict[str, Any] = json.loads(json.dumps(dict(value), sort_keys=True))
+        return ready
     except (TypeError, ValueError) as exc:
         raise InputError(f"Factsheet {what} must be JSON-serializable (strings, numbers, lists, dicts): {exc}") from None
 
@@ -251,6 +252,7 @@ def publishable(endpoint: Any, document: Any) -> dict[str, Any]:
             f"got {type(document).__name__}"
         )
     try:
-        return json.loads(json.dumps(dict(document)))
+        plain: dict[str, Any] = json.loads(json.dumps(dict(document)))
+        return plain
     except (TypeError, ValueError) as exc:
         raise InputError(f"The factsheet document is not JSON-serializable: {exc}") from None

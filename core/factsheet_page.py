@@ -152,7 +152,8 @@ def factsheet_page(document: Mapping[str, Any], png: bytes) -> str:
     """A factsheet ``document`` as one self-contained HTML page, with the loss chart ``png`` embedded."""
     training, by = _section(document, "training"), _section(document, "generated_by")
     metrics = _metrics(document)
-    config = training.get("config") if isinstance(training.get("config"), Mapping) else {}
+    config = training.get("config")
+    config = config if isinstance(config, Mapping) else {}
     extra = document.get("extra") if isinstance(document.get("extra"), Mapping) else {}
     return _PAGE.format(
         model=_e(document.get("model") or _section(document, "endpoint").get("model_name") or "model"),

@@ -80,7 +80,7 @@ class ServerSettings(BaseModel):
             raise ValueError(f"must be one of {', '.join(map(str, LORA_RANKS))}")
         return value
 
-    def flags(self, lora: bool = True) -> dict:
+    def flags(self, lora: bool = True) -> dict[str, Any]:
         """These settings as :func:`server_args`'s keyword arguments; without
         ``lora``, those of a server for one whole model (no adapters, so no LoRA flags)."""
         if not lora:
@@ -191,7 +191,7 @@ def first_completion(url: str, model: str, timeout: float) -> str:
     request = urllib.request.Request(f"{url.rstrip('/')}/v1/completions", body, {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=min(timeout, 120)) as response:
-            return json.loads(response.read())["choices"][0]["text"]
+            return str(json.loads(response.read())["choices"][0]["text"])
     except urllib.error.HTTPError as exc:
         raise WorkloadError(f"the new version ({model!r}) answered its first completion with HTTP {exc.code}: "
                             f"{exc.read().decode(errors='replace')[:300]}") from None  # fmt: skip

@@ -113,7 +113,7 @@ def cluster_api_client(settings: Any, target: str) -> Any:
     if settings.kubeconfig:
         try:
             return config.new_client_from_config(config_file=settings.kubeconfig, context=settings.context)
-        except Exception as exc:  # noqa: BLE001 - the client raises its own, OSError and yaml's errors alike for a bad file
+        except Exception as exc:  # the client raises its own, OSError and yaml's errors alike for a bad file
             raise ConfigError(f"The {target} target's kubeconfig {settings.kubeconfig!r} cannot be used: {exc}") from None
     try:
         configuration = client.Configuration()
@@ -176,7 +176,8 @@ class ClusterObjects:
     def read(self, api_version: str, plural: str, name: str) -> dict[str, Any] | None:
         group, version = api_version.split("/")
         get = self.api.get_namespaced_custom_object
-        return self.call(f"read {plural}/{name}", lambda: get(group, version, self.namespace, plural, name))
+        found: dict[str, Any] | None = self.call(f"read {plural}/{name}", lambda: get(group, version, self.namespace, plural, name))
+        return found
 
     def apply(self, obj: dict[str, Any], current: dict[str, Any] | None, dry_run: bool = False) -> dict[str, Any]:
         """Create ``obj``, or replace ``current`` with it (optimistically, on ``current``'s resourceVersion)."""
@@ -186,11 +187,13 @@ class ClusterObjects:
         doing = f"{'validate' if dry_run else 'apply'} {obj['kind']} {name}"
         if current is None:
             create = self.api.create_namespaced_custom_object
-            return self.call(doing, lambda: create(group, version, self.namespace, plural, obj, **kwargs))
+            created: dict[str, Any] = self.call(doing, lambda: create(group, version, self.namespace, plural, obj, **kwargs))
+            return created
         obj = copy.deepcopy(obj)
         obj["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
         replace = self.api.replace_namespaced_custom_object
-        return self.call(doing, lambda: replace(group, version, self.namespace, plural, name, obj, **kwargs))
+        replaced: dict[str, Any] = self.call(doing, lambda: replace(group, version, self.namespace, plural, name, obj, **kwargs))
+        return replaced
 
     def delete(self, api_version: str, plural: str, name: str) -> bool:
         """Delete the object (its dependents first); ``False`` when there was none."""

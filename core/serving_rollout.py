@@ -110,7 +110,7 @@ def next_versions(
 
 
 def undo(
-    name: str, kind: str, current: Mapping[str, Any] | None, delete: Callable[[], Any], reapply: Callable[[dict], Any]
+    name: str, kind: str, current: Mapping[str, Any] | None, delete: Callable[[], Any], reapply: Callable[[dict[str, Any]], Any]
 ) -> str:
     """Put back what served before a failed rollout of ``name``: ``delete()`` what a first deploy created, or
     ``reapply`` the previous object without what the API server set on it; what was done, for the error."""
@@ -133,7 +133,7 @@ def put_back_on_failure(put_back: Callable[[], str]) -> Iterator[None]:
     again) and raise on: an aiplane refusal or failure as a WorkloadError that also says what was put back."""
     try:
         yield
-    except BaseException as exc:
+    except BaseException as exc:  # a cancel (Dagster's run termination) too; always raised on, after the undo
         undone = put_back()
         if isinstance(exc, (WorkloadError, InputError)) and not isinstance(exc, WorkloadCancelled):
             raise WorkloadError(f"{exc}; {undone}.") from None
