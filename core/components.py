@@ -183,7 +183,7 @@ def _loose_numbers(raw: Any, value: Any, where: str = "") -> list[str]:
     elif isinstance(value, Mapping) and isinstance(raw, Mapping):
         pairs = [(str(k), v, value[k]) for k, v in raw.items() if k in value]
     elif isinstance(value, (list, tuple)) and isinstance(raw, (list, tuple)) and len(raw) == len(value):
-        return [p for i, (r, v) in enumerate(zip(raw, value)) for p in _loose_numbers(r, v, f"{where}[{i}]")]
+        return [p for i, (r, v) in enumerate(zip(raw, value, strict=True)) for p in _loose_numbers(r, v, f"{where}[{i}]")]
     return [p for key, r, v in pairs for p in _loose_numbers(r, v, f"{where}.{key}" if where else key)]
 
 

@@ -27,7 +27,7 @@ observe every materialization; their return values are ignored.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -87,6 +87,7 @@ def aiplane_evaluators() -> list[type[Evaluator]]:
         def aiplane_evaluators():
             return [MyJudgeEvaluator]
     """
+    return []  # a spec: pluggy calls the plugins' implementations, never this body
 
 
 @hookspec(firstresult=True)
@@ -103,7 +104,7 @@ def aiplane_resolve_base_model(uri: str, home: str, s3: S3Settings | None) -> Ba
 
 
 @hookspec(firstresult=True)
-def aiplane_base_model_config(uri: str, home: str, s3: S3Settings | None) -> dict | None:
+def aiplane_base_model_config(uri: str, home: str, s3: S3Settings | None) -> dict[str, Any] | None:
     """The ``config.json`` of the model at ``uri``, as a dict, without building or fetching the model.
 
     Called by the preflight (``aiplane check``) before anything runs, so a

@@ -20,11 +20,12 @@ import os
 import socket
 import tempfile
 from collections.abc import Mapping
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .components import DEFAULT_ENDPOINT, ServingTarget, Trainer, endpoint_name
+from .components import DEFAULT_ENDPOINT, Component, ServingTarget, Trainer, endpoint_name
 from .config import Deployment, S3Settings
 from .errors import AiplaneError, ConfigError, PlacementError
 from .governance import unproduced_metrics
@@ -105,9 +106,9 @@ def preflight(
     return list(dict.fromkeys(problems))
 
 
-def _engines(deployment: Deployment, registry: Registry) -> dict[str, object]:
+def _engines(deployment: Deployment, registry: Registry) -> dict[str, Component[Any]]:
     """Each target's engine, with the target's settings; one that cannot be made is reported by ``registry.problems``."""
-    engines = {}
+    engines: dict[str, Component[Any]] = {}
     for target in deployment.targets:
         try:
             engines[target.name] = registry.engine(target.engine, target.settings)
@@ -116,7 +117,9 @@ def _engines(deployment: Deployment, registry: Registry) -> dict[str, object]:
     return engines
 
 
-def _placement_problems(deployment: Deployment, registry: Registry, components: Mapping[str, object], pins: Mapping[str, str]) -> list[str]:
+def _placement_problems(
+    deployment: Deployment, registry: Registry, components: Mapping[str, Component[Any]], pins: Mapping[str, str]
+) -> list[str]:
     """The pins, GPUs, SLAs and engines that can never work.
 
     No data has been read yet, so no residency: it is placed again, with the rows' tags, at run time.
@@ -200,7 +203,7 @@ def _store_problems(deployment: Deployment) -> tuple[list[str], set[str]]:
     stores = _stores(deployment)
     endpoints = {s.endpoint for s, _ in stores.values() if s is not None and s.endpoint}
     with ThreadPoolExecutor(max(1, len(endpoints))) as pool:
-        answers = dict(zip(endpoints, pool.map(_unreachable, endpoints)))
+        answers = dict(zip(endpoints, pool.map(_unreachable, endpoints), strict=True))
     for where, (settings, uris) in stores.items():
         reached = ", ".join(dict.fromkeys(uris))
         if settings is None:
@@ -339,7 +342,7 @@ def _storage_problems(deployment: Deployment) -> list[str]:
     return problems
 
 
-def location_problems(deployment: Deployment, component, region: str, where: str) -> list[str]:
+def location_problems(deployment: Deployment, component: Component[Any], region: str, where: str) -> list[str]:
     """Where ``component`` writes on its own (:meth:`~aiplane.core.components.Component.locations`) that is
     outside the storage location of ``region``; nothing when the deployment has no per-region storage."""
     from .storage import within
@@ -369,7 +372,9 @@ def location_problems(deployment: Deployment, component, region: str, where: str
     return problems
 
 
-def _region_location_problems(deployment: Deployment, registry: Registry, components: dict, pins: Mapping[str, str]) -> list[str]:
+def _region_location_problems(
+    deployment: Deployment, registry: Registry, components: Mapping[str, Component[Any]], pins: Mapping[str, str]
+) -> list[str]:
     """Each target's engine writes within its region's location; each component within those of the regions it may run in."""
     if not deployment.storage.regions:
         return []
@@ -405,7 +410,7 @@ def _region_location_problems(deployment: Deployment, registry: Registry, compon
     return list(dict.fromkeys(problems))
 
 
-def _base_model_problems(deployment: Deployment, registry: Registry, trainer) -> list[str]:
+def _base_model_problems(deployment: Deployment, registry: Registry, trainer: Component[Any] | None) -> list[str]:
     uri = deployment.base_model.uri
     try:
         config = registry.pm.hook.aiplane_base_model_config(uri=uri, home=str(deployment.home), s3=deployment.storage.s3)
@@ -422,7 +427,7 @@ def _base_model_problems(deployment: Deployment, registry: Registry, trainer) ->
         return [f"base_model.uri: {exc}"]  # a weights file cut short: training would fail loading it
     except (OSError, ValueError):
         weights = None  # unreadable for another reason: the config check below decides
-    if trainer is None:
+    if not isinstance(trainer, Trainer):
         return []
     try:
         # Building even an empty model needs torch and transformers (seconds to import);

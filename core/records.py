@@ -9,10 +9,9 @@ records it was made from in ``sources``. Lineage is those references: walking
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timezone
-from typing import Annotated, Any, Literal, Union
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, TypeAlias
 
-from typing_extensions import TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -40,15 +39,15 @@ OPENAI_COMPLETIONS = "openai-completions"
 OPENAI_CHAT_COMPLETIONS = "openai-chat-completions"
 """In :attr:`EndpointRecord.protocols`: the URL answers OpenAI's ``POST /v1/chat/completions`` for ``model_name``."""
 
-_Scalar: TypeAlias = Union[str, bool, int, float, None]
-Handle: TypeAlias = dict[str, Union[_Scalar, list[_Scalar]]]
+_Scalar: TypeAlias = str | bool | int | float | None
+Handle: TypeAlias = dict[str, _Scalar | list[_Scalar]]
 """An endpoint's :attr:`EndpointRecord.handle`: JSON scalars (or lists of them) by name. Dagster shows it in
 the asset's metadata and it is stored with every materialization, so it must never hold a secret's value;
 name a secret (an environment variable, a Kubernetes Secret) instead."""
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class _Frozen(BaseModel):
@@ -165,14 +164,14 @@ class FactsheetRecord(Record):
 
 
 AnyRecord = Annotated[
-    Union[BaseModelRecord, FeaturesRecord, AdapterRecord, EndpointRecord, FactsheetRecord],
+    BaseModelRecord | FeaturesRecord | AdapterRecord | EndpointRecord | FactsheetRecord,
     Field(discriminator="kind"),
 ]
 
 for _cls in (Record, _Executed, BaseModelRecord, FeaturesRecord, AdapterRecord, EndpointRecord, FactsheetRecord):
     _cls.model_rebuild()
 
-_ADAPTER: TypeAdapter = TypeAdapter(AnyRecord)
+_ADAPTER: TypeAdapter[AnyRecord] = TypeAdapter(AnyRecord)
 
 
 def record_to_json(record: Record) -> dict[str, Any]:

@@ -94,7 +94,7 @@ class Workload(BaseModel):
     def _without_empty_routes(self, handler: Any) -> dict[str, Any]:
         # Left out when empty, so a worker on an image of an earlier aiplane (which forbids unknown
         # fields) still reads the spec of every workload that does not use a region's own store.
-        data = handler(self)
+        data: dict[str, Any] = handler(self)
         if not data.get("s3_routes"):
             data.pop("s3_routes", None)
         return data
@@ -306,7 +306,8 @@ def _load_entrypoint(spec: str) -> Callable[[WorkloadContext], Mapping[str, Reco
             "Install the plugin (and its extra) where the workload runs."
         ) from exc
     try:
-        return getattr(module, attr)
+        function: Callable[[WorkloadContext], Mapping[str, Record]] = getattr(module, attr)
+        return function
     except AttributeError:
         raise WorkloadError(f"Entry point {spec!r}: module {module_name!r} has no {attr!r}") from None
 

@@ -7,12 +7,14 @@ import sys
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiplane.core.components import Component
 from aiplane.core.errors import ConfigError
 from aiplane.core.processes import follow_process, start_process, workload_dir
 from aiplane.core.workload import Workload, WorkloadResult, parse_event, read_result
+
+C = TypeVar("C", bound=Component[Any])
 
 __all__ = ["ConformanceError", "Broken", "check_settings", "check_check", "Writes", "run_workload"]
 
@@ -35,7 +37,7 @@ class Broken:
             raise self(message)
 
 
-def check_settings(cls: type, base: type, kind: str, settings: Mapping[str, Any] | None) -> Component:
+def check_settings(cls: type[C], base: type[Component[Any]], kind: str, settings: Mapping[str, Any] | None) -> C:
     """The class is a ``base`` with a name, takes ``settings`` and refuses a typo in them; an instance."""
     name = getattr(cls, "name", None)
     if not (isinstance(cls, type) and issubclass(cls, base)):

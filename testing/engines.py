@@ -20,7 +20,7 @@ __all__ = ["check_engine"]
 _HERE = "aiplane.testing._workloads"
 
 
-def check_engine(cls: type, settings: Mapping[str, Any] | None, tmp_path: Path, cancel_within_s: float = 30) -> None:
+def check_engine(cls: type[Engine[Any]], settings: Mapping[str, Any] | None, tmp_path: Path, cancel_within_s: float = 30) -> None:
     """Drive engine ``cls`` with ``settings`` through the contract; raise ConformanceError naming the broken promise.
 
     The workloads it runs import only ``aiplane.core`` and ``aiplane.testing``: wherever the engine runs
@@ -55,7 +55,7 @@ def _check_cancel(engine: Engine, target: Any, tmp_path: Path, broken: Broken, w
     beat = tmp_path / "conformance-heartbeat"
     beat.unlink(missing_ok=True)
     work = Workload(name="conformance-heartbeat", entrypoint=f"{_HERE}:heartbeat", params={"file": str(beat), "seconds": within_s * 4})
-    cancel, outcome = threading.Event(), {}
+    cancel, outcome = threading.Event(), dict[str, Any]()
 
     def run() -> None:
         try:
@@ -72,7 +72,10 @@ def _check_cancel(engine: Engine, target: Any, tmp_path: Path, broken: Broken, w
     cancel.set()
     runner.join(within_s)
     broken.require(not runner.is_alive(), f"run() did not return within {within_s:g} s of cancel being set")
-    broken.require(isinstance(outcome.get("error"), WorkloadCancelled), f"a cancelled run must raise WorkloadCancelled, got {outcome!r:.200}")
+    broken.require(
+        isinstance(outcome.get("error"), WorkloadCancelled),
+        f"a cancelled run must raise WorkloadCancelled, got {outcome!r:.200}",
+    )
     last = beat.read_text()
     time.sleep(0.5)
     broken.require(beat.read_text() == last, "the cancelled workload kept running after run() returned")

@@ -20,7 +20,9 @@ from .fixtures import sample_document, sample_endpoint
 __all__ = ["check_factsheet_publisher"]
 
 
-def check_factsheet_publisher(cls: type, settings: Mapping[str, Any] | None, tmp_path: Path, engine: Any = None) -> None:
+def check_factsheet_publisher(
+    cls: type[FactsheetPublisher[Any]], settings: Mapping[str, Any] | None, tmp_path: Path, engine: Any = None
+) -> None:
     """Drive publisher ``cls`` through the contract; raise ConformanceError naming the broken promise.
 
     Its workloads run in a ``python -m aiplane.core.worker`` process, or on ``engine`` (an Engine instance) if given.
@@ -56,7 +58,10 @@ def _publish(publisher: Any, broken: Broken, endpoint: Any, document: Mapping[st
     record = result.outputs.get("factsheet")
     broken.require(isinstance(record, FactsheetRecord), f"workload() result has no 'factsheet' FactsheetRecord: {sorted(result.outputs)}")
     assert isinstance(record, FactsheetRecord)
-    broken.require(record.publisher == publisher.name, f"record.publisher is {record.publisher!r}, not the component's name {publisher.name!r}")
+    broken.require(
+        record.publisher == publisher.name,
+        f"record.publisher is {record.publisher!r}, not the component's name {publisher.name!r}",
+    )
     broken.require(any(s.digest == endpoint.digest for s in record.sources), "record.sources lacks the endpoint it was published for")
     broken.require(record.page_uri, "record.page_uri is empty: name the human-readable page")
     return record

@@ -42,7 +42,7 @@ def complete(url: str, model: str, prompt: str = "Hello", timeout: float = 60) -
 
 
 def check_serving_target(
-    cls: type,
+    cls: type[ServingTarget[Any]],
     settings: Mapping[str, Any] | None,
     tmp_path: Path,
     adapter: AdapterRecord | None = None,
@@ -76,7 +76,7 @@ def check_serving_target(
     _cancelled_deploy(cls, settings, broken, adapter, home)
 
 
-def _deploy_stop(cls: type, settings: Mapping[str, Any] | None, target: Any, broken: Broken, adapter: AdapterRecord,
+def _deploy_stop(cls: type[ServingTarget[Any]], settings: Mapping[str, Any] | None, target: Any, broken: Broken, adapter: AdapterRecord,
                  home: Path, engine: Any, redeploy: bool) -> None:  # fmt: skip
     record = _deploy(target, broken, adapter, engine)
     # `aiplane stop` and `up` re-create the target from the record's `serving` and the deployment's settings.
@@ -102,7 +102,10 @@ def _deploy(target: Any, broken: Broken, adapter: AdapterRecord, engine: Any) ->
     broken.require(isinstance(work, Workload), f"workload() must return a Workload, not {type(work).__name__}")
     outputs = run_workload(work, engine).outputs
     record = outputs.get("endpoint")
-    broken.require(isinstance(record, EndpointRecord), f"workload() result has no 'endpoint' key holding an EndpointRecord: {sorted(outputs)}")
+    broken.require(
+        isinstance(record, EndpointRecord),
+        f"workload() result has no 'endpoint' key holding an EndpointRecord: {sorted(outputs)}",
+    )
     assert isinstance(record, EndpointRecord)
     try:
         _check_record(broken, target, record, adapter)
@@ -114,10 +117,19 @@ def _deploy(target: Any, broken: Broken, adapter: AdapterRecord, engine: Any) ->
 
 def _check_record(broken: Broken, target: Any, record: EndpointRecord, adapter: AdapterRecord) -> None:
     name = target.name
-    broken.require(record.serving == name, f"record.serving is {record.serving!r}, not the component's name {name!r} (stop and up re-create the target from it)")
-    broken.require(record.model_name == "conformance-endpoint", f"record.model_name is {record.model_name!r}, not the endpoint name deployed")
+    broken.require(
+        record.serving == name,
+        f"record.serving is {record.serving!r}, not the component's name {name!r} (stop and up re-create the target from it)",
+    )
+    broken.require(
+        record.model_name == "conformance-endpoint",
+        f"record.model_name is {record.model_name!r}, not the endpoint name deployed",
+    )
     broken.require(record_from_json(json.loads(json.dumps(record_to_json(record)))) == record, "the endpoint record does not survive JSON")
-    broken.require(any(s.digest == adapter.digest for s in record.sources), "record.sources lacks the adapter it serves (lineage breaks there)")
+    broken.require(
+        any(s.digest == adapter.digest for s in record.sources),
+        "record.sources lacks the adapter it serves (lineage breaks there)",
+    )
     broken.require(record.url.startswith(("http://", "https://")), f"record.url {record.url!r} is not an http(s) URL")
     shown = json.dumps(record_to_json(record))
     for ref in _secret_refs(target.settings):
@@ -165,7 +177,9 @@ def _gone(record: EndpointRecord, within_s: float = 10) -> bool:
     return False
 
 
-def _cancelled_deploy(cls: type, settings: Mapping[str, Any] | None, broken: Broken, adapter: AdapterRecord, home: Path) -> None:
+def _cancelled_deploy(
+    cls: type[ServingTarget[Any]], settings: Mapping[str, Any] | None, broken: Broken, adapter: AdapterRecord, home: Path
+) -> None:
     """A deploy cancelled once it started a process outside its group (or failing on its own), then ``cleanup()``."""
     import psutil
 

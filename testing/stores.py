@@ -16,7 +16,9 @@ from .fixtures import sample_rows
 __all__ = ["check_feature_store"]
 
 
-def check_feature_store(cls: type, settings: Mapping[str, Any] | None, tmp_path: Path, table: str = "conformance_train") -> None:
+def check_feature_store(
+    cls: type[FeatureStore[Any]], settings: Mapping[str, Any] | None, tmp_path: Path, table: str = "conformance_train"
+) -> None:
     """Drive feature store ``cls`` through the contract; raise ConformanceError naming the broken promise.
 
     ``settings`` should point the store at somewhere under ``tmp_path`` (its ``check()`` is watched for writes there).
@@ -61,7 +63,10 @@ def _check_record(broken: Broken, record: Any, rows: Any, name: str) -> None:
         set(record.residency) == set(rows.column("residency").to_pylist()),
         f"record.residency {record.residency} is not the residency tags of the rows",
     )
-    broken.require(record.store.get("name") == name, f"record.store['name'] is {record.store.get('name')!r}, not {name!r} (a workload re-creates the store from it)")
+    broken.require(
+        record.store.get("name") == name,
+        f"record.store['name'] is {record.store.get('name')!r}, not {name!r} (a workload re-creates the store from it)",
+    )
 
 
 def _pinned(record: Any) -> Any:

@@ -20,7 +20,7 @@ __all__ = ["check_trainer"]
 
 
 def check_trainer(
-    cls: type,
+    cls: type[Trainer[Any]],
     settings: Mapping[str, Any] | None,
     tmp_path: Path,
     model_config: Mapping[str, Any] | None = None,
@@ -64,7 +64,10 @@ def check_trainer(
         return
     work = trainer.workload(base, given, str(tmp_path / "artifacts"))
     broken.require(isinstance(work, Workload), f"workload() must return a Workload, not {type(work).__name__}")
-    broken.require(work.entrypoint == cls.entrypoint, f"workload().entrypoint {work.entrypoint!r} is not the declared entrypoint {cls.entrypoint!r}")
+    broken.require(
+        work.entrypoint == cls.entrypoint,
+        f"workload().entrypoint {work.entrypoint!r} is not the declared entrypoint {cls.entrypoint!r}",
+    )
     broken.require(not writes.changed(), f"workload() must only describe the work, not do it; it wrote {writes.changed()[:3]}")
     if base_model is None or features is None:
         return

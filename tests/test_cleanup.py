@@ -37,7 +37,8 @@ def test_kit_passes_a_careless_target_whose_cleanup_stops_what_its_failed_deploy
 
 
 def test_kit_names_a_cleanup_that_leaves_a_failed_deploys_server_running(tmp_path, workload_path):
-    with pytest.raises(ConformanceError, match=r"serving target 'forgetful': cleanup\(\) after a cancelled deploy left its processes running: \['pid \d+ \(.*time.sleep"):
+    said = r"serving target 'forgetful': cleanup\(\) after a cancelled deploy left its processes running: \['pid \d+ \(.*time.sleep"
+    with pytest.raises(ConformanceError, match=said):
         check_serving_target(ForgetfulTarget, {"directory": str(tmp_path / "noted")}, tmp_path, deploy=False)
     assert _gone(int((tmp_path / "noted" / "server.pid").read_text())), "the kit stops what it found left running"
 
@@ -57,11 +58,14 @@ def test_a_serving_target_missing_a_method_aiplane_calls_is_refused_naming_its_p
 
     pm = get_plugin_manager(entry_points=False)
     pm.register(Plugin(), name="half-done")
-    with pytest.raises(PluginError, match=r"plugin 'half-done': test_cleanup._NoStop \('no-stop'\) does not define stop, which aiplane calls"):
+    said = r"plugin 'half-done': test_cleanup._NoStop \('no-stop'\) does not define stop, which aiplane calls"
+    with pytest.raises(PluginError, match=said):
         Registry(pm).create("serving target", "no-stop")
 
 
-def test_nothing_of_a_careless_targets_failed_deploy_survives_the_dagster_materialization(tmp_path, workload_path, monkeypatch, clean_plugin_env):
+def test_nothing_of_a_careless_targets_failed_deploy_survives_the_dagster_materialization(
+    tmp_path, workload_path, monkeypatch, clean_plugin_env
+):
     import dagster as dg
     import yaml
 

@@ -32,7 +32,8 @@ def test_local_engine_keeps_the_engine_contract(tmp_path):
 
 
 def test_iceberg_store_keeps_the_feature_store_contract(tmp_path):
-    check_feature_store(IcebergFeatureStore, {"catalog_uri": f"sqlite:///{tmp_path}/catalog.db", "warehouse": str(tmp_path / "wh")}, tmp_path)
+    settings = {"catalog_uri": f"sqlite:///{tmp_path}/catalog.db", "warehouse": str(tmp_path / "wh")}
+    check_feature_store(IcebergFeatureStore, settings, tmp_path)
 
 
 def test_local_publisher_keeps_the_factsheet_publisher_contract(tmp_path):
@@ -91,7 +92,8 @@ class _InProcess(Engine):
 def careless_deploy(ctx):
     adapter = ctx.inputs["adapter"]
     return {"endpoint": EndpointRecord(uri="http://127.0.0.1:9", digest=adapter.digest, url="http://127.0.0.1:9",
-                                       model_name=ctx.params["name"], protocols=(), serving=ctx.params["serving"], sources=(adapter,))}  # fmt: skip
+                                       model_name=ctx.params["name"], protocols=(), serving=ctx.params["serving"],
+                                       sources=(adapter,))}  # fmt: skip
 
 
 class _Careless(ServingTarget):
@@ -101,7 +103,8 @@ class _Careless(ServingTarget):
 
     def workload(self, adapter, endpoint_name):
         entry = f"{__name__}:careless_deploy"
-        return Workload(name="serve-endpoint", entrypoint=entry, inputs={"adapter": adapter}, params={"serving": self.says, "name": endpoint_name})
+        params = {"serving": self.says, "name": endpoint_name}
+        return Workload(name="serve-endpoint", entrypoint=entry, inputs={"adapter": adapter}, params=params)
 
     def stop(self, endpoint):
         return self.stops
