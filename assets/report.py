@@ -6,7 +6,7 @@ import os
 import sys
 import urllib.request
 
-from aiplane.core.records import EndpointRecord, FactsheetRecord
+from aiplane.core.records import OPENAI_COMPLETIONS, EndpointRecord, FactsheetRecord
 
 __all__ = ["SAMPLE_PROMPT", "complete", "report_chain", "report_shared"]
 
@@ -41,7 +41,7 @@ def report_chain(instance, deployment, status: dict[str, str], run_ids: list[str
         print(f"{key:16} {what}")
     print(f"Dagster run:  {', '.join(run_ids)} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
     print(f"Endpoint:     {endpoint.url}  (model {endpoint.model_name}; stop it with `aiplane stop`)")
-    if "openai-completions" in endpoint.protocols:
+    if OPENAI_COMPLETIONS in endpoint.protocols:
         try:
             print(f"Completion:   {SAMPLE_PROMPT!r} ->{complete(endpoint.url, endpoint.model_name, SAMPLE_PROMPT)!r}")
         except OSError as exc:  # the chain succeeded; say what the endpoint did rather than dump a traceback
