@@ -1,6 +1,7 @@
 import copy
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,68 @@ def no_home_state(tmp_path_factory):
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+# On xdist workers (`-n 2`) each worker takes one module at a time (its xdist_group, unless a test names
+# another), so a module's fixtures are made once. Slowest modules first, by the --durations of recent runs:
+# the modules a worker takes last are then short ones, and both finish near together. The rest keep
+# collection order, and tests keep their module's order.
+_SLOWEST_FIRST = (
+    "test_regions.py", "test_cli.py", "test_ray_engine.py", "test_openshift_ai_3.py", "test_watsonx_gov_eval.py",
+    "test_vllm.py", "test_trainers.py", "test_vllm_merged.py", "test_assets.py", "test_kfp_engine.py", "test_e2e.py",
+    "test_e2e_object_storage.py", "test_prestart.py", "test_peft_trainer.py",
+)  # fmt: skip
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the items
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+
+
+# The runtimes tests deploy or evaluate with: what each is, by reference, so the conftest imports no plugin.
+_RUNTIMES = ("aiplane.plugins.vllm.runtime:VLLM_RUNTIME", "aiplane.plugins.watsonx_gov.evaluate:WXGOV_RUNTIME")
+_PROVISION = """
+import importlib, sys
+from aiplane.core.runtimes import ensure_runtime
+for ref in sys.argv[1:]:
+    module, name = ref.split(":")
+    ensure_runtime(getattr(importlib.import_module(module), name), lambda line: None)
+"""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def runtimes_provisioned_ahead(no_home_state):
+    """With ``$AIPLANE_RUNTIMES`` set (CI sets it to a fresh directory), provision the vLLM and ibm-watsonx-gov
+    runtimes from the session's start, in a process of its own.
+
+    Provisioning is mostly download and unpacking: done here, it overlaps the tests that run meanwhile instead
+    of stalling the first test that deploys. A test that needs a runtime still calls ``ensure_runtime`` and
+    waits on its lock until it is ready. That cache outlives the session, so nothing provisioned early is
+    wasted; without it, runtimes go to the session's own cache and only a test that needs one provisions it.
+    Under xdist each worker starts with another runtime, so both are made at once.
+    """
+    refs = list(_RUNTIMES if os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0" else reversed(_RUNTIMES))
+    if not os.environ.get("AIPLANE_RUNTIMES"):
+        yield
+        return
+    # Its own session: the environment is fixed at start, whatever tests set later, and it is stopped as a group.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PROVISION, *refs],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    yield
+    if proc.poll() is None:
+        # SIGINT, so ensure_runtime removes its half-made environment before it exits.
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.fixture
