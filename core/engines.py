@@ -89,7 +89,7 @@ class EngineBase(Engine[S]):
         """
 
 
-def start_standby(cmd: Callable[[int], Sequence[str]], env: Mapping[str, str]) -> tuple[subprocess.Popen, int]:
+def start_standby(cmd: Callable[[int], Sequence[str]], env: Mapping[str, str]) -> tuple[subprocess.Popen[str], int]:
     """Start a standby's process, ``cmd(fd)`` naming the pipe it closes once prepared; the process and that
     pipe's read end (for :class:`~aiplane.core.processes.Standby`'s ``ready``)."""
     ready, ready_w = os.pipe()

@@ -28,7 +28,7 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     import kubernetes.client
 
-    from .config import Deployment, Target
+    from .config import Deployment, SecretRef, Target
     from .workload import Event, Workload, WorkloadResult
 
 __all__ = [
@@ -222,7 +222,7 @@ class PodSettings(PodResources):
 
     @field_validator("env", "secret_env")
     @classmethod
-    def _env_names(cls, v: dict, info) -> dict:
+    def _env_names(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         bad = [name for name in v if not _ENV_NAME.match(name)]
         if bad:
             raise ValueError(f"{info.field_name}: {', '.join(map(repr, bad))} are not environment variable names")
@@ -250,7 +250,7 @@ class PodSettings(PodResources):
         return self
 
 
-def pod_secret_refs(workload: "Workload", pod: str) -> list:
+def pod_secret_refs(workload: "Workload", pod: str) -> list["SecretRef"]:
     """The workload's credential references, each a Kubernetes Secret a ``pod`` pod can mount.
 
     A reference to this process's environment (``{env: VAR}``) would be unset in the
@@ -696,7 +696,7 @@ def pod_state(pod: Any, container: str) -> str:
     return phase
 
 
-def fatal_waiting(pods: list, container: str) -> str | None:
+def fatal_waiting(pods: list[Any], container: str) -> str | None:
     """Why a pod will never start by itself (:data:`FATAL_WAITING`), or ``None``."""
     for pod in pods:
         status = container_status(pod, container)
@@ -723,18 +723,18 @@ class WorkloadWatcher:
         self._seen_events: set[str] = set()
         self._pod_state: dict[str, str] = {}
 
-    def stream(self) -> tuple[Callable[..., Any], tuple]:
+    def stream(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         """The list call to watch and its positional arguments."""
         raise NotImplementedError
 
-    def pods(self) -> list:
+    def pods(self) -> list[Any]:
         raise NotImplementedError
 
     def finished(self, obj: Any) -> str | None:
         """``"Complete"``, ``"Failed"``, or ``None`` while it runs."""
         raise NotImplementedError
 
-    def failure(self, obj: Any, pods: list) -> str:
+    def failure(self, obj: Any, pods: list[Any]) -> str:
         raise NotImplementedError
 
     def wait(self, stop: threading.Event) -> dict[str, Any]:
@@ -811,7 +811,7 @@ class WorkloadWatcher:
             "message": "" if succeeded else self.failure(obj, pods),
         }
 
-    def _report(self, pods: list) -> None:
+    def _report(self, pods: list[Any]) -> None:
         from .workload import Event
 
         for pod in pods:

@@ -123,7 +123,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -943,7 +943,7 @@ class KubernetesApiDouble:
 def _rfc3339_nano(ns: int) -> str:
     # As Go's time.RFC3339Nano writes it (what the kubelet's timestamps=true prefixes): trailing zeros dropped.
     seconds, fraction = divmod(ns, 1_000_000_000)
-    stamp = datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
     digits = f"{fraction:09d}".rstrip("0")
     return f"{stamp}.{digits}Z" if digits else f"{stamp}Z"
 
@@ -1272,7 +1272,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         def text(lines: list[str], first: int) -> bytes:
             times = api._log_times.get((namespace, name), [])[first:]
-            return "".join((f"{t} " if stamped else "") + line + "\n" for t, line in zip(times, lines)).encode()
+            return "".join((f"{t} " if stamped else "") + line + "\n" for t, line in zip(times, lines, strict=True)).encode()
 
         with api._lock:
             api._get_or_404(pods, namespace, name)

@@ -27,11 +27,13 @@ import signal
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 
 # What a new interpreter starts with, for a forked task: kfp.local indents print() and configures logging.
 _PRINT, _WARNINGS = builtins.print, list(warnings.filters)
 _EXECUTOR = "kfp.dsl.executor_main"
-_kfp_run_local_subprocess = None  # kfp.local's own, for a command that is not a lightweight component's
+# kfp.local's own, for a command that is not a lightweight component's (set by _fork_tasks).
+_kfp_run_local_subprocess: Callable[[list[str], dict[str, str] | None], int] | None = None
 
 
 def _import_kfp():
@@ -73,6 +75,7 @@ def _run_forked(full_command: list[str], env_vars: dict[str, str] | None = None)
     """kfp.local's ``run_local_subprocess``, for a lightweight component: the task in a forked child."""
     task = _lightweight(full_command)
     if task is None:
+        assert _kfp_run_local_subprocess is not None, "set by _fork_tasks before any task runs"
         return _kfp_run_local_subprocess(full_command, env_vars)
     read, write = os.pipe()
     sys.stdout.flush()
@@ -123,7 +126,7 @@ def _task(source: str, args: list[str], output: int, env: dict[str, str]) -> Non
 def _as_new_interpreter() -> None:
     """Undo, in a forked task, what this runner changed that a new interpreter would not have."""
     builtins.print = _PRINT
-    warnings.filters[:] = _WARNINGS
+    warnings.filters[:] = _WARNINGS  # type: ignore[index]  # typeshed says Sequence; it is the module's own list
     loggers = [logging.root, *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
     for logger in loggers:
         logger.handlers.clear()

@@ -69,6 +69,7 @@ def _secret_env(workload: Workload) -> dict[str, list[tuple[str, str]]]:
     """
     mounts: dict[str, list[tuple[str, str]]] = {}
     for ref in pod_secret_refs(workload, "pipeline"):
+        assert ref.secret is not None and ref.key is not None, "pod_secret_refs refuses any other kind"
         mounts.setdefault(ref.secret, []).append((ref.key, ref.env_var))
     return mounts
 

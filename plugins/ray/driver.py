@@ -259,7 +259,7 @@ def _trainer(spec: dict[str, Any], workload: Workload, sink: Any, run_name: str,
     resources = spec.get("resources_per_worker") or None
     gpus_per_worker = (resources or {}).get("GPU", 1 if spec["use_gpu"] else 0)
     return TorchTrainer(
-        train_loop,
+        train_loop,  # type: ignore[arg-type]  # Ray's stubs say a loop returns None; its return value is result.return_value
         train_loop_config={
             "workload": workload.model_dump_json(),
             "sink": sink,
