@@ -63,6 +63,20 @@ def test_a_serving_target_missing_a_method_aiplane_calls_is_refused_naming_its_p
         Registry(pm).create("serving target", "no-stop")
 
 
+def _tiny_model(path: Path) -> Path:
+    """A config and one safetensors file with the layers LoRA targets: what the preflight reads of a model."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "granite", "architectures": ["GraniteForCausalLM"]}))
+    weights = {f"model.layers.0.self_attn.{m}.weight": np.zeros((8, 8), np.float32) for m in ("q_proj", "v_proj")}
+    save_file(weights, str(path / "model.safetensors"))
+    return path
+
+
 def test_nothing_of_a_careless_targets_failed_deploy_survives_the_dagster_materialization(
     tmp_path, workload_path, monkeypatch, clean_plugin_env
 ):
@@ -85,6 +99,7 @@ def test_nothing_of_a_careless_targets_failed_deploy_survives_the_dagster_materi
     monkeypatch.setattr(resource_module, "get_plugin_manager", with_careless)
     raw = yaml.safe_load(Path(load_deployment("local").source).read_text())
     raw["serving"] = {"name": "careless", "settings": {"directory": str(tmp_path / "noted")}}
+    raw["base_model"] = {"uri": str(_tiny_model(tmp_path / "model"))}  # the preflight reads its headers only
     (tmp_path / "deployment.yaml").write_text(yaml.safe_dump(raw))
     instance = dg.DagsterInstance.ephemeral()
     # The adapter it deploys, as a finished training run would have left it.
