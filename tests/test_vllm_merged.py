@@ -71,7 +71,7 @@ def _text(url: str, model: str = NAME) -> tuple[str, list[float]]:
     """What the endpoint answers, and the log-probabilities of its tokens: which weights answered (a random tiny
     model may well say the same words with other weights)."""
     body = {"model": model, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "logprobs": 1}
-    response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=300)  # a fresh server's first answer, loaded box
     assert response.status_code == 200, response.text
     choice = response.json()["choices"][0]
     return choice["text"], choice["logprobs"]["token_logprobs"]
