@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from aiplane.core.errors import InputError
 from aiplane.plugins.vllm.merge import merge_adapter
 
