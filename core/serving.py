@@ -148,21 +148,16 @@ def is_full_model(adapter: AdapterRecord) -> bool:
 
 def base_model_of(adapter: AdapterRecord) -> BaseModelRecord:
     """The base model an adapter applies to; for a whole model, the one it was trained from (its lineage)."""
-    try:
-        base = adapter.source("base_model")
-    except LookupError:
-        if is_full_model(adapter):
-            raise InputError(
-                f"Model {adapter.uri!r} ({adapter.method}, full_model) records no base_model source, so its lineage "
-                "is broken; re-train it so its record carries the base model it was trained from."
-            ) from None
-        raise InputError(
-            f"Adapter {adapter.uri!r} records no base_model source, so there is nothing to apply it to; "
-            "re-train it so its record carries the base model."
-        ) from None
-    if not isinstance(base, BaseModelRecord):
-        raise InputError(f"Adapter {adapter.uri!r} names a {base.kind} record as its base_model; re-train it.")
-    return base
+    base = next((s for s in adapter.sources if s.kind == "base_model"), None)
+    if isinstance(base, BaseModelRecord):
+        return base
+    if is_full_model(adapter):
+        broken = f"Model {adapter.uri!r} ({adapter.method}, full_model) records no base_model source, so its lineage is broken"
+        raise InputError(f"{broken}; re-train it so its record carries the base model it was trained from.")
+    raise InputError(
+        f"Adapter {adapter.uri!r} records no base_model source, so there is nothing to apply it to; "
+        "re-train it so its record carries the base model."
+    )
 
 
 def endpoint_digest(adapter: AdapterRecord, base: BaseModelRecord, name: str, url: str) -> str:
