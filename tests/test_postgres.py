@@ -64,7 +64,7 @@ def _rows(table: pa.Table) -> list[tuple[str, ...]]:
     """The rows, whole, in a canonical order."""
     from aiplane.core.components import FEATURE_COLUMNS
 
-    return sorted(zip(*(table.column(c).to_pylist() for c in FEATURE_COLUMNS)))
+    return sorted(zip(*(table.column(c).to_pylist() for c in FEATURE_COLUMNS), strict=True))
 
 
 def _publish_together(stores, tables) -> list:
@@ -139,7 +139,7 @@ def test_concurrent_refreshes_of_different_rows_on_postgresql_lose_no_rows(postg
 
     reader = _store(postgres, database, warehouse)
     # Every publisher's record reads back exactly its own rows: none lost, none mixed in from another.
-    for record, rows in zip(records, tables):
+    for record, rows in zip(records, tables, strict=True):
         assert record.row_count == rows.num_rows
         assert _rows(reader.read(record)) == _rows(rows)
     # The table is, whole, what one of them published (a full refresh, atomically).
@@ -272,7 +272,10 @@ def test_a_deployment_puts_dagster_on_postgresql_by_reference_and_refuses_a_lite
     from aiplane.core.errors import ConfigError
 
     local = (Path(__file__).parents[1] / "deployments" / "local.yaml").read_text()
-    block = "\ndagster:\n  postgres:\n    hostname: aiplane-postgresql.aiplane.svc\n    password: {secret: aiplane-postgresql, key: postgresql-password}\n"
+    block = (
+        "\ndagster:\n  postgres:\n    hostname: aiplane-postgresql.aiplane.svc\n"
+        "    password: {secret: aiplane-postgresql, key: postgresql-password}\n"
+    )
     (tmp_path / "pg.yaml").write_text(local + block)
     deployment = load_deployment(tmp_path / "pg.yaml", home=tmp_path)
 

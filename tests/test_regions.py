@@ -2,7 +2,7 @@
 
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +52,10 @@ def test_regions_are_a_list_or_a_mapping_and_each_region_sets_its_own_components
     assert list(_validated(raw, tmp_path).regions) == ["eu", "us"]
     raw["regions"] = {
         "eu": None,
-        "us": {"factsheet": {"settings": {"directory": "/srv/us/factsheets"}}, "serving": {"name": "kserve", "settings": {"namespace": "x"}}},
+        "us": {
+            "factsheet": {"settings": {"directory": "/srv/us/factsheets"}},
+            "serving": {"name": "kserve", "settings": {"namespace": "x"}},
+        },
     }
     d = _validated(raw, tmp_path)
     # The same component: only the settings given change, the others (and sla) are the deployment's.
@@ -117,7 +120,10 @@ def test_the_code_location_is_partitioned_by_the_deployments_regions_all_but_the
     assert "residency_allows_region" in checks
     # The daily refresh asks for every region's features, each its own run.
     schedule = defs.resolve_schedule_def("refresh_features_daily")
-    requests = schedule.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=datetime(2026, 11, 30, 3, tzinfo=timezone.utc), repository_def=defs.get_repository_def())).run_requests
+    context = dg.build_schedule_context(
+        scheduled_execution_time=datetime(2026, 11, 30, 3, tzinfo=UTC), repository_def=defs.get_repository_def()
+    )
+    requests = schedule.evaluate_tick(context).run_requests
     assert sorted(r.partition_key for r in requests) == ["eu", "us"]
 
 
@@ -147,8 +153,14 @@ def test_per_region_storage_needs_a_location_for_every_partition_region(tmp_path
 def test_a_regions_component_writing_outside_its_region_is_refused_before_anything_runs(tmp_path):
     raw = _raw()
     raw["regions"] = {
-        "eu": {"factsheet": {"settings": {"directory": str(tmp_path / "eu" / "factsheets")}}, "feature_store": {"settings": {"warehouse": str(tmp_path / "eu" / "w")}}},
-        "us": {"factsheet": {"settings": {"directory": str(tmp_path / "eu" / "factsheets")}}, "feature_store": {"settings": {"warehouse": str(tmp_path / "us" / "w")}}},
+        "eu": {
+            "factsheet": {"settings": {"directory": str(tmp_path / "eu" / "factsheets")}},
+            "feature_store": {"settings": {"warehouse": str(tmp_path / "eu" / "w")}},
+        },
+        "us": {
+            "factsheet": {"settings": {"directory": str(tmp_path / "eu" / "factsheets")}},
+            "feature_store": {"settings": {"warehouse": str(tmp_path / "us" / "w")}},
+        },
     }
     raw["targets"] = [
         {"name": f"{region}-local", "engine": "local", "region": region, "sla": ["batch", "interactive"]} for region in ("eu", "us")
@@ -210,7 +222,8 @@ def test_a_region_without_a_target_fails_its_own_partition_before_training(tmp_p
         instance=instance, resources={"aiplane": resource}, raise_on_error=False,
     )  # fmt: skip
     failure = next(e for e in result.all_events if e.is_step_failure and e.step_key == "adapter_weights")
-    message = failure.step_failure_data.error.cause.message if failure.step_failure_data.error.cause else failure.step_failure_data.error.message
+    error = failure.step_failure_data.error
+    message = error.cause.message if error.cause else error.message
     assert "No target can run train-adapter (region us" in message and "this workload is for region 'us'" in message
     assert not (tmp_path / "artifacts").exists()  # nothing trained, nothing written
     # Partition us holds only the rows allowed in us (eu rows are eu-only in local.yaml).
@@ -461,7 +474,10 @@ def test_new_us_rows_make_only_the_us_adapter_stale_for_automation_and_for_up(tw
     baseline = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     assert baseline.get_requested_partitions(adapter) == set()
     source = home / "sources" / "tickets.jsonl"
-    row = {"ticket_id": "US-NEW-1", "region": "us", "subject": "Badge", "body": "Badge reader rejects me", "category": "access", "priority": "high"}
+    row = {
+        "ticket_id": "US-NEW-1", "region": "us", "subject": "Badge", "body": "Badge reader rejects me",
+        "category": "access", "priority": "high",
+    }
     with source.open("a") as f:
         f.write(json.dumps(row) + "\n")
     # The daily refresh: every region's features; only us has new rows.

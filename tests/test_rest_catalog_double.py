@@ -414,7 +414,8 @@ def test_unknown_api_key_fails_at_connect_with_iams_message_and_the_keys_name(
 ) -> None:
     from aiplane.core.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"refused the API key in \$TEST_IAM_APIKEY \(400: .*BXNIM0415E|refused the API key in \$TEST_IAM_APIKEY \(400") as err:
+    refused = r"refused the API key in \$TEST_IAM_APIKEY \(400: .*BXNIM0415E|refused the API key in \$TEST_IAM_APIKEY \(400"
+    with pytest.raises(ConfigError, match=refused) as err:
         _client(iam_catalog, auth=_iam_auth(iam_catalog, monkeypatch, apikey="wrong-hunter2"))
     assert "hunter2" not in str(err.value)
 
