@@ -42,11 +42,12 @@ class AiplaneResource(dg.ConfigurableResource):
             # another run works waits for it here. Re-entrant, so `aiplane up`'s own in-process runs go on.
             # Sensors (no run) only read, and must not wait.
             held = contextlib.ExitStack()
-            held.enter_context(hold_home(self.config.home, f"Dagster run {run.run_id}", on_wait=context.log.info))
+            held.enter_context(hold_home(self.config.home, f"Dagster run {run.run_id}", on_wait=context.log.info if context.log else None))
             self._held = held
         if run is not None and _trains(run):
             # The run's other steps (sources, Dagster's own set-up) overlap the trainer's imports.
-            config = ((run.run_config or {}).get("ops") or {}).get("adapter_weights") or {}
+            ops: Any = (run.run_config or {}).get("ops") or {}  # run config: plain JSON the run was launched with
+            config = ops.get("adapter_weights") or {}
             region = run.tags.get("dagster/partition") if self.config.regions else None
             prestart_training(self.config, self.registry, (config.get("config") or {}).get("target", ""), region)
 

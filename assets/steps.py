@@ -7,7 +7,7 @@ components the region sets, and serves ``<endpoint>-<region>``.
 """
 
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import dagster as dg
 
@@ -201,7 +201,8 @@ def _prepare_serving(
         return
     if run.asset_selection is not None and dg.AssetKey("served_endpoint") not in run.asset_selection:
         return
-    config = EndpointConfig(**((((run.run_config or {}).get("ops") or {}).get("served_endpoint") or {}).get("config") or {}))
+    ops: Any = (run.run_config or {}).get("ops") or {}  # run config: plain JSON the run was launched with
+    config = EndpointConfig(**((ops.get("served_endpoint") or {}).get("config") or {}))
     try:
         serving, _ = aiplane.placed("serving", "serve-endpoint", features.residency, config.target, region)
         serving.prepare(base_model, endpoint_name(config.name, region))

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from aiplane.core.artifacts import sha256_path
 from aiplane.core.errors import InputError
@@ -24,7 +25,7 @@ from aiplane.core.records import BaseModelRecord
 __all__ = ["build_tiny_granite", "resolve", "config", "read_config", "weights", "BUILTIN", "TINY_CONFIG"]
 
 BUILTIN = "builtin:tiny-granite"
-TINY_CONFIG = dict(
+TINY_CONFIG: dict[str, Any] = dict(
     vocab_size=1024,
     hidden_size=128,
     intermediate_size=256,

@@ -106,7 +106,7 @@ class Method:
             config = LoraConfig(
                 task_type="CAUSAL_LM",
                 r=self.lora.r,
-                lora_alpha=self.lora.alpha,
+                lora_alpha=self.lora.alpha,  # type: ignore[arg-type]  # peft scales by alpha / r: a float works; its hint says int
                 lora_dropout=self.lora.dropout,
                 target_modules=list(self.lora.target_modules),
             )

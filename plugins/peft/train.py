@@ -95,6 +95,8 @@ def _run(ctx: WorkloadContext, trainer: str) -> dict[str, AdapterRecord]:
     if ctx.is_primary:
         ctx.log(f"read {table.num_rows} rows of {features.table} at snapshot {features.snapshot_id}")
     teacher = ctx.inputs.get("teacher")
+    if teacher is not None and not isinstance(teacher, BaseModelRecord):
+        raise InputError(f"The train-adapter workload's 'teacher' input must be a base model, not a {type(teacher).__name__}.")
     adapter = train(base_model, features, table.to_pylist(), settings, artifact_root, ctx, trainer=trainer, teacher=teacher)
     return {"adapter": adapter} if adapter is not None else {}
 
@@ -275,19 +277,21 @@ def _kept_record(kept: Path, ctx: WorkloadContext) -> AdapterRecord | None:
         record = record_from_json(json.loads((kept / _KEPT_RECORD).read_text())["record"])
     except (OSError, ValueError, KeyError):
         return None
+    if not isinstance(record, AdapterRecord):
+        return None  # not anything this trainer keeps
     got = sha256_path(kept / "files") if (kept / "files").is_dir() else "nothing"
     if got != record.digest:
         ctx.log(f"the adapter kept at {kept} is not what run {record.run_id} trained ({record.digest}; "
                 f"its files hash to {got}): dropping it and training again")  # fmt: skip
         shutil.rmtree(kept, ignore_errors=True)
         return None
-    return record  # type: ignore[return-value]
+    return record
 
 
 def _publish_kept(store: Any, kept: Path, ctx: WorkloadContext) -> AdapterRecord:
     """Publish what :func:`_publish` kept; its record and final metrics are the run's that trained it."""
     data = json.loads((kept / _KEPT_RECORD).read_text())
-    trained: AdapterRecord = record_from_json(data["record"])  # type: ignore[assignment]
+    trained: AdapterRecord = record_from_json(data["record"])  # type: ignore[assignment]  # _kept_record read it as one
     record = _publish(store, kept / "files", kept, ctx, trained)
     shutil.rmtree(kept, ignore_errors=True)
     ctx.metrics = data["metrics"]
@@ -422,7 +426,7 @@ def _load(path: str) -> tuple[Any, Any, "torch.device"]:
         tokenizer.pad_token = tokenizer.eos_token
     # SDPA, named rather than left to the default or the model's config: evaluation and generation (padded
     # batches, a cache) use it; training switches to the per-example attention of .attention and back.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)  # type: ignore[arg-type]  # transformers' typed .to() wrapper misses the device overload
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, device

@@ -43,7 +43,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from aiplane.core.artifacts import atomic_write_text, file_lock
 from aiplane.core.errors import ConfigError, InputError, WorkloadError
@@ -154,7 +154,7 @@ def server_info(directory: Path) -> dict[str, Any] | None:
     return info if info is not None and isinstance(info.get("pid"), int) else None
 
 
-def alive(info: dict[str, Any] | None) -> bool:
+def alive(info: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
     """Whether the process ``info`` names is still our vLLM server on its port (a pid may be reused)."""
     if not info:
         return False

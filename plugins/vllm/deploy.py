@@ -122,15 +122,15 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
             _check_same_base(before, name, adapter, base)
             serve = _serve_merged if settings.adapters == "merged" else _serve_adapter
             served = serve(ctx, home, name, adapter, base, adapter_dir, base_dir, python, settings, before)
-        moved = before is not None and before.get("server") != served["key"]
-        if moved:
-            _release_previous(ctx, home, before)
+        moved_from = before if before is not None and before.get("server") != served["key"] else None
+        if moved_from is not None:
+            _release_previous(ctx, home, moved_from)
     url, info = served["url"], served["info"]
     what = f"model {adapter.digest} (a whole {adapter.method} model)" if full else f"adapter {adapter.digest}"
     ctx.log(
         f"endpoint {name!r} on {url} now serves {what}"
         + (" (a rollback to an earlier version)" if served["rolled_back"] else "")
-        + (f"; its URL changed from {before['url']}" if moved and before.get("url") != url else "")
+        + (f"; its URL changed from {moved_from['url']}" if moved_from is not None and moved_from.get("url") != url else "")
         + (f"; still loaded for rollback: {', '.join(served['kept'])}" if served["kept"] else "")
     )
     ctx.metrics["server_startup_s"] = info.get("startup_s", 0.0) if info.get("started_here") else 0.0

@@ -169,4 +169,4 @@ class VllmLocal(ServingTarget["VllmLocal.Settings"]):
                 f"Endpoint {endpoint.uri!r} was served by {endpoint.serving!r}, not deployed by {self.name!r} "
                 "(its handle names no server); stop it with the serving target that deployed it."
             )
-        return Path(sdir), Path(edir)
+        return Path(str(sdir)), Path(str(edir))
