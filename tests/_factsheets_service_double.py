@@ -96,7 +96,7 @@ def _error(status: int, code: str, message: str) -> _Reply:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def _jwt(claims: dict[str, Any]) -> str:
@@ -239,7 +239,7 @@ def _certificates(where: Path) -> tuple[Path, Path, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "aiplane test CA")])
     ca = (
@@ -526,7 +526,9 @@ def _row(asset: _Asset, artifact_type: str) -> dict[str, Any]:
         "artifact_id": asset.asset_id,
         "metadata": {"name": asset.name, "artifact_type": artifact_type, "modified_on": asset.created},
         "entity": {"assets": {"catalog_id": asset.catalog_id}},
-        "custom_attributes": [{"attribute_name": "model_stub.model_id", "attribute_value": asset.entity.get("model_stub", {}).get("model_id")}],
+        "custom_attributes": [
+            {"attribute_name": "model_stub.model_id", "attribute_value": asset.entity.get("model_stub", {}).get("model_id")}
+        ],
     }
 
 

@@ -123,7 +123,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -223,7 +223,7 @@ def _load_yaml(path: Path) -> list:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # -- patches ------------------------------------------------------------------------------------
@@ -486,7 +486,8 @@ class KubernetesApiDouble:
         for thread in list(self._controller_threads):
             thread.join(timeout=30)
         if self.controller_errors:
-            raise AssertionError(f"a controller of the Kubernetes API double failed: {self.controller_errors[0]!r}") from self.controller_errors[0]
+            first = self.controller_errors[0]
+            raise AssertionError(f"a controller of the Kubernetes API double failed: {first!r}") from first
 
     def __enter__(self) -> "KubernetesApiDouble":
         return self.start()
@@ -1142,7 +1143,9 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _ApiError(400, "BadRequest", "the request body must be an object")
             body_ns = (body.get("metadata") or {}).get("namespace")
             if k.namespaced and body_ns and body_ns != namespace:
-                raise _ApiError(400, "BadRequest", f"the namespace of the object ({body_ns}) does not match the namespace on the request ({namespace})")
+                raise _ApiError(
+                    400, "BadRequest", f"the namespace of the object ({body_ns}) does not match the namespace on the request ({namespace})"
+                )
             if k.status_subresource:
                 body = {key: v for key, v in body.items() if key != "status"}  # a client cannot create a status
             obj = api._validate(k, version, body)
@@ -1802,7 +1805,7 @@ class LLMInferenceServiceController:
                  "message": f'ReplicaSet "{deployment["metadata"]["name"]}-{meta["generation"]:x}" has successfully progressed.'},
             ],
         }, merge=False)  # fmt: skip
-        scheduler = "scheduler" in ((svc["spec"].get("router") or {}))
+        scheduler = "scheduler" in (svc["spec"].get("router") or {})
         types = ["PresetsCombined", "MainWorkloadReady", "WorkloadsReady", "HTTPRoutesReady", "GatewaysReady",
                  *(["InferencePoolReady", "SchedulerWorkloadReady"] if scheduler else []), "RouterReady", "Ready"]  # fmt: skip
         api.set_status("LLMInferenceService", meta["namespace"], meta["name"], {

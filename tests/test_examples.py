@@ -19,7 +19,10 @@ def test_every_example_package_installed_passes_its_own_kit_tests(tmp_path, exam
     site = tmp_path / "site"
     # Built from copies, one pip run for all: an in-tree build would leave build/ and egg-info in examples/.
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", "--no-compile", "--disable-pip-version-check", "--target", str(site), *map(str, sources)],
+        [
+            sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", "--no-compile",
+            "--disable-pip-version-check", "--target", str(site), *map(str, sources),
+        ],
         check=True,
     )
     tests = [str(s / "tests") for s in sources] + [str(EXAMPLES / "aiplane-example-cloud" / "tests")]

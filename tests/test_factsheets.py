@@ -25,7 +25,6 @@ from aiplane.core.records import (
     PlacementDecision,
 )
 from aiplane.core.workload import Workload, execute
-from aiplane.plugins.factsheets import publish
 from aiplane.plugins.factsheets.publisher import LocalFactsheetPublisher
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -199,8 +199,8 @@ def test_a_whole_models_inference_service_is_valid_and_serves_it_as_its_own_base
     assert predictor["model"]["args"] == ["--served-model-name", NAME]
     assert isvc["metadata"]["annotations"]["aiplane.io/adapter"] == model.digest
     with pytest.raises(ValueError, match="serves it alone"):
-        inference_service(NAME, NS, settings, "aiplane-vllm", model.uri,
-                          [{"digest": model.digest, "uri": model.uri, "full_model": True}, {"digest": "sha256:1", "uri": "s3://b/a"}])  # fmt: skip
+        both = [{"digest": model.digest, "uri": model.uri, "full_model": True}, {"digest": "sha256:1", "uri": "s3://b/a"}]
+        inference_service(NAME, NS, settings, "aiplane-vllm", model.uri, both)
 
 
 def test_the_double_rejects_what_the_crd_forbids_so_validation_can_fail():

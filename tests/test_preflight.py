@@ -96,7 +96,10 @@ def _kubeconfig(tmp_path: Path, server: str) -> str:
         (_set("trainer", "settings", "r", True), "r: true is a boolean, not a number; write the number itself"),
         (_set("serving", "settings", "readiness_timeout_s", float("inf")), "readiness_timeout_s: inf is not a finite number"),
         (_set("serving", "settings", "max_loras", True), "max_loras: true is a boolean, not a number"),
-        (_set("governance", "thresholds", "eval_loss", {"max": float("inf")}), "governance.thresholds.eval_loss.max: Input should be a finite number"),
+        (
+            _set("governance", "thresholds", "eval_loss", {"max": float("inf")}),
+            "governance.thresholds.eval_loss.max: Input should be a finite number",
+        ),
     ],
     ids=["learning-rate-inf", "learning-rate-nan", "rank-true", "serving-timeout-inf", "serving-count-true", "threshold-inf"],
 )
@@ -212,7 +215,8 @@ def test_a_regions_own_trainer_is_held_to_the_serving_rank_too(check):
         raw["regions"] = {"eu": {"trainer": {"settings": {"r": 32}}}}
 
     code, out = check(edit)
-    assert code == 1 and "regions.eu.trainer.settings: the LoRA rank (r) is 32, above the vllm serving target's max_lora_rank 16" in out, out
+    too_large = "regions.eu.trainer.settings: the LoRA rank (r) is 32, above the vllm serving target's max_lora_rank 16"
+    assert code == 1 and too_large in out, out
     assert "raise regions.eu.serving.settings.max_lora_rank to 32" in out
 
 
