@@ -95,7 +95,7 @@ def start_standby(cmd: Callable[[int], Sequence[str]], env: Mapping[str, str]) -
     ready, ready_w = os.pipe()
     try:
         proc = start_process(cmd(ready_w), env=env, stdin=subprocess.PIPE, pass_fds=(ready_w,))
-    except BaseException:
+    except BaseException:  # interrupted too: the read end is closed before re-raising
         os.close(ready)
         raise
     finally:

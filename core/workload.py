@@ -365,7 +365,7 @@ def cleanup_on_failure(cleanup: Callable[[], None], log: Callable[[str], None]) 
     """
     try:
         yield
-    except BaseException:
+    except BaseException:  # cancelled or interrupted too: cleanup runs, then the failure is re-raised
         try:
             cleanup()
         except Exception as exc:  # reported, not raised: see the docstring

@@ -88,7 +88,7 @@ def _deploy_stop(cls: type[ServingTarget[Any]], settings: Mapping[str, Any] | No
             broken.require(second.url == record.url, f"re-deploying must keep the endpoint's URL: {record.url} then {second.url}")
             record = second
         stopped = again.stop(record)
-    except BaseException:
+    except BaseException:  # a failed check too: the endpoint it started is stopped; re-raised
         again.stop(record)
         raise
     broken.require(stopped is True, f"stop() of a running endpoint must return True, got {stopped!r}")
@@ -109,7 +109,7 @@ def _deploy(target: Any, broken: Broken, adapter: AdapterRecord, engine: Any) ->
     assert isinstance(record, EndpointRecord)
     try:
         _check_record(broken, target, record, adapter)
-    except BaseException:
+    except BaseException:  # a failed check too: the endpoint it started is stopped; re-raised
         target.stop(record)
         raise
     return record

@@ -170,7 +170,7 @@ class FactsServiceDouble:
     def start(self) -> "FactsServiceDouble":
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
-        self._server.owner = self  # type: ignore[attr-defined]
+        self._server.owner = self  # type: ignore[attr-defined]  # the handler finds its service through its server
         port = self._server.server_address[1]
         self.url = self.proxy_url = f"http://127.0.0.1:{port}"
         threading.Thread(target=self._server.serve_forever, name="factsheets-double", daemon=True).start()
@@ -315,7 +315,7 @@ class _Handler(BaseHTTPRequestHandler):
         inner.server = self.server
         inner.request = inner.connection = tls
         inner.client_address = self.client_address
-        inner.tunnel_host = host  # type: ignore[attr-defined]
+        inner.tunnel_host = host  # type: ignore[attr-defined]  # what the inner handler reports as the CONNECT target
         inner.rfile = tls.makefile("rb")
         inner.wfile = tls.makefile("wb")
         try:

@@ -165,7 +165,7 @@ def test_factsheet_of_endpoint_without_adapter_raises_input_error(chain):
 
 def test_factsheet_rejects_a_record_that_is_neither_an_endpoint_nor_an_adapter(chain):
     with pytest.raises(InputError, match="EndpointRecord"):
-        build_factsheet(chain["features"])  # type: ignore[arg-type]
+        build_factsheet(chain["features"])  # type: ignore[arg-type]  # the wrong record is the point
 
 
 def test_factsheet_extra_that_is_not_json_raises_input_error(chain):

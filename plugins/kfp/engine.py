@@ -131,7 +131,7 @@ class KfpEngine(EngineBase[KfpSettings]):
                 f"({'reused' if run.version_reused else 'uploaded'}): {run.url}"
             )
             final = remote.wait(run, on_event, engine_run.cancel)
-        except BaseException:
+        except BaseException:  # every way out but success terminates the cluster run; re-raised
             # Cancelled, timed out, or the caller was interrupted (Dagster run termination):
             # the run on the cluster must not keep going.
             remote.terminate(run, on_event)

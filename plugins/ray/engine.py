@@ -332,7 +332,7 @@ class RayEngine(EngineBase[RaySettings]):
         reader = _Lines(on_event)
         try:
             status = self._follow(client, job_id, reader, cancel)
-        except BaseException:
+        except BaseException:  # cancelled or interrupted too: the Ray job is stopped, then re-raised
             _stop_job(client, job_id, on_event, s.address)
             raise
         facts = {"mode": "job", "address": s.address, "ray_submission_id": job_id, "ray_version": version.get("ray_version")}
@@ -496,7 +496,7 @@ class _Standby(Standby):
         cmd = [sys.executable, "-m", "aiplane.plugins.ray.driver", "--standby"]
         try:
             proc, ready = start_standby(lambda fd: [*cmd, str(fd)], {**head.env, _SPEC_ENV: setup})
-        except BaseException:
+        except BaseException:  # interrupted too: the head's temporary directory goes; re-raised
             shutil.rmtree(head.tmp, ignore_errors=True)
             raise
         return cls(proc, inherited, cwd, ready, head)

@@ -266,7 +266,7 @@ def start(
         # Recorded at once: if this process dies while the server loads, the next deploy or stop finds it.
         write_json(directory / _SERVER_STATE, info)
         _wait_ready(proc, url, server_log, started + readiness_timeout_s, readiness_timeout_s, check_cancelled)
-    except BaseException:
+    except BaseException:  # interrupted too: the half-started server is stopped; re-raised
         forget(directory, grace_s=0)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)

@@ -267,7 +267,7 @@ def _stopped_if_unused(ctx, home: Path, sdir: Path) -> Iterator[dict[str, Any]]:
     info: dict[str, Any] = {}
     try:
         yield info
-    except BaseException:
+    except BaseException:  # cancelled too: a server this deploy started for nothing is stopped; re-raised
         if info.get("started_here") and not server.endpoints_on(home, sdir.name):
             server.forget(sdir)
             ctx.log(f"stopped the vLLM server on {info['url']} this deploy started: it failed, and no endpoint uses it")
