@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import shutil
 import threading
 import types
 from pathlib import Path
@@ -90,6 +91,8 @@ def _start(settings, base_dir: Path, served_name: str, merged: bool, sdir: Path,
             info = _running_server(ctx, home, sdir, python, base_dir, settings, served_name=served_name, merged=merged)
             entry["started"] = bool(info.get("started_here"))
         _log.info("vLLM server for %s ready on %s while the adapter trains", sdir.name, info["url"])
+    except WorkloadCancelled:  # the process is exiting (its run ended or was terminated): nothing to report
+        _log.debug("the vLLM server %s was not prepared: its process is exiting", sdir.name)
     except Exception as exc:  # noqa: BLE001 - a hint failed: the deploy starts the server itself, and says why if it cannot
         _log.warning("could not prepare the vLLM server %s: %s", sdir.name, exc)
 
@@ -109,4 +112,19 @@ def release_unused(timeout_s: float = 60.0) -> list[Path]:
             if entry.get("started") and not server.endpoints_on(entry["home"], sdir.name):
                 server.forget(sdir, grace_s=5)
                 stopped.append(sdir)
+        if not server.endpoints_on(entry["home"], sdir.name) and server.server_info(sdir) is None:
+            _remove_empty(sdir, Path(entry["home"]))
     return stopped
+
+
+def _remove_empty(sdir: Path, home: Path) -> None:
+    """Remove a server directory this process made and nothing serves from, then its parents while empty, up to
+    ``home``: a run that deployed nothing leaves no ``serving/`` behind (its logs went with the server)."""
+    shutil.rmtree(sdir, ignore_errors=True)
+    for parent in sdir.parents:
+        if parent == home or home not in parent.parents:
+            break
+        try:
+            parent.rmdir()
+        except OSError:  # not empty (another endpoint's state), or gone already: stop climbing
+            break
