@@ -6,12 +6,13 @@ region may process, places every workload on a target in the region with the
 components the region sets, and serves ``<endpoint>-<region>``.
 """
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
 import dagster as dg
 
-from aiplane.core.components import FEATURE_COLUMNS, endpoint_name
+from aiplane.core.components import FEATURE_COLUMNS, FactsheetPublisher, endpoint_name
 from aiplane.core.errors import AiplaneError, GovernanceError, InputError
 from aiplane.core.factsheet import build_factsheet
 from aiplane.core.governance import judge
@@ -255,6 +256,16 @@ def served_endpoint(
     )
 
 
+def _publish(
+    context: dg.AssetExecutionContext, aiplane: AiplaneResource, publisher: FactsheetPublisher, decision: Any,
+    endpoint: EndpointRecord, document: Mapping[str, Any],
+) -> FactsheetRecord:
+    """One publisher's publish; when it fails or is cancelled, the publisher's cleanup runs before the error goes on."""
+    with cleanup_on_failure(lambda: publisher.cleanup(endpoint), context.log.warning):
+        result = aiplane.run(context, publisher.workload(endpoint, document), decision)
+    return cast(FactsheetRecord, result.outputs["factsheet"])
+
+
 def factsheet(
     context: dg.AssetExecutionContext, config: TargetConfig, aiplane: AiplaneResource, served_endpoint: EndpointRecord
 ) -> dg.Output[FactsheetRecord]:
@@ -283,13 +294,12 @@ def factsheet(
                               "publish-factsheet", residency_of(served_endpoint), "", region)
             for spec in d.also_publish
         ]  # fmt: skip
-        result = aiplane.run(context, publisher.workload(served_endpoint, document), decision)
-        record = m["output"] = cast(FactsheetRecord, result.outputs["factsheet"])
+        record = m["output"] = _publish(context, aiplane, publisher, decision, served_endpoint, document)
         published = [record]
         for other, where in beside:
             # Each is told where those before it published (the model registry records the factsheet's location).
             told = {**document, "extra": {**document["extra"], "factsheets": [_location(r) for r in published]}}
-            published.append(cast(FactsheetRecord, aiplane.run(context, other.workload(served_endpoint, told), where).outputs["factsheet"]))
+            published.append(_publish(context, aiplane, other, where, served_endpoint, told))
     for sheet in published:
         context.log.info(f"{sheet.publisher}: factsheet at {sheet.uri} (page {sheet.page_uri})")
     return output(

@@ -422,5 +422,15 @@ class FactsheetPublisher(Component[S]):
         ``"lineage"`` list), ``publisher`` this publisher's name and ``sources`` the endpoint.
 
         Publishing is all or nothing: a reader of ``uri`` never sees a partial document, and a failed or
-        cancelled publish leaves what was published before. Publishing the same document twice is not an error.
+        cancelled publish leaves what was published before (aiplane then calls :meth:`cleanup`). Publishing the
+        same document twice is not an error.
+        """
+
+    def cleanup(self, endpoint: "EndpointRecord") -> None:
+        """Called by aiplane after a publish of ``endpoint``'s factsheet failed or was cancelled, wherever it stopped.
+
+        Remove whatever that publish made that no finished publish names (a staged folder, a half-made catalog
+        entry); leave what was published before. Idempotent; no error when nothing is there. Runs in the
+        orchestrator, on a publisher made afresh. The default does nothing: right only for a publisher whose
+        publish makes nothing until one final step that either happens whole or not at all.
         """

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,11 +15,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from aiplane.core.components import ServingTarget
+from aiplane.core.components import FactsheetPublisher, ServingTarget
 from aiplane.core.errors import WorkloadError
 from aiplane.core.hookspecs import hookimpl
 from aiplane.core.processes import process_gone, process_token
-from aiplane.core.records import EndpointRecord
+from aiplane.core.records import EndpointRecord, FactsheetRecord
 from aiplane.core.workload import Workload, WorkloadContext
 
 
@@ -70,7 +71,33 @@ class ForgetfulTarget(CarelessTarget):
         pass
 
 
+class CarelessPublisher(FactsheetPublisher[CarelessSettings]):
+    """Its publish leaves a half-written folder, then fails; only its ``cleanup()`` removes the folder."""
+
+    name = "careless-publisher"
+    Settings = CarelessSettings
+
+    def workload(self, endpoint: EndpointRecord, document) -> Workload:
+        return Workload(name="publish-factsheet", entrypoint="_careless_target:publish", inputs={"endpoint": endpoint},
+                        params={"directory": self.settings.directory})  # fmt: skip
+
+    def cleanup(self, endpoint: EndpointRecord) -> None:
+        shutil.rmtree(Path(self.settings.directory) / f"{endpoint.model_name}.partial", ignore_errors=True)
+
+
+def publish(ctx: WorkloadContext) -> dict[str, FactsheetRecord]:
+    """Write part of a factsheet folder, then fail, leaving it."""
+    partial = Path(ctx.params["directory"]) / f"{ctx.inputs['endpoint'].model_name}.partial"
+    partial.mkdir(parents=True)
+    (partial / "factsheet.json").write_text("{")
+    raise WorkloadError(f"careless-publisher: gave up half-way, leaving {partial}")
+
+
 class Plugin:
     @hookimpl
     def aiplane_serving_targets(self):
         return [CarelessTarget]
+
+    @hookimpl
+    def aiplane_factsheet_publishers(self):
+        return [CarelessPublisher]

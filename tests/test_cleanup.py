@@ -77,9 +77,8 @@ def _tiny_model(path: Path) -> Path:
     return path
 
 
-def test_nothing_of_a_careless_targets_failed_deploy_survives_the_dagster_materialization(
-    tmp_path, workload_path, monkeypatch, clean_plugin_env
-):
+def _materialize_careless(tmp_path: Path, monkeypatch, selection: str, upstream: str, record, **components):
+    """Materialize ``selection`` with the careless plugin's components, ``upstream`` as if already materialized."""
     import dagster as dg
     import yaml
 
@@ -88,7 +87,6 @@ def test_nothing_of_a_careless_targets_failed_deploy_survives_the_dagster_materi
     from aiplane.assets.state import RecordIOManager
     from aiplane.core.config import load_deployment
     from aiplane.core.records import record_to_json
-    from aiplane.testing.fixtures import sample_adapter
     from _careless_target import Plugin
 
     def with_careless(entry_points: bool = True):
@@ -98,18 +96,42 @@ def test_nothing_of_a_careless_targets_failed_deploy_survives_the_dagster_materi
 
     monkeypatch.setattr(resource_module, "get_plugin_manager", with_careless)
     raw = yaml.safe_load(Path(load_deployment("local").source).read_text())
-    raw["serving"] = {"name": "careless", "settings": {"directory": str(tmp_path / "noted")}}
+    raw.update(components)
     raw["base_model"] = {"uri": str(_tiny_model(tmp_path / "model"))}  # the preflight reads its headers only
     (tmp_path / "deployment.yaml").write_text(yaml.safe_dump(raw))
     instance = dg.DagsterInstance.ephemeral()
-    # The adapter it deploys, as a finished training run would have left it.
-    record = record_to_json(sample_adapter(tmp_path / "adapter"))
-    instance.report_runless_asset_event(dg.AssetMaterialization("adapter_weights", metadata={"record": dg.MetadataValue.json(record)}))
+    # What the step reads, as a finished upstream run would have left it.
+    seeded = {"record": dg.MetadataValue.json(record_to_json(record))}
+    instance.report_runless_asset_event(dg.AssetMaterialization(upstream, metadata=seeded))
     result = dg.materialize(
-        ASSETS, selection="served_endpoint", instance=instance, raise_on_error=False,
+        ASSETS, selection=selection, instance=instance, raise_on_error=False,
         resources={"aiplane": AiplaneResource(deployment=str(tmp_path / "deployment.yaml"), home=str(tmp_path / "home")),
                    "io_manager": RecordIOManager()},
     )  # fmt: skip
-    failures = [str(e.step_failure_data.error) for e in result.all_events if e.is_step_failure]
-    assert not result.success and any("careless: the server (pid" in f for f in failures), failures
+    assert not result.success
+    return [str(e.step_failure_data.error) for e in result.all_events if e.is_step_failure]
+
+
+def test_nothing_of_a_careless_targets_failed_deploy_survives_the_dagster_materialization(
+    tmp_path, workload_path, monkeypatch, clean_plugin_env
+):
+    from aiplane.testing.fixtures import sample_adapter
+
+    serving = {"name": "careless", "settings": {"directory": str(tmp_path / "noted")}}
+    failures = _materialize_careless(tmp_path, monkeypatch, "served_endpoint", "adapter_weights",
+                                     sample_adapter(tmp_path / "adapter"), serving=serving)  # fmt: skip
+    assert any("careless: the server (pid" in f for f in failures), failures
     assert _gone(int((tmp_path / "noted" / "server.pid").read_text()), within_s=5), "the failed deploy's server survived"
+
+
+def test_a_careless_publishers_failed_publish_leaves_nothing_half_written_once_the_materialization_ends(
+    tmp_path, workload_path, monkeypatch, clean_plugin_env
+):
+    from aiplane.testing.fixtures import sample_endpoint
+
+    factsheet = {"name": "careless-publisher", "settings": {"directory": str(tmp_path / "sheets")}}
+    endpoint = sample_endpoint(tmp_path / "endpoint")
+    failures = _materialize_careless(tmp_path, monkeypatch, "factsheet", "served_endpoint", endpoint, factsheet=factsheet)
+    assert any("careless-publisher: gave up half-way" in f for f in failures), failures
+    assert (tmp_path / "sheets").is_dir(), "the publish ran and wrote its partial folder"
+    assert list((tmp_path / "sheets").iterdir()) == [], "the failed publish's partial folder was cleaned up"
