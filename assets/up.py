@@ -276,7 +276,8 @@ def _rollback_held(args: argparse.Namespace, deployment, region: str | None) -> 
 def _serving_target(deployment, registry: Registry, record: EndpointRecord, region: str | None):
     """The serving target that serves ``record``, with the settings the deployment (its region) gives it."""
     spec = deployment.spec("serving", region)
-    return registry.create("serving target", record.serving, spec.settings if spec.name == record.serving else None)
+    settings = spec.settings if spec.name == record.serving else None
+    return registry.create("serving target", record.serving, settings, home=deployment.home)
 
 
 def endpoint_down(instance, deployment, registry: Registry, region: str | None = None) -> str | None:
