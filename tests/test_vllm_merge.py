@@ -86,3 +86,30 @@ def test_an_adapter_of_another_architecture_is_refused_naming_the_modules(base_d
     with pytest.raises(InputError, match=r"does not have \(model\.layers\.0\.self_attn\.qkv_proj\.weight"):
         merge_adapter(base_dir, adapter, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_cleanup_after_one_endpoints_failed_deploy_leaves_another_endpoints_prepared_server_running(tmp_path):
+    """A failed deploy of ``a`` stops what ``a``'s deploy may have started; ``b``'s server, prepared while ``b``'s
+    adapter trains and not yet named by any endpoint, keeps running."""
+    import sys
+
+    from aiplane.core.processes import process_gone, stop_tree, start_tree
+    from aiplane.plugins.vllm import VllmLocal
+    from aiplane.plugins.vllm import _server as server
+
+    base = "sha256:" + "ab" * 32
+    started = {}
+    for endpoint in ("a", "b"):
+        sdir = server.merged_server_dir(tmp_path, base, endpoint)
+        sdir.mkdir(parents=True)
+        proc, handle = start_tree([sys.executable, "-c", "import time; time.sleep(120)"], {})
+        (sdir / "server.json").write_text(json.dumps({**handle, "url": "http://127.0.0.1:9/"}))
+        started[endpoint] = (proc, handle)
+    try:
+        VllmLocal({}, home=tmp_path).cleanup("a")
+        started["a"][0].wait(timeout=30)
+        assert process_gone(started["b"][1]["pid"], started["b"][1]["token"]) is False, "b's server was stopped"
+        assert server.server_info(server.merged_server_dir(tmp_path, base, "b")) is not None
+    finally:
+        for _, handle in started.values():
+            stop_tree(handle, 1)

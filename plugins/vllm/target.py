@@ -86,10 +86,14 @@ class VllmLocal(ServingTarget["VllmLocal.Settings"]):
         return self.home
 
     def cleanup(self, endpoint_name: str) -> None:
-        """Stop every vLLM server recorded under :attr:`home` that no endpoint serves from: what a failed or
-        cancelled deploy (of ``endpoint_name`` or any other) started and did not get to hand an endpoint."""
+        """Stop every vLLM server recorded under :attr:`home` that ``endpoint_name``'s deploy may have started and
+        that no endpoint serves from: its own (merged, or a whole model's), and the base models' shared ones.
+        Another endpoint's own server is left alone: it may be one prepared for a run still training."""
         servers = server.servers_dir(self._home())
         for sdir in sorted(p for p in servers.glob("*") if p.is_dir()):
+            suffix = sdir.name[16:]  # "+<endpoint>" or "-<endpoint>" after the digest's 16 hex digits; "" shared
+            if suffix and suffix[1:] != endpoint_name:
+                continue
             with server.locked(sdir):  # a deploy starting this server holds the lock until its endpoint names it
                 if server.server_info(sdir) is not None and not server.endpoints_on(self._home(), sdir.name):
                     server.forget(sdir)
