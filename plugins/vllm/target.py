@@ -1,5 +1,5 @@
-"""The ``vllm`` serving target: vLLM servers on this machine, one per base model (adapters by endpoint name)
-and one per whole model an endpoint serves."""
+"""The ``vllm`` serving target: vLLM servers on this machine, one per merged endpoint, or one per base model
+(adapters by endpoint name, ``adapters: lora``), and one per whole model an endpoint serves."""
 
 from __future__ import annotations
 
@@ -25,11 +25,16 @@ __all__ = ["VllmLocal"]
 class VllmLocal(ServingTarget["VllmLocal.Settings"]):
     """Serves adapters from a vLLM server on this machine, the same runtime KServe runs on OpenShift AI.
 
-    Every endpoint of one base model shares one server, which batches requests
-    across them. An endpoint is a model name on that server; a new adapter is
-    loaded beside the current one, answers a completion, and only then does the
-    name route to it: no restart, same URL. The previous ``keep_previous``
-    adapters stay loaded, so rolling back is instant.
+    ``adapters: merged`` (the default): each endpoint has a server of its own, serving
+    its adapter merged into the base weights, at the base model's speed. A new adapter
+    answers a completion on a candidate server first, then its weights are swapped in
+    place: no restart, same URL, the prefix cache reset (see :mod:`.deploy`).
+
+    ``adapters: lora``: every endpoint of one base model shares one server, which
+    batches requests across them. An endpoint is a model name on that server; a new
+    adapter is loaded beside the current one, answers a completion, and only then does
+    the name route to it. The previous ``keep_previous`` adapters stay loaded, so
+    rolling back is instant.
 
     A whole model (an ``sft`` model, a full ``distill`` student) is served as its
     own base model, by a server of its own answering to the endpoint's name;
