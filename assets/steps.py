@@ -12,7 +12,7 @@ from typing import Any, cast
 
 import dagster as dg
 
-from aiplane.core.components import FEATURE_COLUMNS, FactsheetPublisher, endpoint_name
+from aiplane.core.components import DEFAULT_ENDPOINT, FEATURE_COLUMNS, FactsheetPublisher, endpoint_name
 from aiplane.core.errors import AiplaneError, GovernanceError, InputError
 from aiplane.core.factsheet import build_factsheet
 from aiplane.core.governance import judge
@@ -212,7 +212,7 @@ def _prepare_serving(
 
 
 class EndpointConfig(TargetConfig):
-    name: str = "support-tickets"
+    name: str = DEFAULT_ENDPOINT
     """Endpoint name; the URL and the name clients use stay the same when the adapter behind it changes."""
     rollback_to: str = ""
     """Serve an earlier adapter instead of the latest: its digest, or 12 or more of its first hex digits

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from .components import ServingTarget
+from .components import DEFAULT_ENDPOINT, ServingTarget
 from .errors import AiplaneError, ConfigError, InputError, PluginError, WorkloadError
 from .kube import Toleration, check_cpu, check_memory
 from .serving import ServerSettings, base_model_of
@@ -264,10 +264,10 @@ class ClusterServingTarget(ServingTarget[SC]):
         """vLLM's ``--max-lora-rank`` in the cluster: a larger adapter is refused before it is rolled out."""
         return self.settings.max_lora_rank
 
-    def check(self, deployment: Deployment, endpoint_name: str = "support-tickets") -> list[str]:
+    def check(self, deployment: Deployment, endpoint_name: str = DEFAULT_ENDPOINT) -> list[str]:
         """The endpoint name, and that what is trained is stored where a KServe pod can read it. No side effects."""
         try:
-            self.check_name(endpoint_name or "support-tickets")
+            self.check_name(endpoint_name or DEFAULT_ENDPOINT)
         except ConfigError as exc:
             return [str(exc)]
         storage = deployment.storage

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from aiplane.core.components import DEFAULT_ENDPOINT
 from aiplane.core.serving_cluster import ClusterServerSettings, ClusterServingTarget
 from pydantic import Field
 
@@ -47,7 +48,7 @@ class KServe(ClusterServingTarget[_Settings]):
     entrypoint: ClassVar[str] = "aiplane.plugins.kserve.rollout:run"
     Settings = _Settings
 
-    def check(self, deployment: Deployment, endpoint_name: str = "support-tickets") -> list[str]:
+    def check(self, deployment: Deployment, endpoint_name: str = DEFAULT_ENDPOINT) -> list[str]:
         """The endpoint name, that what is trained is stored where a KServe pod can read it, and that the base
         model is in each region's own store (a pod fetches both with one service account's keys). No side effects."""
         from aiplane.core.storage import within

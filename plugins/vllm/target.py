@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from aiplane.core.components import ServingTarget
+from aiplane.core.components import DEFAULT_ENDPOINT, ServingTarget
 from aiplane.core.errors import ConfigError, InputError
 from aiplane.core.workload import Resources, Workload
 from pydantic import Field
@@ -117,7 +117,7 @@ class VllmLocal(ServingTarget["VllmLocal.Settings"]):
         (a merged endpoint's adapters stay servable if the endpoint is switched to ``adapters: lora``)."""
         return self.settings.max_lora_rank
 
-    def check(self, deployment: Deployment, endpoint_name: str = "support-tickets") -> list[str]:
+    def check(self, deployment: Deployment, endpoint_name: str = DEFAULT_ENDPOINT) -> list[str]:
         """A fixed port someone else holds, unless it is this deployment's own server. No side effects."""
         try:
             server.check_endpoint_name(endpoint_name)
