@@ -19,11 +19,11 @@ import json
 import math
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from aiplane.core.errors import InputError
+from aiplane.core.publishing import staged_dir
 
 __all__ = ["merge_adapter", "mergeable"]
 
@@ -64,9 +64,8 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
             "serve it with the vllm target's `adapters: lora`."
         )
     deltas = _updates(adapter_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    # A concurrent deploy of the same adapter that renamed its copy first wins: both merged the same bytes.
+    with staged_dir(out_dir, complete="config.json") as staging:
         for item in base_dir.iterdir():
             if item.is_file() and item.suffix != ".safetensors" and not item.name.startswith("."):
                 shutil.copy2(item, staging / item.name)
@@ -76,12 +75,6 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
                 f"Adapter {adapter_dir} adapts modules its base model {base_dir} does not have "
                 f"({', '.join(sorted(left)[:5])}): it was trained on another base model."
             )
-        staging.rename(out_dir)
-    except OSError:
-        if not (out_dir / "config.json").is_file():  # another deploy of the same adapter won the race
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
