@@ -20,6 +20,7 @@ from typing import Any
 
 from aiplane.core.artifacts import sha256_path
 from aiplane.core.errors import InputError
+from aiplane.core.publishing import staged_dir
 from aiplane.core.records import BaseModelRecord
 
 __all__ = ["build_tiny_granite", "resolve", "config", "read_config", "weights", "BUILTIN", "TINY_CONFIG"]
@@ -74,9 +75,7 @@ def build_tiny_granite(directory: str | Path, seed: int = 0) -> Path:
     import torch
     from transformers import GraniteConfig, GraniteForCausalLM
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    try:
+    with staged_dir(directory, complete="config.json") as staging:  # a concurrent build of the same seed may win
         tokenizer = _train_tokenizer(TINY_CONFIG["vocab_size"])
         torch.manual_seed(seed)
         config = GraniteConfig(
@@ -89,13 +88,6 @@ def build_tiny_granite(directory: str | Path, seed: int = 0) -> Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "aiplane.json").write_text(json.dumps({"builtin": BUILTIN, "seed": seed}))
-        try:
-            staging.rename(directory)
-        except OSError:
-            if not (directory / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 
