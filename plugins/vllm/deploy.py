@@ -54,25 +54,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiplane.core.errors import (
-    ConfigError,
-    InputError,
-    WorkloadCancelled,
-    WorkloadError,
-)
-from aiplane.core.records import (
-    AdapterRecord,
-    BaseModelRecord,
-    EndpointRecord,
-    record_to_json,
-)
-from aiplane.core.serving import (
-    PROTOCOLS,
-    base_model_of,
-    endpoint_digest,
-    endpoint_record,
-    is_full_model,
-)
+from aiplane.core.errors import ConfigError, InputError, WorkloadCancelled, WorkloadError
+from aiplane.core.records import AdapterRecord, BaseModelRecord, EndpointRecord, record_to_json
+from aiplane.core.serving import PROTOCOLS, base_model_of, endpoint_digest, endpoint_record, is_full_model
 from aiplane.core.storage import local_path
 from aiplane.core.workload import WorkloadContext
 
