@@ -162,9 +162,10 @@ class _Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        extra = [f"--lora-modules={served}={lora}"] if lora else []
+        flags = dict(flags or {})
+        extra = [*([f"--lora-modules={served}={lora}"] if lora else []), *flags.pop("extra", [])]
         args = server_args(str(model), "base" if lora else served, host="127.0.0.1", port=port,
-                           lora=lora is not None, extra=extra, **(flags or {}))  # fmt: skip
+                           lora=lora is not None, extra=extra, **flags)  # fmt: skip
         env = server_env(lora=lora is not None, dev=dev, preload=preload_libraries(python) if preload else ())
         self.url = f"http://127.0.0.1:{port}"
         self.log = tempfile.NamedTemporaryFile(prefix="aiplane-bench-vllm-", suffix=".log", delete=False)  # noqa: SIM115 - the server's output, for its life
