@@ -269,9 +269,22 @@ def test_the_servers_environment_is_allow_listed_not_the_orchestrators(monkeypat
 def test_a_whole_models_server_takes_no_adapters():
     from aiplane.plugins.vllm.runtime import server_args, server_env
 
-    flags = VllmLocal({"max_model_len": 256}).settings.flags(lora=False)
+    flags = VllmLocal({"max_model_len": 256, "enforce_eager": False}).settings.flags(lora=False)
     assert server_args("/m/sft", "tickets", **flags) == ["--model=/m/sft", "--served-model-name=tickets", "--max-model-len=256"]
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in server_env(lora=False)
+
+
+def test_servers_run_eager_without_a_gpu_and_compile_with_one_unless_the_setting_says(monkeypatch):
+    from aiplane.plugins.vllm import target
+
+    for gpu, default in ((False, True), (True, False)):
+        monkeypatch.setattr(target, "has_nvidia_gpu", lambda gpu=gpu: gpu)
+        for lora in (True, False):
+            assert ("--enforce-eager" in VllmLocal({}).settings.flags(lora)["extra"]) is default
+        assert "--enforce-eager" in VllmLocal({"enforce_eager": True}).settings.flags(False)["extra"]
+        assert "--enforce-eager" not in VllmLocal({"enforce_eager": False}).settings.flags(False)["extra"]
+    # Said twice (in extra_args too), it is passed once.
+    assert VllmLocal({"extra_args": ["--enforce-eager"]}).settings.flags(False)["extra"] == ["--enforce-eager"]
 
 
 def test_a_whole_model_that_is_not_a_model_directory_is_refused_before_any_server_starts(models, tmp_path):

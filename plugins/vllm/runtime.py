@@ -44,6 +44,7 @@ __all__ = [
     "VLLM_RUNTIME",
     "ServerSettings",
     "ensure_vllm",
+    "has_nvidia_gpu",
     "preload_libraries",
     "server_args",
     "server_env",
@@ -82,6 +83,14 @@ from any path the server can read."""
 # (libtcmalloc-minimal4) and the Intel OpenMP the runtime environment ships.
 _TCMALLOC = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
 _LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+
+
+def has_nvidia_gpu() -> bool:
+    """Whether this machine has an NVIDIA GPU its driver sees (without importing torch)."""
+    try:
+        return any(Path("/proc/driver/nvidia/gpus").iterdir())
+    except OSError:
+        return False
 
 
 def ensure_vllm(log: Callable[[str], None], cancel: threading.Event | None = None) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiplane.core.components import DEFAULT_ENDPOINT, ServingTarget
 from aiplane.core.errors import ConfigError, InputError
@@ -13,7 +13,7 @@ from aiplane.core.workload import Resources, Workload
 from pydantic import Field
 
 from . import _server as server
-from .runtime import ServerSettings
+from .runtime import ServerSettings, has_nvidia_gpu
 
 if TYPE_CHECKING:
     from aiplane.core.config import Deployment
@@ -62,6 +62,22 @@ class VllmLocal(ServingTarget["VllmLocal.Settings"]):
         preload_libraries: bool = True
         """Preload tcmalloc and the runtime's Intel OpenMP into the server (on a CPU machine that has them), as
         vLLM's CPU backend asks; false leaves LD_PRELOAD as it is."""
+        enforce_eager: bool | None = None
+        """vLLM's ``--enforce-eager``: the server runs the model as it is, without compiling it at start.
+        Default: eager on a machine without an NVIDIA GPU, where compiling costs about 20 s of every start
+        (vLLM's CPU build cannot load its compile cache back) and serves no faster (``bench/serving.py
+        --compare``); compiled (and CUDA graphs) with a GPU, where it pays."""
+
+        def eager(self) -> bool:
+            """Whether servers start with ``--enforce-eager`` (see :attr:`enforce_eager`)."""
+            return self.enforce_eager if self.enforce_eager is not None else not has_nvidia_gpu()
+
+        def flags(self, lora: bool = True) -> dict[str, Any]:
+            """:meth:`ServerSettings.flags`, with ``--enforce-eager`` when :meth:`eager`."""
+            flags = super().flags(lora)
+            if self.eager() and "--enforce-eager" not in flags["extra"]:
+                flags["extra"] = [*flags["extra"], "--enforce-eager"]
+            return flags
 
     def workload(self, adapter: AdapterRecord, endpoint_name: str) -> Workload:
         """The ``deploy-endpoint`` workload for an adapter or a whole model (``config["full_model"]``); its
