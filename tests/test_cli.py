@@ -229,13 +229,108 @@ def _endpoint_state(home: Path) -> dict:
     return {**state, "pid": json.loads(server.read_text())["pid"]}
 
 
-def test_a_new_adapter_takes_over_the_running_server_and_rollback_brings_the_one_before_back(recovered):
+EVERYTHING = ["base_model", "features", "adapter_weights", "served_endpoint", "factsheet"]
+
+
+def _definitions(home: Path):
+    from aiplane.assets import AiplaneResource, build_definitions
+
+    return build_definitions(AiplaneResource(deployment=str(home / "deployment.yaml"), home=str(home)))
+
+
+def _requested(result) -> set[str]:
+    import dagster as dg
+
+    return {k for k in EVERYTHING if result.get_requested_partitions(dg.AssetKey(k))}
+
+
+@pytest.fixture(scope="module")
+def retrained(recovered):
+    """The recovered home after a trainer setting changed (another seed): what Dagster, its automation and
+    ``stale`` say of the change, then two ``aiplane up`` at once on the home, the first of which trains and deploys
+    the new adapter while the second waits for it. One retraining (and one new adapter's swap on the running
+    server) shared by the tests that check the change's staleness, the second up's wait and the swap."""
+    import dagster as dg
+
+    from aiplane.assets.state import stale
+    from aiplane.core.homelock import holder_of
+
     home = recovered["home"]
-    first = _endpoint_state(home)
-    _deployment(home, trainer={**TINY_TRAINING, "seed": 1})
-    retrained = aiplane_up(home)
-    assert retrained.returncode == 0, retrained.stderr[-3000:]
-    second = _endpoint_state(home)
+    facts: dict = {"endpoint_before": _endpoint_state(home)}
+    facts["trained_before"] = len(
+        [e for e in _lineage(home) if e["job"]["name"] == "adapter_weights" and e["eventType"] == "COMPLETE"]
+    )
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+        # Identical settings: what Dagster and its automation say, tick after tick.
+        unchanged = _definitions(home)
+        first = dg.evaluate_automation_conditions(defs=unchanged, instance=instance)
+        settled = dg.evaluate_automation_conditions(defs=unchanged, instance=instance, cursor=first.cursor)
+        facts["requested_unchanged"] = (_requested(first), _requested(settled))
+        facts["stale_unchanged"] = stale(instance, unchanged, EVERYTHING)
+        _deployment(home, trainer={**TINY_TRAINING, "seed": 1})
+        changed = _definitions(home)
+        facts["stale_changed"] = stale(instance, changed, EVERYTHING)
+        facts["requested_changed"] = _requested(
+            dg.evaluate_automation_conditions(defs=changed, instance=instance, cursor=settled.cursor)
+        )
+    cmd = [sys.executable, "-m", "aiplane.assets.cli", "--deployment", str(home / "deployment.yaml"), "up"]
+    first_up = subprocess.Popen(cmd, env=_env(home), cwd=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (holder_of(home) or "").startswith(f"pid {first_up.pid} "), 120, "the first up to hold the home")
+        second_up = aiplane_up(home)
+        first_out, first_err = first_up.communicate(timeout=600)
+    finally:
+        first_up.kill()
+    facts.update(first=first_up, first_out=first_out, first_err=first_err, second=second_up)
+    facts["trained_after"] = len(
+        [e for e in _lineage(home) if e["job"]["name"] == "adapter_weights" and e["eventType"] == "COMPLETE"]
+    )
+    facts["endpoint_after"] = _endpoint_state(home) if first_up.returncode == 0 else None
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+        facts["stale_after"] = stale(instance, _definitions(home), EVERYTHING)
+        # Each materialization names the plugins that did the work, as top-level metadata.
+        facts["made_by"] = {
+            key: {k: v.value for k, v in instance.get_latest_materialization_event(dg.AssetKey(key)).asset_materialization.metadata.items()}
+            for key in EVERYTHING[1:]
+        }
+    return facts
+
+
+def test_a_changed_trainer_setting_is_stale_in_dagster_requested_by_automation_and_redone_by_up_alike(retrained):
+    redone = set(EVERYTHING[2:])
+    # Identical settings: nothing is stale, and the automation requests nothing, tick after tick.
+    assert retrained["requested_unchanged"] == (set(), set())
+    assert retrained["stale_unchanged"] == {}
+    # (a) Dagster's own stale status: the adapter, for its new code version; nothing upstream of it.
+    assert retrained["stale_changed"] == {"adapter_weights": "its deployment settings changed (a new code version)"}
+    # (b) The automation requests the adapter and what reads it, in one tick.
+    assert retrained["requested_changed"] == redone
+    # (c) `aiplane up` redoes exactly those.
+    up, out = retrained["first"], retrained["first_out"]
+    assert up.returncode == 0, retrained["first_err"][-3000:]
+    assert {a for a in EVERYTHING if f"{a:16} materialized" in out} == redone, out
+    assert retrained["stale_after"] == {}
+    made_by = retrained["made_by"]
+    assert made_by["features"]["feature store"] == "iceberg"
+    assert (made_by["adapter_weights"]["trainer"], made_by["adapter_weights"]["engine"]) == ("lora", "local")
+    assert made_by["served_endpoint"]["serving target"] == "vllm" and made_by["factsheet"]["publisher"] == "local"
+
+
+def test_two_ups_at_once_on_one_home_train_once_and_the_second_finds_the_work_done(retrained):
+    first, second = retrained["first"], retrained["second"]
+    assert first.returncode == 0 and second.returncode == 0, (retrained["first_err"][-2000:], second.stderr[-2000:])
+    assert f"in use by pid {first.pid} (aiplane up)" in second.stderr and "waiting for it to finish" in second.stderr
+    assert f"{'adapter_weights':16} materialized" in retrained["first_out"], retrained["first_out"]
+    for asset in ("adapter_weights", "served_endpoint", "factsheet"):
+        assert f"{asset:16} up to date" in second.stdout, second.stdout
+    assert retrained["trained_after"] == retrained["trained_before"] + 1, "the two ups trained once between them"
+
+
+def test_a_new_adapter_takes_over_the_running_server_and_rollback_brings_the_one_before_back(recovered, retrained):
+    home = recovered["home"]
+    first = retrained["endpoint_before"]
+    assert retrained["first"].returncode == 0, retrained["first_err"][-3000:]
+    second = retrained["endpoint_after"]
     assert second["current"] != first["current"]
     assert (second["url"], second["pid"]) == (first["url"], first["pid"]), "same server, same URL, no restart"
 
@@ -260,29 +355,6 @@ def test_rollback_to_an_adapter_never_trained_here_names_the_ones_that_were(reco
     out = aiplane(recovered["home"], "rollback", "--to", "0123456789abcdef")
     assert out.returncode == 1 and "names no adapter this instance has trained" in out.stderr
     assert "Traceback" not in out.stderr
-
-
-def test_two_ups_at_once_on_one_home_train_once_and_the_second_finds_the_work_done(recovered):
-    from aiplane.core.homelock import holder_of
-
-    home = recovered["home"]
-    _deployment(home, trainer={**TINY_TRAINING, "seed": 2})
-    trained = len([e for e in _lineage(home) if e["job"]["name"] == "adapter_weights" and e["eventType"] == "COMPLETE"])
-    cmd = [sys.executable, "-m", "aiplane.assets.cli", "--deployment", str(home / "deployment.yaml"), "up"]
-    first = subprocess.Popen(cmd, env=_env(home), cwd=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for(lambda: (holder_of(home) or "").startswith(f"pid {first.pid} "), 120, "the first up to hold the home")
-        second = aiplane_up(home)
-        first_out, first_err = first.communicate(timeout=600)
-    finally:
-        first.kill()
-    assert first.returncode == 0 and second.returncode == 0, (first_err[-2000:], second.stderr[-2000:])
-    assert f"in use by pid {first.pid} (aiplane up)" in second.stderr and "waiting for it to finish" in second.stderr
-    assert f"{'adapter_weights':16} materialized" in first_out, first_out
-    for asset in ("adapter_weights", "served_endpoint", "factsheet"):
-        assert f"{asset:16} up to date" in second.stdout, second.stdout
-    after = [e for e in _lineage(home) if e["job"]["name"] == "adapter_weights" and e["eventType"] == "COMPLETE"]
-    assert len(after) == trained + 1, "the two ups trained once between them"
 
 
 def test_the_dagster_instance_aiplane_creates_sends_no_telemetry(tmp_path, monkeypatch):
@@ -342,51 +414,6 @@ def test_an_endpoint_served_by_a_target_no_longer_installed_is_served_anew(tmp_p
     )
     deployment = load_deployment(_deployment(tmp_path), home=tmp_path)
     assert endpoint_down(instance, deployment, Registry()) == "it was served by 'kserve-local', which is not installed"
-
-
-def test_a_changed_trainer_setting_is_stale_in_dagster_requested_by_automation_and_redone_by_up_alike(recovered):
-    import dagster as dg
-
-    from aiplane.assets import AiplaneResource, build_definitions
-    from aiplane.assets.state import stale
-
-    home = recovered["home"]
-    everything = ["base_model", "features", "adapter_weights", "served_endpoint", "factsheet"]
-    redone = set(everything[2:])
-
-    def definitions():
-        return build_definitions(AiplaneResource(deployment=str(home / "deployment.yaml"), home=str(home)))
-
-    def requested(result) -> set[str]:
-        return {k for k in everything if result.get_requested_partitions(dg.AssetKey(k))}
-
-    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
-        # Identical settings: nothing is stale, and the automation requests nothing, tick after tick.
-        unchanged = definitions()
-        first = dg.evaluate_automation_conditions(defs=unchanged, instance=instance)
-        settled = dg.evaluate_automation_conditions(defs=unchanged, instance=instance, cursor=first.cursor)
-        assert requested(first) == requested(settled) == set()
-        assert stale(instance, unchanged, everything) == {}
-        _deployment(home, trainer={**TINY_TRAINING, "seed": 3})
-        changed = definitions()
-        # (a) Dagster's own stale status: the adapter, for its new code version; nothing upstream of it.
-        assert stale(instance, changed, everything) == {"adapter_weights": "its deployment settings changed (a new code version)"}
-        # (b) The automation requests the adapter and what reads it, in one tick.
-        assert requested(dg.evaluate_automation_conditions(defs=changed, instance=instance, cursor=settled.cursor)) == redone
-    # (c) `aiplane up` redoes exactly those.
-    up = aiplane_up(home)
-    assert up.returncode == 0, up.stderr[-3000:]
-    assert {a for a in everything if f"{a:16} materialized" in up.stdout} == redone, up.stdout
-    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
-        assert stale(instance, definitions(), everything) == {}
-        # Each materialization names the plugins that did the work, as top-level metadata.
-        made_by = {
-            key: {k: v.value for k, v in instance.get_latest_materialization_event(dg.AssetKey(key)).asset_materialization.metadata.items()}
-            for key in everything[1:]
-        }
-    assert made_by["features"]["feature store"] == "iceberg"
-    assert (made_by["adapter_weights"]["trainer"], made_by["adapter_weights"]["engine"]) == ("lora", "local")
-    assert made_by["served_endpoint"]["serving target"] == "vllm" and made_by["factsheet"]["publisher"] == "local"
 
 
 def test_ui_on_a_port_in_use_says_which_and_what_to_do_and_writes_nothing(tmp_path):
