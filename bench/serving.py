@@ -5,12 +5,15 @@
     .venv/bin/python bench/serving.py --compare       # adapter vs plain vLLM on the bare base model, step by step
 
 ``--compare`` starts plain vLLM on the bare base model (the same runtime, no LoRA, no preloaded
-libraries: vLLM as a user starts it) and keeps it up; then, one at a time, a server for each
-step of closing the gap between serving an adapter and serving the base model, and the
-endpoint ``aiplane up`` deploys (its default settings). Each is measured in rounds alternating
-with the plain server, so both see the same load, and printed as a ratio to it at 1, 16 and
-64 clients. The adapter is the tiny Granite's rank-16 LoRA on q_proj and v_proj, as
-``deployments/local.yaml`` trains it (random weights: speed does not depend on their values).
+libraries: vLLM as a user starts it), then a server for each step of closing the gap between
+serving an adapter and serving the base model, and with ``--chain`` the endpoint ``aiplane up``
+deploys (its default settings). Only one server runs at a time: every other one is paused
+(SIGSTOP to its process group, so none of its processes takes a core or wakes), because two
+vLLM servers running on 2 cores disturb each other's figures more than any step changes them.
+The rounds cycle through the servers, every concurrency for each, and each step is printed as
+a ratio to the plain server's median at 1, 16 and 64 clients, with its start-up time. The
+adapter is the tiny Granite's rank-16 LoRA on q_proj and v_proj, as ``deployments/local.yaml``
+trains it (random weights: speed does not depend on their values).
 
 Each round sends ``--requests`` completions of ``--tokens`` new tokens (``ignore_eos``, so
 every request generates exactly that many) with N clients at once, and reports requests per
@@ -144,7 +147,8 @@ def _compare_models(root: Path) -> tuple[Path, Path, Path]:
 
 
 class _Server:
-    """A vLLM server of the runtime aiplane provisions, started as the vllm target starts one."""
+    """A vLLM server of the runtime aiplane provisions, started as the vllm target starts one, in a process
+    group of its own (which :meth:`pause` and :meth:`resume` signal)."""
 
     def __init__(self, model: Path, served: str, *, lora: Path | None = None, flags: dict | None = None,
                  preload: bool = False, dev: bool = False) -> None:  # fmt: skip
@@ -167,11 +171,19 @@ class _Server:
         args = server_args(str(model), "base" if lora else served, host="127.0.0.1", port=port,
                            lora=lora is not None, extra=extra, **flags)  # fmt: skip
         env = server_env(lora=lora is not None, dev=dev, preload=preload_libraries(python) if preload else ())
-        self.url = f"http://127.0.0.1:{port}"
+        self.url, self.model = f"http://127.0.0.1:{port}", served
         self.log = tempfile.NamedTemporaryFile(prefix="aiplane-bench-vllm-", suffix=".log", delete=False)  # noqa: SIM115 - the server's output, for its life
         self.proc = subprocess.Popen([str(python), "-m", SERVER_MODULE, *args], env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        self.group = self.proc.pid
         self.started = time.perf_counter()
+
+    @classmethod
+    def running(cls, url: str, model: str, group: int) -> _Server:
+        """A server someone else started (the endpoint ``aiplane up`` deployed): measured and paused, never stopped here."""
+        server = cls.__new__(cls)
+        server.url, server.model, server.group, server.proc, server.startup_s = url, model, group, None, float("nan")
+        return server
 
     def ready(self) -> _Server:
         import urllib.request
@@ -186,26 +198,56 @@ class _Server:
                     sys.exit(f"a vLLM server exited; see {self.log.name}")
                 time.sleep(0.5)
 
+    def pause(self) -> None:
+        import signal
+
+        os.killpg(self.group, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        import signal
+
+        os.killpg(self.group, signal.SIGCONT)
+
     def stop(self) -> None:
         import signal
 
+        if self.proc is None:
+            return
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(timeout=60)
+            os.killpg(self.group, signal.SIGCONT)
+            os.killpg(self.group, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # a server whose workers are gone can hang in its shutdown
+            os.killpg(self.group, signal.SIGKILL)
+            self.proc.wait()
 
 
-def _against(plain: _Server, other: _Server, model: str, args) -> list[tuple[dict, dict]]:
-    """Rounds of ``other`` alternating with ``plain`` at each concurrency; the median round of each."""
-    for c in args.clients.split(","):  # warm-up at every concurrency: a fresh server warms each batch shape once
-        measure(other.url, model, int(c), args.requests, args.tokens)
-    rounds = []
-    for _ in range(args.rounds):
-        row = []
-        for c in args.clients.split(","):
-            row.append((measure(plain.url, "base", int(c), args.requests, args.tokens),
-                        measure(other.url, model, int(c), args.requests, args.tokens)))  # fmt: skip
-        rounds.append(row)
-    return [(_median(tuple(p for p, _ in col)), _median(tuple(o for _, o in col))) for col in zip(*rounds, strict=True)]
+def _rounds(servers: dict[str, _Server], args) -> dict[str, list[dict]]:
+    """Every server in turn, the others paused: a warm-up at every concurrency, then ``args.rounds`` rounds, each
+    of them every concurrency for every server; the median round of each server at each concurrency."""
+    clients = [int(c) for c in args.clients.split(",")]
+    for server in servers.values():
+        server.pause()
+    measured: dict[str, list[list[dict]]] = {label: [] for label in servers}
+    try:
+        for r in range(-1, args.rounds):  # round -1 warms each batch shape once; a fresh server compiles it
+            for label, server in servers.items():
+                server.resume()
+                try:
+                    measure(server.url, server.model, 4, 8, args.tokens)  # wakes it after the pause
+                    row = [measure(server.url, server.model, c, args.requests, args.tokens) for c in clients]
+                finally:
+                    server.pause()
+                if r >= 0:
+                    measured[label].append(row)
+    finally:
+        for server in servers.values():
+            server.resume()
+    return {label: [_median(tuple(col)) for col in zip(*rows, strict=True)] for label, rows in measured.items()}
+
+
+PLAIN = "plain vLLM on the bare base model"
 
 
 def compare(args) -> int:
@@ -221,40 +263,49 @@ def compare(args) -> int:
             "merged into the base weights": {"model": merged},
             "merged, --enforce-eager (no compile at start)": {"model": merged, "flags": {"extra": ["--enforce-eager"]}},
             "merged, + tcmalloc and Intel OpenMP preloaded": {"model": merged, "preload": True},
+            "merged, eager, the model run in the engine's process (uni executor)":
+                {"model": merged, "flags": {"extra": ["--enforce-eager", "--distributed-executor-backend=uni"]}},
             "plain vLLM on the bare base model, + preloaded": {"model": base, "preload": True},
         }
         if args.only:
             steps = {label: spec for label, spec in steps.items() if any(word in label for word in args.only.split(","))}
-        plain = _Server(base, "base").ready()
-        print(f"plain vLLM on the bare base model ready after {plain.startup_s:.1f} s", flush=True)
-        results = {}
+        servers: dict[str, _Server] = {}
         try:
-            for label, spec in steps.items():
-                other = _Server(served="tickets", **spec).ready()
-                try:
-                    results[label] = (other.startup_s, _against(plain, other, "tickets", args))
-                finally:
-                    other.stop()
-                _print_step(label, *results[label])
+            # Started one at a time, each paused once ready, so no start-up competes with another.
+            for label, spec in {PLAIN: {"model": base}, **steps}.items():
+                servers[label] = _Server(served="tickets", **spec).ready()
+                servers[label].pause()
+                print(f"{label}: ready after {servers[label].startup_s:.1f} s", flush=True)
             if args.chain:
-                url, model = _tiny_chain(Path(tmp) / "chain")
-                try:
-                    other = _Server.__new__(_Server)
-                    other.url = url
-                    results["the endpoint aiplane up deploys"] = (float("nan"), _against(plain, other, model, args))
-                finally:
-                    subprocess.run([sys.executable, "-m", "aiplane.assets.cli", "--deployment",
-                                    str(Path(tmp) / "chain" / "bench.yaml"), "stop"], capture_output=True,
-                                   env={**os.environ, "AIPLANE_HOME": str(Path(tmp) / "chain" / "home")}, check=False)  # fmt: skip
-                _print_step("the endpoint aiplane up deploys", *results["the endpoint aiplane up deploys"])
+                servers["the endpoint aiplane up deploys"] = _chain_server(Path(tmp) / "chain")
+            results = _rounds(servers, args)
         finally:
-            plain.stop()
-    print(f"\n{args.requests} requests of {args.tokens} new tokens; ratio to plain vLLM on the bare base model, "
-          f"measured alternately, median of {args.rounds} rounds")  # fmt: skip
-    print(f"{'':<64} " + " ".join(f"{c + ' cl.':>8}" for c in args.clients.split(",")))
-    for label, (_, rows) in results.items():
-        print(f"{label:<64} " + " ".join(f"{o['req_s'] / p['req_s']:>7.2f}x" for p, o in rows))
+            for server in servers.values():
+                server.stop()
+            if args.chain:
+                subprocess.run([sys.executable, "-m", "aiplane.assets.cli", "--deployment",
+                                str(Path(tmp) / "chain" / "bench.yaml"), "stop"], capture_output=True,
+                               env={**os.environ, "AIPLANE_HOME": str(Path(tmp) / "chain" / "home")}, check=False)  # fmt: skip
+    plain = results.pop(PLAIN)
+    for label, rows in results.items():
+        _print_step(label, servers[label].startup_s, list(zip(plain, rows, strict=True)))
+    print(f"\n{args.requests} requests of {args.tokens} new tokens; ratio to plain vLLM on the bare base model "
+          f"(ready after {servers[PLAIN].startup_s:.1f} s), one server running at a time, median of {args.rounds} rounds")  # fmt: skip
+    print(f"{'':<64} " + " ".join(f"{c + ' cl.':>8}" for c in args.clients.split(",")) + f" {'start s':>8}")
+    for label, rows in results.items():
+        print(f"{label:<64} " + " ".join(f"{o['req_s'] / p['req_s']:>7.2f}x" for p, o in zip(plain, rows, strict=True))
+              + f" {servers[label].startup_s:>8.1f}")  # fmt: skip
     return 0
+
+
+def _chain_server(root: Path) -> _Server:
+    """The tiny chain's endpoint (``aiplane up`` in ``root``), as a server to pause: its process group is the
+    one aiplane started it in (its record's pid)."""
+    root.mkdir(parents=True, exist_ok=True)
+    url, model = _tiny_chain(root)
+    state = json.loads((root / "home" / "serving" / model / "endpoint.json").read_text())
+    info = json.loads((Path(state["server_dir"]) / "server.json").read_text())
+    return _Server.running(url, model, os.getpgid(int(info["pid"])))
 
 
 def _print_step(label: str, startup_s: float, rows: list[tuple[dict, dict]]) -> None:

@@ -266,10 +266,12 @@ def test_the_servers_environment_is_allow_listed_not_the_orchestrators(monkeypat
     assert env["PATH"] == os.environ["PATH"] and env["HF_HOME"] == os.environ["HF_HOME"]
 
 
-def test_a_whole_models_server_takes_no_adapters():
+def test_a_whole_models_server_takes_no_adapters(monkeypatch):
+    from aiplane.plugins.vllm import target
     from aiplane.plugins.vllm.runtime import server_args, server_env
 
-    flags = VllmLocal({"max_model_len": 256, "enforce_eager": False}).settings.flags(lora=False)
+    monkeypatch.setattr(target, "has_nvidia_gpu", lambda: True)  # a GPU machine's flags: none of the CPU ones
+    flags = VllmLocal({"max_model_len": 256}).settings.flags(lora=False)
     assert server_args("/m/sft", "tickets", **flags) == ["--model=/m/sft", "--served-model-name=tickets", "--max-model-len=256"]
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in server_env(lora=False)
 
@@ -284,7 +286,23 @@ def test_servers_run_eager_without_a_gpu_and_compile_with_one_unless_the_setting
         assert "--enforce-eager" in VllmLocal({"enforce_eager": True}).settings.flags(False)["extra"]
         assert "--enforce-eager" not in VllmLocal({"enforce_eager": False}).settings.flags(False)["extra"]
     # Said twice (in extra_args too), it is passed once.
-    assert VllmLocal({"extra_args": ["--enforce-eager"]}).settings.flags(False)["extra"] == ["--enforce-eager"]
+    assert VllmLocal({"extra_args": ["--enforce-eager"]}).settings.flags(False)["extra"].count("--enforce-eager") == 1
+
+
+def test_without_a_gpu_the_model_runs_in_the_engines_process_unless_extra_args_pick_an_executor(monkeypatch):
+    from aiplane.plugins.vllm import target
+    from aiplane.plugins.vllm.runtime import CPU_ONE_PROCESS, server_env
+
+    monkeypatch.setattr(target, "has_nvidia_gpu", lambda: False)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    for lora in (True, False):
+        assert CPU_ONE_PROCESS in VllmLocal({}).settings.flags(lora)["extra"]
+    # vLLM's CPU platform keeps the `uni` executor only with this set; the server's environment has it.
+    assert server_env()["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    mp = "--distributed-executor-backend=mp"
+    assert VllmLocal({"extra_args": [mp]}).settings.flags(False)["extra"] == [mp, "--enforce-eager"]
+    monkeypatch.setattr(target, "has_nvidia_gpu", lambda: True)
+    assert CPU_ONE_PROCESS not in VllmLocal({}).settings.flags(False)["extra"]
 
 
 def test_a_whole_model_that_is_not_a_model_directory_is_refused_before_any_server_starts(models, tmp_path):

@@ -13,7 +13,7 @@ from aiplane.core.workload import Resources, Workload
 from pydantic import Field
 
 from . import _server as server
-from .runtime import ServerSettings, has_nvidia_gpu
+from .runtime import CPU_ONE_PROCESS, ServerSettings, has_nvidia_gpu
 
 if TYPE_CHECKING:
     from aiplane.core.config import Deployment
@@ -73,11 +73,15 @@ class VllmLocal(ServingTarget["VllmLocal.Settings"]):
             return self.enforce_eager if self.enforce_eager is not None else not has_nvidia_gpu()
 
         def flags(self, lora: bool = True) -> dict[str, Any]:
-            """:meth:`ServerSettings.flags`, with ``--enforce-eager`` when :meth:`eager`."""
+            """:meth:`ServerSettings.flags`, with ``--enforce-eager`` when :meth:`eager`, and on a machine without
+            an NVIDIA GPU the model run in the engine's own process (:data:`.runtime.CPU_ONE_PROCESS`)."""
             flags = super().flags(lora)
-            if self.eager() and "--enforce-eager" not in flags["extra"]:
-                flags["extra"] = [*flags["extra"], "--enforce-eager"]
-            return flags
+            extra = list(flags["extra"])
+            if self.eager() and "--enforce-eager" not in extra:
+                extra.append("--enforce-eager")
+            if not has_nvidia_gpu() and not any(a.startswith("--distributed-executor-backend") for a in extra):
+                extra.append(CPU_ONE_PROCESS)
+            return {**flags, "extra": extra}
 
     def workload(self, adapter: AdapterRecord, endpoint_name: str) -> Workload:
         """The ``deploy-endpoint`` workload for an adapter or a whole model (``config["full_model"]``); its
