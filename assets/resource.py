@@ -2,12 +2,15 @@
 
 
 import contextlib
+import logging
 import os
+import threading
 from typing import Any
 
 import dagster as dg
 from pydantic import PrivateAttr
 
+from aiplane.core.components import DEFAULT_ENDPOINT, endpoint_name
 from aiplane.core.config import Deployment, load_deployment
 from aiplane.core.errors import AiplaneError, ConfigError
 from aiplane.core.homelock import hold_home
@@ -17,7 +20,9 @@ from aiplane.core.plugins import DEPLOYMENT_KINDS, Registry, get_plugin_manager
 from aiplane.core.records import PlacementDecision
 from aiplane.core.workload import Event, Workload, WorkloadResult
 
-__all__ = ["AiplaneResource", "prestart_training"]
+__all__ = ["AiplaneResource", "prestart_serving", "prestart_training"]
+
+_log = logging.getLogger("aiplane")
 
 
 class AiplaneResource(dg.ConfigurableResource):
@@ -182,6 +187,39 @@ def prestart_training(deployment: Deployment, registry: Registry, pin: str = "",
     except AiplaneError:
         return
     engine.prestart(trainer.entrypoint, tuple(dict.fromkeys((*store.preload, *trainer.preload))))
+
+
+def prestart_serving(
+    deployment: Deployment, registry: Registry, region: str | None = None, endpoint: str = DEFAULT_ENDPOINT
+) -> threading.Thread | None:
+    """Serve while training, from the start of ``aiplane up``: tell the serving target the endpoint will probably
+    be placed on that an adapter of the deployment's base model will be deployed as ``endpoint`` (``region``'s), as
+    the ``adapter_weights`` step does when training starts (``ServingTarget.prepare``), but seconds earlier.
+
+    In a thread of its own, which resolves the base model (as the run's ``base_model`` step does) and gives the
+    hint; the thread is returned. Not a daemon: a process that ends meanwhile waits for the hint, then stops what
+    the target prepared for nothing (its ``atexit`` clean-up runs after non-daemon threads end). Only for a base
+    model on this machine's disk (a path, ``file://`` or ``builtin:``): one in object storage is downloaded by the
+    run, and the step's hint covers it. A guess from placement without the features' residency, like
+    :func:`prestart_training`'s; a wrong guess or a failure costs nothing but the hint.
+    """
+    uri = deployment.base_model.uri
+    if "://" in uri and not uri.startswith("file://"):
+        return None
+
+    def hint() -> None:
+        try:
+            serving, _ = _placed(deployment, registry, "serving", "serve-endpoint", region=region)
+            base = registry.resolve_base_model(uri, str(deployment.home), deployment.storage.s3)
+            serving.prepare(base, endpoint_name(endpoint, region))
+        except AiplaneError as exc:
+            _log.debug("the serving target was not prepared ahead: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - a hint: the run's own steps report what is wrong
+            _log.debug("the serving target was not prepared ahead: %s: %s", type(exc).__name__, exc)
+
+    thread = threading.Thread(target=hint, name="aiplane-prestart-serving")
+    thread.start()
+    return thread
 
 
 def default_resource() -> AiplaneResource:

@@ -97,7 +97,7 @@ def _open_session(args: argparse.Namespace, deployment: Deployment, registry: Re
     """Make ready what ``up`` needs, once the preflight passed: the environment, training's worker, the instance
     (cleared of what a killed run left), the code location with this run's configs."""
     from .definitions import build_definitions
-    from .resource import AiplaneResource, prestart_training
+    from .resource import AiplaneResource, prestart_serving, prestart_training
     from .state import PID_TAG, pid_tag
     from .steps import EndpointConfig, TargetConfig
 
@@ -106,6 +106,9 @@ def _open_session(args: argparse.Namespace, deployment: Deployment, registry: Re
     # Training's process and imports get ready while the instance is opened and the sources refreshed; only once
     # the preflight passed, so a refused deployment starts nothing.
     prestart_training(deployment, registry, args.train_target, regions[0])
+    # And the endpoint's server (vLLM's start takes longer than the tiny model's training): it starts on the base
+    # model's weights now, and is ready, or nearly, when the adapter is.
+    prestart_serving(deployment, registry, regions[0])
     instance = open_instance(deployment.home, deployment.dagster.postgres)
     _recover(instance, deployment, registry)
     configs = {

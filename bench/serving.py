@@ -155,6 +155,7 @@ class _Server:
         import socket
 
         from aiplane.plugins.vllm.runtime import (
+            CPU_ONE_PROCESS,
             SERVER_MODULE,
             ensure_vllm,
             preload_libraries,
@@ -171,6 +172,8 @@ class _Server:
         args = server_args(str(model), "base" if lora else served, host="127.0.0.1", port=port,
                            lora=lora is not None, extra=extra, **flags)  # fmt: skip
         env = server_env(lora=lora is not None, dev=dev, preload=preload_libraries(python) if preload else ())
+        if CPU_ONE_PROCESS not in extra:  # vLLM's own executor, as a user starts it
+            env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
         self.url, self.model = f"http://127.0.0.1:{port}", served
         self.log = tempfile.NamedTemporaryFile(prefix="aiplane-bench-vllm-", suffix=".log", delete=False)  # noqa: SIM115 - the server's output, for its life
         self.proc = subprocess.Popen([str(python), "-m", SERVER_MODULE, *args], env=env, stdout=self.log,
@@ -265,6 +268,8 @@ def compare(args) -> int:
             "merged, + tcmalloc and Intel OpenMP preloaded": {"model": merged, "preload": True},
             "merged, eager, the model run in the engine's process (uni executor)":
                 {"model": merged, "flags": {"extra": ["--enforce-eager", "--distributed-executor-backend=uni"]}},
+            "plain vLLM on the bare base model, the model run in the engine's process (uni executor)":
+                {"model": base, "flags": {"extra": ["--distributed-executor-backend=uni"]}},
             "plain vLLM on the bare base model, + preloaded": {"model": base, "preload": True},
         }
         if args.only:
