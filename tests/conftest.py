@@ -14,14 +14,6 @@ from aiplane.core.workload import Runtime
 
 TESTS = Path(__file__).parent
 
-# One OpenMP thread per process. torch's default is one per core, and on 2 cores shared with what the tests
-# start beside a training (a vLLM server coming up while the adapter trains, a Ray head, a second worker),
-# each of its many tiny ops then waits for a thread that is not scheduled: the 120-step in-process training of
-# test_ray_engine took 39-105 s with 2 threads on a loaded 2-core machine and 3-4 s with 1, to the same losses.
-# Set here, before any test module imports torch, so this process and the workers, tasks and servers the tests
-# start inherit it; a value set outside is kept.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 # Where libraries put caches and settings when told nothing: under the home directory.
 _HOME_DIRS = {
     "XDG_CACHE_HOME": "cache",  # torch, pip, and everything else that follows the XDG convention
