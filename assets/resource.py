@@ -5,6 +5,7 @@ import contextlib
 import logging
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -199,12 +200,13 @@ def prestart_serving(
     In a thread of its own, which resolves the base model (as the run's ``base_model`` step does) and gives the
     hint; the thread is returned. Not a daemon: a process that ends meanwhile waits for the hint, then stops what
     the target prepared for nothing (its ``atexit`` clean-up runs after non-daemon threads end). Only for a base
-    model on this machine's disk (a path, ``file://`` or ``builtin:``): one in object storage is downloaded by the
-    run, and the step's hint covers it. A guess from placement without the features' residency, like
-    :func:`prestart_training`'s; a wrong guess or a failure costs nothing but the hint.
+    model already on this machine's disk (:func:`_on_disk`), so the hint writes no model: one in object storage
+    is downloaded by the run, the built-in one built by its first run, and the step's hint covers them. A guess
+    from placement without the features' residency, like :func:`prestart_training`'s; a wrong guess or a
+    failure costs nothing but the hint.
     """
     uri = deployment.base_model.uri
-    if "://" in uri and not uri.startswith("file://"):
+    if not _on_disk(uri, deployment.home):
         return None
 
     def hint() -> None:
@@ -220,6 +222,19 @@ def prestart_serving(
     thread = threading.Thread(target=hint, name="aiplane-prestart-serving")
     thread.start()
     return thread
+
+
+def _on_disk(uri: str, home: Path) -> bool:
+    """Whether resolving base model ``uri`` reads a model directory already on this disk and writes nothing:
+    a path or ``file://`` URI of one, or ``builtin:<name>`` that an earlier run built (``<home>/models/<name>``,
+    where the ``peft`` plugin builds it)."""
+    if uri.startswith("builtin:"):
+        path = home / "models" / uri.removeprefix("builtin:")
+    elif "://" in uri and not uri.startswith("file://"):
+        return False
+    else:
+        path = Path(uri.removeprefix("file://")).expanduser()
+    return (path / "config.json").is_file()
 
 
 def default_resource() -> AiplaneResource:

@@ -54,13 +54,19 @@ def hinted(tmp_path: Path):
     return path, Registry(pm), tmp_path / "home"
 
 
+def _built(path: Path, registry: Registry, home: Path):
+    """The built-in base model, built as a first run's ``base_model`` step builds it; its record."""
+    deployment = load_deployment(path, home=home)
+    return registry.resolve_base_model(deployment.base_model.uri, str(deployment.home), deployment.storage.s3)
+
+
 def test_up_gives_the_serving_target_the_base_model_the_run_resolves_in_a_thread_of_its_own(hinted):
     path, registry, home = hinted
+    expected = _built(path, registry, home)
     deployment = load_deployment(path, home=home)
     thread = prestart_serving(deployment, registry)
     assert thread is not None and not thread.daemon  # a process ending meanwhile waits for the hint, then cleans up
     thread.join(120)
-    expected = registry.resolve_base_model(deployment.base_model.uri, str(deployment.home), deployment.storage.s3)
     ((uri, digest, endpoint, where),) = _Hinted.hints
     assert (uri, digest, endpoint) == (expected.uri, expected.digest, "support-tickets")
     assert where is thread
@@ -68,9 +74,17 @@ def test_up_gives_the_serving_target_the_base_model_the_run_resolves_in_a_thread
 
 def test_a_regions_prestart_names_that_regions_endpoint(hinted):
     path, registry, home = hinted
+    _built(path, registry, home)
     thread = prestart_serving(load_deployment(path, home=home), registry, region="eu")
     thread.join(120)
     assert [endpoint for _, _, endpoint, _ in _Hinted.hints] == ["support-tickets-eu"]
+
+
+def test_a_built_in_model_no_run_has_built_yet_is_not_built_by_the_hint(hinted):
+    path, registry, home = hinted
+    # The first run's base_model step builds it (and says so if the disk is full): the hint writes no model.
+    assert prestart_serving(load_deployment(path, home=home), registry) is None
+    assert _Hinted.hints == [] and not (home / "models").exists()
 
 
 def test_a_base_model_in_object_storage_is_left_to_the_training_steps_hint(hinted, tmp_path):
@@ -85,7 +99,10 @@ def test_a_base_model_in_object_storage_is_left_to_the_training_steps_hint(hinte
 def test_a_base_model_that_cannot_be_resolved_costs_the_hint_and_raises_nothing(hinted, tmp_path):
     path, registry, home = hinted
     raw = yaml.safe_load(path.read_text())
-    raw["base_model"] = {"uri": str(tmp_path / "no-such-model")}
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ not json")
+    raw["base_model"] = {"uri": str(broken)}
     path.write_text(yaml.safe_dump(raw))
     thread = prestart_serving(load_deployment(path, home=home), registry)
     thread.join(60)
