@@ -120,9 +120,14 @@ def bare(home: Path, model_dir: Path, steps: int) -> None:
     quiet = WorkloadContext(Workload(name="bare", entrypoint="bare:train"), emit=lambda event: None)
     # Training on all cores, torch's own default, as a hand-written script gets it: the script trains alone.
     # (aiplane's loop leaves one core to what runs beside it: see aiplane.plugins.peft.train.cpu_threads.)
+    before = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))
     adapter = train(base, features, rows, settings, str(home / "artifacts"), quiet)
-    del os.environ["OMP_NUM_THREADS"]  # the server's environment is vLLM's own, as aiplane starts it
+    # The server's environment is then what aiplane's gets.
+    if before is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = before
 
     # Serving: the same vLLM server (runtime, flags, environment), started directly; wait until it answers.
     from aiplane.plugins.vllm.runtime import SERVER_MODULE, ensure_vllm, server_args, server_env
