@@ -55,6 +55,22 @@ def holder_of(home: str | os.PathLike[str]) -> str | None:
     return f"pid {pid} ({info.get('command', '?')}), since {info.get('since', '?')}"
 
 
+_POLL_S = 0.2
+
+
+def _wait_for_lock(f: Any) -> None:
+    """Take ``f``'s flock once it is free, polling: a blocking ``flock`` that a Ctrl-C reaches just before the call
+    blocks (after Python last checked for signals) would wait for the holder, not give up at once."""
+    import fcntl
+
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(_POLL_S)  # interruptible: the KeyboardInterrupt comes at the latest when it returns
+
+
 @contextlib.contextmanager
 def hold_home(
     home: str | os.PathLike[str], command: str, wait: bool = True, on_wait: Callable[[str], None] | None = None
@@ -98,7 +114,7 @@ def hold_home(
                 raise HomeBusy(f"{busy}. Wait for it to finish, or use another home (AIPLANE_HOME).") from None
             if on_wait is not None:
                 on_wait(f"{busy}; waiting for it to finish (Ctrl-C to give up).")
-            fcntl.flock(f, fcntl.LOCK_EX)
+            _wait_for_lock(f)
         f.seek(0)
         f.truncate()
         f.write(json.dumps({
