@@ -78,8 +78,11 @@ def test_a_home_that_cannot_be_created_is_named_with_what_to_do(tmp_path):
 
 
 def _up(home: Path, *args: str) -> subprocess.Popen:
+    """``aiplane up`` as from a terminal: Ctrl-C's SIGINT at its default, even when these tests run as a
+    background job, which starts with SIGINT ignored (and Python then installs no KeyboardInterrupt)."""
     cmd = [sys.executable, "-m", "aiplane.assets.cli", "--deployment", str(home / "deployment.yaml"), "up", *args]
-    return subprocess.Popen(cmd, env=_env(home), cwd=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=_env(home), cwd=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def test_up_told_not_to_wait_names_the_holder_and_changes_nothing(tmp_path):
