@@ -19,6 +19,7 @@ from aiplane.core.placement import Requirements, place
 from aiplane.core.preflight import location_problems, preflight, raise_for_problems
 from aiplane.core.plugins import DEPLOYMENT_KINDS, Registry, get_plugin_manager
 from aiplane.core.records import PlacementDecision
+from aiplane.core.storage import local_path
 from aiplane.core.workload import Event, Workload, WorkloadResult
 
 __all__ = ["AiplaneResource", "prestart_serving", "prestart_training"]
@@ -233,7 +234,7 @@ def _on_disk(uri: str, home: Path) -> bool:
     elif "://" in uri and not uri.startswith("file://"):
         return False
     else:
-        path = Path(uri.removeprefix("file://")).expanduser()
+        path = local_path(uri)
     return (path / "config.json").is_file()
 
 

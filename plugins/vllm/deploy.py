@@ -230,7 +230,7 @@ def _candidate_answers(ctx, home: Path, sdir: Path, python: Path, merged: Path, 
         try:
             started = server.start(
                 cdir, python, merged, served_name=name, host=settings.host, port=0,
-                flags=_eager(settings.flags(lora=False)),
+                flags=settings.model_copy(update={"enforce_eager": True}).flags(lora=False),
                 readiness_timeout_s=settings.readiness_timeout_s, log=ctx.log, check_cancelled=ctx.check_cancelled,
             )  # fmt: skip
             server.smoke(started["url"], name)
@@ -242,11 +242,6 @@ def _candidate_answers(ctx, home: Path, sdir: Path, python: Path, merged: Path, 
         finally:
             server.forget(cdir, grace_s=5)
     ctx.log(f"adapter {adapter.digest} merged into the base model answered on a candidate server; swapping it in")
-
-
-def _eager(flags: dict[str, Any]) -> dict[str, Any]:
-    extra = flags.get("extra", [])
-    return {**flags, "extra": extra if "--enforce-eager" in extra else [*extra, "--enforce-eager"]}
 
 
 @contextlib.contextmanager
