@@ -246,7 +246,12 @@ TREE_ENV = "AIPLANE_PROCESS_TREE"
 
 
 def start_tree(
-    cmd: Sequence[str], env: Mapping[str, str], *, cwd: str | os.PathLike[str] | None = None, output: IO[Any] | None = None
+    cmd: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    output: IO[Any] | None = None,
+    record: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """Start ``cmd`` detached, as the root of a process tree aiplane owns; return it and its handle.
 
@@ -258,15 +263,59 @@ def start_tree(
     to be recorded) lets :func:`stop_tree` find and stop them all, from any
     process, after a ``kill -9`` of the root too. ``output`` takes stdout and
     stderr (default: this process's).
+
+    ``record`` is called with the handle before anything can interrupt the
+    starter: a SIGTERM or SIGINT that arrives between the start and the end of
+    ``record`` is held, and delivered once it returned (called from the main
+    thread; elsewhere signals do not interrupt Python code anyway). So a
+    cancelled starter never leaves a running tree nobody wrote down. If
+    ``record`` raises, the tree is killed and the error re-raised.
     """
     marker = secrets.token_hex(16)
-    # setproctitle (vLLM names its processes with it) overwrites /proc/<pid>/environ, and the marker with it,
-    # unless SPT_NOENV is set.
-    proc = subprocess.Popen(
-        list(cmd), stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT if output is not None else None,
-        cwd=cwd, env={**env, "SPT_NOENV": "1", TREE_ENV: marker}, start_new_session=True,
-    )  # fmt: skip
-    return proc, {"pid": proc.pid, "token": process_token(proc.pid), "tree": marker}
+    with _signals_held():
+        # setproctitle (vLLM names its processes with it) overwrites /proc/<pid>/environ, and the marker with it,
+        # unless SPT_NOENV is set.
+        proc = subprocess.Popen(
+            list(cmd), stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT if output is not None else None,
+            cwd=cwd, env={**env, "SPT_NOENV": "1", TREE_ENV: marker}, start_new_session=True,
+        )  # fmt: skip
+        handle = {"pid": proc.pid, "token": process_token(proc.pid), "tree": marker}
+        if record is not None:
+            try:
+                record(dict(handle))
+            except BaseException:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # microseconds old: nothing of it has left its group yet
+                proc.wait()
+                raise
+    return proc, handle
+
+
+@contextlib.contextmanager
+def _signals_held(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
+    """Hold ``signums`` while the block runs, then act on the first that came as its handler would have.
+
+    The worker turns a SIGTERM into an exception (:mod:`aiplane.core.worker`); raised
+    between starting a process and writing down its handle, it would leave that
+    process running with nobody knowing it. Only the main thread runs handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    # A handler installed from C (getsignal gives None) could not be put back: such a signal is left alone.
+    previous = {n: signal.signal(n, lambda n, frame: came.append(n)) for n in signums if signal.getsignal(n) is not None}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if came:  # delivered on an error in the block too: the process was still asked to stop
+            handler = previous[came[0]]
+            if callable(handler):
+                handler(came[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), came[0])
 
 
 def tree_processes(handle: Mapping[str, Any]) -> list[int]:

@@ -58,13 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     def emit(event: Event) -> None:
         print(format_event(event), flush=True)
 
-    def cancelled(signum: int, frame: FrameType | None) -> NoReturn:
+    returned = threading.Event()
+
+    def cancelled(signum: int, frame: FrameType | None) -> None:
+        if returned.is_set():
+            # Too late to undo: the entry point did its work (a deploy started and recorded its server), so the
+            # result is written and delivered; a cancel raised now would leave that work with no record of it.
+            return
         # Raise instead of dying so `finally` blocks (staging clean-up) run before the engine's SIGKILL.
         raise WorkloadCancelled(f"workload {workload.name} ({workload.run_id}) was cancelled (signal {signum})")
 
     signal.signal(signal.SIGTERM, cancelled)
     try:
-        result = execute(workload, emit)
+        result = execute(workload, emit, on_return=returned.set)
     except Exception as exc:  # the engine re-raises it from the result file
         if isinstance(exc, AiplaneError):
             message = str(exc)  # written to be read: no traceback needed
@@ -73,11 +79,18 @@ def main(argv: list[str] | None = None) -> int:
             for line in traceback.format_exc().rstrip().splitlines():
                 emit(Event(type="log", message=line))
             message = f"{type(exc).__name__}: {exc}"
-        args.result.write_text(json.dumps({"error_type": type(exc).__name__, "error": message}))
+        _write_result(args.result, json.dumps({"error_type": type(exc).__name__, "error": message}))
         emit(Event(type="log", message=f"workload failed: {type(exc).__name__}: {exc}"))
         return 1
-    args.result.write_text(result.model_dump_json())
+    _write_result(args.result, result.model_dump_json())
     return 0
+
+
+def _write_result(path: Path, text: str) -> None:
+    """Whole or not at all: a SIGKILL while writing leaves no half a result for the engine to misread."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _stand_by(preload: str, ready_fd: int | None) -> tuple[Path, Path] | None:

@@ -317,15 +317,20 @@ def execute(
     emit: Callable[[Event], None] = lambda event: None,
     cancel: threading.Event | None = None,
     runtime: Runtime | None = None,
+    on_return: Callable[[], None] | None = None,
 ) -> WorkloadResult:
     """Run a workload in this process. Engines call this wherever the workload lands.
 
     A distributed engine calls it once per worker with that worker's ``runtime``;
-    workers other than the primary may return no outputs.
+    workers other than the primary may return no outputs. ``on_return`` is called
+    the moment the entry point returned: from then on what it did is done (a
+    deploy's server runs and is recorded), and only delivering the result is left.
     """
     fn = _load_entrypoint(workload.entrypoint)
     ctx = WorkloadContext(workload, emit, cancel, runtime)
     outputs = fn(ctx)
+    if on_return is not None:
+        on_return()
     if not isinstance(outputs, Mapping) or not all(isinstance(v, Record) for v in outputs.values()):
         raise WorkloadError(
             f"Entry point {workload.entrypoint!r} must return a dict of records, got {type(outputs).__name__}"

@@ -38,3 +38,23 @@ def where_am_i(ctx):
     ctx.metrics["stdin"] = sys.stdin.read()
     ctx.log(f"running in {os.getpid()}")
     return {"out": FactsheetRecord(uri="/tmp/x", digest="sha256:00", publisher="test", page_uri="")}
+
+
+def cancelled_once_it_returned(ctx):
+    """Return, then be sent a SIGTERM (a cancel) while the worker writes the result: from a metric's serializer."""
+    import os
+    import signal
+
+    from pydantic import BaseModel, model_serializer
+
+    from aiplane.core.records import FactsheetRecord
+
+    class CancelsWhileWritten(BaseModel):
+        @model_serializer
+        def written(self) -> str:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)  # the signal's handler runs in here
+            return "delivered"
+
+    ctx.metrics["late"] = CancelsWhileWritten()
+    return {"out": FactsheetRecord(uri="/tmp/x", digest="sha256:00", publisher="test", page_uri="")}

@@ -6,6 +6,7 @@ Real processes (``sleep``), no vLLM: the vLLM server's own tree is checked in te
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -112,3 +113,64 @@ def test_stopping_an_endpoint_whose_servers_first_process_was_killed_leaves_none
     VllmLocal().stop(endpoint)
     assert not any(_running(child) for child in children)
     assert not (sdir / "server.json").exists() and not scratch.exists() and not (edir / server.ENDPOINT_STATE).exists()
+
+
+# A starter that turns SIGTERM into an exception, as the worker does, and is sent one while it records the tree
+# it started: the record is written in full, and only then does the exception come.
+_STARTER = """
+import json, os, signal, sys, time
+from aiplane.core.processes import start_tree
+
+class Cancelled(Exception):
+    pass
+
+def cancelled(signum, frame):
+    raise Cancelled()
+
+signal.signal(signal.SIGTERM, cancelled)
+note = sys.argv[1]
+
+def record(handle):
+    open(note + ".seen", "w").write(json.dumps(handle))
+    if sys.argv[2] == "cancel":
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.3)  # the handler would have run by now, were the signal not held
+        open(note, "w").write(json.dumps(handle))
+    else:
+        raise OSError("No space left on device")
+
+try:
+    with open(os.devnull, "wb") as out:
+        start_tree(["sleep", "600"], {"PATH": os.environ["PATH"]}, output=out, record=record)
+except Cancelled:
+    print("cancelled after the record was written" if os.path.exists(note) else "cancelled before it")
+except OSError as exc:
+    print("record failed:", exc)
+else:
+    print("not cancelled")
+assert signal.getsignal(signal.SIGTERM) is cancelled, "the starter's own handler is put back"
+"""
+
+
+def _starter(tmp_path, how: str) -> tuple[str, dict | None, dict]:
+    """What the starter said, the record it wrote (if it did), and the handle its ``record`` was given."""
+    note = tmp_path / "tree.json"
+    run = subprocess.run([sys.executable, "-c", _STARTER, str(note), how], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    seen = json.loads((tmp_path / "tree.json.seen").read_text())
+    return run.stdout.strip(), json.loads(note.read_text()) if note.exists() else None, seen
+
+
+def test_a_cancel_that_comes_while_a_tree_is_recorded_is_held_until_the_record_is_written(tmp_path):
+    said, handle, seen = _starter(tmp_path, "cancel")
+    try:
+        assert said == "cancelled after the record was written" and handle == seen
+        assert len(tree_processes(handle)) == 1, "the record names the running tree, so cleanup can stop it"
+    finally:
+        stop_tree(seen, 1)
+
+
+def test_a_tree_whose_record_could_not_be_written_is_killed_and_the_error_raised(tmp_path):
+    said, handle, seen = _starter(tmp_path, "fail")
+    assert said == "record failed: No space left on device" and handle is None
+    assert tree_processes(seen) == [], "nobody could stop a tree nobody wrote down: it is not left running"

@@ -252,19 +252,24 @@ def start(
     # short one, in the machine's temporary directory, as a unix socket's path may not exceed 107 bytes.
     scratch = Path(tempfile.mkdtemp(prefix=f"aiplane-vllm-{directory.name[:8]}-", dir=_SYSTEM_TMP))
     env = {**server_env(lora=flags.get("lora", True), dev=dev, preload=preload), "TMPDIR": str(scratch)}
-    with open(server_log, "ab") as out:
-        # A tree of its own (session, and a marker every process of it inherits): nothing aimed at the deploying
-        # process reaches it, and its record is enough to stop all of it later, after its root was killed too.
-        proc, handle = start_tree([str(python), "-m", SERVER_MODULE, *args], env, cwd=directory, output=out)
     info = {
-        **handle, "host": host, "port": port, "url": url, "base_dir": str(base_dir), "flags": flags,
+        "host": host, "port": port, "url": url, "base_dir": str(base_dir), "flags": flags,
         "served_name": served_name, "dev": dev, "preload": list(preload), "weights": str(base_dir),
         "log": str(server_log), "scratch": str(scratch),
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }  # fmt: skip
-    try:
-        # Recorded at once: if this process dies while the server loads, the next deploy or stop finds it.
+
+    def note(handle: dict[str, Any]) -> None:
+        # Recorded at once (start_tree holds a cancel until it is): if this process dies while the server
+        # loads, the next deploy, stop or cleanup finds it.
+        info.update(handle)
         write_json(directory / _SERVER_STATE, info)
+
+    with open(server_log, "ab") as out:
+        # A tree of its own (session, and a marker every process of it inherits): nothing aimed at the deploying
+        # process reaches it, and its record is enough to stop all of it later, after its root was killed too.
+        proc, _ = start_tree([str(python), "-m", SERVER_MODULE, *args], env, cwd=directory, output=out, record=note)
+    try:
         _wait_ready(proc, url, server_log, started + readiness_timeout_s, readiness_timeout_s, check_cancelled)
     except BaseException:  # interrupted too: the half-started server is stopped; re-raised
         forget(directory, grace_s=0)
