@@ -8,6 +8,7 @@ import torch
 from aiplane.core.sample import generate_tickets, to_features
 from aiplane.plugins.peft.base_model import build_tiny_granite
 from aiplane.core.errors import WorkloadError
+from aiplane.plugins.peft import attention
 from aiplane.plugins.peft.attention import packed_attention, segments
 from aiplane.plugins.peft.methods import label_loss, logits, method_for, scored_logits
 from aiplane.plugins.peft.packing import IGNORE, example, pack
@@ -59,12 +60,19 @@ def test_a_packed_example_has_the_logits_it_has_alone(model_and_tokenizer, rows)
     torch.testing.assert_close(inside, alone, atol=1e-4, rtol=1e-4)
 
 
+# Whether the shorter examples of a batch get rows (and an SDPA call) of their own: at any gain, or never.
+_GROUPED = pytest.mark.parametrize("grouping", [0, 10**9], ids=["short-ones-apart", "one-group"])
+
+
+@_GROUPED
 def test_attention_example_by_example_equals_transformers_mask_from_positions_on_blocks_that_cut_examples(
-    model_and_tokenizer, rows
+    model_and_tokenizer, rows, grouping, monkeypatch
 ):
+    monkeypatch.setattr(attention, "_SECOND_CALL", grouping)
     model, tokenizer = model_and_tokenizer
     packed = pack(tokenizer, rows, 40)  # 6 examples of 20-30 tokens: most blocks start inside an example
     assert packed.inputs.shape[0] > 2 and (packed.positions[:, 0] > 0).any()
+    assert len(segments(packed.positions).rows) == (2 if grouping == 0 else 1)
     with torch.no_grad():
         masked = logits(model, packed.inputs, packed.positions)  # SDPA with the block-diagonal mask transformers derives
     torch.testing.assert_close(_packed_logits(model, packed), masked, atol=1e-4, rtol=1e-4)
@@ -108,8 +116,13 @@ def test_a_packed_examples_loss_does_not_change_with_the_examples_packed_before_
         torch.testing.assert_close(_loss_of(model, tokenizer, neighbours, at), alone, atol=1e-5, rtol=1e-5)
 
 
-def test_a_packed_blocks_adapter_gradients_are_the_sum_of_its_examples_gradients_alone(model_path, model_and_tokenizer, rows):
+@_GROUPED
+def test_a_packed_blocks_adapter_gradients_are_the_sum_of_its_examples_gradients_alone(
+    model_path, model_and_tokenizer, rows, grouping, monkeypatch
+):
     from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(attention, "_SECOND_CALL", grouping)
 
     tokenizer = model_and_tokenizer[1]
     method = method_for("lora", _SETTINGS)
@@ -127,6 +140,7 @@ def test_a_packed_blocks_adapter_gradients_are_the_sum_of_its_examples_gradients
         return [p.grad.clone() for p in trainable]
 
     packed, _ = _one_block(tokenizer, rows)
+    assert len(segments(packed.positions).rows) == (2 if grouping == 0 else 1)
     with packed_attention(model):
         inside = grads(packed.inputs, packed.labels, packed.positions, segments(packed.positions))
     alone = [grads(torch.tensor([x]), torch.tensor([y]), None) for x, y in (example(tokenizer, r) for r in rows[:3])]
@@ -143,13 +157,34 @@ def test_examples_start_where_transformers_reads_a_new_sequence_in_packed_positi
     layout = segments(positions)
     examples = find_packed_sequence_indices(positions)
     theirs = [(b, int(e)) for b in range(3) for e in examples[b]]
+    slots = torch.cat([rows.flatten() for rows in layout.rows])
+    row_of_slot = torch.arange(sum(len(rows) for rows in layout.rows)).repeat_interleave(
+        torch.tensor([rows.shape[1] for rows in layout.rows for _ in rows]))
     # Tokens are in the same example under one rule exactly when they are under the other.
-    ours = (layout.scatter // layout.gather.shape[1]).tolist()
+    ours = row_of_slot[layout.scatter].tolist()
     assert [[o == p for p in ours] for o in ours] == [[t == u for u in theirs] for t in theirs]
     # Putting the tokens in rows and back is the identity; every row starts with its example's first token.
     flat = torch.arange(positions.numel())
-    assert flat[layout.gather.flatten()][layout.scatter].tolist() == flat.tolist()
-    assert layout.gather.shape == (8, 8) and [int(positions.flatten()[i]) for i in layout.gather[:, 0]] == [0, 0, 0, 0, 3, 0, 0, 5]
+    assert flat[slots][layout.scatter].tolist() == flat.tolist()
+    assert [tuple(rows.shape) for rows in layout.rows] == [(8, 8)]
+    assert [int(positions.flatten()[i]) for i in layout.rows[0][:, 0]] == [0, 0, 0, 0, 3, 0, 0, 5]
+
+
+def test_short_examples_beside_long_ones_get_rows_of_their_own_length_and_come_back_in_place():
+    # Blocks of 96: three examples of 30 and a tail of 6 each, as a block boundary leaves them (sample tickets
+    # are 20 to 30 tokens long); a tail padded to 30 would do 25 times its own attention work.
+    run = [*range(30), *range(30), *range(30), *range(6)]
+    positions = torch.tensor([run, run[-6:] + run[:90]] * 2)
+    layout = segments(positions)
+    assert [tuple(rows.shape) for rows in layout.rows] == [(12, 30), (4, 6)]
+    flat = torch.arange(positions.numel())
+    assert flat[torch.cat([rows.flatten() for rows in layout.rows])][layout.scatter].tolist() == flat.tolist()
+    assert [int(positions.flatten()[i]) for rows in layout.rows for i in rows[:, 0]] == [0] * 16
+
+
+def test_examples_of_like_length_share_one_group():
+    positions = torch.tensor([[*range(30), *range(26), *range(28), *range(12)]])
+    assert [tuple(rows.shape) for rows in segments(positions).rows] == [(4, 30)]
 
 
 def test_a_model_in_example_by_example_attention_refuses_a_batch_without_its_layout(model_and_tokenizer, rows):

@@ -546,7 +546,7 @@ def _batch(packed: Packed, idx: list[int], device: "torch.device") -> tuple[Any,
     pos = packed.positions[idx]
     layout = segments(pos)
     return (packed.inputs[idx].to(device), packed.labels[idx].to(device), pos.to(device),
-            Segments(layout.gather.to(device), layout.scatter.to(device)))  # fmt: skip
+            Segments(tuple(rows.to(device) for rows in layout.rows), layout.scatter.to(device)))  # fmt: skip
 
 
 def _step(net: Any, method: Method, batch: tuple[Any, Any, Any, Segments], params: list[Any],
