@@ -38,6 +38,7 @@ __all__ = [
     "pod_placement",
     "pod_resources",
     "put_back_on_failure",
+    "first_change",
     "refuse_foreign",
     "served_versions",
     "undo",
@@ -127,12 +128,39 @@ def undo(
     return f"the previous spec of {name!r} was put back, so {was} {previous[0]['digest'] if previous else '?'} serves again"
 
 
+class _Refused(Exception):
+    """Raised by :func:`first_change` through :func:`put_back_on_failure`: nothing changed, nothing to put back."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def first_change(apply: Callable[[], T]) -> T:
+    """``apply()``, the rollout's first change, made inside :func:`put_back_on_failure`.
+
+    An error it raises (the API server refused the change, or could not be reached)
+    changed nothing: it is raised as it is, nothing put back. A cancel that comes
+    while the request is out, or the moment it returned, may leave the change made:
+    what served before is put back. Made outside the block, such a change would stay.
+    """
+    try:
+        return apply()
+    except WorkloadCancelled:
+        raise
+    except Exception as exc:
+        raise _Refused(exc) from None
+
+
 @contextmanager
 def put_back_on_failure(put_back: Callable[[], str]) -> Iterator[None]:
-    """Run the rollout's wait and checks; on any failure or cancel call ``put_back`` (what served before serves
-    again) and raise on: an aiplane refusal or failure as a WorkloadError that also says what was put back."""
+    """Run the rollout's first change (:func:`first_change`), its wait and checks; on any failure or cancel
+    call ``put_back`` (what served before serves again) and raise on: an aiplane refusal or failure as a
+    WorkloadError that also says what was put back."""
     try:
         yield
+    except _Refused as refused:
+        raise refused.error from None
     except BaseException as exc:  # a cancel (Dagster's run termination) too; always raised on, after the undo
         undone = put_back()
         if isinstance(exc, (WorkloadError, InputError)) and not isinstance(exc, WorkloadCancelled):

@@ -308,6 +308,52 @@ def test_a_cancelled_rollout_puts_the_previous_spec_back(cluster):
     assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
 
 
+def _cancelled_once_applied(monkeypatch, kind: str) -> None:
+    """The first real (not dry-run) apply of ``kind`` is made, then a cancel lands: as the worker's SIGTERM
+    handler raises the moment the request returned."""
+    from aiplane.core.errors import WorkloadCancelled
+    from aiplane.core.serving_cluster import ClusterObjects
+
+    real, fired = ClusterObjects.apply, []
+
+    def apply(self, obj, current, dry_run=False):
+        done = real(self, obj, current, dry_run)
+        if not dry_run and obj["kind"] == kind and not fired:
+            fired.append(obj)
+            raise WorkloadCancelled("workload deploy-endpoint was cancelled (signal 15)")
+        return done
+
+    monkeypatch.setattr(ClusterObjects, "apply", apply)
+
+
+def test_a_cancel_the_moment_the_new_spec_is_applied_puts_the_previous_spec_back(cluster, monkeypatch):
+    from aiplane.core.errors import WorkloadCancelled
+
+    _deploy(cluster, _adapter(1))
+    _cancelled_once_applied(monkeypatch, "InferenceService")
+    with pytest.raises(WorkloadCancelled):
+        _deploy(cluster, _adapter(2))
+    assert _isvc(cluster)["metadata"]["annotations"]["aiplane.io/adapter"] == _adapter(1).digest
+
+
+def test_a_new_spec_the_api_server_refuses_puts_nothing_back(cluster, monkeypatch):
+    from aiplane.core.serving_cluster import ClusterObjects
+
+    _deploy(cluster, _adapter(1))
+    before, real = len(_writes(cluster, "inferenceservices")), ClusterObjects.apply
+
+    def refused(self, obj, current, dry_run=False):
+        if not dry_run and obj["kind"] == "InferenceService":
+            raise WorkloadError("Could not apply InferenceService tickets: Conflict (409)")
+        return real(self, obj, current, dry_run)
+
+    monkeypatch.setattr(ClusterObjects, "apply", refused)
+    with pytest.raises(WorkloadError, match=r"Conflict \(409\)$"):
+        _deploy(cluster, _adapter(2))
+    # Nothing changed, so nothing was put back: a put-back would overwrite whatever change the 409 was about.
+    assert len(_writes(cluster, "inferenceservices")) == before
+
+
 def test_adapters_outside_object_storage_are_refused_before_any_request(cluster):
     local = _adapter(1).model_copy(update={"uri": "/var/lib/aiplane/artifacts/adapters/1"})
     with pytest.raises(InputError, match="a KServe pod cannot read: the kserve target serves from object storage"):

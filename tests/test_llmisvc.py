@@ -226,6 +226,24 @@ def test_a_cancelled_rollout_puts_the_previous_spec_back(cluster):
     assert _svc(cluster)["metadata"]["annotations"]["aiplane.io/adapter"] == _adapter(1).digest
 
 
+def test_a_cancel_the_moment_a_first_service_is_created_deletes_it(cluster, monkeypatch):
+    from aiplane.core.serving_cluster import ClusterObjects
+
+    real, fired = ClusterObjects.apply, []
+
+    def apply(self, obj, current, dry_run=False):  # made, then the worker's SIGTERM handler raises
+        done = real(self, obj, current, dry_run)
+        if not dry_run and not fired:
+            fired.append(obj)
+            raise WorkloadCancelled("workload deploy-endpoint was cancelled (signal 15)")
+        return done
+
+    monkeypatch.setattr(ClusterObjects, "apply", apply)
+    with pytest.raises(WorkloadCancelled):
+        _deploy(cluster, _adapter(1))
+    assert fired and _svc(cluster) is None
+
+
 def test_a_first_deploy_that_never_rolls_out_is_a_bounded_wait_and_leaves_nothing(cluster):
     cluster["controller"].outcome = "never"
     with pytest.raises(WorkloadError, match=r"not rolled out within readiness_timeout_s=0.5 s.*was deleted"):

@@ -90,16 +90,18 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     versions = steps.next_versions(name, adapter, base, previous, served_base, settings.keep_previous, ctx.storage, ctx.log)
     model_uri = adapter.uri if full else base.uri
     canary = settings.canary_traffic_percent if current is not None and settings.deployment_mode == "Serverless" else None
-    applied = _apply(ctx, cluster, target, name, current, model_uri, versions, canary)
-    ctx.log(
-        f"{'created' if current is None else 'updated'} InferenceService {settings.namespace}/{name} "
-        f"({'model' if full else 'adapter'} {adapter.digest}{f', canary at {canary}%' if canary is not None else ''})"
-    )
+    isvc = _validate(ctx, cluster, target, name, current, model_uri, versions, canary)
+
     def put_back() -> str:
         return steps.undo(name, "InferenceService", current, lambda: cluster.remove("inferenceservices", name),
                           lambda spec: _reapply(cluster, spec))  # fmt: skip
 
     with steps.put_back_on_failure(put_back):
+        applied = steps.first_change(lambda: cluster.apply(isvc, current))
+        ctx.log(
+            f"{'created' if current is None else 'updated'} InferenceService {settings.namespace}/{name} "
+            f"({'model' if full else 'adapter'} {adapter.digest}{f', canary at {canary}%' if canary is not None else ''})"
+        )
         status = _wait_ready(ctx, cluster, name, applied["metadata"]["generation"], settings, canary is not None)
         if settings.smoke:
             first_completion(_candidate_url(status), name, settings.readiness_timeout_s)
@@ -111,9 +113,9 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     return {"endpoint": _record(adapter, base, full, name, status, settings)}
 
 
-def _apply(ctx: WorkloadContext, cluster: Cluster, target: KServe, name: str, current: dict[str, Any] | None,
-           model_uri: str, versions: list[dict[str, Any]], canary: int | None) -> dict[str, Any]:  # fmt: skip
-    """Validate both objects with the API server (dry runs), then apply the runtime if it changed and the service."""
+def _validate(ctx: WorkloadContext, cluster: Cluster, target: KServe, name: str, current: dict[str, Any] | None,
+              model_uri: str, versions: list[dict[str, Any]], canary: int | None) -> dict[str, Any]:  # fmt: skip
+    """Validate both objects with the API server (dry runs), apply the runtime if it changed; the service to apply."""
     settings = target.settings
     runtime = runtime_object(settings.runtime_name, settings.namespace, settings)
     isvc = inference_service(name, settings.namespace, settings, settings.runtime_name, model_uri, versions, canary)
@@ -129,7 +131,7 @@ def _apply(ctx: WorkloadContext, cluster: Cluster, target: KServe, name: str, cu
         cluster.apply(runtime, existing_runtime)
         ctx.log(f"{'created' if existing_runtime is None else 'updated'} ServingRuntime "
                 f"{settings.namespace}/{settings.runtime_name}")  # fmt: skip
-    return cluster.apply(isvc, current)
+    return isvc
 
 
 def _reapply(cluster: Cluster, spec: dict[str, Any]) -> None:

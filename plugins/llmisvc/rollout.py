@@ -81,14 +81,14 @@ def run(ctx: WorkloadContext) -> dict[str, EndpointRecord]:
     desired = llm_inference_service(name, ns, settings, adapter.uri if full else base.uri, versions)
     # The API server validates it against the cluster's CRD (and KServe's admission webhook) before anything changes.
     cluster.apply(desired, current, dry_run=True)
-    applied = cluster.apply(desired, current)
-    ctx.log(f"{'created' if current is None else 'updated'} {KIND} {ns}/{name} "
-            f"({'model' if full else 'adapter'} {adapter.digest})")  # fmt: skip
 
     def put_back() -> str:
         return steps.undo(name, KIND, current, lambda: cluster.remove(name), lambda spec: cluster.apply(spec, cluster.get(name)))
 
     with steps.put_back_on_failure(put_back):
+        applied = steps.first_change(lambda: cluster.apply(desired, current))
+        ctx.log(f"{'created' if current is None else 'updated'} {KIND} {ns}/{name} "
+                f"({'model' if full else 'adapter'} {adapter.digest})")  # fmt: skip
         status = _wait_rolled_out(ctx, cluster, name, applied["metadata"]["generation"], settings)
         url = _url(status)
         if settings.smoke:
