@@ -5,7 +5,6 @@ import contextlib
 import logging
 import os
 import threading
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -19,7 +18,6 @@ from aiplane.core.placement import Requirements, place
 from aiplane.core.preflight import location_problems, preflight, raise_for_problems
 from aiplane.core.plugins import DEPLOYMENT_KINDS, Registry, get_plugin_manager
 from aiplane.core.records import PlacementDecision
-from aiplane.core.storage import local_path
 from aiplane.core.workload import Event, Workload, WorkloadResult
 
 __all__ = ["AiplaneResource", "prestart_serving", "prestart_training"]
@@ -201,13 +199,13 @@ def prestart_serving(
     In a thread of its own, which resolves the base model (as the run's ``base_model`` step does) and gives the
     hint; the thread is returned. Not a daemon: a process that ends meanwhile waits for the hint, then stops what
     the target prepared for nothing (its ``atexit`` clean-up runs after non-daemon threads end). Only for a base
-    model already on this machine's disk (:func:`_on_disk`), so the hint writes no model: one in object storage
+    model whose weights are already on this machine's disk (:func:`_on_disk`), so the hint writes no model: one in object storage
     is downloaded by the run, the built-in one built by its first run, and the step's hint covers them. A guess
     from placement without the features' residency, like :func:`prestart_training`'s; a wrong guess or a
     failure costs nothing but the hint.
     """
     uri = deployment.base_model.uri
-    if not _on_disk(uri, deployment.home):
+    if not _on_disk(deployment, registry):
         return None
 
     def hint() -> None:
@@ -225,17 +223,17 @@ def prestart_serving(
     return thread
 
 
-def _on_disk(uri: str, home: Path) -> bool:
-    """Whether resolving base model ``uri`` reads a model directory already on this disk and writes nothing:
-    a path or ``file://`` URI of one, or ``builtin:<name>`` that an earlier run built (``<home>/models/<name>``,
-    where the ``peft`` plugin builds it)."""
-    if uri.startswith("builtin:"):
-        path = home / "models" / uri.removeprefix("builtin:")
-    elif "://" in uri and not uri.startswith("file://"):
-        return False
-    else:
-        path = local_path(uri)
-    return (path / "config.json").is_file()
+def _on_disk(deployment: Deployment, registry: Registry) -> bool:
+    """Whether the base model's weights are on this machine already, so resolving it writes nothing: asked of
+    the plugin that knows the URI (``aiplane_base_model_weights``, which has no side effects), as the preflight
+    asks it. A model in object storage, or a built-in one no run has built yet, is not."""
+    try:
+        weights = registry.pm.hook.aiplane_base_model_weights(
+            uri=deployment.base_model.uri, home=str(deployment.home), s3=deployment.storage.s3
+        )
+    except (AiplaneError, OSError, ValueError):
+        return False  # the preflight names what is wrong with the files; the hint just does not come
+    return weights is not None
 
 
 def default_resource() -> AiplaneResource:

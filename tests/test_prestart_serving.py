@@ -102,6 +102,11 @@ def test_a_base_model_that_cannot_be_resolved_costs_the_hint_and_raises_nothing(
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text("{ not json")
+    # Weights on disk (the hint is tried), the config unreadable (resolving the model fails).
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"lm_head.weight": torch.zeros(2, 2)}, str(broken / "model.safetensors"))
     raw["base_model"] = {"uri": str(broken)}
     path.write_text(yaml.safe_dump(raw))
     thread = prestart_serving(load_deployment(path, home=home), registry)
