@@ -8,13 +8,15 @@ every run. Each round runs, in this order:
 * ``ray-1``: Ray Train with 1 worker holding every core (``resources_per_worker: {CPU: <cores>}``);
 * ``ray-1-nomon``: the same with the resource monitor off (what sampling costs);
 * ``ray-2``: Ray Train with 2 workers (DDP over gloo), the cores split between them;
-* ``ray-1-pre``: ``ray-1`` with its private Ray prestarted (``engine.prestart``, as
-  ``aiplane up`` does while it checks the deployment), waited for before the clock starts.
+* ``ray-1-pre``: ``ray-1`` prestarted (``engine.prestart`` with the imports ``aiplane up``
+  asks for while it checks the deployment): its private Ray and its Train worker, which
+  waits for the workload; waited for before the clock starts;
+* ``local-pre``: the local engine prestarted the same way, the wall time to compare it with.
 
 Ray runs use ``address: local`` (a private Ray per run). Reported per run: the
 wall time of ``engine.run``; Ray's start-up on the run's critical path,
 separately (driver + ``ray.init`` + worker processes until the workload starts;
-for ``ray-1-pre`` only the worker processes, the rest was done ahead, and the
+for ``ray-1-pre`` what was left of it when the workload was handed over, and the
 seconds the prestart took are shown beside it); and the steady state, the
 training loop's seconds (``train_tokens / tokens_per_s``, checkpoints and
 event forwarding included). The target is the Ray steady state within 1.15x of
@@ -50,20 +52,23 @@ def _inputs(home: Path):
     store = Registry().create(
         "feature store", "iceberg", {"catalog_uri": f"sqlite:///{home}/catalog.db", "warehouse": str(home / "warehouse")}
     )
-    return base, store.publish(pa.Table.from_pylist(to_features(generate_tickets(300))), "tickets")
+    return base, store.publish(pa.Table.from_pylist(to_features(generate_tickets(300))), "tickets"), store.preload
 
 
 def _run(name: str, engine_name: str, engine_settings: dict, trainer_settings: dict, inputs, home: Path) -> dict:
     from aiplane.core.config import Target
     from aiplane.core.plugins import Registry
 
-    base, features = inputs
-    workload = Registry().create("trainer", "lora", trainer_settings).workload(base, features, str(home / name))
+    base, features, store_preload = inputs
+    trainer = Registry().create("trainer", "lora", trainer_settings)
+    workload = trainer.workload(base, features, str(home / name))
     engine = Registry().engine(engine_name, engine_settings)
     prestart = None
-    if name.startswith("ray-1-pre"):
+    if "-pre-" in name:
+        # What `aiplane up` asks for (assets.resource.prestart_training): the store's and the trainer's imports.
+        preload = tuple(dict.fromkeys((*store_preload, *trainer.preload)))
         t = time.perf_counter()
-        assert engine.prestart(workload.entrypoint, wait_s=900), "the prestarted Ray did not come up"
+        assert engine.prestart(workload.entrypoint, preload, wait_s=900), f"the prestarted {engine_name} engine did not come up"
         prestart = time.perf_counter() - t
     started = time.perf_counter()
     result = engine.run(workload, Target(name=name, engine=engine_name, region="eu"), lambda event: None)
@@ -72,7 +77,8 @@ def _run(name: str, engine_name: str, engine_settings: dict, trainer_settings: d
     steady = m["train_tokens"] / m["tokens_per_s"]
     startup = None
     if engine_name == "ray":
-        # Driver process start and imports are what is left of the wall time before ray.init's end.
+        # Driver process start and imports are what is left of the wall time before ray.init's end; a standby's
+        # worker_start_s counts from the hand-over.
         startup = (0.0 if facts.get("prestarted") else facts["ray_init_s"]) + (facts["worker_start_s"] or 0.0)
     return {"wall": wall, "steady": steady, "startup": startup, "train": m["duration_s"], "facts": facts, "prestart": prestart}
 
@@ -96,6 +102,7 @@ def main() -> None:
         ("ray-1-nomon", "ray", {**ray, "num_workers": 1, "resources_per_worker": {"CPU": cores}, "monitor_interval_s": 0}),
         ("ray-2", "ray", {**ray, "num_workers": 2, "resources_per_worker": {"CPU": max(1, cores // 2)}}),
         ("ray-1-pre", "ray", {**ray, "num_workers": 1, "resources_per_worker": {"CPU": cores}}),
+        ("local-pre", "local", {}),
     ]
     if args.only:
         keep = {"local", *args.only.split(",")}

@@ -67,6 +67,7 @@ def stream_process(
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     what: str = "workload",
+    done: Callable[[], bool] | None = None,
 ) -> subprocess.Popen[str]:
     """Run ``cmd``, calling ``on_line`` with each line of its output; return the finished process.
 
@@ -76,8 +77,11 @@ def stream_process(
     while waiting (``on_line`` failing, Dagster's run termination) kills the
     group too and propagates. The run ends when the process exits, even if a
     child it left behind still holds its output open; that child is killed.
+    ``done``, asked after each line, ends it sooner: once true, the process has
+    said all the caller needs (its result), and its group is killed at once
+    rather than waited for or given time to clean up.
     """
-    return follow_process(start_process(cmd, env, cwd), on_line, cancel, what)
+    return follow_process(start_process(cmd, env, cwd), on_line, cancel, what, done)
 
 
 def start_process(
@@ -111,16 +115,21 @@ def follow_process(
     on_line: Callable[[str], None],
     cancel: threading.Event | None = None,
     what: str = "workload",
+    done: Callable[[], bool] | None = None,
 ) -> subprocess.Popen[str]:
     """The second half of :func:`stream_process`, for a process :func:`start_process` started."""
+    answered = False
     try:
-        _pump(proc, on_line, cancel or threading.Event(), what)
+        answered = _pump(proc, on_line, cancel or threading.Event(), what, done or (lambda: False))
     finally:
-        kill_group(proc)
+        kill_group(proc, grace_s=0.0 if answered else GRACE_S)
     return proc
 
 
-def _pump(proc: subprocess.Popen[str], on_line: Callable[[str], None], cancel: threading.Event, what: str) -> None:
+def _pump(
+    proc: subprocess.Popen[str], on_line: Callable[[str], None], cancel: threading.Event, what: str, done: Callable[[], bool]
+) -> bool:
+    """Feed ``on_line`` until the process exits (False) or ``done()`` (True)."""
     lines: queue.Queue[str | None] = queue.Queue()
 
     def read() -> None:
@@ -147,11 +156,15 @@ def _pump(proc: subprocess.Popen[str], on_line: Callable[[str], None], cancel: t
         if line is None:
             break
         on_line(line.rstrip("\n"))
+        if done():
+            return True
     proc.wait()
+    return False
 
 
-def kill_group(proc: subprocess.Popen[Any]) -> None:
-    """Stop ``proc`` and everything in its process group: SIGTERM (so the worker cleans up), then SIGKILL.
+def kill_group(proc: subprocess.Popen[Any], grace_s: float = GRACE_S) -> None:
+    """Stop ``proc`` and everything in its process group: SIGTERM (so the worker cleans up), then SIGKILL
+    after ``grace_s`` seconds.
 
     Waits for the whole group, not only the leader: a task the leader started
     may still be writing when the leader is gone.
@@ -162,7 +175,7 @@ def kill_group(proc: subprocess.Popen[Any]) -> None:
             os.killpg(pgid, sig)
         except (ProcessLookupError, PermissionError):
             break
-        deadline = time.monotonic() + GRACE_S
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else GRACE_S)
         while time.monotonic() < deadline:
             proc.poll()  # reap the leader, or its zombie keeps the group "alive"
             if not _group_alive(pgid):
@@ -232,11 +245,29 @@ def discard_standbys(pool: dict[Any, Standby], lock: threading.Lock) -> None:
         standby.discard()
 
 def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs. Zombies do not count: what they held is released,
+    and whoever reaps them (init, for those the leader left) may take seconds to."""
     try:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    return True
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # no procfs (macOS): a group with only zombies left counts as running
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses, so split after the last ")".
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
 
 
 # ---------------------------------------------------------------- process trees that outlive their starter

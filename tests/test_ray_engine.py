@@ -409,20 +409,46 @@ def test_local_address_trains_on_a_prestarted_private_ray_that_is_gone_afterward
     monkeypatch.setenv("HOME", str(home))
     recorder = _Recorder()
     engine = Registry().engine("ray", {"address": "local", "num_workers": 1, "resources_per_worker": {"CPU": 2}})
-    # Started ahead, as `aiplane up` does while it checks: the run is handed this Ray, and it ends with the run.
+    # Started ahead, as `aiplane up` does while it checks: the run is handed this Ray and the Train worker
+    # waiting in it, and they end with the run.
     assert engine.prestart("aiplane.plugins.peft.train:train", wait_s=600)
     (standby,) = ray_engine._STANDBYS.values()
+    ahead = {p.pid for p in psutil.Process(standby.proc.pid).children(recursive=True)}
     result = engine.run(_workload(inputs, tmp_path / "artifacts", max_steps=20), TARGET, recorder)
     facts = result.engine
     assert facts["mode"] == "local" and facts["num_workers"] == 1 and facts["ray_init_s"] > 0
     assert facts["prestarted"] is True and facts["driver_pid"] == standby.proc.pid
+    # The worker that trained was one of the processes already there before the workload was handed over.
+    assert facts["workers_started_ahead"] is True and set(recorder.pids.values()) <= ahead and len(recorder.pids) == 1
     assert ray_engine._STANDBYS == {} and not standby.head.tmp.exists()
     assert _published(tmp_path / "artifacts") == [result.outputs["adapter"].digest]
-    # The driver's session held this run's Ray: nothing of it is left.
-    leftover = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == facts["driver_pid"]]
+    # The driver's session held this run's Ray: nothing of it is left running (a zombie init has yet to reap holds nothing).
+    leftover = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == facts["driver_pid"] and not _gone(p.pid)]
     assert leftover == []
     assert all(_wait(lambda pid=w["pid"]: _gone(pid), 10) for w in facts["workers"].values())
     assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []
+
+
+def test_a_standby_handed_other_settings_than_its_workers_were_started_with_trains_on_new_workers(
+    inputs, tmp_path, monkeypatch
+):
+    settings = {"address": "local", "num_workers": 1, "resources_per_worker": {"CPU": 2}}
+    engine = Registry().engine("ray", settings)
+    assert engine.prestart("aiplane.plugins.peft.train:train", wait_s=600)
+    (standby,) = ray_engine._STANDBYS.values()
+    ahead = {p.pid for p in psutil.Process(standby.proc.pid).children(recursive=True)}
+    # Standbys are keyed by their settings, so this takes a mistake: one made on purpose here.
+    other = Registry().engine("ray", {**settings, "checkpoint_every": 7})
+    monkeypatch.setattr(other, "_standby_key", engine._standby_key)
+    recorder = _Recorder()
+    result = other.run(_workload(inputs, tmp_path / "artifacts", max_steps=20), TARGET, recorder)
+    facts = result.engine
+    assert facts["prestarted"] is True and "workers_started_ahead" not in facts
+    assert len(recorder.pids) == 1 and not set(recorder.pids.values()) & ahead
+    assert recorder.logs("checkpoint at step") == ["checkpoint at step 7/20", "checkpoint at step 14/20"]
+    assert _published(tmp_path / "artifacts") == [result.outputs["adapter"].digest]
+    assert ray_engine._STANDBYS == {} and not standby.head.tmp.exists()
+    assert [p.pid for p in psutil.process_iter() if _pgid(p.pid) == facts["driver_pid"] and not _gone(p.pid)] == []
 
 
 def test_checkpoints_and_the_adapter_go_to_object_storage_with_the_workloads_own_credentials(inputs, tmp_path, monkeypatch):

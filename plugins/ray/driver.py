@@ -17,6 +17,7 @@ through Ray Train's controller, so no worker actor or placement group outlives i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,13 +28,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiplane.core.errors import AiplaneError, WorkloadCancelled, WorkloadError
 from aiplane.core.workload import Event, Workload, WorkloadResult, format_event
 
 from .monitor import summarize
-from .worker import EventSink, train_loop
+from .worker import EventSink, Mailbox, train_loop
 
 __all__ = ["main", "SPEC_ENV", "RESULT_PREFIX"]
 
@@ -45,42 +47,72 @@ _DRAIN_S = 0.25
 def main(argv: list[str] | None = None) -> int:
     """Train the workload in ``$AIPLANE_RAY_SPEC`` and print its events, then its result line.
 
-    ``--standby READY_FD``: ``$AIPLANE_RAY_SPEC`` holds only how to start the private
-    Ray (``local``, ``runtime_env``, and the ``directory`` it is in). Start it and
-    import Ray Train, close READY_FD, then read the whole spec as one line on stdin
-    and train as above; EOF instead: stop Ray, remove the directory and exit.
+    ``--standby READY_FD``: ``$AIPLANE_RAY_SPEC`` holds the run's settings, without a
+    workload. Start the private Ray and, unless checkpoints go to S3 (whose credentials
+    come with the workload), Ray Train's workers too: each imports the spec's
+    ``preload`` and waits for the workload (:class:`~.worker.Mailbox`). Close READY_FD
+    once they all wait (or Ray is up, when they cannot start early), then read the whole
+    spec as one line on stdin and train as above; EOF instead: stop the workers and Ray,
+    remove the directory and exit.
     """
     args = sys.argv[1:] if argv is None else argv
     spec = json.loads(os.environ[SPEC_ENV])
-    init_s = None
     if args[:1] == ["--standby"]:
-        init_s = _init(spec)
-        _preload()
-        os.close(int(args[1]))  # the engine sees EOF: Ray is up
-        line = sys.stdin.readline()
-        if not line.strip():
-            import ray
+        return _standby(spec, int(args[1]))
+    return _answer(Workload.model_validate(spec["workload"]), lambda emit, cancelled: _drive(spec, emit, cancelled, None))
 
-            # Not used (its starter let it go, or died): this Ray and its directory end with the standby.
-            ray.shutdown()
-            shutil.rmtree(spec["directory"], ignore_errors=True)
-            return 0
-        spec = json.loads(line)
-    workload = Workload.model_validate(spec["workload"])
-    cancelled = threading.Event()
+
+def _answer(
+    workload: Workload,
+    drive: Callable[[Callable[[Event], None], threading.Event], dict[str, Any]],
+    cancelled: threading.Event | None = None,
+) -> int:
+    """Run ``drive(emit, cancelled)`` and print its payload as the result line; the exit code."""
+    cancelled = cancelled or threading.Event()
 
     def emit(event: Event) -> None:
         print(format_event(event), flush=True)
 
     try:
-        payload = _drive(spec, workload, emit, cancelled, init_s)
+        payload = drive(emit, cancelled)
     except (KeyboardInterrupt, WorkloadCancelled):
         payload = _error(WorkloadCancelled(f"workload {workload.name} ({workload.run_id}) was cancelled"))
     except Exception as exc:  # the engine raises it again from the result line
         payload = _error(exc)
         emit(Event(type="log", message=f"ray driver failed: {type(exc).__name__}: {exc}"))
     print(RESULT_PREFIX + json.dumps(payload), flush=True)
+    # The result is out and the run's checkpoints are gone: what is left is stopping Ray, which takes
+    # seconds. The engine need not wait for it (it stops a local Ray's processes itself), and a
+    # SIGTERM from here on simply ends this process.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    import ray
+
+    ray.shutdown()
     return 1 if "error" in payload else 0
+
+
+def _standby(setup: dict[str, Any], ready_fd: int) -> int:
+    import ray
+
+    init_s = _init(setup)
+    _preload()
+    if _early(setup):
+        return _standby_early(setup, ready_fd, init_s)
+    os.close(ready_fd)  # the engine sees EOF: Ray is up
+    line = sys.stdin.readline()
+    if not line.strip():
+        # Not used (its starter let it go, or died): this Ray and its directory end with the standby.
+        ray.shutdown()
+        shutil.rmtree(setup["directory"], ignore_errors=True)
+        return 0
+    spec = json.loads(line)
+    return _answer(Workload.model_validate(spec["workload"]), lambda emit, cancelled: _drive(spec, emit, cancelled, init_s))
+
+
+def _early(setup: dict[str, Any]) -> bool:
+    """Whether Ray Train's workers can start before the workload is known: not with checkpoints in S3, whose
+    filesystem is opened with the workload's own storage settings."""
+    return "num_workers" in setup and not str(setup.get("storage_path") or "").startswith("s3://")
 
 
 def _preload() -> None:
@@ -96,18 +128,11 @@ def _error(exc: BaseException) -> dict[str, str]:
     return {"error_type": kind, "error": str(exc) if isinstance(exc, AiplaneError) else f"{type(exc).__name__}: {exc}"}
 
 
-def _drive(
-    spec: dict[str, Any], workload: Workload, emit: Callable[[Event], None], cancelled: threading.Event, init_s: float | None
-) -> dict[str, Any]:
-    import ray
-
+def _drive(spec: dict[str, Any], emit: Callable[[Event], None], cancelled: threading.Event, init_s: float | None) -> dict[str, Any]:
     if init_s is None:
         init_s = _init(spec)
     _install_sigterm(cancelled)
-    try:
-        return _fit(spec, workload, emit, cancelled, init_s)
-    finally:
-        ray.shutdown()
+    return _fit(spec, Workload.model_validate(spec["workload"]), emit, cancelled, init_s)
 
 
 def _init(spec: dict[str, Any]) -> float:
@@ -205,10 +230,123 @@ def _fit(
     if storage.startswith("s3://"):
         filesystem, storage = workload.storage().filesystem(storage)
     run_name = f"aiplane-{workload.name}-{workload.run_id}-{uuid.uuid4().hex[:6]}"
-    trainer = _trainer(spec, workload, sink, run_name, storage, filesystem)
-    pump = _Pump(sink, emit)
+    trainer = _trainer(spec, {"workload": workload.model_dump_json()}, sink, run_name, storage, filesystem)
+    given = time.time()
+    fitted = _run_fit(trainer, _Pump(sink, emit), storage, run_name, filesystem)
+    return _payload(fitted, spec, workload, cancelled, given, {"ray_init_s": round(init_s, 3)})
+
+
+def _standby_early(setup: dict[str, Any], ready_fd: int, init_s: float) -> int:
+    """The standby whose Train workers start before the workload is known, then wait for it; the exit code.
+
+    ``trainer.fit()`` runs in the main thread (Ray Train aborts on SIGINT there, and
+    SIGTERM is made to do the same); a thread reads the hand-over from stdin and puts
+    the workload in the workers' :class:`~.worker.Mailbox`, another closes READY_FD once
+    every worker waits. Should the early fit end before a worker took the workload (it
+    failed to start, or was handed settings it was not started with), the workload runs
+    on a fresh fit, as without a standby.
+    """
+    import ray
+
+    cancelled = threading.Event()
+    _install_sigterm(cancelled)
+    mailbox = ray.remote(num_cpus=0)(Mailbox).remote()
+    sink = ray.remote(num_cpus=0)(EventSink).remote()
+    storage = setup.get("storage_path") or os.path.expanduser("~/ray_results")
+    run_name = f"aiplane-standby-{uuid.uuid4().hex[:12]}"
+    trainer = _trainer(setup, {"mailbox": mailbox, "preload": list(setup.get("preload") or ())}, sink, run_name, storage, None)
+    handover = _HandOver(setup, mailbox)
+    ended = threading.Event()
+    threading.Thread(target=_ready_when_waiting, args=(ready_fd, mailbox, setup["num_workers"], ended), daemon=True).start()
+
+    def emit(event: Event) -> None:
+        print(format_event(event), flush=True)
+
+    fitted: _Fitted | None = None
+    try:
+        fitted = _run_fit(trainer, _Pump(sink, emit), storage, run_name, None)
+    except KeyboardInterrupt:  # aborted: a cancel after the hand-over (answered below), or a kill before it
+        pass
+    finally:
+        ended.set()
+    spec = handover.wait()
+    if spec is None:
+        # Not used (its starter let it go, or died): the workers are gone with the fit; Ray and its directory go now.
+        ray.shutdown()
+        shutil.rmtree(setup["directory"], ignore_errors=True)
+        return 0
+    workload = Workload.model_validate(spec["workload"])
+
+    def drive(emit: Callable[[Event], None], cancelled: threading.Event) -> dict[str, Any]:
+        if cancelled.is_set() or fitted is None:
+            raise WorkloadCancelled(f"workload {workload.name} ({workload.run_id}) was cancelled")
+        if not fitted.pump.starts:
+            return _fit(spec, workload, emit, cancelled, init_s)
+        return _payload(fitted, spec, workload, cancelled, handover.at,
+                        {"ray_init_s": round(init_s, 3), "workers_started_ahead": True})  # fmt: skip
+
+    return _answer(workload, drive, cancelled)
+
+
+class _HandOver(threading.Thread):
+    """Reads the hand-over line from stdin and gives the workload to the waiting workers (EOF: ``None``)."""
+
+    _SETTINGS = ("local", "num_workers", "use_gpu", "resources_per_worker", "storage_path", "max_failures",
+                 "checkpoint_every", "monitor_interval_s", "runtime_env")  # fmt: skip
+
+    def __init__(self, setup: dict[str, Any], mailbox: Any):
+        super().__init__(name="aiplane-ray-handover", daemon=True)
+        self.setup, self.mailbox = setup, mailbox
+        self.spec: dict[str, Any] | None = None
+        self.at = 0.0
+        """When the workload came (wall clock): the run's clock for its workers' start-up starts here."""
+        self.start()
+
+    def run(self) -> None:
+        import ray
+
+        line = sys.stdin.readline()
+        self.at = time.time()
+        spec = json.loads(line) if line.strip() else None
+        self.spec = spec
+        # Settings the workers were not started with (the engine keys standbys by them, so only by mistake):
+        # they are let go, and the workload runs on a fresh fit.
+        same = spec is not None and all(spec.get(k) == self.setup.get(k) for k in self._SETTINGS)
+        with contextlib.suppress(Exception):  # the fit is over already: nobody is left to take it
+            ray.get(self.mailbox.put.remote(json.dumps(spec["workload"]) if same and spec else None), timeout=30)
+
+    def wait(self) -> dict[str, Any] | None:
+        self.join()
+        return self.spec
+
+
+def _ready_when_waiting(fd: int, mailbox: Any, workers: int, ended: threading.Event) -> None:
+    """Close the standby's READY pipe once ``workers`` wait in ``mailbox``, or the fit has ended."""
+    import ray
+
+    try:
+        while not ended.is_set():
+            with contextlib.suppress(Exception):  # a slow or lost actor: asked again, until the fit ends
+                if ray.get(mailbox.waiting.remote(), timeout=5) >= workers:
+                    return
+            ended.wait(0.1)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _Fitted:
+    """One ``trainer.fit()``: its result or failure, when it ended (wall clock), and what its workers told."""
+
+    run_name: str
+    result: Any
+    failure: BaseException | None
+    ended: float
+    pump: _Pump
+
+
+def _run_fit(trainer: Any, pump: _Pump, storage: str, run_name: str, filesystem: Any) -> _Fitted:
     pump.start()
-    fit_started, fit_started_wall = time.monotonic(), time.time()
     failure: BaseException | None = None
     result = None
     try:
@@ -218,32 +356,43 @@ def _fit(
     finally:
         pump.stop()
         _remove_run_dir(storage, run_name, filesystem)
-    fit_s = time.monotonic() - fit_started
+    return _Fitted(run_name, result, failure, time.time(), pump)
+
+
+def _payload(
+    fitted: _Fitted, spec: dict[str, Any], workload: Workload, cancelled: threading.Event, given: float, facts: dict[str, Any]
+) -> dict[str, Any]:
+    """The result line's payload for ``workload``, whose workers were given it at ``given`` (wall clock)."""
+    import ray
+
+    pump = fitted.pump
     attempts = sum(1 for s in pump.starts if s["rank"] == 0)
     if cancelled.is_set():
         raise WorkloadCancelled(f"workload {workload.name} ({workload.run_id}) was cancelled")
-    if failure is not None:
+    if fitted.failure is not None:
         raise WorkloadError(
             f"training on Ray failed after {attempts} attempt(s) (max_failures={spec['max_failures']}): "
-            f"{type(failure).__name__}: {failure}"
+            f"{type(fitted.failure).__name__}: {fitted.failure}"
         )
+    result = fitted.result
     if result is None or not result.return_value:
-        raise WorkloadError(f"training on Ray ended without a result from rank 0 (run {run_name})")
+        raise WorkloadError(f"training on Ray ended without a result from rank 0 (run {fitted.run_name})")
     payload = json.loads(result.return_value)
     if "error" in payload:
         return payload
     outcome = WorkloadResult.model_validate(payload)
     first_start = min((s["time"] for s in pump.starts), default=None)
-    facts: dict[str, Any] = {
+    facts = {
         "ray_job_id": ray.get_runtime_context().get_job_id(),
-        "ray_run_name": run_name,
+        "ray_run_name": fitted.run_name,
         "num_workers": spec["num_workers"],
         "use_gpu": spec["use_gpu"],
         "attempts": attempts,
-        "ray_init_s": round(init_s, 3),
-        # From fit() to the first worker running the workload: worker processes, imports, process group.
-        "worker_start_s": round(first_start - fit_started_wall, 3) if first_start else None,
-        "fit_s": round(fit_s, 3),
+        **facts,
+        # From the workers being given the workload to the first one running it: worker processes, imports,
+        # process group (those done ahead by a standby are not counted).
+        "worker_start_s": round(max(0.0, first_start - given), 3) if first_start else None,
+        "fit_s": round(fitted.ended - given, 3),
         "tokens_per_s": outcome.metrics.get("tokens_per_s"),
         "workers": pump.stats,
         **summarize(pump.stats),
@@ -251,8 +400,11 @@ def _fit(
     return outcome.model_copy(update={"engine": facts}).model_dump(mode="json")
 
 
-def _trainer(spec: dict[str, Any], workload: Workload, sink: Any, run_name: str, storage: str, filesystem: Any) -> Any:
-    """Ray Train's TorchTrainer for the workload: its workers, their resources, failures to recover from, checkpoints."""
+def _trainer(spec: dict[str, Any], source: dict[str, Any], sink: Any, run_name: str, storage: str, filesystem: Any) -> Any:
+    """Ray Train's TorchTrainer for the workload: its workers, their resources, failures to recover from, checkpoints.
+
+    ``source`` says where each worker gets the workload: ``{"workload": json}``, or
+    ``{"mailbox": handle, "preload": modules}`` for workers started before it is known."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -261,7 +413,7 @@ def _trainer(spec: dict[str, Any], workload: Workload, sink: Any, run_name: str,
     return TorchTrainer(
         train_loop,  # type: ignore[arg-type]  # Ray's stubs say a loop returns None; its return value is result.return_value
         train_loop_config={
-            "workload": workload.model_dump_json(),
+            **source,
             "sink": sink,
             "checkpoint_every": spec["checkpoint_every"],
             "monitor_interval_s": spec["monitor_interval_s"],

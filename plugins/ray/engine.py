@@ -16,10 +16,13 @@ Two ways to reach Ray, one driver (:mod:`aiplane.plugins.ray.driver`):
 Either way the events reach ``on_event`` as they happen and the rank-0 result,
 with per-worker resource use, comes back as the engine's result.
 
-Starting a private Ray takes seconds (its head's processes, then worker
-processes importing torch): :meth:`RayEngine.prestart` does it while the
-orchestrator is busy with something else, and the next local run is handed to
-that Ray, which then ends with the run as any other.
+Starting a private Ray takes seconds (its head's processes, then Ray Train's
+controller and worker processes importing torch): :meth:`RayEngine.prestart`
+does all of it while the orchestrator is busy with something else, up to
+workers waiting for a workload, and the next local run is handed to them; that
+Ray then ends with the run as any other. Stopping it is not waited for either:
+once the driver has printed its result, the engine kills the run's process
+group, Ray's processes with it, and removes its directory.
 """
 
 from __future__ import annotations
@@ -169,21 +172,25 @@ class RayEngine(EngineBase[RaySettings]):
     # -- what the driver needs -------------------------------------------------------------
 
     def _spec(self, workload: Workload, local: dict[str, Any] | None, storage_path: str | None) -> str:
+        return json.dumps({"workload": workload.model_dump(mode="json"), **self._run_settings(local, storage_path)})
+
+    def _run_settings(self, local: dict[str, Any] | None, storage_path: str | None) -> dict[str, Any]:
+        """What the driver needs besides the workload (a standby starts Ray Train's workers with it)."""
         s = self.settings
-        return json.dumps(
-            {
-                "workload": workload.model_dump(mode="json"),
-                "local": local,
-                "num_workers": s.num_workers,
-                "use_gpu": s.use_gpu,
-                "resources_per_worker": s.resources_per_worker,
-                "storage_path": storage_path,
-                "max_failures": s.max_failures,
-                "checkpoint_every": s.checkpoint_every,
-                "monitor_interval_s": s.monitor_interval_s,
-                "runtime_env": s.runtime_env,
-            }
-        )
+        return {
+            "local": local,
+            "num_workers": s.num_workers,
+            "use_gpu": s.use_gpu,
+            "resources_per_worker": s.resources_per_worker,
+            "storage_path": storage_path,
+            "max_failures": s.max_failures,
+            "checkpoint_every": s.checkpoint_every,
+            "monitor_interval_s": s.monitor_interval_s,
+            "runtime_env": s.runtime_env,
+        }
+
+    def _storage_path(self, head: "_Head") -> str:
+        return self.settings.storage_path or str(head.tmp / "storage")
 
     def _per_worker(self, resource: str, default: float) -> float:
         s = self.settings
@@ -192,25 +199,29 @@ class RayEngine(EngineBase[RaySettings]):
     # -- a private local Ray ------------------------------------------------------------------
 
     def prestart(self, entrypoint: str, preload: Sequence[str] = (), wait_s: float = 0.0) -> bool:
-        """Start the private Ray of the next local run now: its driver, ``ray.init``, and Ray Train's imports.
+        """Start the next local run's private Ray now, and Ray Train's workers with it, waiting for the workload.
 
         Local mode only (a cluster is up already). The driver starts Ray as :meth:`run`
-        would, imports Ray Train and torch, and waits. The next local run with these
+        would and calls ``fit()`` with these settings; each worker process imports the
+        entrypoint's module and ``preload``, and waits. The next local run with these
         settings, on this interpreter, environment and working directory, is handed to
-        it and ends it as usual; one not used is stopped (its process group) when this
-        process ends. A second call keeps the first. ``preload`` is not imported ahead:
-        Ray starts each Train worker as a new process when the run begins (a setup hook
-        importing it in every worker Ray starts cost more than it saved, measured).
+        it: its workload goes to the waiting workers, which run it as they would have
+        from a cold start. One not used is stopped (its process group) when this process
+        ends. A second call keeps the first. With checkpoints in S3 (reached with the
+        workload's own credentials) only Ray is started ahead.
 
-        Returns whether Ray is up within ``wait_s`` seconds (0: do not wait).
+        Returns whether every worker waits (Ray is up, with S3 checkpoints) within ``wait_s`` seconds (0: do not wait).
         """
         s = self.settings
         if s.address is not None:
             return False
         env, cwd = _inherited(), os.getcwd()
+        modules = list(dict.fromkeys([entrypoint.partition(":")[0], *preload]))
 
         def start() -> _Standby:
-            return _Standby.start(self._head(), env, cwd, s.runtime_env)
+            head = self._head()
+            setup = {**self._run_settings(head.local, self._storage_path(head)), "directory": str(head.tmp), "preload": modules}
+            return _Standby.start(head, env, cwd, setup)
 
         return _STANDBYS.prestart(self._standby_key(), env, cwd, start, wait_s)
 
@@ -242,13 +253,12 @@ class RayEngine(EngineBase[RaySettings]):
         return _Head(tmp, local, env)
 
     def _run_local(self, workload: Workload, on_event, cancel: threading.Event) -> tuple[WorkloadResult, dict[str, Any]]:
-        s = self.settings
         standby, unused = _STANDBYS.take(self._standby_key(), _inherited(), os.getcwd())
         if unused:
             on_event(Event(type="log", message=f"the prestarted Ray was not used: {unused}; a new Ray runs it"))
         head = standby.head if standby else self._head()
         try:
-            spec = self._spec(workload, head.local, s.storage_path or str(head.tmp / "storage"))
+            spec = self._spec(workload, head.local, self._storage_path(head))
             reader = _Lines(on_event)
             what = f"workload {workload.name} on a local Ray"
             # Own session: Ray's processes are the driver's children, so the group is this run's Ray and
@@ -256,10 +266,10 @@ class RayEngine(EngineBase[RaySettings]):
             if standby is not None:
                 # Not handed (the driver died): following it reports its exit and last output, as for any driver.
                 hand_over(standby, spec)
-                proc = follow_process(standby.proc, reader.feed, cancel, what=what)
+                proc = follow_process(standby.proc, reader.feed, cancel, what=what, done=reader.done)
             else:
                 cmd = [sys.executable, "-m", "aiplane.plugins.ray.driver"]
-                proc = stream_process(cmd, reader.feed, cancel, env={**head.env, _SPEC_ENV: spec}, what=what)
+                proc = stream_process(cmd, reader.feed, cancel, env={**head.env, _SPEC_ENV: spec}, what=what, done=reader.done)
             outcome = reader.result(workload, f"the Ray driver (pid {proc.pid}) exited with code {proc.returncode}")
             facts: dict[str, Any] = {"mode": "local", "driver_pid": proc.pid}
             if standby is not None:
@@ -369,7 +379,7 @@ class RayEngine(EngineBase[RaySettings]):
         while True:
             if cancel.is_set():
                 raise WorkloadCancelled(f"Ray job {job_id} was cancelled")
-            if reader.payload is not None:
+            if reader.done():
                 return "RESULT"
             now = time.monotonic()
             if now >= next_status:
@@ -413,6 +423,10 @@ class _Lines:
         for line in lines:
             if line:
                 self.feed(line)
+
+    def done(self) -> bool:
+        """Whether the result line came: the driver's last word (stopping Ray after it is not waited for)."""
+        return self.payload is not None
 
     def feed(self, line: str) -> None:
         line = line.rstrip("\n")
@@ -482,20 +496,19 @@ class _Head:
 
 @dataclass
 class _Standby(Standby):
-    """A driver started ahead of its workload (``driver --standby``): its Ray is up, or coming up.
+    """A driver started ahead of its workload (``driver --standby``): its Ray and Train workers are up, or coming up.
 
-    Its ``env`` is what it inherited from this process; its ``ready`` pipe closes once Ray is up.
+    Its ``env`` is what it inherited from this process; its ``ready`` pipe closes once every worker waits.
     """
 
     head: _Head
     exited = "its driver"
 
     @classmethod
-    def start(cls, head: _Head, inherited: dict[str, str], cwd: str, runtime_env: dict[str, Any]) -> "_Standby":
-        setup = json.dumps({"local": head.local, "runtime_env": runtime_env, "directory": str(head.tmp)})
+    def start(cls, head: _Head, inherited: dict[str, str], cwd: str, setup: dict[str, Any]) -> "_Standby":
         cmd = [sys.executable, "-m", "aiplane.plugins.ray.driver", "--standby"]
         try:
-            proc, ready = start_standby(lambda fd: [*cmd, str(fd)], {**head.env, _SPEC_ENV: setup})
+            proc, ready = start_standby(lambda fd: [*cmd, str(fd)], {**head.env, _SPEC_ENV: json.dumps(setup)})
         except BaseException:  # interrupted too: the head's temporary directory goes; re-raised
             shutil.rmtree(head.tmp, ignore_errors=True)
             raise

@@ -23,7 +23,7 @@ from aiplane.core.workload import Event, Runtime, Workload, execute
 
 from .monitor import ResourceMonitor
 
-__all__ = ["RayRuntime", "EventSink", "train_loop"]
+__all__ = ["RayRuntime", "EventSink", "Mailbox", "train_loop"]
 
 
 class RayRuntime(Runtime):
@@ -98,6 +98,41 @@ class EventSink:
         return events, started, dict(self._stats)
 
 
+class Mailbox:
+    """An actor holding the workload of a run whose workers started before it was known (a standby's).
+
+    Each worker waits in :meth:`take`; :meth:`put` gives every waiting worker, and any
+    that asks later (a worker group restarted after a failure), the workload as JSON,
+    or ``None``: there is nothing to run and the workers return.
+    """
+
+    def __init__(self) -> None:
+        self._value: str | None = None
+        self._given: Any = None
+        self._waiting: set[int] = set()
+
+    def _event(self) -> Any:
+        import asyncio
+
+        # Made on first use, in the actor's own event loop.
+        if self._given is None:
+            self._given = asyncio.Event()
+        return self._given
+
+    async def take(self, rank: int) -> str | None:
+        self._waiting.add(rank)
+        await self._event().wait()
+        return self._value
+
+    async def put(self, workload_json: str | None) -> None:
+        self._value = workload_json
+        self._event().set()
+
+    async def waiting(self) -> int:
+        """How many ranks wait, or waited, for the workload."""
+        return len(self._waiting)
+
+
 def train_loop(config: dict[str, Any]) -> str | None:
     """Ray Train's per-worker function: run the workload; rank 0 returns the result as JSON.
 
@@ -107,7 +142,17 @@ def train_loop(config: dict[str, Any]) -> str | None:
     else (a crash, a lost peer) is raised so Ray Train replaces the workers and
     resumes from the last checkpoint.
     """
-    workload = Workload.model_validate_json(config["workload"])
+    raw = config.get("workload")
+    if raw is None:
+        # Started ahead of the workload: import what it will run while it is not known yet, then wait for it.
+        _preload(config["preload"])
+        import ray
+        import ray.train
+
+        raw = ray.get(config["mailbox"].take.remote(ray.train.get_context().get_world_rank()))
+        if raw is None:
+            return None
+    workload = Workload.model_validate_json(raw)
     sink = config["sink"]
     runtime = RayRuntime(int(config["checkpoint_every"]))
     rank, pid = runtime.rank, os.getpid()
@@ -135,6 +180,16 @@ def train_loop(config: dict[str, Any]) -> str | None:
         sink.stats.remote(key, {**monitor.stop(), "reports": runtime.reports, "report_s": round(runtime.report_s, 3)})
         runtime.close()
     return result.model_dump_json() if rank == 0 else None
+
+
+def _preload(modules: list[str]) -> None:
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception:  # the workload imports it again, and reports a failure where it belongs
+            pass
 
 
 def _dumps(data: dict[str, Any]) -> str:
