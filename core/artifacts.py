@@ -14,7 +14,10 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-__all__ = ["sha256_path", "digest_tree", "check_tree", "forget_check", "atomic_write_text", "atomic_write_bytes", "file_lock"]
+__all__ = [
+    "sha256_path", "remembered_sha256", "digest_tree", "check_tree", "forget_check", "atomic_write_text", "atomic_write_bytes",
+    "file_lock",
+]  # fmt: skip
 
 _CHUNK = 1 << 20
 
@@ -22,6 +25,30 @@ _CHUNK = 1 << 20
 def sha256_path(path: str | os.PathLike[str]) -> str:
     """``sha256:<hex>`` of a file, or of a directory tree (relative names and bytes, sorted)."""
     return digest_tree(path, each=False)[0]
+
+
+def remembered_sha256(path: str | os.PathLike[str], records: str | os.PathLike[str]) -> str:
+    """:func:`sha256_path` of ``path``, remembered in ``records`` (a directory of aiplane's own, not beside
+    ``path``, which may be read-only or someone else's) with the size, mtime, ctime and inode of every file.
+
+    While those hold, the next call reads no byte: any write to a file moves its
+    ctime, which no user can set back (:func:`check_tree` trusts the same). For a
+    multi-GB model directory, hashed by every run that names it and by the hint
+    that prepares its server meanwhile: a caller that comes while another is hashing
+    the same path waits for that digest instead of reading every byte a second time.
+    """
+    path = Path(path).absolute()
+    record = Path(records) / (hashlib.sha256(os.fsencode(path)).hexdigest()[:32] + ".json")
+    with file_lock(record.with_suffix(".lock")):
+        before = _stats(path)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            saved = json.loads(record.read_text())
+            if before and saved["path"] == str(path) and saved["stats"] == before:
+                return str(saved["digest"])
+        digest = sha256_path(path)
+        # The stats from before hashing: a file written meanwhile no longer matches them, so it is hashed next time.
+        atomic_write_text(record, json.dumps({"path": str(path), "stats": before, "digest": digest}))
+        return digest
 
 
 def digest_tree(
@@ -111,12 +138,14 @@ def _check_record(directory: Path) -> Path:
     return directory.parent / f".{directory.name}.verified"
 
 
-def _stats(directory: Path) -> dict[str, list[int]]:
+def _stats(path: Path) -> dict[str, list[int]]:
+    """Size, mtime, ctime and inode of the file ``path`` or of each file under the directory ``path``, by name."""
+    files = [(path.name, path)] if path.is_file() else [(p.relative_to(path).as_posix(), p) for p in sorted(path.rglob("*"))]
     out = {}
-    for p in sorted(directory.rglob("*")):
+    for name, p in files:
         if p.is_file():
             st = p.stat()
-            out[p.relative_to(directory).as_posix()] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+            out[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
     return out
 
 

@@ -324,3 +324,50 @@ def test_training_run_digest_covers_rows_base_model_settings_and_code_version_no
     # A rerun of the same inputs measures other things and gets another run id, but it is the same run.
     rerun = record.model_copy(update={"metrics": {**record.metrics, "duration_s": 1e6, "tokens_per_s": 1.0}, "run_id": "x"})
     assert _training_run_digest(rerun) == digest
+
+
+def _counting_reads(monkeypatch, delay_s: float = 0.0) -> list[Path]:
+    """Every full read of a model tree from here on, by path (``delay_s`` stretches each, to overlap two)."""
+    import time
+
+    from aiplane.core import artifacts
+
+    reads: list[Path] = []
+    real = artifacts.sha256_path
+
+    def counted(path):
+        reads.append(Path(path))
+        time.sleep(delay_s)
+        return real(path)
+
+    monkeypatch.setattr(artifacts, "sha256_path", counted)
+    return reads
+
+
+def test_a_local_base_model_is_read_once_while_its_files_stay_and_read_again_once_one_changed(tmp_path, monkeypatch):
+    model = build_tiny_granite(tmp_path / "granite")
+    home = tmp_path / "home"
+    reads = _counting_reads(monkeypatch)
+    first, second = resolve(str(model), str(home)), resolve(str(model), str(home))
+    assert first.digest == second.digest == sha256_path(model) and len(reads) == 1
+    # The same size, other bytes: the digest must follow the bytes, not the sizes.
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    third = resolve(str(model), str(home))
+    assert len(reads) == 2 and third.digest == sha256_path(model) != first.digest
+
+
+def test_two_resolves_of_one_base_model_at_once_read_it_once(tmp_path, monkeypatch):
+    # As `aiplane up` does: the hint preparing the model's server and the run's base_model step.
+    model = build_tiny_granite(tmp_path / "granite")
+    home = tmp_path / "home"
+    reads = _counting_reads(monkeypatch, delay_s=0.5)
+    digests: list[str] = []
+    threads = [threading.Thread(target=lambda: digests.append(resolve(str(model), str(home)).digest)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(reads) == 1 and digests[0] == digests[1] == sha256_path(model)

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from aiplane.core.artifacts import sha256_path
+from aiplane.core.artifacts import remembered_sha256, sha256_path
 from aiplane.core.errors import InputError
 from aiplane.core.publishing import staged_dir
 from aiplane.core.records import BaseModelRecord
@@ -212,7 +212,9 @@ def resolve(uri: str, home: str, s3=None) -> BaseModelRecord | None:
     params = _parameter_count(model_config)
     return BaseModelRecord(
         uri=record_uri or str(path.resolve()),
-        digest=digest or sha256_path(path),
+        # Every run that names the model digests it, and so does the hint preparing its server meanwhile:
+        # a multi-GB directory is read once while its files stay as they were.
+        digest=digest or remembered_sha256(path, Path(home) / "cache" / "digests"),
         name=name,
         architecture=arch,
         parameters=params,
