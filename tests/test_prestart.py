@@ -215,3 +215,27 @@ def test_a_ray_cluster_target_prestarts_nothing():
 
     engine = Registry().engine("ray", {"address": "http://127.0.0.1:1"})
     assert engine.prestart("x:y", wait_s=1) is False and ray_engine._STANDBYS == {}
+
+
+def test_a_prestarted_ray_handed_a_line_that_is_no_workload_lets_its_waiting_workers_go_and_ends():
+    from aiplane.core.engines import hand_over
+    from aiplane.plugins.ray import engine as ray_engine
+
+    engine = Registry().engine("ray", {"address": "local", "num_workers": 1})
+    standby = None
+    try:
+        assert engine.prestart("x:y", wait_s=600), "the standby's worker waits for its workload"
+        standby, _ = ray_engine._take_standby(engine._standby_key(), ray_engine._inherited(), os.getcwd())
+        assert standby is not None
+        directory = str(standby.head.tmp)
+        assert hand_over(standby, "not a spec")
+        # Nothing to run: the worker returns, the fit ends, and the driver stops its Ray and exits by itself.
+        assert standby.proc.wait(timeout=120) == 0
+        deadline = time.monotonic() + 60
+        while (_ray_processes(directory) or os.path.exists(directory)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _ray_processes(directory) == [] and not os.path.exists(directory)
+    finally:
+        if standby is not None:
+            standby.discard()
+        ray_engine._discard_standbys()

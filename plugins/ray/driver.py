@@ -305,15 +305,18 @@ class _HandOver(threading.Thread):
     def run(self) -> None:
         import ray
 
-        line = sys.stdin.readline()
-        self.at = time.time()
-        spec = json.loads(line) if line.strip() else None
-        self.spec = spec
-        # Settings the workers were not started with (the engine keys standbys by them, so only by mistake):
-        # they are let go, and the workload runs on a fresh fit.
-        same = spec is not None and all(spec.get(k) == self.setup.get(k) for k in self._SETTINGS)
-        with contextlib.suppress(Exception):  # the fit is over already: nobody is left to take it
-            ray.get(self.mailbox.put.remote(json.dumps(spec["workload"]) if same and spec else None), timeout=30)
+        given = None
+        try:
+            line = sys.stdin.readline()
+            self.at = time.time()
+            spec = self.spec = json.loads(line) if line.strip() else None
+            # Settings the workers were not started with (the engine keys standbys by them, so only by mistake):
+            # they are let go, and the workload runs on a fresh fit.
+            if spec is not None and all(spec.get(k) == self.setup.get(k) for k in self._SETTINGS):
+                given = json.dumps(spec["workload"])
+        finally:  # whatever came (a line that is not a spec: nothing), the workers are told, so the fit ends
+            with contextlib.suppress(Exception):  # the fit is over already: nobody is left to take it
+                ray.get(self.mailbox.put.remote(given), timeout=30)
 
     def wait(self) -> dict[str, Any] | None:
         self.join()
