@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Iterable
 from pathlib import Path
 from types import FrameType
 from typing import NoReturn
@@ -32,7 +33,7 @@ from typing import NoReturn
 from .errors import AiplaneError, WorkloadCancelled
 from .workload import Event, Workload, execute, format_event
 
-__all__ = ["main", "exit_now"]
+__all__ = ["main", "exit_now", "preload"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,13 +94,9 @@ def _write_result(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _stand_by(preload: str, ready_fd: int | None) -> tuple[Path, Path] | None:
+def _stand_by(modules: str, ready_fd: int | None) -> tuple[Path, Path] | None:
     """Import what the coming workload needs, then wait for it: (SPEC, RESULT), or ``None`` on EOF."""
-    for name in filter(None, (n.strip() for n in preload.split(","))):
-        try:
-            importlib.import_module(name)
-        except Exception:  # any import failure: the workload imports it again and reports it where it belongs
-            pass
+    preload(filter(None, (n.strip() for n in modules.split(","))))
     if ready_fd is not None:
         os.close(ready_fd)  # the engine sees EOF: imported
     line = sys.stdin.readline()
@@ -111,6 +108,16 @@ def _stand_by(preload: str, ready_fd: int | None) -> tuple[Path, Path] | None:
         return None  # the engine let this standby go, or is gone itself
     handoff = json.loads(line)
     return Path(handoff["spec"]), Path(handoff["result"])
+
+
+def preload(modules: Iterable[str]) -> None:
+    """Import ``modules`` ahead of a workload that needs them (a standby's wait); one that fails to import is
+    skipped: the workload imports it again and reports the failure where it belongs."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # any import failure, as above
+            pass
 
 
 def exit_now(code: int) -> NoReturn:

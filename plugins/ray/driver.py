@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiplane.core.errors import AiplaneError, WorkloadCancelled, WorkloadError
+from aiplane.core.worker import preload
 from aiplane.core.workload import Event, Workload, WorkloadResult, format_event
 
 from .monitor import summarize
@@ -69,17 +70,13 @@ def _answer(
 ) -> int:
     """Run ``drive(emit, cancelled)`` and print its payload as the result line; the exit code."""
     cancelled = cancelled or threading.Event()
-
-    def emit(event: Event) -> None:
-        print(format_event(event), flush=True)
-
     try:
-        payload = drive(emit, cancelled)
+        payload = drive(_emit, cancelled)
     except (KeyboardInterrupt, WorkloadCancelled):
         payload = _error(WorkloadCancelled(f"workload {workload.name} ({workload.run_id}) was cancelled"))
     except Exception as exc:  # the engine raises it again from the result line
         payload = _error(exc)
-        emit(Event(type="log", message=f"ray driver failed: {type(exc).__name__}: {exc}"))
+        _emit(Event(type="log", message=f"ray driver failed: {type(exc).__name__}: {exc}"))
     print(RESULT_PREFIX + json.dumps(payload), flush=True)
     # The result is out and the run's checkpoints are gone: what is left is stopping Ray, which takes
     # seconds. The engine need not wait for it (it stops a local Ray's processes itself), and a
@@ -91,36 +88,36 @@ def _answer(
     return 1 if "error" in payload else 0
 
 
-def _standby(setup: dict[str, Any], ready_fd: int) -> int:
-    import ray
+def _emit(event: Event) -> None:
+    print(format_event(event), flush=True)
 
+
+def _standby(setup: dict[str, Any], ready_fd: int) -> int:
     init_s = _init(setup)
-    _preload()
+    preload(["ray.train.torch"])  # what fit imports anyway (Ray Train, its torch trainer and torch)
     if _early(setup):
         return _standby_early(setup, ready_fd, init_s)
     os.close(ready_fd)  # the engine sees EOF: Ray is up
     line = sys.stdin.readline()
     if not line.strip():
-        # Not used (its starter let it go, or died): this Ray and its directory end with the standby.
-        ray.shutdown()
-        shutil.rmtree(setup["directory"], ignore_errors=True)
-        return 0
+        return _unused(setup)
     spec = json.loads(line)
     return _answer(Workload.model_validate(spec["workload"]), lambda emit, cancelled: _drive(spec, emit, cancelled, init_s))
+
+
+def _unused(setup: dict[str, Any]) -> int:
+    """A standby not used (its starter let it go, or died): its Ray and its directory end with it; the exit code."""
+    import ray
+
+    ray.shutdown()
+    shutil.rmtree(setup["directory"], ignore_errors=True)
+    return 0
 
 
 def _early(setup: dict[str, Any]) -> bool:
     """Whether Ray Train's workers can start before the workload is known: not with checkpoints in S3, whose
     filesystem is opened with the workload's own storage settings."""
-    return "num_workers" in setup and not str(setup.get("storage_path") or "").startswith("s3://")
-
-
-def _preload() -> None:
-    """What ``fit`` imports anyway (Ray Train, its torch trainer and torch), while the driver waits."""
-    try:
-        import ray.train.torch  # noqa: F401
-    except Exception:  # any import failure: the run imports it again and reports it where it belongs
-        pass
+    return not str(setup.get("storage_path") or "").startswith("s3://")
 
 
 def _error(exc: BaseException) -> dict[str, str]:
@@ -258,23 +255,16 @@ def _standby_early(setup: dict[str, Any], ready_fd: int, init_s: float) -> int:
     handover = _HandOver(setup, mailbox)
     ended = threading.Event()
     threading.Thread(target=_ready_when_waiting, args=(ready_fd, mailbox, setup["num_workers"], ended), daemon=True).start()
-
-    def emit(event: Event) -> None:
-        print(format_event(event), flush=True)
-
     fitted: _Fitted | None = None
     try:
-        fitted = _run_fit(trainer, _Pump(sink, emit), storage, run_name, None)
+        fitted = _run_fit(trainer, _Pump(sink, _emit), storage, run_name, None)
     except KeyboardInterrupt:  # aborted: a cancel after the hand-over (answered below), or a kill before it
         pass
     finally:
         ended.set()
     spec = handover.wait()
     if spec is None:
-        # Not used (its starter let it go, or died): the workers are gone with the fit; Ray and its directory go now.
-        ray.shutdown()
-        shutil.rmtree(setup["directory"], ignore_errors=True)
-        return 0
+        return _unused(setup)  # the workers are gone with the fit
     workload = Workload.model_validate(spec["workload"])
 
     def drive(emit: Callable[[Event], None], cancelled: threading.Event) -> dict[str, Any]:
@@ -291,8 +281,7 @@ def _standby_early(setup: dict[str, Any], ready_fd: int, init_s: float) -> int:
 class _HandOver(threading.Thread):
     """Reads the hand-over line from stdin and gives the workload to the waiting workers (EOF: ``None``)."""
 
-    _SETTINGS = ("local", "num_workers", "use_gpu", "resources_per_worker", "storage_path", "max_failures",
-                 "checkpoint_every", "monitor_interval_s", "runtime_env")  # fmt: skip
+    _STANDBY_ONLY = ("directory", "preload")  # the rest of the setup is the run's settings, as a spec holds them
 
     def __init__(self, setup: dict[str, Any], mailbox: Any):
         super().__init__(name="aiplane-ray-handover", daemon=True)
@@ -312,7 +301,7 @@ class _HandOver(threading.Thread):
             spec = self.spec = json.loads(line) if line.strip() else None
             # Settings the workers were not started with (the engine keys standbys by them, so only by mistake):
             # they are let go, and the workload runs on a fresh fit.
-            if spec is not None and all(spec.get(k) == self.setup.get(k) for k in self._SETTINGS):
+            if spec is not None and all(spec.get(k) == v for k, v in self.setup.items() if k not in self._STANDBY_ONLY):
                 given = json.dumps(spec["workload"])
         finally:  # whatever came (a line that is not a spec: nothing), the workers are told, so the fit ends
             with contextlib.suppress(Exception):  # the fit is over already: nobody is left to take it

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aiplane.core.errors import AiplaneError
+from aiplane.core.worker import preload
 from aiplane.core.workload import Event, Runtime, Workload, execute
 
 from .monitor import ResourceMonitor
@@ -145,7 +146,7 @@ def train_loop(config: dict[str, Any]) -> str | None:
     raw = config.get("workload")
     if raw is None:
         # Started ahead of the workload: import what it will run while it is not known yet, then wait for it.
-        _preload(config["preload"])
+        preload(config["preload"])
         import ray
         import ray.train
 
@@ -180,16 +181,6 @@ def train_loop(config: dict[str, Any]) -> str | None:
         sink.stats.remote(key, {**monitor.stop(), "reports": runtime.reports, "report_s": round(runtime.report_s, 3)})
         runtime.close()
     return result.model_dump_json() if rank == 0 else None
-
-
-def _preload(modules: list[str]) -> None:
-    import importlib
-
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except Exception:  # the workload imports it again, and reports a failure where it belongs
-            pass
 
 
 def _dumps(data: dict[str, Any]) -> str:
