@@ -110,7 +110,7 @@ def main() -> None:
     ctx = WorkloadContext(Workload(name="bench", entrypoint="x:y"), lambda event: None)
     if args.warmup:  # CUDA's own warm-up (kernel choice, allocator), untimed; then the timed steps
         train._optimize(model, method, packed, loop(args.warmup), device, ctx)
-    curve, seconds, _ = train._optimize(model, method, packed, settings, device, ctx)
+    curve, seconds, _, _ = train._optimize(model, method, packed, settings, device, ctx)
     per_step = seconds / len(curve)
     tokens_per_s = args.batch * seq_len / per_step
     base, adapters = flops_per_token(shape, args.r, targets, length, scored)

@@ -87,6 +87,17 @@ def test_training_lowers_the_completion_loss(trained):
     assert m["tokens_per_s"] > 0 and m["duration_s"] > 0 and m["device"] == "cpu"
 
 
+def test_the_record_says_what_the_training_steps_computed_through(trained):
+    import torch
+
+    from aiplane.plugins.peft.fused import bf16_native
+
+    # The deployment's settings (precision auto) on the tiny Granite: fused wherever the CPU has bfloat16 products.
+    expected = ("fused LoRA decoder, frozen products in bfloat16" if bf16_native(torch.device("cpu")) else
+                "transformers' forward, float32 (this CPU has no bfloat16 dot-product instructions)")  # fmt: skip
+    assert trained[0].metrics["train_forward"] == expected
+
+
 def test_adapter_is_published_content_addressed_with_no_staging_leftovers(trained):
     record, _, root = trained
     path = local_path(record.uri)

@@ -150,7 +150,7 @@ def train(
 
     _set_cpu_threads()
     model, tokenizer, device, packed = _model_and_blocks(base_model, teacher, method, s, train_rows, ctx, world)
-    curve, train_s, resumed_from = _optimize(model, method, packed, s, device, ctx, rank, world)
+    curve, train_s, resumed_from, forward = _optimize(model, method, packed, s, device, ctx, rank, world)
     if not ctx.is_primary:
         return None
     eval_loss, eval_accuracy, predictions = _evaluate(model, tokenizer, eval_rows, s, device, ctx)
@@ -159,6 +159,7 @@ def train(
     counts = {"dataset_tokens": packed.tokens, "steps": s.max_steps, "train_rows": len(train_rows), "eval_rows": len(eval_rows)}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     metrics = _metrics(curve, s, train_s, counts, evaluation, trainable, time.perf_counter() - started, device, world)
+    metrics["train_forward"] = forward
     if resumed_from is not None:
         metrics["resumed_from_step"] = resumed_from
     ctx.metrics = {name: v for name, v in metrics.items() if not isinstance(v, list)}
@@ -471,8 +472,9 @@ def _optimize(
     ctx: WorkloadContext,
     rank: int = 0,
     world: int = 1,
-) -> tuple[list[tuple[int, float]], float, int | None]:
-    """The AdamW loop; returns the loss at every step, the seconds spent in it and the step it resumed from.
+) -> tuple[list[tuple[int, float]], float, int | None, str]:
+    """The AdamW loop; returns the loss at every step, the seconds spent in it, the step it resumed from and what
+    the steps computed through (:func:`.fused.training_forward`, by ``s.precision``).
 
     With ``world > 1`` rank ``r`` takes blocks ``r, r + world, ...`` of every
     global batch; the loss of each rank is its summed token loss over the
@@ -480,6 +482,9 @@ def _optimize(
     mean divides out), so the update equals the single-process one. The model
     (and a teacher) attend example by example (:mod:`.attention`) while it trains.
     """
+    from .fused import training_forward
+
+    _retain_freed_memory()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = _optimizer(params, s)
     curve: list[tuple[int, float]] = []
@@ -489,7 +494,10 @@ def _optimize(
         start, curve, done_s = _restore(checkpoint, model, optimizer, scheduler, s)
         if ctx.is_primary:
             ctx.log(f"resumed from checkpoint at step {start}/{s.max_steps}")
-    net = _distributed(model, device) if world > 1 else model
+    student, forward = training_forward(model, device, s.precision)
+    if ctx.is_primary:
+        ctx.log(f"training steps through {forward}")
+    net = _distributed(student, device) if world > 1 else student
     model.train()
     order = batches(packed.inputs.shape[0], s.batch_size, s.seed)
     for _ in range(start):
@@ -518,7 +526,31 @@ def _optimize(
                 ctx.log(f"step {step}/{s.max_steps} loss {value:.4f} ({rate:,.0f} tokens/s)")
             if every and step % every == 0 and step < s.max_steps:
                 _checkpoint(ctx, model, optimizer, scheduler, s, step, curve, done_s + time.perf_counter() - started)
-    return curve, done_s + time.perf_counter() - started, (start if checkpoint is not None else None)
+    return curve, done_s + time.perf_counter() - started, (start if checkpoint is not None else None), forward
+
+
+# glibc's mallopt() parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _retain_freed_memory() -> None:
+    """Keep glibc from handing a step's freed tensors back to the kernel, only for the next step to fault them in.
+
+    A step allocates and frees the same tensors, from hundreds of kilobytes to megabytes, every time. By
+    default glibc serves such sizes from fresh ``mmap`` calls and trims the heap as they are freed, so each
+    step faults its pages in again: an eighth of the fused loop's time went to the kernel (``perf``, the
+    tiny Granite on one thread), and these two settings made its steps about a tenth faster. An allocation
+    above 64 MiB (weights, a large model's activations) is still mapped on its own and returned when freed,
+    and the heap is still trimmed once 256 MiB at its top are free. Elsewhere than glibc: nothing changes.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 256 << 20)
 
 
 def _optimizer(params: list[Any], s: LoopSettings) -> tuple[Any, Any]:

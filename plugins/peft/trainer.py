@@ -109,6 +109,13 @@ class LoopSettings(BaseModel):
     log_every: int = 10
     max_new_tokens: int = 8
     """Tokens generated per eval prompt to read the predicted label."""
+    precision: Literal["auto", "fp32"] = "auto"
+    """How a LoRA adapter's training steps compute on a CPU. ``auto``: where the CPU has bfloat16 dot-product
+    instructions (AVX512-BF16, AMX) and the model is Llama-family (Granite, Llama), through aiplane's fused
+    training forward, the frozen base weights' products on bfloat16 operands with float32 accumulation and
+    everything that trains in float32 (:mod:`aiplane.plugins.peft.fused`); elsewhere as ``fp32``. ``fp32``:
+    through transformers' own forward in float32. On a GPU the model trains in bfloat16 either way; full-model
+    training (``sft``, a ``full`` student) always takes transformers' forward."""
     evaluation: Any = None
     """More metrics on the eval split's generations, by evaluator name (the ``aiplane_evaluators`` hook), e.g.
     ``{watsonx_gov: {metrics: [answer_similarity], ...}}``; none: loss and exact-match accuracy only."""
