@@ -230,7 +230,7 @@ class FusedDecoder(torch.nn.Module):
             weights.append(base.weight.float())
             stop = start + base.out_features
             if base is not module:  # a LoRA module around the frozen Linear
-                name = module.active_adapters[0]
+                name = next(n for n in module.active_adapters if n in module.lora_A)  # the one, as _uncovered checked
                 a, b = module.lora_A[name], module.lora_B[name]
                 self.adapters.extend([a, b])
                 adapters.append(_Adapter(start, stop, a, b, float(module.scaling[name])))
