@@ -93,10 +93,8 @@ def _dtype_name(model: Any) -> str:
 
 
 class _Adapter(NamedTuple):
-    """One LoRA module inside a projection group: its output columns in the group and its weights."""
+    """One LoRA module inside a projection group: its weights and scaling."""
 
-    start: int
-    stop: int
     a: torch.nn.Linear
     b: torch.nn.Linear
     scaling: float
@@ -107,7 +105,6 @@ class _Group(NamedTuple):
 
     weight: torch.Tensor
     """``(outputs, inputs)``: the members' frozen weights stacked, folds applied, in the compute dtype."""
-    adapters: tuple[_Adapter, ...]
     widths: tuple[int, ...]
     """The output columns in pieces: each adapted member one piece, the members between them one piece."""
     pieces: tuple[_Adapter | None, ...]
@@ -116,6 +113,10 @@ class _Group(NamedTuple):
     """The norm weight folded into ``weight`` (float32), applied to the adapters' A matrices at each step."""
     outputs_scale: float
     """The residual multiplier folded into ``weight``, applied to the adapters' B matrices at each step."""
+
+    @property
+    def adapters(self) -> list[_Adapter]:
+        return [piece for piece in self.pieces if piece is not None]
 
 
 class _Layer(NamedTuple):
@@ -183,6 +184,22 @@ class _Output(NamedTuple):
     logits: torch.Tensor
 
 
+class _Batch(NamedTuple):
+    """What every layer's attention reads of a packed batch, worked out once per forward."""
+
+    segments: Segments
+    slots: torch.Tensor
+    """Each slot's token (the groups' rows laid end to end); a padding slot reads token 0."""
+    padding: torch.Tensor
+    """The padding slots."""
+    cos: torch.Tensor
+    """``(slots, 1, head_dim)``: the rotary cosine at each slot's position."""
+    sin: torch.Tensor
+    """The same for the sine, its first half negated: ``rotate_half(x) * sin == cat(x2, x1) * sin`` here."""
+    masks: tuple[torch.Tensor, ...]
+    """Per group, the causal mask of its ``(tokens * shared query heads, tokens)`` scores."""
+
+
 class FusedDecoder(torch.nn.Module):
     """A peft-wrapped Llama-family model's training forward (see the module's text); built by :func:`fused_decoder`.
 
@@ -224,35 +241,28 @@ class FusedDecoder(torch.nn.Module):
         )
 
     def _group(self, members: list[Any], norm: torch.Tensor | None, residual: float, dtype: torch.dtype) -> _Group:
-        weights, adapters, start = [], [], 0
+        weights: list[torch.Tensor] = []
+        widths: list[int] = []
+        pieces: list[_Adapter | None] = []
         for module in members:
             base = _base(module)
             weights.append(base.weight.float())
-            stop = start + base.out_features
-            if base is not module:  # a LoRA module around the frozen Linear
-                name = next(n for n in module.active_adapters if n in module.lora_A)  # the one, as _uncovered checked
+            if base is not module:  # a LoRA module around the frozen Linear: a piece of its own
+                (name,) = _active(module)  # the one, as _uncovered checked
                 a, b = module.lora_A[name], module.lora_B[name]
                 self.adapters.extend([a, b])
-                adapters.append(_Adapter(start, stop, a, b, float(module.scaling[name])))
-            start = stop
+                widths.append(base.out_features)
+                pieces.append(_Adapter(a, b, float(module.scaling[name])))
+            elif pieces and pieces[-1] is None:  # beside an unadapted member: one piece together
+                widths[-1] += base.out_features
+            else:
+                widths.append(base.out_features)
+                pieces.append(None)
         weight = torch.cat(weights) * residual
         scale = None if norm is None else norm.detach().float()
         if scale is not None:
             weight = weight * scale
-        widths: list[int] = []
-        pieces: list[_Adapter | None] = []
-        at = 0
-        for adapter in adapters:
-            if adapter.start > at:
-                widths.append(adapter.start - at)
-                pieces.append(None)
-            widths.append(adapter.stop - adapter.start)
-            pieces.append(adapter)
-            at = adapter.stop
-        if start > at:
-            widths.append(start - at)
-            pieces.append(None)
-        return _Group(weight.to(dtype), tuple(adapters), tuple(widths), tuple(pieces), scale, residual)
+        return _Group(weight.to(dtype), tuple(widths), tuple(pieces), scale, residual)
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: Any = None, use_cache: bool = False,
@@ -264,19 +274,10 @@ class FusedDecoder(torch.nn.Module):
         h = F.embedding(input_ids.reshape(-1), self.embedding)
         if self.embedding_multiplier != 1.0:
             h = h * self.embedding_multiplier
-        slots = torch.cat([rows.reshape(-1) for rows in packed_segments.rows])
-        padding = torch.ones(len(slots), dtype=torch.bool, device=slots.device)
-        padding[packed_segments.scatter] = False
-        padding = padding.nonzero().squeeze(1)
-        cos, sin = self.rotary(h, position_ids)
-        half = self.head_dim // 2
-        cos = cos.reshape(-1, 1, self.head_dim)[slots]
-        # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): one cat of x, not two slices, a negation and a cat.
-        sin = sin.reshape(-1, 1, self.head_dim)[slots]
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)
+        batch = self._batch(h, position_ids, packed_segments)
         for layer in self.layers:
             x = _RMSNorm.apply(h, layer.eps_attention)
-            att = self._attention(_project(layer.qkv, x), slots, padding, cos, sin, packed_segments)
+            att = self._attention(_project(layer.qkv, x), batch)
             h = h + _project(layer.o, att)
             x = _RMSNorm.apply(h, layer.eps_mlp)
             gate, up = _project(layer.gate_up, x).chunk(2, dim=-1)
@@ -287,9 +288,23 @@ class FusedDecoder(torch.nn.Module):
             h = h.view(blocks, seq_len, -1)[:, -logits_to_keep:].reshape(-1, h.shape[-1])
         return _Output(_Frozen.apply(_RMSNorm.apply(h, self.eps_final), self.head))
 
-    def _attention(
-        self, qkv: torch.Tensor, slots: torch.Tensor, padding: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Segments
-    ) -> torch.Tensor:
+    def _batch(self, h: torch.Tensor, position_ids: torch.Tensor, segments: Segments) -> _Batch:
+        slots = torch.cat([rows.reshape(-1) for rows in segments.rows])
+        padding = torch.ones(len(slots), dtype=torch.bool, device=slots.device)
+        padding[segments.scatter] = False
+        cos, sin = self.rotary(h, position_ids)
+        half, shared = self.head_dim // 2, self.heads // self.kv_heads
+        cos = cos.reshape(-1, 1, self.head_dim)[slots]
+        # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): one cat of x, not two slices, a negation and a cat.
+        sin = sin.reshape(-1, 1, self.head_dim)[slots]
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)
+        masks = tuple(
+            h.new_full((longest, longest), float("-inf")).triu(1).repeat_interleave(shared, dim=0)
+            for longest in (rows.shape[1] for rows in segments.rows)
+        )
+        return _Batch(segments, slots, padding.nonzero().squeeze(1), cos, sin, masks)
+
+    def _attention(self, qkv: torch.Tensor, batch: _Batch) -> torch.Tensor:
         """Causal attention example by example: ``qkv`` ``(tokens, q|k|v)`` in, ``(tokens, heads * head_dim)`` out.
 
         A padding slot (past its example's end) comes after every real query of its row, so the causal mask
@@ -298,36 +313,37 @@ class FusedDecoder(torch.nn.Module):
         # Every example's tokens as a row of its group, groups end to end. A padding slot's q, k and v get no
         # gradient (its query's output is dropped, and only padding queries see its key), so each token's gradient
         # is its own slot's: gathered back, not scattered into zeros.
-        rows = _Rows.apply(qkv, slots, layout.scatter, None)
+        rows = _Rows.apply(qkv, batch.slots, batch.segments.scatter, None)
         # Splits, not slices: a split's gradient is one concatenation, a slice's a zero-filled copy of the whole.
         qk, v = rows.split([(heads + kv) * dim, kv * dim], dim=1)
         qk = qk.reshape(-1, heads + kv, dim)
         first, second = qk.split(dim // 2, dim=-1)
-        qk = qk * cos + torch.cat((second, first), -1) * sin
+        qk = qk * batch.cos + torch.cat((second, first), -1) * batch.sin
         q, k = qk.split([heads, kv], dim=1)
-        sizes = [group.numel() for group in layout.rows]
+        groups = batch.segments.rows
+        sizes = [group.numel() for group in groups]
         shared = heads // kv  # query heads per key/value head: they share one batched product
         outs = []
-        for group, q_g, k_g, v_g in zip(layout.rows, q.split(sizes), k.split(sizes), v.split(sizes), strict=True):
+        for group, mask, q_g, k_g, v_g in zip(groups, batch.masks, q.split(sizes), k.split(sizes), v.split(sizes), strict=True):
             n, longest = group.shape
             # (rows * kv heads, tokens * shared query heads, dim): row t * shared + j is token t's j-th query head.
             q_g = q_g.reshape(n, longest, kv, shared, dim).transpose(1, 2).reshape(n * kv, longest * shared, dim)
             k_g = k_g.reshape(n, longest, kv, dim).transpose(1, 2).reshape(n * kv, longest, dim)
             v_g = v_g.reshape(n, longest, kv, dim).transpose(1, 2).reshape(n * kv, longest, dim)
-            mask = q_g.new_full((longest, longest), float("-inf")).triu(1).repeat_interleave(shared, dim=0)
             scores = torch.baddbmm(mask.expand(n * kv, -1, -1), q_g, k_g.transpose(1, 2), alpha=self.scale)
             out = torch.bmm(scores.softmax(-1), v_g)
             outs.append(out.view(n, kv, longest, shared, dim).transpose(1, 2).reshape(n * longest, heads * dim))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return _Rows.apply(out, layout.scatter, slots, padding)  # padding slots' outputs are dropped: no gradient
+        return _Rows.apply(out, batch.segments.scatter, batch.slots, batch.padding)  # padding outputs dropped: no gradient
 
 
 def _project(group: _Group, x: torch.Tensor) -> torch.Tensor:
     """The group's frozen product of ``x``, plus its adapters' updates (scaled, folds applied)."""
     out = _Frozen.apply(x, group.weight)
-    if not group.adapters:
+    adapters = group.adapters
+    if not adapters:
         return out
-    a = torch.cat([ad.a.weight for ad in group.adapters])
+    a = torch.cat([ad.a.weight for ad in adapters])
     if group.inputs_scale is not None:
         a = a * group.inputs_scale
     xa = x @ a.t()  # every adapter's A in one product
@@ -381,13 +397,18 @@ def _uncovered(model: Any) -> str | None:
     return None
 
 
+def _active(module: Any) -> list[str]:
+    """The active adapters of a peft LoRA module that it holds."""
+    return [n for n in module.active_adapters if n in module.lora_A]
+
+
 def _adapter_uncovered(module: Any) -> str | None:
     base = _base(module)
     if not isinstance(base, torch.nn.Linear) or base.bias is not None:
         return "a projection is not a plain linear layer without bias"
     if base is module:
         return None
-    active = [n for n in module.active_adapters if n in module.lora_A]
+    active = _active(module)
     if module.disable_adapters or module.merged or len(active) != 1:
         return "the adapter is disabled, merged, or one of several active"
     name = active[0]
